@@ -1,0 +1,62 @@
+"""The seed's model and schedule, on the seed's random tokens."""
+
+import ml_collections
+
+from minids_jax import config as config_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict(dict(
+        vocab_size=32000,
+        max_seq_len=1024,
+        d_model=1024,
+        n_layers=6,
+        n_heads=16,
+        latent_k=64,  # MHLA latents; max_seq_len must be a multiple
+        mlp_mult=4,  # expert hidden width = mlp_mult * d_model
+        n_experts=2,
+        top_k=1,
+        attn_pattern=("mha", "mhla"),  # layer i uses attn_pattern[i % len(attn_pattern)]
+        aux_loss_coef=0.01,  # Switch load-balancing loss weight
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        dtype="float32",  # compute dtype; "bfloat16" on GPUs
+        param_dtype="float32",
+        moe_dispatch="dropless",  # dropless | capacity | dense
+        capacity_factor=1.25,  # capacity dispatch only
+    ))
+    config.optim = ml_collections.ConfigDict(dict(
+        lr=3e-4,
+        warmup_steps=100,
+        total_steps=1000,
+        weight_decay=0.01,  # AdamW; not on norms, embeddings, latents
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        clip_norm=1.0,  # global gradient norm; 0 disables
+    ))
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=8,  # global, over all devices: the seed's 4 per GPU on 2 GPUs
+        seed=42,
+        log_every=50,
+        eval_every=0,  # 0: evaluate at the end only
+        eval_batches=4,
+    ))
+    config.data = ml_collections.ConfigDict(dict(
+        source="random",  # random | builtin
+        max_bytes=0,  # builtin: cap on corpus bytes, 0 = all
+        val_fraction=0.02,  # builtin: held-out tail of the corpus
+    ))
+    config.mesh = ml_collections.ConfigDict(dict(
+        data=-1,  # data parallel; -1 = the devices left over
+        fsdp=1,  # parameter + optimizer-state sharding (ZeRO-3)
+        tensor=1,  # heads / hidden / vocab split
+        expert=1,  # experts split
+        axis_rules=config_lib.DEFAULT_AXIS_RULES,  # logical axis -> mesh axes
+    ))
+    config.checkpoint = ml_collections.ConfigDict(dict(
+        every=0,  # save every N steps; 0 = only at the end
+    ))
+    return config

@@ -1,0 +1,105 @@
+"""Causal attention: multi-head (MHA) and the seed's latent attention (MHLA), made causal.
+
+Shapes: B batch, L length, D model width, H heads, Dh head width, K latents.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minids_jax.config import ModelConfig
+from minids_jax.layers import RMSNorm, apply_rope, linear
+
+
+class AttentionProjections(nnx.Module):
+    """q from one stream, k and v from another, and the output projection back to width D."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        make = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.q = linear(cfg.d_model, cfg.d_model, ("embed", "heads"), **make)
+        self.k = linear(cfg.d_model, cfg.d_model, ("embed", "heads"), **make)
+        self.v = linear(cfg.d_model, cfg.d_model, ("embed", "heads"), **make)
+        self.out = linear(cfg.d_model, cfg.d_model, ("heads", "embed"), **make)
+
+    def heads(self, x_BxLxD: jax.Array) -> jax.Array:
+        return x_BxLxD.reshape(*x_BxLxD.shape[:2], self.cfg.n_heads, self.cfg.head_dim)
+
+    def attend(self, queries_BxQxD, query_pos_BxQ, sources_BxSxD, source_pos_BxS, *,
+               mask_BxQxS: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
+        """RoPE'd multi-head attention of queries over sources; returns [B, Q, D].
+
+        Query rows whose mask is all False get exactly zero, not the uniform average a
+        fully masked softmax would give (that average would leak positions they must not see).
+        """
+        theta = self.cfg.rope_theta
+        q_BxQxHxDh = apply_rope(self.heads(self.q(queries_BxQxD)), query_pos_BxQ, theta)
+        k_BxSxHxDh = apply_rope(self.heads(self.k(sources_BxSxD)), source_pos_BxS, theta)
+        v_BxSxHxDh = self.heads(self.v(sources_BxSxD))
+        mask_Bx1xQxS = None if mask_BxQxS is None else mask_BxQxS[:, None]
+        attended_BxQxHxDh = jax.nn.dot_product_attention(
+            q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask=mask_Bx1xQxS, is_causal=is_causal)
+        if mask_BxQxS is not None:
+            sees_any_BxQx1x1 = jnp.any(mask_BxQxS, axis=-1)[:, :, None, None]
+            attended_BxQxHxDh = jnp.where(sees_any_BxQx1x1, attended_BxQxHxDh, 0)
+        return self.out(attended_BxQxHxDh.reshape(queries_BxQxD.shape))
+
+
+class MHA(nnx.Module):
+    """Causal multi-head self-attention (cuDNN flash kernel on GPU via dot_product_attention)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attention = AttentionProjections(cfg, rngs=rngs)
+
+    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+        return self.attention.attend(x_BxLxD, positions_BxL, x_BxLxD, positions_BxL, is_causal=True)
+
+
+def latent_segment_ends(cfg: ModelConfig) -> jax.Array:
+    """e_j = (j+1) * max_seq_len / K: latent j summarizes the positions before e_j."""
+    return (jnp.arange(cfg.latent_k) + 1) * (cfg.max_seq_len // cfg.latent_k)
+
+
+class MHLA(nnx.Module):
+    """Causal multi-head latent attention: read, latent self, write.
+
+    K learned latents summarize the sequence in fixed segments, so attention costs O(L*K), not
+    O(L^2). Causality: latent j reads only positions < e_j; latents attend causally to each
+    other; position i writes from latents with e_j <= i + 1 only. Latent j sits at position
+    e_j - 1 for RoPE. The segment ends depend on max_seq_len, not on the input length, so the
+    output at i depends only on tokens 0..i.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        latent_init = nnx.initializers.normal(stddev=cfg.d_model ** -0.5)
+        self.latents = nnx.Param(latent_init(rngs.params(), (cfg.latent_k, cfg.d_model),
+                                             jnp.dtype(cfg.param_dtype)),
+                                 out_sharding=(None, "embed"))
+        norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.read = AttentionProjections(cfg, rngs=rngs)
+        self.read_norm = RMSNorm(cfg.d_model, **norm)
+        self.latent_self = AttentionProjections(cfg, rngs=rngs)
+        self.latent_self_norm = RMSNorm(cfg.d_model, **norm)
+        self.write = AttentionProjections(cfg, rngs=rngs)
+
+    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+        batch = x_BxLxD.shape[0]
+        ends_K = latent_segment_ends(self.cfg)
+        latent_pos_BxK = jnp.broadcast_to(ends_K - 1, (batch, self.cfg.latent_k))
+        z0_BxKxD = jnp.broadcast_to(self.latents[...].astype(x_BxLxD.dtype),
+                                    (batch, *self.latents.shape))
+
+        read_mask_BxKxL = positions_BxL[:, None, :] < ends_K[None, :, None]
+        z1_BxKxD = self.read_norm(z0_BxKxD + self.read.attend(
+            z0_BxKxD, latent_pos_BxK, x_BxLxD, positions_BxL, mask_BxQxS=read_mask_BxKxL))
+        z2_BxKxD = self.latent_self_norm(z1_BxKxD + self.latent_self.attend(
+            z1_BxKxD, latent_pos_BxK, z1_BxKxD, latent_pos_BxK, is_causal=True))
+        write_mask_BxLxK = ends_K[None, None, :] <= positions_BxL[:, :, None] + 1
+        return self.write.attend(x_BxLxD, positions_BxL, z2_BxKxD, latent_pos_BxK,
+                                 mask_BxQxS=write_mask_BxLxK)
+
+
+ATTENTION_CLASSES = {"mha": MHA, "mhla": MHLA}

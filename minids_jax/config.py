@@ -1,0 +1,232 @@
+"""Typed, validated configuration.
+
+The `configs/*.py` files build an `ml_collections.ConfigDict` (so any field can be overridden
+from the command line); `from_config_dict` turns it into the frozen dataclasses below exactly
+once. Modules receive dataclasses, never the ConfigDict. Every check lives here, and every
+error says which field is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+ATTENTION_KINDS = ("mha", "mhla")
+MOE_DISPATCHES = ("dropless", "capacity", "dense")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    max_seq_len: int = 1024
+    d_model: int = 1024
+    n_layers: int = 6
+    n_heads: int = 16
+    latent_k: int = 64  # learned latents of the MHLA layers
+    mlp_mult: int = 4  # expert hidden width = mlp_mult * d_model
+    n_experts: int = 2
+    top_k: int = 1  # experts per token
+    attn_pattern: tuple[str, ...] = ("mha", "mhla")  # layer i uses attn_pattern[i % len]
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    moe_dispatch: str = "dropless"  # dropless | capacity | dense
+    capacity_factor: float = 1.25  # only for moe_dispatch="capacity"
+
+    def __post_init__(self):
+        object.__setattr__(self, "attn_pattern", tuple(self.attn_pattern))
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "latent_k",
+                     "mlp_mult", "n_experts", "top_k"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0,
+                   f"model.{name} must be a positive integer, got {value!r}.")
+        _check(self.d_model % self.n_heads == 0,
+               f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+               f"choose n_heads among the divisors of d_model.")
+        _check(self.head_dim % 2 == 0,
+               f"head dim d_model/n_heads = {self.head_dim} must be even for rotary embeddings; "
+               f"change model.d_model or model.n_heads.")
+        _check(self.top_k <= self.n_experts,
+               f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}; "
+               f"set top_k <= n_experts.")
+        _check(len(self.attn_pattern) > 0, "model.attn_pattern is empty; use e.g. ('mha', 'mhla').")
+        for kind in self.attn_pattern:
+            _check(kind in ATTENTION_KINDS,
+                   f"model.attn_pattern has unknown attention kind {kind!r}; "
+                   f"choose from {ATTENTION_KINDS}.")
+        if "mhla" in self.attn_pattern:
+            _check(self.max_seq_len % self.latent_k == 0,
+                   f"model.max_seq_len={self.max_seq_len} is not divisible by "
+                   f"model.latent_k={self.latent_k}: each latent summarizes an equal segment; "
+                   f"choose latent_k among the divisors of max_seq_len.")
+        _check(self.moe_dispatch in MOE_DISPATCHES,
+               f"model.moe_dispatch={self.moe_dispatch!r} is unknown; choose from {MOE_DISPATCHES}.")
+        _check(self.capacity_factor > 0,
+               f"model.capacity_factor must be > 0, got {self.capacity_factor}.")
+        for name in ("dtype", "param_dtype"):
+            _check(getattr(self, name) in DTYPES,
+                   f"model.{name}={getattr(self, name)!r} is unknown; choose from {DTYPES}.")
+        _check(self.aux_loss_coef >= 0, f"model.aux_loss_coef must be >= 0, got {self.aux_loss_coef}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_mult * self.d_model
+
+    def attention_kind(self, layer: int) -> str:
+        return self.attn_pattern[layer % len(self.attn_pattern)]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    warmup_steps: int = 100
+    total_steps: int = 1000  # also the length of the run
+    weight_decay: float = 0.01  # AdamW, not applied to norms, biases, embeddings
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global gradient-norm clipping; 0 disables
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}.")
+        _check(self.total_steps > 0, f"optim.total_steps must be > 0, got {self.total_steps}.")
+        _check(0 <= self.warmup_steps < self.total_steps,
+               f"optim.warmup_steps={self.warmup_steps} must be in [0, optim.total_steps="
+               f"{self.total_steps}).")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1).")
+        _check(self.clip_norm >= 0, f"optim.clip_norm must be >= 0, got {self.clip_norm}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 8  # global: sequences per step over all devices and processes
+    seed: int = 42
+    log_every: int = 50
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4
+
+    def __post_init__(self):
+        for name in ("batch_size", "log_every", "eval_batches"):
+            _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}.")
+        _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "random"  # random | builtin
+    max_bytes: int = 0  # builtin: read at most this many bytes of the corpus (0: all)
+    val_fraction: float = 0.02  # builtin: the held-out tail of the corpus
+
+    def __post_init__(self):
+        _check(self.source in ("random", "builtin"),
+               f"data.source={self.source!r} is unknown; choose 'random' or 'builtin'.")
+        _check(0 < self.val_fraction < 0.5,
+               f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}.")
+        _check(self.max_bytes >= 0, f"data.max_bytes must be >= 0, got {self.max_bytes}.")
+
+
+# Logical parameter/activation axis -> mesh axes. Data parallel, FSDP, tensor and expert
+# parallelism are then only a matter of the mesh sizes.
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp", "expert")),  # the global batch is split over all but `tensor`
+    ("embed", "fsdp"),  # FSDP (ZeRO-3): weights and their optimizer moments split on D
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("expert", "expert"),
+    ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    # Device mesh axis sizes; -1 takes the remaining devices. Product must equal device count.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    axis_rules: tuple = DEFAULT_AXIS_RULES  # logical axis name -> mesh axis (or axes, or None)
+
+    def __post_init__(self):
+        rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                      for name, axes in self.axis_rules)
+        object.__setattr__(self, "axis_rules", rules)
+        sizes = self.axis_sizes()
+        for name, size in sizes.items():
+            _check(size == -1 or (isinstance(size, int) and size > 0),
+                   f"mesh.{name}={size!r} must be a positive integer or -1 (the rest).")
+        _check(list(sizes.values()).count(-1) <= 1,
+               f"at most one mesh axis may be -1, got {sizes}.")
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # 0: no periodic checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    optim: OptimConfig
+    train: TrainConfig
+    data: DataConfig
+    mesh: MeshConfig
+    checkpoint: CheckpointConfig
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+_GROUPS = {
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "mesh": MeshConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+def _build_group(group: str, cls: type, values: Mapping[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _check(not unknown,
+           f"unknown field(s) {', '.join(f'{group}.{u}' for u in unknown)}; "
+           f"known fields of {group!r}: {', '.join(sorted(known))}.")
+    try:
+        return cls(**values)
+    except TypeError as error:  # e.g. a string where a number belongs
+        raise ConfigError(f"bad value in config group {group!r}: {error}") from error
+
+
+def from_config_dict(config: Mapping[str, Any]) -> Config:
+    """Converts a (possibly nested) mapping such as a ConfigDict into a validated `Config`."""
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    unknown = sorted(set(as_dict) - set(_GROUPS))
+    _check(not unknown, f"unknown config group(s) {unknown}; known groups: {sorted(_GROUPS)}.")
+    groups = {name: _build_group(name, cls, as_dict.get(name, {})) for name, cls in _GROUPS.items()}
+    return Config(**groups)
+
+
+def from_json(text: str) -> Config:
+    return from_config_dict(json.loads(text))

@@ -1,0 +1,182 @@
+"""The train and eval steps, and the plain training loop.
+
+Shapes: B batch, L length, V vocab, N layers, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from minids_jax import data as data_lib
+from minids_jax import optim, sharding
+from minids_jax.config import Config
+from minids_jax.model import MiniDeepSeek, count_params
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array):
+    """Mean float32 cross-entropy over the weighted positions; logits at t score targets[t].
+
+    `targets` are already the next tokens (see data.py), so no further shift happens here.
+    """
+    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), targets_BxL)
+    return jnp.sum(losses_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+
+
+def loss_and_aux(model: MiniDeepSeek, batch: dict[str, jax.Array]):
+    logits_BxLxV, aux = model(batch["inputs"])
+    ce = cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+    return ce + model.cfg.aux_loss_coef * aux["aux_loss"], (ce, aux)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything the step transforms: the model and optimizer, as one split NNX state."""
+
+    graphdef: Any
+    state: Any  # nnx.State of (model, optimizer), sharded
+    shardings: Any
+
+    def merge(self) -> tuple[MiniDeepSeek, nnx.Optimizer]:
+        return nnx.merge(self.graphdef, self.state)
+
+
+def build_model_and_optimizer(config: Config):
+    model = MiniDeepSeek(config.model, rngs=nnx.Rngs(config.train.seed))
+    return model, nnx.Optimizer(model, optim.adamw(config.optim), wrt=nnx.Param)
+
+
+def create_train_state(config: Config, mesh) -> TrainState:
+    graphdef, state, shardings = sharding.create_sharded(
+        lambda: build_model_and_optimizer(config), mesh, config.mesh.axis_rules)
+    return TrainState(graphdef, state, shardings)
+
+
+def make_train_step(train_state: TrainState, config: Config, batch_sharding):
+    graphdef, lr_schedule = train_state.graphdef, optim.schedule(config.optim)
+
+    def train_step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        lr = lr_schedule(optimizer.step[...])
+        grad_fn = nnx.value_and_grad(loss_and_aux, has_aux=True)
+        (loss, (ce, aux)), grads = grad_fn(model, batch)
+        optimizer.update(model, grads)
+        metrics = {
+            "loss": ce, "total_loss": loss, "aux_loss": aux["aux_loss"], "lr": lr,
+            "grad_norm": optax.global_norm(grads),
+            "expert_load": aux["expert_load_NxE"], "dropped_fraction": aux["dropped_fraction"],
+        }
+        # Return the state of everything mutated: model AND optimizer.
+        return nnx.state((model, optimizer)), metrics
+
+    return jax.jit(train_step, in_shardings=(train_state.shardings, batch_sharding),
+                   out_shardings=(train_state.shardings, None), donate_argnums=0)
+
+
+def make_eval_step(train_state: TrainState, batch_sharding):
+    graphdef = train_state.graphdef
+
+    def eval_step(state, batch):
+        model, _ = nnx.merge(graphdef, state)
+        logits_BxLxV, _ = model(batch["inputs"])
+        return cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+
+    return jax.jit(eval_step, in_shardings=(train_state.shardings, batch_sharding))
+
+
+def format_metrics(step: int, total: int, metrics: dict[str, Any]) -> str:
+    load_E = np.asarray(metrics["expert_load"]).mean(axis=0)
+    load = "/".join(f"{x:.2f}" for x in load_E) if len(load_E) <= 8 else (
+        f"min {load_E.min():.2f} max {load_E.max():.2f}")
+    line = (f"step {step}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+            f"grad_norm {metrics['grad_norm']:.3f} | balance {metrics['aux_loss']:.3f} | "
+            f"load {load}")
+    if metrics.get("dropped_fraction", 0) > 0:
+        line += f" | dropped {metrics['dropped_fraction']:.3f}"
+    if "tokens_per_sec" in metrics:
+        line += f" | tok/s {metrics['tokens_per_sec']:,.0f}"
+    return line
+
+
+class Trainer:
+    """Owns the mesh, data, state and steps of one run."""
+
+    def __init__(self, config: Config, workdir: str | None = None, devices=None):
+        self.config, self.workdir = config, workdir
+        self.mesh = sharding.make_mesh(config.mesh, devices)
+        batch_size = config.train.batch_size
+        self.batch_sharding = jax.sharding.NamedSharding(
+            self.mesh, sharding.batch_spec(config.mesh.axis_rules))
+        self.rows = sharding.process_rows(self.batch_sharding, batch_size)
+        self.source = data_lib.make_source(config)
+        self.train_state = create_train_state(config, self.mesh)
+        self.train_step = make_train_step(self.train_state, config, self.batch_sharding)
+        self.eval_step = make_eval_step(self.train_state, self.batch_sharding)
+        self.is_main = jax.process_index() == 0
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def batch(self, step: int, split: str = "train") -> dict[str, jax.Array]:
+        local = self.source.batch(step, self.config.train.batch_size, self.rows, split)
+        return sharding.place_batch(local, self.batch_sharding, self.config.train.batch_size)
+
+    @property
+    def step(self) -> int:
+        return int(self.train_state.state[1]["step"][...])
+
+    def evaluate(self) -> float:
+        losses = [self.eval_step(self.train_state.state, self.batch(i, "val"))
+                  for i in range(self.config.train.eval_batches)]
+        return float(np.mean(jax.device_get(losses)))
+
+    def train(self) -> list[dict[str, Any]]:
+        """Runs to optim.total_steps; returns the logged metrics."""
+        cfg = self.config
+        total, log_every = cfg.optim.total_steps, cfg.train.log_every
+        tokens_per_step = cfg.train.batch_size * cfg.model.max_seq_len
+        model, _ = self.train_state.merge()
+        self.log(f"model: {count_params(model):,} parameters | devices: {self.mesh.devices.size} "
+                 f"| mesh: {dict(self.mesh.shape)}")
+        history: list[dict[str, Any]] = []
+        window_start, window_steps = None, 0
+        for step in range(self.step, total):
+            self.train_state.state, metrics = self.train_step(self.train_state.state, self.batch(step))
+            done = step + 1
+            if window_start is None:  # the first step compiles; time from its end
+                jax.block_until_ready(metrics)
+                window_start, window_steps = time.perf_counter(), 0
+            else:
+                window_steps += 1
+            if done % log_every == 0 or done == total:
+                metrics = jax.device_get(metrics)
+                if window_steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics["tokens_per_sec"] = window_steps * tokens_per_step / elapsed
+                    metrics["step_time"] = elapsed / window_steps
+                    window_start, window_steps = time.perf_counter(), 0
+                metrics = {"step": done, **metrics}
+                history.append(metrics)
+                self.log(format_metrics(done, total, metrics))
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
+                self._log_eval(done, history)
+        self._log_eval(total, history)
+        return history
+
+    def _log_eval(self, step: int, history: list[dict[str, Any]]) -> None:
+        eval_loss = self.evaluate()
+        history.append({"step": step, "eval_loss": eval_loss})
+        self.log(f"step {step} | eval_loss {eval_loss:.4f} | eval_ppl {np.exp(eval_loss):.2f}")
+
+
+def run(config: Config, workdir: str | None = None) -> list[dict[str, Any]]:
+    return Trainer(config, workdir).train()
