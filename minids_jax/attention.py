@@ -27,17 +27,29 @@ class AttentionProjections(nnx.Module):
     def heads(self, x_BxLxD: jax.Array) -> jax.Array:
         return x_BxLxD.reshape(*x_BxLxD.shape[:2], self.cfg.n_heads, self.cfg.head_dim)
 
+    def keys_values(self, sources_BxSxD: jax.Array, source_pos_BxS: jax.Array):
+        """RoPE'd keys and values [B, S, H, Dh]: what a decoding cache stores per source."""
+        k_BxSxHxDh = apply_rope(self.heads(self.k(sources_BxSxD)), source_pos_BxS,
+                                self.cfg.rope_theta)
+        return k_BxSxHxDh, self.heads(self.v(sources_BxSxD))
+
     def attend(self, queries_BxQxD, query_pos_BxQ, sources_BxSxD, source_pos_BxS, *,
                mask_BxQxS: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
-        """RoPE'd multi-head attention of queries over sources; returns [B, Q, D].
+        """RoPE'd multi-head attention of queries over sources; returns [B, Q, D]."""
+        k_BxSxHxDh, v_BxSxHxDh = self.keys_values(sources_BxSxD, source_pos_BxS)
+        return self.attend_keys_values(queries_BxQxD, query_pos_BxQ, k_BxSxHxDh, v_BxSxHxDh,
+                                       mask_BxQxS=mask_BxQxS, is_causal=is_causal)
+
+    def attend_keys_values(self, queries_BxQxD, query_pos_BxQ, k_BxSxHxDh, v_BxSxHxDh, *,
+                           mask_BxQxS: jax.Array | None = None,
+                           is_causal: bool = False) -> jax.Array:
+        """Attention over keys and values already projected (by `keys_values`, or a cache).
 
         Query rows whose mask is all False get exactly zero, not the uniform average a
         fully masked softmax would give (that average would leak positions they must not see).
         """
-        theta = self.cfg.rope_theta
-        q_BxQxHxDh = apply_rope(self.heads(self.q(queries_BxQxD)), query_pos_BxQ, theta)
-        k_BxSxHxDh = apply_rope(self.heads(self.k(sources_BxSxD)), source_pos_BxS, theta)
-        v_BxSxHxDh = self.heads(self.v(sources_BxSxD))
+        q_BxQxHxDh = apply_rope(self.heads(self.q(queries_BxQxD)), query_pos_BxQ,
+                                self.cfg.rope_theta)
         mask_Bx1xQxS = None if mask_BxQxS is None else mask_BxQxS[:, None]
         attended_BxQxHxDh = jax.nn.dot_product_attention(
             q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask=mask_Bx1xQxS, is_causal=is_causal)
@@ -86,19 +98,36 @@ class MHLA(nnx.Module):
         self.write = AttentionProjections(cfg, rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+        z1_BxKxD = self.read_sequence(x_BxLxD, positions_BxL)
+        z2_BxKxD = self.attend_latents(z1_BxKxD)
+        return self.write_sequence(x_BxLxD, positions_BxL, z2_BxKxD)
+
+    def latent_positions(self, batch: int) -> jax.Array:
+        """Latent j sits at position e_j - 1 (the last one it summarizes) for RoPE; [B, K]."""
+        return jnp.broadcast_to(latent_segment_ends(self.cfg) - 1, (batch, self.cfg.latent_k))
+
+    def read_sequence(self, x_BxLxD: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+        """Read: latent j attends to the positions before its segment end e_j."""
         batch = x_BxLxD.shape[0]
-        ends_K = latent_segment_ends(self.cfg)
-        latent_pos_BxK = jnp.broadcast_to(ends_K - 1, (batch, self.cfg.latent_k))
         z0_BxKxD = jnp.broadcast_to(self.latents[...].astype(x_BxLxD.dtype),
                                     (batch, *self.latents.shape))
+        read_mask_BxKxL = positions_BxL[:, None, :] < latent_segment_ends(self.cfg)[None, :, None]
+        return self.read_norm(z0_BxKxD + self.read.attend(
+            z0_BxKxD, self.latent_positions(batch), x_BxLxD, positions_BxL,
+            mask_BxQxS=read_mask_BxKxL))
 
-        read_mask_BxKxL = positions_BxL[:, None, :] < ends_K[None, :, None]
-        z1_BxKxD = self.read_norm(z0_BxKxD + self.read.attend(
-            z0_BxKxD, latent_pos_BxK, x_BxLxD, positions_BxL, mask_BxQxS=read_mask_BxKxL))
-        z2_BxKxD = self.latent_self_norm(z1_BxKxD + self.latent_self.attend(
+    def attend_latents(self, z1_BxKxD: jax.Array) -> jax.Array:
+        """Latent self: causal over latents (j attends to j' <= j)."""
+        latent_pos_BxK = self.latent_positions(z1_BxKxD.shape[0])
+        return self.latent_self_norm(z1_BxKxD + self.latent_self.attend(
             z1_BxKxD, latent_pos_BxK, z1_BxKxD, latent_pos_BxK, is_causal=True))
+
+    def write_sequence(self, x_BxLxD, positions_BxL, z2_BxKxD) -> jax.Array:
+        """Write: position i attends to the latents whose segment has ended, e_j <= i + 1."""
+        ends_K = latent_segment_ends(self.cfg)
         write_mask_BxLxK = ends_K[None, None, :] <= positions_BxL[:, :, None] + 1
-        return self.write.attend(x_BxLxD, positions_BxL, z2_BxKxD, latent_pos_BxK,
+        return self.write.attend(x_BxLxD, positions_BxL, z2_BxKxD,
+                                 self.latent_positions(x_BxLxD.shape[0]),
                                  mask_BxQxS=write_mask_BxLxK)
 
 

@@ -1,0 +1,158 @@
+"""Cached decoding against the full forward, sampling, and the generate.py command."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from minids_jax import generation
+from minids_jax.config import ModelConfig
+from minids_jax.model import MiniDeepSeek
+
+CONTEXT = 16
+# MHA and MHLA layers; 4 latents of 4 positions each, so prompts cross segment ends.
+CFG = ModelConfig(vocab_size=61, max_seq_len=CONTEXT, d_model=32, n_layers=2, n_heads=2,
+                  latent_k=4, n_experts=3, top_k=2, attn_pattern=("mha", "mhla"))
+GREEDY = generation.Sampling(temperature=0.0)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MiniDeepSeek(CFG, rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def generator(model):
+    return generation.Generator(model)
+
+
+@pytest.fixture(scope="module")
+def full_forward(model):
+    """Uncached reference: the ordinary forward over the whole window (padded to the context;
+    causal, so the padding cannot change the logits at real positions)."""
+    forward = jax.jit(lambda tokens_BxL: model(tokens_BxL)[0])
+
+    def last_logits(window_BxT):
+        padded = np.zeros((window_BxT.shape[0], CONTEXT), np.int32)
+        padded[:, :window_BxT.shape[1]] = window_BxT
+        return np.asarray(forward(padded))[:, window_BxT.shape[1] - 1]
+
+    return last_logits
+
+
+def uncached_greedy(full_forward, prompt_BxP, n):
+    """Greedy decoding by a re-forward per token, cropping to the last CONTEXT/2 tokens when
+    the window would overflow (the policy `Generator.stream` documents)."""
+    window, tokens, logits = prompt_BxP, [], []
+    for _ in range(n):
+        step_logits = full_forward(window)
+        token = step_logits.argmax(-1).astype(np.int32)
+        tokens.append(token), logits.append(step_logits)
+        window = np.concatenate([window, token[:, None]], axis=1)
+        if window.shape[1] > CONTEXT:
+            window = window[:, -(CONTEXT // 2):]
+    return np.stack(tokens, 1), np.stack(logits, 1)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 3, 4, 8, 15])
+def test_cached_greedy_equals_uncached(generator, full_forward, prompt_len):
+    # Prompts end inside a segment (3, 15), just after one (4, 8) and at the start; 12 new
+    # tokens cross several latent segment ends, and from 15 the context overflows.
+    prompt_BxP = np.random.default_rng(prompt_len).integers(0, CFG.vocab_size, (2, prompt_len))
+    steps = list(generator.stream(prompt_BxP, 12, GREEDY, with_logits=True))
+    cached_tokens = np.stack([np.asarray(t) for t, _ in steps], 1)
+    cached_logits = np.stack([np.asarray(l) for _, l in steps], 1)
+    want_tokens, want_logits = uncached_greedy(full_forward, prompt_BxP, 12)
+    np.testing.assert_allclose(cached_logits, want_logits, atol=2e-4, rtol=2e-4)
+    np.testing.assert_array_equal(cached_tokens, want_tokens)
+
+
+def test_decode_step_does_not_recompile_across_positions(generator):
+    list(generator.stream(np.arange(10).reshape(2, 5), 6, GREEDY))
+    compiled = generation._step._cache_size(), generation._prefill._cache_size()
+    list(generator.stream(np.arange(4).reshape(2, 2), 9, generation.Sampling(0.7, 5, 0.9)))
+    assert (generation._step._cache_size(), generation._prefill._cache_size()) == compiled
+
+
+def test_sampling_is_reproducible_with_a_seed(generator):
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    sampling = generation.Sampling(temperature=1.0, top_k=0, top_p=1.0)
+    first = np.stack(list(generator.stream(prompt, 10, sampling, seed=7)), 1)
+    again = np.stack(list(generator.stream(prompt, 10, sampling, seed=7)), 1)
+    other = np.stack(list(generator.stream(prompt, 10, sampling, seed=8)), 1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)  # the seed matters (chance of a tie ~ 61^-20)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits_BxV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    sample = jax.jit(generation.sample_logits)
+
+    def draws(**kw):
+        return np.asarray(sample(logits_BxV, jax.random.key(0), **kw))
+
+    assert set(draws(temperature=1.0, top_k=2, top_p=1.0)) == {0, 1}
+    # 0.5 + 0.3 >= 0.8: the nucleus is {0, 1}; at 0.81 it needs token 2 as well.
+    assert set(draws(temperature=1.0, top_k=0, top_p=0.8)) == {0, 1}
+    assert set(draws(temperature=1.0, top_k=0, top_p=0.81)) == {0, 1, 2}
+    assert set(draws(temperature=1.0, top_k=0, top_p=1.0)) == {0, 1, 2, 3}
+    assert set(draws(temperature=0.0, top_k=0, top_p=1.0)) == {0}
+    # Unrestricted sampling follows the probabilities.
+    freq = np.bincount(draws(temperature=1.0, top_k=0, top_p=1.0), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_stop_token_ends_generation(model, full_forward):
+    prompt = np.array([[5, 9, 2], [5, 9, 2]])
+    greedy, _ = uncached_greedy(full_forward, prompt, 6)
+    stop = int(greedy[0, 2])
+    first_stop = int(np.argmax(greedy[0] == stop))
+    got = generation.generate(model, prompt, 6, GREEDY, stop_token=stop)
+    np.testing.assert_array_equal(got, greedy[:, :first_stop + 1])
+
+
+def test_prompt_longer_than_context_is_a_clear_error(generator):
+    with pytest.raises(generation.PromptTooLongError, match=r"17 tokens.*max_seq_len=16"):
+        list(generator.stream(np.zeros((2, CONTEXT + 1), np.int32), 1))
+    with pytest.raises(ValueError, match="vocab_size"):
+        list(generator.stream(np.array([[CFG.vocab_size]] * 2), 1))
+    with pytest.raises(ValueError, match="top_p"):
+        generation.Sampling(top_p=0.0)
+
+
+def test_generate_command_end_to_end(tmp_path):
+    """Trains a tiny run on the builtin corpus, then samples from it with generate.py."""
+    import minids_jax
+    if not hasattr(minids_jax, "load"):
+        pytest.skip("checkpoint loading (minids_jax.load) is not available yet")
+    workdir = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    overrides = ["--config.model.max_seq_len=32", "--config.model.d_model=32",
+                 "--config.model.n_layers=2", "--config.model.n_heads=2",
+                 "--config.model.latent_k=4", "--config.model.n_experts=2",
+                 "--config.optim.total_steps=4", "--config.optim.warmup_steps=1",
+                 "--config.train.batch_size=2", "--config.train.log_every=2",
+                 "--config.train.eval_batches=1", "--config.data.max_bytes=200000"]
+    subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py",
+                    f"--workdir={workdir}", *overrides],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    args = [sys.executable, "generate.py", f"--workdir={workdir}", "--prompt=def ",
+            "--max_new_tokens=20", "--temperature=0.8", "--seed=3"]
+    first = subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True,
+                           text=True, timeout=300)
+    again = subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True,
+                           text=True, timeout=300)
+    assert first.stdout.startswith("def ") and len(first.stdout) > len("def ")
+    assert first.stdout == again.stdout
+    too_long = subprocess.run(args[:3] + ["--prompt=" + "x" * 40], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert too_long.returncode != 0 and "max_seq_len=32" in too_long.stderr
