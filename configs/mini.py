@@ -42,7 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
         seed=42,
         log_every=50,
         eval_every=0,  # 0: evaluate at the end only
-        eval_batches=4,
+        eval_batches=4,  # held-out batches per evaluation
+        peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0 = data sheet (bf16 GPUs) or measured
+        wandb=False,  # also log to Weights & Biases, if the wandb package is installed
+        wandb_project="minids_jax",  # W&B project name
     ))
     config.data = ml_collections.ConfigDict(dict(
         source="random",  # random | builtin

@@ -121,11 +121,20 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
+    # Per-device peak FLOP/s that MFU is measured against; 0: the data sheet for known GPUs
+    # computing in bf16/fp16, else a quick matmul measurement (see flops.py).
+    peak_flops: float = 0.0
+    wandb: bool = False  # also log to Weights & Biases (when the wandb package is installed)
+    wandb_project: str = "minids_jax"
 
     def __post_init__(self):
         for name in ("batch_size", "log_every", "eval_batches"):
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}.")
         _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}.")
+        _check(self.peak_flops >= 0,
+               f"train.peak_flops must be >= 0 (0: look up or measure), got {self.peak_flops}.")
+        _check(isinstance(self.wandb, bool), f"train.wandb must be True or False, got "
+               f"{self.wandb!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

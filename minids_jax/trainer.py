@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from minids_jax import data as data_lib
-from minids_jax import optim, sharding
+from minids_jax import flops, optim, reporting, sharding
 from minids_jax.config import Config
 from minids_jax.model import MiniDeepSeek, count_params
 
@@ -92,20 +92,6 @@ def make_eval_step(train_state: TrainState, batch_sharding):
     return jax.jit(eval_step, in_shardings=(train_state.shardings, batch_sharding))
 
 
-def format_metrics(step: int, total: int, metrics: dict[str, Any]) -> str:
-    load_E = np.asarray(metrics["expert_load"]).mean(axis=0)
-    load = "/".join(f"{x:.2f}" for x in load_E) if len(load_E) <= 8 else (
-        f"min {load_E.min():.2f} max {load_E.max():.2f}")
-    line = (f"step {step}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-            f"grad_norm {metrics['grad_norm']:.3f} | balance {metrics['aux_loss']:.3f} | "
-            f"load {load}")
-    if metrics.get("dropped_fraction", 0) > 0:
-        line += f" | dropped {metrics['dropped_fraction']:.3f}"
-    if "tokens_per_sec" in metrics:
-        line += f" | tok/s {metrics['tokens_per_sec']:,.0f}"
-    return line
-
-
 class Trainer:
     """Owns the mesh, data, state and steps of one run."""
 
@@ -121,9 +107,12 @@ class Trainer:
         self.train_step = make_train_step(self.train_state, config, self.batch_sharding)
         self.eval_step = make_eval_step(self.train_state, self.batch_sharding)
         self.is_main = jax.process_index() == 0
+        self.reporter: reporting.Reporter | None = None  # made by train()
 
     def log(self, message: str) -> None:
-        if self.is_main:
+        if self.reporter is not None:  # keeps lines above the progress bar
+            self.reporter.message(message)
+        elif self.is_main:
             print(message, flush=True)
 
     def batch(self, step: int, split: str = "train") -> dict[str, jax.Array]:
@@ -145,6 +134,7 @@ class Trainer:
         total, log_every = cfg.optim.total_steps, cfg.train.log_every
         tokens_per_step = cfg.train.batch_size * cfg.model.max_seq_len
         model, _ = self.train_state.merge()
+        self.reporter = self.make_reporter()
         self.log(f"model: {count_params(model):,} parameters | devices: {self.mesh.devices.size} "
                  f"| mesh: {dict(self.mesh.shape)}")
         history: list[dict[str, Any]] = []
@@ -164,18 +154,34 @@ class Trainer:
                     metrics["tokens_per_sec"] = window_steps * tokens_per_step / elapsed
                     metrics["step_time"] = elapsed / window_steps
                     window_start, window_steps = time.perf_counter(), 0
-                metrics = {"step": done, **metrics}
-                history.append(metrics)
-                self.log(format_metrics(done, total, metrics))
+                history.append({"step": done, **self.reporter.train(done, metrics)})
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
                 self._log_eval(done, history)
         self._log_eval(total, history)
+        self.reporter.close()
         return history
 
     def _log_eval(self, step: int, history: list[dict[str, Any]]) -> None:
         eval_loss = self.evaluate()
-        history.append({"step": step, "eval_loss": eval_loss})
-        self.log(f"step {step} | eval_loss {eval_loss:.4f} | eval_ppl {np.exp(eval_loss):.2f}")
+        metrics = {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))}
+        history.append({"step": step, **metrics})
+        self.reporter.eval(step, metrics)
+
+    def make_reporter(self) -> reporting.Reporter:
+        """Console, metrics.jsonl, TensorBoard and W&B for this run, with MFU against the
+        peak FLOP/s of all devices (train.peak_flops per device, or see flops.py)."""
+        cfg = self.config
+        peak, source = flops.peak_flops_per_device(cfg.model.dtype, cfg.train.peak_flops,
+                                                   self.mesh.devices.flat[0])
+        reporter = reporting.Reporter(
+            self.workdir, cfg.optim.total_steps, self.step, is_main=self.is_main,
+            config_dict=dataclasses.asdict(cfg),
+            flops_per_token=flops.train_flops_per_token(cfg.model),
+            peak_flops=peak * self.mesh.devices.size, wandb=cfg.train.wandb,
+            wandb_project=cfg.train.wandb_project)
+        reporter.message(f"mfu against {peak / 1e12:.1f} TFLOP/s per device ({source}); "
+                         f"{flops.train_flops_per_token(cfg.model) / 1e6:.1f} MFLOPs per token")
+        return reporter
 
 
 def run(config: Config, workdir: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,83 @@
+"""Sample text from a trained run, printing tokens as they are made.
+
+    python generate.py --workdir runs/tiny --prompt "def " --max_new_tokens 200 \
+        --temperature 0.8 --top_k 50 --top_p 0.95 --seed 0
+
+The prompt is echoed, then the continuation streams to stdout; timings go to stderr. The
+latest checkpoint is used unless --step names another; the run's own tokenizer encodes the
+prompt. --temperature 0 decodes greedily.
+"""
+
+import sys
+import time
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json).",
+                               required=True)
+_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue; empty starts a new document.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 50, "Sample among the k likeliest tokens; 0: all.")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus: the likeliest tokens up to this mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same text.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+_STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop at the end-of-document token.")
+
+
+class TextStream:
+    """Turns tokens into text as they come, holding back a character cut in the middle
+    (a byte-level or BPE token can end inside a multi-byte UTF-8 character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], 0
+
+    def push(self, token: int, final: bool = False) -> str:
+        if token is not None:
+            self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        ready = text if final else text.rstrip("\ufffd")
+        new, self.shown = ready[self.shown:], max(self.shown, len(ready))
+        return new
+
+
+def main(argv):
+    del argv
+    import numpy as np
+
+    import minids_jax
+    from minids_jax import data, generation
+
+    try:
+        sampling = generation.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    except ValueError as error:
+        sys.exit(f"error: --{error}")
+    model, config = minids_jax.load(_WORKDIR.value, step=_STEP.value)
+    tokenizer = data.load_tokenizer(config, _WORKDIR.value)
+    prompt = np.asarray(tokenizer.encode(_PROMPT.value), np.int32)
+    if prompt.size == 0:  # documents are separated by EOS, so EOS starts a new one
+        prompt = np.array([tokenizer.EOS], np.int32)
+
+    generator = generation.Generator(model)
+    stream = TextStream(tokenizer)
+    sys.stdout.write(_PROMPT.value)
+    sys.stdout.flush()
+    start, first_at, count = time.perf_counter(), None, 0
+    try:
+        for token_B in generator.stream(prompt, _MAX_NEW_TOKENS.value, sampling, _SEED.value,
+                                        tokenizer.EOS if _STOP_AT_EOS.value else None):
+            first_at = first_at or time.perf_counter()
+            count += 1
+            sys.stdout.write(stream.push(int(token_B[0])))
+            sys.stdout.flush()
+    except ValueError as error:  # a prompt too long for the context, or foreign token ids
+        sys.exit(f"\nerror: {error}")
+    sys.stdout.write(stream.push(None, final=True) + "\n")
+    done = time.perf_counter()
+    rate = (count - 1) / (done - first_at) if count > 1 and done > first_at else float("nan")
+    print(f"[{count} tokens | first token {first_at - start if first_at else 0:.2f}s "
+          f"(compile + prefill) | {rate:.1f} tokens/s after]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,97 @@
+"""FLOPs per token, counted from the config, and the peak FLOP/s they are measured against.
+
+MFU = tokens/s * train_flops_per_token / (peak FLOP/s per device * devices).
+
+Counted (a multiply-add is 2 FLOPs, training = forward + backward = 3 x forward):
+  - every matmul a token passes through, with only its top_k experts (not all n_experts);
+  - MHLA's per-latent projections (read q/out, latent self, write k/v), shared by the
+    max_seq_len / latent_k tokens of a segment;
+  - attention scores and weighted sums over the positions a query may see under the causal
+    masks (on average (L+1)/2 for MHA; latents and segments for MHLA), i.e. the useful work,
+    not what a kernel that ignores the mask computes;
+  - the output head; not the embedding lookup, norms, softmax or the router's softmax.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minids_jax.config import ModelConfig
+
+# Dense bf16/fp16 tensor-core peaks per device, from the vendors' data sheets. Devices not
+# listed, and float32 compute, are measured instead (see `peak_flops_per_device`).
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM / HBM3
+    "H200": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+}
+
+
+def flops_breakdown(cfg: ModelConfig) -> dict[str, float]:
+    """Forward FLOPs per token of a full max_seq_len sequence, by part, summed over layers."""
+    d, length, k_lat = cfg.d_model, cfg.max_seq_len, cfg.latent_k
+    parts = dict.fromkeys(("attention_projections", "attention_scores", "experts", "router",
+                           "head"), 0.0)
+    for layer in range(cfg.n_layers):
+        if cfg.attention_kind(layer) == "mha":
+            parts["attention_projections"] += 2 * 4 * d * d  # q, k, v, out
+            parts["attention_scores"] += 2 * 2 * d * (length + 1) / 2  # q.k and p.v, causal
+        else:
+            segment = length // k_lat
+            ends_K = (np.arange(k_lat) + 1) * segment
+            # Per token: read k, v and write q, out. Per latent: read q, out; latent-self
+            # q, k, v, out; write k, v.
+            parts["attention_projections"] += 2 * d * d * (4 + 8 * k_lat / length)
+            read_keys = ends_K.sum()  # latent j reads positions < e_j
+            self_keys = k_lat * (k_lat + 1) / 2  # latent j attends to latents <= j
+            write_keys = np.sum((np.arange(length) + 1) // segment)  # position i: e_j <= i+1
+            parts["attention_scores"] += 2 * 2 * d * (read_keys + self_keys + write_keys) / length
+        parts["experts"] += cfg.top_k * 3 * 2 * d * cfg.hidden_dim  # w1, w2, w3 of each expert
+        parts["router"] += 2 * d * cfg.n_experts
+    parts["head"] = 2 * d * cfg.vocab_size
+    return {name: float(value) for name, value in parts.items()}
+
+
+def forward_flops_per_token(cfg: ModelConfig) -> float:
+    return sum(flops_breakdown(cfg).values())
+
+
+def train_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward plus backward (twice the forward: gradients for activations and weights)."""
+    return 3 * forward_flops_per_token(cfg)
+
+
+def measure_matmul_flops(dtype: str = "float32", size: int | None = None,
+                         device: jax.Device | None = None, repeats: int = 5) -> float:
+    """FLOP/s of one square matmul on `device` in `dtype`: what this device attains at best."""
+    device = device or jax.devices()[0]
+    size = size or (8192 if device.platform == "gpu" else 1024)
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def peak_flops_per_device(dtype: str, configured: float = 0.0,
+                          device: jax.Device | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from): the configured value if > 0, the data sheet for
+    known GPUs computing in bf16/fp16, else a quick matmul measurement on this device."""
+    if configured > 0:
+        return configured, "config train.peak_flops"
+    device = device or jax.devices()[0]
+    if dtype in ("bfloat16", "float16"):
+        for name, peak in PEAK_BF16_FLOPS.items():  # most specific names first
+            if name in device.device_kind:
+                return peak, f"data sheet ({device.device_kind})"
+    return measure_matmul_flops(dtype, device=device), f"measured matmul ({device.device_kind})"
