@@ -59,19 +59,20 @@ def main(argv):
         prompt = np.array([tokenizer.EOS], np.int32)
 
     generator = generation.Generator(model)
+    try:
+        generator.check_prompt(prompt)
+    except ValueError as error:  # a prompt too long for the context, or foreign token ids
+        sys.exit(f"error: {error}")
     stream = TextStream(tokenizer)
     sys.stdout.write(_PROMPT.value)
     sys.stdout.flush()
     start, first_at, count = time.perf_counter(), None, 0
-    try:
-        for token_B in generator.stream(prompt, _MAX_NEW_TOKENS.value, sampling, _SEED.value,
-                                        tokenizer.EOS if _STOP_AT_EOS.value else None):
-            first_at = first_at or time.perf_counter()
-            count += 1
-            sys.stdout.write(stream.push(int(token_B[0])))
-            sys.stdout.flush()
-    except ValueError as error:  # a prompt too long for the context, or foreign token ids
-        sys.exit(f"\nerror: {error}")
+    for token_B in generator.stream(prompt, _MAX_NEW_TOKENS.value, sampling, _SEED.value,
+                                    tokenizer.EOS if _STOP_AT_EOS.value else None):
+        first_at = first_at or time.perf_counter()
+        count += 1
+        sys.stdout.write(stream.push(int(token_B[0])))
+        sys.stdout.flush()
     sys.stdout.write(stream.push(None, final=True) + "\n")
     done = time.perf_counter()
     rate = (count - 1) / (done - first_at) if count > 1 and done > first_at else float("nan")

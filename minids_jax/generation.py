@@ -193,24 +193,22 @@ class Sampling:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 means no limit).")
 
     def arrays(self):
-        return (jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p))
+        return (np.float32(self.temperature), np.int32(self.top_k), np.float32(self.top_p))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(graphdef, state, tokens_BxL, length, key, sampling):
-    """Samples the token after tokens[:length]; returns it, its logits and the caches."""
+def _prefill(graphdef, state, tokens_BxL, length, key, n, sampling):
+    """Samples token n after tokens[:length]; returns it, its logits and the caches."""
     model = _exact_moe(nnx.merge(graphdef, state))
     positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     x_BxLxD, caches = _forward(model, tokens_BxL,
                                lambda layer, h: _prefill_attention(layer, h, positions_BxL))
     logits_BxV = _next_token_logits(model, jax.lax.dynamic_index_in_dim(
         x_BxLxD, length - 1, axis=1, keepdims=False))
-    return sample_logits(logits_BxV, key, *sampling), logits_BxV, caches
+    return sample_logits(logits_BxV, jax.random.fold_in(key, n), *sampling), logits_BxV, caches
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _step(graphdef, state, caches, token_B, pos, key, sampling):
-    """Puts token at position `pos` and samples the one after it (caches updated in place)."""
+def _step(graphdef, state, caches, token_B, pos, key, n, sampling):
+    """Puts token at position `pos` and samples token n after it (caches updated in place)."""
     model = _exact_moe(nnx.merge(graphdef, state))
     layer_caches = iter(caches)  # consumed in layer order by _forward
 
@@ -220,16 +218,25 @@ def _step(graphdef, state, caches, token_B, pos, key, sampling):
 
     x_Bx1xD, caches = _forward(model, token_B[:, None], attention_fn)
     logits_BxV = _next_token_logits(model, x_Bx1xD[:, 0])
-    return sample_logits(logits_BxV, key, *sampling), logits_BxV, caches
+    return sample_logits(logits_BxV, jax.random.fold_in(key, n), *sampling), logits_BxV, caches
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(graphdef):
+    """One pair of jitted functions per model structure, shared by its Generators (the
+    structure is hashed once here rather than on every token)."""
+    return (jax.jit(functools.partial(_prefill, graphdef)),
+            jax.jit(functools.partial(_step, graphdef), donate_argnums=1))
 
 
 class Generator:
-    """Streams tokens from one model. Compilations are shared by all models of the same
-    structure; prompt length, position and sampling settings never cause a recompile."""
+    """Streams tokens from one model. Prompt length, position and sampling settings never
+    cause a recompile; models of the same structure share the compiled functions."""
 
     def __init__(self, model: MiniDeepSeek):
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)
+        self._prefill, self._step = _compiled(self.graphdef)
 
     def check_prompt(self, prompt_BxP: np.ndarray) -> np.ndarray:
         prompt_BxP = np.asarray(prompt_BxP, dtype=np.int32)
@@ -250,10 +257,11 @@ class Generator:
                              f"encode it with the run's own tokenizer.")
         return prompt_BxP
 
-    def _prefill_window(self, window_BxT: np.ndarray, key, sampling):
+    def _prefill_window(self, window_BxT: np.ndarray, key, n: int, sampling):
         padded_BxL = np.zeros((window_BxT.shape[0], self.cfg.max_seq_len), np.int32)
         padded_BxL[:, :window_BxT.shape[1]] = window_BxT
-        return _prefill(self.graphdef, self.state, padded_BxL, jnp.int32(window_BxT.shape[1]), key, sampling)
+        return self._prefill(self.state, padded_BxL, np.int32(window_BxT.shape[1]), key,
+                             np.int32(n), sampling)
 
     def stream(self, prompt_BxP, max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0, stop_token: int | None = None,
@@ -265,18 +273,17 @@ class Generator:
         """
         prompt_BxP = self.check_prompt(prompt_BxP)
         context, keep = self.cfg.max_seq_len, self.cfg.max_seq_len // 2
-        base_key, params = jax.random.key(seed), sampling.arrays()
+        key, params = jax.random.key(seed), sampling.arrays()
         window_BxT = prompt_BxP
         stopped_B = np.zeros(prompt_BxP.shape[0], bool)
         for n in range(max_new_tokens):
-            key = jax.random.fold_in(base_key, n)
             if n == 0 or window_BxT.shape[1] > context:
                 window_BxT = window_BxT[:, -keep:] if n else window_BxT
-                token_B, logits_BxV, caches = self._prefill_window(window_BxT, key, params)
+                token_B, logits_BxV, caches = self._prefill_window(window_BxT, key, n, params)
             else:  # the newest token sits at position T - 1 of the window
-                token_B, logits_BxV, caches = _step(
-                    self.graphdef, self.state, caches, jnp.asarray(window_BxT[:, -1]),
-                    jnp.int32(window_BxT.shape[1] - 1), key, params)
+                token_B, logits_BxV, caches = self._step(
+                    self.state, caches, window_BxT[:, -1], np.int32(window_BxT.shape[1] - 1),
+                    key, np.int32(n), params)
             token_B = np.asarray(token_B)
             window_BxT = np.concatenate([window_BxT, token_B[:, None]], axis=1)
             yield (token_B, logits_BxV) if with_logits else token_B
