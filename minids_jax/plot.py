@@ -16,6 +16,8 @@ import numpy as np
 
 from minids_jax.reporting import METRICS_FILE
 
+SMOOTH_FROM = 50  # train points from which a smoothed curve reads better than the raw one
+
 
 def read_metrics(workdir) -> dict[str, dict[int, dict]]:
     """{"train": {step: record}, "eval": {step: record}}; a step logged again after a resume
@@ -55,9 +57,12 @@ def plot_losses(workdir, out=None) -> pathlib.Path:
         raise ValueError(f"{pathlib.Path(workdir) / METRICS_FILE} holds no loss values yet; "
                          f"plot again after the first logged step.")
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    if len(train_steps):
+    if len(train_steps) >= SMOOTH_FROM:  # many noisy points: faint raw, smoothed on top
         ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.3, lw=1)
-        ax.plot(train_steps, _ema(train_loss), color="tab:blue", lw=1.8, label="train loss")
+        ax.plot(train_steps, _ema(train_loss), color="tab:blue", lw=1.8,
+                label="train loss (smoothed)")
+    elif len(train_steps):
+        ax.plot(train_steps, train_loss, ".-", color="tab:blue", lw=1.5, label="train loss")
     if len(eval_steps):
         ax.plot(eval_steps, eval_loss, "o-", color="tab:orange", lw=1.5, ms=5,
                 label="eval loss (held out)")
