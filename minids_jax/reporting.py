@@ -150,7 +150,8 @@ class Reporter:
         self._record(step, "eval", metrics)
 
     def _record(self, step: int, split: str, metrics: dict[str, Any]) -> None:
-        values = scalars(metrics)
+        # Tags "train/loss" and "eval/loss" (not "eval/eval_loss") for the trackers.
+        values = {name.removeprefix(f"{split}_"): value for name, value in scalars(metrics).items()}
         if self.metrics_file is not None:
             record = {"step": step, "split": split, "time": time.time(),
                       **{k: _jsonable(v) for k, v in metrics.items() if k != "step"}}

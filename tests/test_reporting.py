@@ -68,7 +68,7 @@ def test_reporter_writes_jsonl_tensorboard_and_plain_lines(tmp_path):
 
     events = read_events(tmp_path / reporting.TENSORBOARD_DIR)
     assert events["train/loss"] == [(10, 3.0), (20, 2.5)]
-    assert events["eval/eval_loss"] == [(10, pytest.approx(3.2))]
+    assert events["eval/loss"] == [(10, pytest.approx(3.2))]
     assert events["train/expert_load/3"] == [(10, 0.25), (20, 0.25)]
     assert "train/tokens_per_sec" in events and "train/mfu" in events
 
