@@ -179,7 +179,7 @@ class Trainer:
             flops_per_token=flops.train_flops_per_token(cfg.model),
             peak_flops=peak * self.mesh.devices.size, wandb=cfg.train.wandb,
             wandb_project=cfg.train.wandb_project)
-        reporter.message(f"mfu against {peak / 1e12:.1f} TFLOP/s per device ({source}); "
+        reporter.message(f"mfu against {peak / 1e12:.3g} TFLOP/s per device ({source}); "
                          f"{flops.train_flops_per_token(cfg.model) / 1e6:.1f} MFLOPs per token")
         return reporter
 
