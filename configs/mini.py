@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
         axis_rules=config_lib.DEFAULT_AXIS_RULES,  # logical axis -> mesh axes
     ))
     config.checkpoint = ml_collections.ConfigDict(dict(
-        every=0,  # save every N steps; 0 = only at the end
+        every=100,  # save every N steps and at the end; 0 = only at the end
+        max_to_keep=3,  # older checkpoints are deleted
+        async_save=True,  # write in the background; the loop does not wait on disk
+        init_from="",  # workdir or step dir: start from its parameters with a fresh optimizer
+        fallback=False,  # if the latest checkpoint is unreadable, resume from the previous one
     ))
     return config

@@ -181,7 +181,22 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0  # 0: no periodic checkpoints
+    every: int = 100  # save every N steps (and always at the end); 0: only at the end
+    max_to_keep: int = 3  # older checkpoints are deleted
+    async_save: bool = True  # write files in the background while training continues
+    init_from: str = ""  # a workdir or step directory: start from its parameters, fresh optimizer
+    fallback: bool = False  # resume from the previous checkpoint if the latest is unreadable
+
+    def __post_init__(self):
+        _check(isinstance(self.every, int) and self.every >= 0,
+               f"checkpoint.every must be an integer >= 0 (0 saves only at the end), "
+               f"got {self.every!r}.")
+        _check(isinstance(self.max_to_keep, int) and self.max_to_keep >= 1,
+               f"checkpoint.max_to_keep must be an integer >= 1, got {self.max_to_keep!r}; "
+               f"resuming needs at least the latest checkpoint.")
+        _check(isinstance(self.init_from, str),
+               f"checkpoint.init_from must be a path string ('' for none), got "
+               f"{self.init_from!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from minids_jax import checkpoint
 from minids_jax import data as data_lib
 from minids_jax import optim, sharding
 from minids_jax.config import Config
@@ -111,6 +112,7 @@ class Trainer:
 
     def __init__(self, config: Config, workdir: str | None = None, devices=None):
         self.config, self.workdir = config, workdir
+        self.stopped_by: int | None = None  # the signal that stopped training early, if any
         self.mesh = sharding.make_mesh(config.mesh, devices)
         batch_size = config.train.batch_size
         self.batch_sharding = jax.sharding.NamedSharding(
@@ -121,6 +123,7 @@ class Trainer:
         self.train_step = make_train_step(self.train_state, config, self.batch_sharding)
         self.eval_step = make_eval_step(self.train_state, self.batch_sharding)
         self.is_main = jax.process_index() == 0
+        self.checkpointer = checkpoint.Checkpointer(config, workdir, log=self.log)
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -140,7 +143,13 @@ class Trainer:
         return float(np.mean(jax.device_get(losses)))
 
     def train(self) -> list[dict[str, Any]]:
-        """Runs to optim.total_steps; returns the logged metrics."""
+        """Runs to optim.total_steps, resuming from the workdir's latest checkpoint; returns the
+        logged metrics. On SIGTERM/SIGINT it saves and returns early (`self.stopped_by`)."""
+        with self.checkpointer.guard():  # pending saves finish even if the loop raises
+            self.checkpointer.restore_or_initialize(self.train_state)
+            return self._train_loop()
+
+    def _train_loop(self) -> list[dict[str, Any]]:
         cfg = self.config
         total, log_every = cfg.optim.total_steps, cfg.train.log_every
         tokens_per_step = cfg.train.batch_size * cfg.model.max_seq_len
@@ -169,6 +178,10 @@ class Trainer:
                 self.log(format_metrics(done, total, metrics))
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
                 self._log_eval(done, history)
+            if self.checkpointer.after_step(done, self.train_state, metrics):
+                self.stopped_by = self.checkpointer.stop_signal
+                return history
+        self.checkpointer.finish(self.train_state)
         self._log_eval(total, history)
         return history
 
@@ -179,4 +192,8 @@ class Trainer:
 
 
 def run(config: Config, workdir: str | None = None) -> list[dict[str, Any]]:
-    return Trainer(config, workdir).train()
+    trainer = Trainer(config, workdir)
+    history = trainer.train()
+    if trainer.stopped_by is not None:  # saved after SIGTERM/SIGINT: exit as the signal would
+        raise SystemExit(128 + trainer.stopped_by)
+    return history
