@@ -155,7 +155,7 @@ def load(path: str | os.PathLike, step: int | None = None, *, mesh: jax.sharding
     with nnx.logical_axis_rules(config.mesh.axis_rules):
         graphdef, abstract_state = nnx.get_abstract_model(
             lambda: MiniDeepSeek(config.model, rngs=nnx.Rngs(0)), mesh)
-    restored = _restore_items(directory, step, model=abstract_state.to_pure_dict())
+    restored = _restore_items(directory, step, model=nnx.to_pure_dict(abstract_state))
     nnx.replace_by_pure_dict(abstract_state, restored["model"])
     return nnx.merge(graphdef, abstract_state), config
 
@@ -256,9 +256,6 @@ class Checkpointer:
         if self.workdir is None:
             return
         self.directory = checkpoints_dir(self.workdir)
-        if jax.process_index() == 0:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self.workdir / "config.json", config.to_json())
         self.manager = self._open_manager()
 
     def _open_manager(self) -> ocp.CheckpointManager:
@@ -275,22 +272,25 @@ class Checkpointer:
         """Continues from the latest checkpoint in the workdir if there is one, else starts
         from `checkpoint.init_from`'s parameters if set, else keeps the fresh state.
 
-        Replaces `train_state.state` in place; returns the step to continue from.
+        Updates `train_state.state` in place; returns the step to continue from. Then writes
+        the run's config to `<workdir>/config.json` (only once the config fits the checkpoint).
         """
+        step = 0
         if self.manager is not None and self.manager.all_steps():
             step = self._resume(train_state)
             if self.cfg.init_from:
                 self.log(f"checkpoint.init_from={self.cfg.init_from} ignored: resuming this "
                          f"run's own checkpoint instead.")
-            return step
-        if self.cfg.init_from:
+        elif self.cfg.init_from:
             self._init_from(train_state)
-        return 0
+        if self.workdir is not None and jax.process_index() == 0:
+            _write_atomically(self.workdir / "config.json", self.config.to_json())
+        return step
 
     def _resume(self, train_state) -> int:
         model_state, optimizer_state = train_state.state[0], train_state.state[1]
-        targets = dict(model=_abstract(model_state.to_pure_dict()),
-                       optimizer=_abstract(optimizer_state.to_pure_dict()))
+        targets = dict(model=_abstract(nnx.to_pure_dict(model_state)),
+                       optimizer=_abstract(nnx.to_pure_dict(optimizer_state)))
         for step in sorted(self.manager.all_steps(), reverse=True):
             self._check_config(self.directory, step)
             try:
@@ -348,7 +348,8 @@ class Checkpointer:
                 f"than this run: {'; '.join(differences)}. Set the model fields to the "
                 f"checkpoint's values.")
         model_state = train_state.state[0]
-        restored = _restore_items(directory, step, model=_abstract(model_state.to_pure_dict()))
+        target = _abstract(nnx.to_pure_dict(model_state))
+        restored = _restore_items(directory, step, model=target)
         nnx.replace_by_pure_dict(model_state, restored["model"])  # in place
         self.log(f"initialized the parameters from {directory / str(step)} (step {step}); "
                  f"the optimizer starts fresh at step 0")
@@ -398,8 +399,8 @@ class Checkpointer:
                     mesh={name: int(size) for name, size in mesh.shape.items()},
                     versions=_library_versions(), time=time.time())
         self.manager.save(step, force=True, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(state[0].to_pure_dict()),
-            optimizer=ocp.args.StandardSave(state[1].to_pure_dict()),
+            model=ocp.args.StandardSave(nnx.to_pure_dict(state[0])),
+            optimizer=ocp.args.StandardSave(nnx.to_pure_dict(state[1])),
             config=ocp.args.JsonSave(json.loads(self.config.to_json())),
             meta=ocp.args.JsonSave(meta)))
         self.last_saved_step = step
