@@ -59,6 +59,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit this run; the message says which."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint's files are truncated or corrupted."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient became NaN or infinite; the run stopped without saving that state."""
 
@@ -109,8 +113,11 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Pat
 def read_config(path: str | os.PathLike, step: int | None = None) -> Config:
     """The full config saved with a checkpoint (see `resolve` for `path` and `step`)."""
     directory, step = resolve(path, step)
-    restored = _read_only_manager(directory).restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    try:
+        restored = _read_only_manager(directory).restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception as error:  # orbax and tensorstore raise many kinds
+        raise _unreadable(directory / str(step), error) from error
     return config_lib.from_config_dict(restored["config"])
 
 
@@ -169,9 +176,9 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _unreadable(step_dir: epath.Path, error: Exception) -> CheckpointError:
+def _unreadable(step_dir: epath.Path, error: Exception) -> UnreadableCheckpointError:
     message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-    return CheckpointError(
+    return UnreadableCheckpointError(
         f"checkpoint {step_dir} is unreadable ({type(error).__name__}: {message}). It may be "
         f"truncated or corrupted. Set --config.checkpoint.fallback=True to resume from the "
         f"previous complete checkpoint (the bad one is moved to {step_dir.parent.parent / CORRUPT}),"
@@ -288,23 +295,26 @@ class Checkpointer:
         return step
 
     def _resume(self, train_state) -> int:
-        model_state, optimizer_state = train_state.state[0], train_state.state[1]
-        targets = dict(model=_abstract(nnx.to_pure_dict(model_state)),
-                       optimizer=_abstract(nnx.to_pure_dict(optimizer_state)))
+        targets = None
         for step in sorted(self.manager.all_steps(), reverse=True):
-            self._check_config(self.directory, step)
             try:
+                self._check_config(self.directory, step)
+                if targets is None:  # only once the config fits
+                    model_state, optimizer_state = train_state.state[0], train_state.state[1]
+                    targets = dict(model=_abstract(nnx.to_pure_dict(model_state)),
+                                   optimizer=_abstract(nnx.to_pure_dict(optimizer_state)))
                 restored = _restore_items(self.directory, step, self.manager, **targets)
                 break
-            except CheckpointError as error:
+            except UnreadableCheckpointError as error:
                 if not self.cfg.fallback:
                     raise
                 self.log(f"WARNING: {error.args[0].split(' It may')[0]}; falling back to the "
                          f"previous checkpoint (checkpoint.fallback=True).")
                 self._move_aside(step)
         else:
-            raise CheckpointError(f"no readable checkpoint left in {self.directory}; delete it "
-                                  f"(or use another --workdir) to start afresh.")
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} was readable; all were moved to "
+                f"{self.workdir / CORRUPT}. Run again to start from scratch in this workdir.")
         nnx.replace_by_pure_dict(model_state, restored["model"])  # in place
         nnx.replace_by_pure_dict(optimizer_state, restored["optimizer"])
         self.last_saved_step = step
@@ -312,12 +322,7 @@ class Checkpointer:
         return step
 
     def _check_config(self, directory: epath.Path, step: int) -> None:
-        try:
-            saved = read_config(directory, step)
-        except CheckpointError:
-            raise
-        except Exception as error:
-            raise _unreadable(directory / str(step), error) from error
+        saved = read_config(directory, step)
         differences = architecture_diff(saved, self.config)
         if differences:
             raise CheckpointError(

@@ -31,8 +31,10 @@ TOTAL = 6
 
 def tiny_config(**groups) -> config_lib.Config:
     config = mini.get_config()
-    config.model.update(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=2,
-                        latent_k=4, mlp_mult=2, n_experts=2)
+    # One MHLA layer: every kind of parameter (latents, attention, router, experts, norms) at
+    # the smallest compile time.
+    config.model.update(vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=2,
+                        latent_k=4, mlp_mult=2, n_experts=2, attn_pattern=("mhla",))
     config.optim.update(warmup_steps=1, total_steps=TOTAL)
     config.train.update(batch_size=4, log_every=1, eval_batches=1)
     config.checkpoint.update(every=3)
@@ -111,8 +113,8 @@ def test_round_trip_restores_every_leaf(straight, tmp_path):
     model_state = jax.device_get(nnx.to_pure_dict(trainer.train_state.state[0]))
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
     np.testing.assert_array_equal(params["embed"]["embedding"], model_state["embed"]["embedding"])
-    np.testing.assert_array_equal(params["blocks"]["1"]["moe"]["w1"],
-                                  model_state["blocks"][1]["moe"]["w1"])
+    np.testing.assert_array_equal(params["blocks"]["0"]["attn"]["latents"],
+                                  model_state["blocks"][0]["attn"]["latents"])
     assert sum(x.size for x in jax.tree.leaves(params)) == sum(
         x.size for x in jax.tree.leaves(model_state))
     # An earlier step is reachable by number or by its directory.
@@ -148,20 +150,23 @@ def test_resume_after_crash_is_exact(straight, tmp_path):
 def test_architecture_change_is_an_error_naming_the_fields(straight):
     _, _, workdir = straight
     changed = tiny_config(model=dict(d_model=64, n_experts=4))
-    trainer = trainer_lib.Trainer(changed, str(workdir))
+    # The check comes before the state is touched, so no state (and no compile) is needed.
     with pytest.raises(checkpoint.CheckpointError) as error:
-        trainer.checkpointer.restore_or_initialize(trainer.train_state)
+        checkpoint.Checkpointer(changed, str(workdir)).restore_or_initialize(train_state=None)
     message = str(error.value)
     assert "model.d_model: checkpoint 32, this run 64" in message
     assert "model.n_experts: checkpoint 2, this run 4" in message
-    assert "n_layers" not in message
+    assert "n_heads" not in message
+    # The failed attempt left the run's recorded config alone.
+    assert config_lib.from_json((workdir / "config.json").read_text()).model.d_model == 32
 
 
 def test_allowed_changes_resume(straight, tmp_path):
     """More steps and other logging settings are fine; the run continues from its step."""
     _, _, workdir = straight
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
-    longer = tiny_config(train=dict(log_every=2), checkpoint=dict(every=0))
+    longer = tiny_config(optim=dict(total_steps=2 * TOTAL), train=dict(log_every=2),
+                         checkpoint=dict(every=0))
     trainer = trainer_lib.Trainer(longer, str(tmp_path))
     assert trainer.checkpointer.restore_or_initialize(trainer.train_state) == TOTAL
 
@@ -206,10 +211,9 @@ def test_init_from_takes_parameters_with_a_fresh_optimizer(straight, tmp_path):
     moments = host(finetune.train_state.state[1]["opt_state"])
     assert moments and all(not np.any(m) for m in moments)  # AdamW starts from zero
 
-    with pytest.raises(checkpoint.CheckpointError, match="model.n_layers: checkpoint 2"):
-        other = trainer_lib.Trainer(
-            tiny_config(model=dict(n_layers=4), checkpoint=dict(init_from=str(workdir))))
-        other.checkpointer.restore_or_initialize(other.train_state)
+    other = tiny_config(model=dict(n_layers=4), checkpoint=dict(init_from=str(workdir)))
+    with pytest.raises(checkpoint.CheckpointError, match="model.n_layers: checkpoint 1"):
+        checkpoint.Checkpointer(other, None).restore_or_initialize(train_state=None)
 
 
 def test_nan_loss_stops_without_saving(tmp_path, compile_cache):
