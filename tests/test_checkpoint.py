@@ -351,9 +351,9 @@ def test_kill_9_at_any_moment_never_breaks_resume(straight, tmp_path, compile_ca
                 time.sleep(0.001)
             if moment == "into a save":
                 time.sleep(0.02)
-        killed_mid_save += saving_now()
         process.kill()  # SIGKILL: no handler, no cleanup
         process.communicate(timeout=60)
+        killed_mid_save += saving_now()  # a half-written checkpoint was left behind
         # Every complete checkpoint left behind is readable; leftovers are not listed.
         for step in checkpoint._read_only_manager(checkpoints).all_steps():
             assert minids_jax.load_params(workdir, step=step)
