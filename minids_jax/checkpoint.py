@@ -259,6 +259,7 @@ class Checkpointer:
         self.stop_signal: int | None = None  # set by SIGTERM / SIGINT
         self.last_saved_step: int | None = None
         self._unchecked: tuple[int, Any] | None = None  # (step, metrics) not yet checked
+        self._previous_handlers: dict[int, Any] = {}
         self.manager = None
         if self.workdir is None:
             return
@@ -381,8 +382,6 @@ class Checkpointer:
 
     def finish(self, train_state) -> None:
         """Checks the last step and saves the final state (call after the loop)."""
-        if self._unchecked is not None:
-            _check_finite(*self._unchecked, self.last_saved_step)
         self.save(int(train_state.state[1]["step"][...]), train_state)
 
     def save(self, step: int, train_state) -> None:
@@ -421,21 +420,24 @@ class Checkpointer:
     def guard(self):
         """SIGTERM/SIGINT finish the current step and save instead of killing the run (a second
         one exits at once); pending saves complete before leaving, even on errors."""
-        handled = (signal.SIGTERM, signal.SIGINT)
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in handled:
-                previous[signum] = signal.signal(signum, self._on_signal)
+        self._previous_handlers = {}
+        if threading.current_thread() is threading.main_thread():  # else Python forbids it
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         try:
             yield self
         finally:
-            for signum, handler in previous.items():
+            for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler)
             self.wait()
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.stop_signal is not None:  # asked twice: give up on saving
+        if self.stop_signal is not None:  # asked twice: give up on saving, act as before
+            previous = self._previous_handlers.get(signum)
+            if callable(previous):  # e.g. Python's SIGINT handler: KeyboardInterrupt
+                previous(signum, frame)
+                return
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
             return
@@ -457,9 +459,10 @@ class Checkpointer:
         name = signal.Signals(self.stop_signal).name
         where = (f"saved step {step} to {self.directory / str(step)}" if self.manager
                  else "no --workdir was given, so nothing was saved")
-        command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-        self.log(f"stopped by {name} after step {step}: {where}. To resume, run the same "
-                 f"command again with the same --workdir, e.g.\n  {command}")
+        how = "run the same command again with the same --workdir"
+        if sys.argv and sys.argv[0].endswith(".py") and "ipykernel" not in sys.argv[0]:
+            how += ":\n  " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+        self.log(f"stopped by {name} after step {step}: {where}. To resume, {how}")
 
 
 def _check_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> float:

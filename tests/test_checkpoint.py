@@ -233,6 +233,26 @@ def test_nan_loss_stops_without_saving(tmp_path, compile_cache):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(minids_jax.load_params(tmp_path)))
 
 
+def test_ctrl_c_saves_and_returns(tmp_path, compile_cache):
+    """In a notebook, an interrupt stops the loop after the current step and saves it."""
+    trainer = trainer_lib.Trainer(tiny_config(checkpoint=dict(every=0)), str(tmp_path))
+    step_fn, calls = trainer.train_step, []
+
+    def interrupted_during_second_step(state, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return step_fn(state, batch)
+
+    trainer.train_step = interrupted_during_second_step
+    handler_before = signal.getsignal(signal.SIGINT)
+    history = trainer.train()
+    assert trainer.stopped_by == signal.SIGINT
+    assert sorted(losses(history)) == [1, 2]
+    assert saved_steps(tmp_path) == [2]
+    assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl-C works as usual again
+
+
 def test_errors_for_missing_checkpoints(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
         minids_jax.load(tmp_path / "nowhere")
