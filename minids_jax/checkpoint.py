@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shlex
 import signal
@@ -33,6 +34,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 from flax import nnx
 
@@ -53,6 +55,15 @@ ARCHITECTURE_FIELDS = ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_he
 # logging, another mesh, other checkpoint settings): changed silently.
 QUIET_FIELDS = ("optim.total_steps", "train.log_every", "train.eval_every", "train.eval_batches",
                 "mesh.", "checkpoint.")
+
+
+def _drop_orbax_info(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+# orbax logs dozens of INFO lines per save through absl, which train.py shows at INFO; keep its
+# warnings and errors only.
+absl_logging.get_absl_logger().addFilter(_drop_orbax_info)
 
 
 class CheckpointError(RuntimeError):
