@@ -4,6 +4,7 @@ Every run here uses one tiny config with optim.total_steps=6 (so the train step 
 and a persistent compilation cache shared with the subprocesses keeps the suite fast.
 """
 
+import gc
 import json
 import os
 import pathlib
@@ -180,6 +181,8 @@ def corrupt_latest(workdir) -> pathlib.Path:
     return pathlib.Path(step_dir)
 
 
+# A failed orbax read abandons its other reads' coroutines; they are reported when collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupted_checkpoint_error_and_fallback(straight, tmp_path):
     trainer, _, workdir = straight
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
@@ -199,6 +202,7 @@ def test_corrupted_checkpoint_error_and_fallback(straight, tmp_path):
     falling_back.train()
     assert saved_steps(tmp_path) == [3, 6]
     assert_states_equal(falling_back.train_state.state, trainer.train_state.state)
+    gc.collect()  # here, where the warnings above are expected
 
 
 def test_init_from_takes_parameters_with_a_fresh_optimizer(straight, tmp_path):
