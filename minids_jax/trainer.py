@@ -116,7 +116,7 @@ class Trainer:
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, sharding.batch_spec(config.mesh.axis_rules))
         self.rows = sharding.process_rows(self.batch_sharding, batch_size)
-        self.source = data_lib.make_source(config)
+        self.source = data_lib.make_source(config, workdir)
         self.train_state = create_train_state(config, self.mesh)
         self.train_step = make_train_step(self.train_state, config, self.batch_sharding)
         self.eval_step = make_eval_step(self.train_state, self.batch_sharding)
