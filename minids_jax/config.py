@@ -136,7 +136,7 @@ _SOURCES_WITH_PATH = ("text", "jsonl", "json", "tokens")
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "random"  # random | builtin | text | jsonl | json | tokens
-    path: str = ""  # text: file, directory or glob; jsonl/json: instruction file; tokens: .bin or dir
+    path: str = ""  # text: file, dir or glob; jsonl/json: instruction file; tokens: .bin or dir
     tokenizer: str = "byte"  # byte | bpe (trained on the corpus, model.vocab_size tokens)
     val_fraction: float = 0.02  # held-out tail of a text/.bin corpus, or share of examples
     max_bytes: int = 0  # builtin/text: read at most this many bytes of the corpus (0: all)

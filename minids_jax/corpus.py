@@ -177,12 +177,14 @@ def read_instructions(path: str, fmt: str) -> tuple[list[Example], str]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            raise DataError(f"{file} line {error.lineno} is not valid JSON ({error.msg}, column "
-                            f"{error.colno}); for one object per line use data.source='jsonl'.") from None
+            raise DataError(
+                f"{file} line {error.lineno} is not valid JSON ({error.msg}, column "
+                f"{error.colno}); for one object per line use data.source='jsonl'.") from None
         if not isinstance(records, list):
             raise DataError(f"{file} holds a JSON {type(records).__name__}; data.source='json' "
                             f"expects an array of objects [{{...}}, ...].")
-        examples = [_example(record, f"{file} record {index}") for index, record in enumerate(records)]
+        examples = [_example(record, f"{file} record {index}")
+                    for index, record in enumerate(records)]
     if not examples:
         raise DataError(f"the corpus {file} is empty: it holds no records; add records or point "
                         f"data.path at another file.")

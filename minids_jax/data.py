@@ -19,12 +19,12 @@ from absl import logging
 
 from minids_jax.config import Config, ConfigError, DataConfig
 from minids_jax.corpus import (  # noqa: F401 (re-exported)
-    DataError, Example, TextCorpus, builtin_corpus_files, cache_entry, cached, format_prompt, read_instructions,
-    read_text_corpus, text_files)
+    DataError, Example, TextCorpus, builtin_corpus_files, cache_entry, cached, format_prompt,
+    read_instructions, read_text_corpus, text_files)
 from minids_jax.sources import (  # noqa: F401 (re-exported)
     InstructionSource, RandomSource, TokenizedExamples, TokenSource, WindowSource)
 from minids_jax.tokenization import (  # noqa: F401 (re-exported)
-    BPE_MIN_VOCAB, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer)
+    BPE_MIN_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer)
 
 Tokenizer = ByteTokenizer | BpeTokenizer
 META_FILE = "meta.json"  # beside token .bin files: dtype, tokenizer, counts (see prepare.py)
@@ -183,12 +183,14 @@ def token_file_splits(data: DataConfig, vocab_size: int) -> dict[str, np.ndarray
         raise DataError(f"data.path={data.path!r} does not exist; point it at a .bin token file or "
                         f"a directory written by `python -m minids_jax.prepare`.")
     meta = _tokens_meta(path)
-    dtype = np.dtype(data.token_dtype if data.token_dtype != "auto" else meta.get("dtype", "uint16"))
+    auto = data.token_dtype == "auto"
+    dtype = np.dtype(meta.get("dtype", "uint16") if auto else data.token_dtype)
     if path.is_dir():
         missing = [name for name in ("train.bin", "val.bin") if not (path / name).is_file()]
         if missing:
-            raise DataError(f"{path} has no {' or '.join(missing)}; write them with `python -m "
-                            f"minids_jax.prepare --out {path}`, or point data.path at one .bin file.")
+            raise DataError(
+                f"{path} has no {' or '.join(missing)}; write them with `python -m "
+                f"minids_jax.prepare --out {path}`, or point data.path at one .bin file.")
         return {split: _check_token_file(path / f"{split}.bin", dtype, vocab_size, meta)
                 for split in ("train", "val")}
     return split_tokens(_check_token_file(path, dtype, vocab_size, meta), data.val_fraction)
@@ -230,10 +232,14 @@ def _train_bpe(config: Config, texts: list[str], digest: str) -> BpeTokenizer:
 
 
 def load_tokenizer(config: Config, workdir: str | None = None, _corpus=None) -> Tokenizer:
-    """The run's tokenizer: bytes, or BPE (loaded from the workdir, else trained and saved there)."""
+    """The run's tokenizer: bytes, or BPE (from the workdir, else trained and saved there).
+
+    `_corpus` is (texts, digest) of the corpus when the caller has already read it.
+    """
     data = config.data
     if data.source == "tokens":
-        made_with = _tokens_meta(pathlib.Path(data.path).expanduser()).get("tokenizer", data.tokenizer)
+        meta = _tokens_meta(pathlib.Path(data.path).expanduser())
+        made_with = meta.get("tokenizer", data.tokenizer)
         if made_with != data.tokenizer:
             raise ConfigError(
                 f"data.tokenizer={data.tokenizer!r}, but the tokens at data.path={data.path!r} "
@@ -278,7 +284,8 @@ def make_source(config: Config, workdir: str | None = None) -> TokenSource:
         return WindowSource(splits, model.max_seq_len, seed, f"data.path={data.path!r}")
     if data.source in INSTRUCTION_SOURCES:
         examples, digest = read_instructions(data.path, data.source)
-        tokenizer = load_tokenizer(config, workdir, ([e.prompt + e.output for e in examples], digest))
+        texts = [e.prompt + e.output for e in examples]
+        tokenizer = load_tokenizer(config, workdir, (texts, digest))
         tokenized = tokenize_examples(examples, digest, tokenizer, data.cache_dir)
         is_val = held_out(examples, data.val_fraction, data.path)
         splits = {split: fit_examples(tokenized, chosen, examples, model.max_seq_len,

@@ -64,7 +64,8 @@ class BpeTokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BpeTokenizer:
         if vocab_size < BPE_MIN_VOCAB:
-            raise ValueError(f"a BPE vocabulary needs at least {BPE_MIN_VOCAB} tokens, got {vocab_size}.")
+            raise ValueError(
+                f"a BPE vocabulary needs at least {BPE_MIN_VOCAB} tokens, got {vocab_size}.")
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()

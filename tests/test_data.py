@@ -1,7 +1,6 @@
 """Data sources, the sampler, instruction masking, caching, prepare, and bad-input errors."""
 
 import json
-import logging
 import os
 import pathlib
 import subprocess
@@ -31,8 +30,8 @@ def make_config(tmp_path, seq_len=16, vocab=259, seed=7, **data_fields):
 def write_text_corpus(root: pathlib.Path, n_files=6) -> pathlib.Path:
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n_files):
-        (root / f"doc{i}.txt").write_text(
-            "".join(f"Line {j} of document {i}: the quick brown fox, ünïcödé.\n" for j in range(40)))
+        lines = [f"Line {j} of document {i}: the quick brown fox, ünïcödé\n" for j in range(40)]
+        (root / f"doc{i}.txt").write_text("".join(lines))
     return root
 
 
