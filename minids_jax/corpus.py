@@ -82,7 +82,8 @@ def _decode(data: bytes, cut: bool) -> str | None:
     return None if "\0" in text else text
 
 
-def read_text_corpus(files: list[pathlib.Path], name: str, max_bytes: int = 0) -> TextCorpus:
+def read_text_corpus(files: list[pathlib.Path], name: str, max_bytes: int = 0,
+                     expect_skips: bool = False) -> TextCorpus:
     """Decodes each file as UTF-8; skips (and counts) binary or non-UTF-8 files and empty ones."""
     documents, not_text, empty, total = [], [], 0, 0
     for path in files:
@@ -102,8 +103,9 @@ def read_text_corpus(files: list[pathlib.Path], name: str, max_bytes: int = 0) -
         if max_bytes and total >= max_bytes:
             break
     if not_text:
-        logging.warning("%s: skipped %d file(s) that are not UTF-8 text, e.g. %s",
-                        name, len(not_text), ", ".join(str(p) for p in not_text[:3]))
+        logging.log(logging.INFO if expect_skips else logging.WARNING,
+                    "%s: skipped %d file(s) that are not UTF-8 text, e.g. %s",
+                    name, len(not_text), ", ".join(str(p) for p in not_text[:3]))
     if not documents:
         if not_text:
             raise DataError(
@@ -158,7 +160,7 @@ def read_instructions(path: str, fmt: str) -> tuple[list[Example], str]:
                         f"one {'JSON Lines' if fmt == 'jsonl' else 'JSON'} file.")
     raw = file.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # tolerate the byte-order mark some editors write
     except UnicodeDecodeError as error:
         line = raw[:error.start].count(b"\n") + 1
         raise DataError(f"{file} line {line} is not UTF-8; save the file as UTF-8.") from None

@@ -41,7 +41,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def read_corpus(data: DataConfig) -> TextCorpus:
     if data.source == "builtin":
-        return read_text_corpus(builtin_corpus_files(), "the builtin corpus", data.max_bytes)
+        # The standard library's tests hold a few deliberately non-UTF-8 files.
+        return read_text_corpus(builtin_corpus_files(), "the builtin corpus", data.max_bytes,
+                                expect_skips=True)
     return read_text_corpus(text_files(data.path), f"data.path={data.path!r}", data.max_bytes)
 
 
@@ -245,9 +247,13 @@ def load_tokenizer(config: Config, workdir: str | None = None, _corpus=None) -> 
                 f"data.tokenizer={data.tokenizer!r}, but the tokens at data.path={data.path!r} "
                 f"were made with the {made_with!r} tokenizer (see its {META_FILE}); set "
                 f"data.tokenizer={made_with!r}.")
-    if data.tokenizer == "byte":
-        return ByteTokenizer()
     saved = pathlib.Path(workdir) / TOKENIZER_FILE if workdir else None
+    if data.tokenizer == "byte":
+        if saved is not None and saved.is_file():
+            raise ConfigError(
+                f"data.tokenizer='byte', but {saved} holds the BPE tokenizer this run was "
+                f"trained with; set data.tokenizer='bpe', or use a fresh workdir.")
+        return ByteTokenizer()
     if saved is not None and saved.is_file():
         tokenizer = BpeTokenizer.load(saved)
     elif data.source == "tokens":

@@ -363,3 +363,12 @@ def test_one_example_is_too_few(tmp_path):
     path.write_text('{"instruction": "a", "output": "b"}\n')
     with pytest.raises(data.DataError, match=r"one\.jsonl holds 1 example; at least 2"):
         data.make_source(make_config(tmp_path, source="jsonl", path=str(path)))
+
+
+def test_byte_tokenizer_refused_for_a_bpe_run(tmp_path):
+    corpus = write_text_corpus(tmp_path / "corpus")
+    workdir = str(tmp_path / "run")
+    data.make_source(make_config(tmp_path, vocab=300, source="text", path=str(corpus),
+                                 tokenizer="bpe"), workdir)
+    with pytest.raises(config_lib.ConfigError, match=r"tokenizer.json holds the BPE tokenizer"):
+        data.make_source(make_config(tmp_path, source="text", path=str(corpus)), workdir)
