@@ -1,4 +1,4 @@
-"""Reading corpora: text files, the built-in corpus, instruction records; and the token cache.
+"""Reading text corpora (files, directories, globs, the built-in corpus) and the token cache.
 
 Everything here is about files on disk. Every problem with them is a `DataError` that names the
 file (and line) and says how to fix it.
@@ -33,7 +33,7 @@ class TextCorpus:
     digest: str  # sha256 of the documents' content: keys the caches
 
 
-def _digest(documents: list[str]) -> str:
+def content_digest(documents: list[str]) -> str:
     sha = hashlib.sha256()
     for document in documents:
         data = document.encode("utf-8")
@@ -115,82 +115,7 @@ def read_text_corpus(files: list[pathlib.Path], name: str, max_bytes: int = 0,
         raise DataError(f"the corpus {name} is empty ({len(files)} file(s), 0 bytes of text); "
                         f"add text to it or point data.path at another corpus.")
     logging.info("%s: %d document(s), %.1f MB of text", name, len(documents), total / 1e6)
-    return TextCorpus(name, documents, _digest(documents))
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One instruction record: the model learns `output` given `prompt`."""
-
-    prompt: str
-    output: str
-    where: str  # e.g. "train.jsonl line 7", for messages
-
-
-def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (the field's name)
-    """The prompt template of instruction data (Alpaca's); generation should use it too."""
-    prompt = f"### Instruction:\n{instruction}\n\n"
-    if input:
-        prompt += f"### Input:\n{input}\n\n"
-    return prompt + "### Response:\n"
-
-
-def _example(record, where: str) -> Example:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with 'instruction', 'input' (optional) "
-                        f"and 'output', got {type(record).__name__}.")
-    for field, required in (("instruction", True), ("input", False), ("output", True)):
-        if required and field not in record:
-            raise DataError(
-                f"{where} has no {field!r} field (it has {sorted(record)}); every record needs "
-                f"'instruction' and 'output' strings, e.g. "
-                f'{{"instruction": "Add the numbers.", "input": "2 3", "output": "5"}}.')
-        if field in record and not isinstance(record[field], str):
-            raise DataError(f"{where}: field {field!r} must be a string, got "
-                            f"{type(record[field]).__name__}; convert it to text.")
-    return Example(format_prompt(record["instruction"], record.get("input", "")),
-                   record["output"], where)
-
-
-def read_instructions(path: str, fmt: str) -> tuple[list[Example], str]:
-    """Records of a JSONL file (one object a line) or a JSON file (an array of objects)."""
-    file = pathlib.Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"data.path={path!r} is not a file; for data.source={fmt!r} point it at "
-                        f"one {'JSON Lines' if fmt == 'jsonl' else 'JSON'} file.")
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # tolerate the byte-order mark some editors write
-    except UnicodeDecodeError as error:
-        line = raw[:error.start].count(b"\n") + 1
-        raise DataError(f"{file} line {line} is not UTF-8; save the file as UTF-8.") from None
-    examples = []
-    if fmt == "jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{file} line {number} is not valid JSON ({error.msg}, column "
-                                f"{error.colno}); each line must hold one JSON object.") from None
-            examples.append(_example(record, f"{file} line {number}"))
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{file} line {error.lineno} is not valid JSON ({error.msg}, column "
-                f"{error.colno}); for one object per line use data.source='jsonl'.") from None
-        if not isinstance(records, list):
-            raise DataError(f"{file} holds a JSON {type(records).__name__}; data.source='json' "
-                            f"expects an array of objects [{{...}}, ...].")
-        examples = [_example(record, f"{file} record {index}")
-                    for index, record in enumerate(records)]
-    if not examples:
-        raise DataError(f"the corpus {file} is empty: it holds no records; add records or point "
-                        f"data.path at another file.")
-    return examples, _digest([text])
+    return TextCorpus(name, documents, content_digest(documents))
 
 
 def cache_entry(cache_dir: str, kind: str, key: dict) -> pathlib.Path | None:

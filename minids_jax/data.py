@@ -10,7 +10,6 @@ tokenizer. A BPE tokenizer is trained on the corpus the first time (also cached)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 
@@ -19,21 +18,18 @@ from absl import logging
 
 from minids_jax.config import Config, ConfigError, DataConfig
 from minids_jax.corpus import (  # noqa: F401 (re-exported)
-    DataError, Example, TextCorpus, builtin_corpus_files, cache_entry, cached, format_prompt,
-    read_instructions, read_text_corpus, text_files)
+    DataError, TextCorpus, builtin_corpus_files, cache_entry, cached, read_text_corpus, text_files)
+from minids_jax.instructions import (  # noqa: F401 (re-exported)
+    Example, fit_examples, format_prompt, held_out, read_instructions, tokenize_examples)
 from minids_jax.sources import (  # noqa: F401 (re-exported)
     InstructionSource, RandomSource, TokenizedExamples, TokenSource, WindowSource)
 from minids_jax.tokenization import (  # noqa: F401 (re-exported)
-    BPE_MIN_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer)
+    BPE_MIN_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, token_dtype)
 
 Tokenizer = ByteTokenizer | BpeTokenizer
 META_FILE = "meta.json"  # beside token .bin files: dtype, tokenizer, counts (see prepare.py)
 INSTRUCTION_SOURCES = ("jsonl", "json")
 _ENCODE_BATCH_CHARS = 8 << 20  # encode this much text per call: bounds the tokenizer's memory
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 # ----------------------------------------------------------------------------- text corpora
@@ -69,81 +65,6 @@ def split_tokens(tokens: np.ndarray, val_fraction: float) -> dict[str, np.ndarra
     """A fixed held-out split: the last `val_fraction` of the stream."""
     boundary = int(len(tokens) * (1 - val_fraction))
     return {"train": tokens[:boundary], "val": tokens[boundary:]}
-
-
-# ----------------------------------------------------------------------- instruction data
-
-
-def tokenize_examples(examples: list[Example], digest: str, tokenizer: Tokenizer,
-                      cache_dir: str) -> TokenizedExamples:
-    """Each example as [BOS] prompt output [EOS], with its prompt length; cached."""
-
-    def build():
-        prompts = tokenizer.encode_batch([e.prompt for e in examples])
-        outputs = tokenizer.encode_batch([e.output for e in examples])
-        pieces, lengths, prompt_lens = [], [], []
-        for prompt, output in zip(prompts, outputs):
-            pieces += [[tokenizer.BOS], prompt, output, [tokenizer.EOS]]
-            lengths.append(len(prompt) + len(output) + 2)
-            prompt_lens.append(len(prompt) + 1)
-        return {"tokens": np.concatenate(pieces).astype(token_dtype(tokenizer.vocab_size)),
-                "starts": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                "prompt_lens": np.asarray(prompt_lens, np.int64)}
-
-    key = {"examples": digest, "tokenizer": tokenizer.fingerprint}
-    arrays = cached(cache_dir, "examples", key, build)
-    return TokenizedExamples(arrays["tokens"], arrays["starts"], arrays["prompt_lens"])
-
-
-def held_out(examples: list[Example], val_fraction: float, name: str) -> np.ndarray:
-    """Whether each example is held out: those with the smallest content hashes.
-
-    The split depends on neither the seed nor the file order, and stays put as records are added.
-    """
-    if len(examples) < 2:
-        raise DataError(f"{name} holds {len(examples)} example; "
-                        f"at least 2 are needed (one is held out for evaluation).")
-    hashes = [hashlib.sha256(f"{e.prompt}\0{e.output}".encode()).digest() for e in examples]
-    n_val = max(1, round(len(examples) * val_fraction))
-    is_val = np.zeros(len(examples), bool)
-    is_val[sorted(range(len(examples)), key=hashes.__getitem__)[:n_val]] = True
-    return is_val
-
-
-def fit_examples(all_examples: TokenizedExamples, chosen: np.ndarray, examples: list[Example],
-                 seq_len: int, overlong: str, split: str) -> TokenizedExamples:
-    """The chosen examples, each cut to seq_len + 1 tokens (or dropped, per data.overlong).
-
-    An example whose prompt leaves no room for a single output token is always dropped.
-    """
-    pieces, lengths, prompt_lens, dropped, cut = [], [], [], [], 0
-    for i in np.flatnonzero(chosen):
-        length, prompt_len = all_examples.length(i), int(all_examples.prompt_lens[i])
-        if length > seq_len + 1:
-            if overlong == "drop" or prompt_len > seq_len:
-                dropped.append((i, prompt_len))
-                continue
-            length, cut = seq_len + 1, cut + 1
-        start = all_examples.starts[i]
-        pieces.append(all_examples.tokens[start:start + length])
-        lengths.append(length)
-        prompt_lens.append(prompt_len)
-    if cut:
-        logging.warning("%d %s example(s) longer than model.max_seq_len+1=%d tokens: their output "
-                        "is cut to fit (data.overlong='truncate').", cut, split, seq_len + 1)
-    if dropped:
-        logging.warning("dropped %d %s example(s) longer than model.max_seq_len+1=%d tokens, "
-                        "e.g. %s", len(dropped), split, seq_len + 1,
-                        ", ".join(examples[i].where for i, _ in dropped[:3]))
-    if not lengths:
-        i, prompt_len = dropped[0]
-        fix = ("shorten the prompts" if prompt_len > seq_len else "set data.overlong='truncate'")
-        raise DataError(
-            f"every {split} example is longer than model.max_seq_len+1={seq_len + 1} tokens, "
-            f"e.g. {examples[i].where} (its prompt alone is {prompt_len} tokens); raise "
-            f"model.max_seq_len or {fix}.")
-    return TokenizedExamples(np.concatenate(pieces), np.concatenate([[0], np.cumsum(lengths)]),
-                             np.asarray(prompt_lens))
 
 
 # ------------------------------------------------------------------------ token .bin files

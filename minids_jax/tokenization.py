@@ -102,6 +102,11 @@ class BpeTokenizer:
         return self.hf.decode([int(t) for t in tokens], skip_special_tokens=True)
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of a vocabulary."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
 def _safe_chunks(text: str) -> Iterator[str]:
     """Pieces of about _CHUNK_CHARS, cut after a newline with non-space on both sides.
 
