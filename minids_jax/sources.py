@@ -41,7 +41,10 @@ def _uniform(seed: int, split: str, step: int, first: int, count: int, high: int
 
 
 def _row_range(batch_size: int, rows: slice) -> range:
-    return range(batch_size)[rows]
+    r = range(batch_size)[rows]
+    if r.step != 1:
+        raise ValueError(f"rows={rows} must be a contiguous slice of the batch (step 1).")
+    return r
 
 
 def _as_batch(rows_RxL1: np.ndarray, weights_RxL1: np.ndarray | None = None):

@@ -372,3 +372,23 @@ def test_byte_tokenizer_refused_for_a_bpe_run(tmp_path):
                                  tokenizer="bpe"), workdir)
     with pytest.raises(config_lib.ConfigError, match=r"tokenizer.json holds the BPE tokenizer"):
         data.make_source(make_config(tmp_path, source="text", path=str(corpus)), workdir)
+
+
+def test_trainer_learns_from_instruction_data_with_a_bpe_tokenizer(tmp_path):
+    from minids_jax import trainer
+
+    path = write_instructions(tmp_path / "sft.jsonl", 40)
+    config = config_lib.from_config_dict({
+        "model": {"vocab_size": 320, "max_seq_len": 64, "d_model": 32, "n_heads": 2,
+                  "latent_k": 4, "n_layers": 1, "n_experts": 2},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "total_steps": 30},
+        "train": {"batch_size": 4, "log_every": 10, "eval_batches": 2},
+        "data": {"source": "jsonl", "path": str(path), "tokenizer": "bpe", "pack": True,
+                 "val_fraction": 0.1, "cache_dir": str(tmp_path / "cache")},
+    })
+    history = trainer.run(config, str(tmp_path / "run"))
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
+    # From ln(vocab) at the start; 0 would mean nothing was scored.
+    assert 0 < losses[-1] < 0.75 * np.log(320)
+    assert np.isfinite(history[-1]["eval_loss"])
