@@ -137,11 +137,17 @@ def cached(cache_dir: str, kind: str, key: dict, build: Callable[[], dict[str, n
     if not entry.is_dir():
         arrays = build()
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", array)
-        (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", array)
+            (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+        except OSError as error:  # a full or read-only disk costs speed, not the run
+            logging.warning("could not cache %s in %s (%s); set data.cache_dir to a writable "
+                            "directory to tokenize only once.", kind, cache_dir, error)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return arrays
         try:
             os.rename(tmp, entry)  # atomic; another process may have won the race
         except OSError:

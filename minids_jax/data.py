@@ -150,7 +150,10 @@ def _train_bpe(config: Config, texts: list[str], digest: str) -> BpeTokenizer:
                  sum(map(len, texts)) / 1e6)
     tokenizer = BpeTokenizer.train(texts, vocab_size)
     if entry is not None:
-        tokenizer.save(entry / TOKENIZER_FILE)
+        try:
+            tokenizer.save(entry / TOKENIZER_FILE)
+        except OSError as error:  # only speed is lost
+            logging.warning("could not cache the tokenizer in %s (%s)", entry, error)
     return tokenizer
 
 

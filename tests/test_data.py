@@ -392,3 +392,12 @@ def test_trainer_learns_from_instruction_data_with_a_bpe_tokenizer(tmp_path):
     # From ln(vocab) at the start; 0 would mean nothing was scored.
     assert 0 < losses[-1] < 0.75 * np.log(320)
     assert np.isfinite(history[-1]["eval_loss"])
+
+
+def test_an_unwritable_cache_costs_speed_not_the_run(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache directory should be")
+    config = make_config(tmp_path, source="text", path=str(write_text_corpus(tmp_path / "c")),
+                         cache_dir=str(blocker / "cache"))
+    batch = data.make_source(config).batch(0, 4)
+    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
