@@ -160,7 +160,7 @@ def fit_examples(all_examples: TokenizedExamples, chosen: np.ndarray, examples: 
         fix = ("shorten the prompts" if prompt_len > seq_len else "set data.overlong='truncate'")
         raise DataError(
             f"every {split} example is longer than model.max_seq_len+1={seq_len + 1} tokens, "
-            f"e.g. {examples[i].where} (its prompt alone is {prompt_len} tokens); raise "
+            f"e.g. {examples[i].where} (BOS and prompt alone: {prompt_len} tokens); raise "
             f"model.max_seq_len or {fix}.")
     return TokenizedExamples(np.concatenate(pieces), np.concatenate([[0], np.cumsum(lengths)]),
                              np.asarray(prompt_lens))
