@@ -107,6 +107,7 @@ def main(argv):
     print(f"model: d_model {m.d_model}, layers {m.n_layers} {m.attn_pattern}, heads {m.n_heads}, "
           f"seq {m.max_seq_len}, vocab {m.vocab_size}, experts {m.n_experts} top-{m.top_k} "
           f"({m.moe_dispatch}), batch {config.train.batch_size}, dtype {m.dtype}")
+    tokens_per_s = {}
     for dispatch in _DISPATCHES.value or [m.moe_dispatch]:
         variant = dataclasses.replace(config, model=dataclasses.replace(m, moe_dispatch=dispatch))
         result = benchmark_jax(variant, _STEPS.value)
@@ -115,11 +116,12 @@ def main(argv):
               f" | {result['tokens_per_s']:,.0f} tokens/s on {result['devices']} device(s)"
               f" | {result['train_flops_per_token'] / 1e6:.1f} MFLOP/token"
               f" | peak {result['peak_flops'] / 1e9:.0f} GFLOP/s | MFU {result['mfu']:.1%}")
+        tokens_per_s[dispatch] = result["tokens_per_s"]
     if _VS_SEED.value:
         seed_tokens_per_s = benchmark_seed(config, _STEPS.value, _VS_SEED.value, _SEED_PYTHON.value)
         if seed_tokens_per_s:
-            print(f"seed (PyTorch): {seed_tokens_per_s:,.0f} tokens/s | minids_jax / seed = "
-                  f"{result['tokens_per_s'] / seed_tokens_per_s:.2f}x")
+            ratios = ", ".join(f"{d} {t / seed_tokens_per_s:.2f}x" for d, t in tokens_per_s.items())
+            print(f"seed (PyTorch): {seed_tokens_per_s:,.0f} tokens/s | minids_jax / seed: {ratios}")
 
 
 if __name__ == "__main__":
