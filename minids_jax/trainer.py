@@ -71,7 +71,7 @@ def make_train_step(train_state: TrainState, config: Config, batch_sharding):
         optimizer.update(model, grads)
         metrics = {
             "loss": ce, "total_loss": loss, "aux_loss": aux["aux_loss"], "lr": lr,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "expert_load": aux["expert_load_NxE"], "dropped_fraction": aux["dropped_fraction"],
         }
         # Return the state of everything mutated: model AND optimizer.
