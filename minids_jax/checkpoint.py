@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from typing import Any, Callable
 
 import jax
@@ -54,7 +55,7 @@ ARCHITECTURE_FIELDS = ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_he
 # Fields whose change on resume is expected and keeps the run meaningful (more steps, other
 # logging, another mesh, other checkpoint settings): changed silently.
 QUIET_FIELDS = ("optim.total_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                "mesh.", "checkpoint.")
+                "data.cache_dir", "mesh.", "checkpoint.")
 
 
 def _drop_orbax_info(record: logging.LogRecord) -> bool:
@@ -129,7 +130,21 @@ def read_config(path: str | os.PathLike, step: int | None = None) -> Config:
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     except Exception as error:  # orbax and tensorstore raise many kinds
         raise _unreadable(directory / str(step), error) from error
-    return config_lib.from_config_dict(restored["config"])
+    return config_lib.from_config_dict(_known_fields(restored["config"]))
+
+
+def _known_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """Drops fields this version no longer has, so older checkpoints still open; fields added
+    since take their defaults."""
+    kept = {}
+    for group, cls in typing.get_type_hints(Config).items():
+        names = {field.name for field in dataclasses.fields(cls)}
+        kept[group] = {k: v for k, v in saved.get(group, {}).items() if k in names}
+        dropped = sorted(set(saved.get(group, {})) - names)
+        if dropped:
+            logging.warning("checkpoint config fields unknown to this version, ignored: %s",
+                            ", ".join(f"{group}.{name}" for name in dropped))
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------

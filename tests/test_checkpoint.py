@@ -257,6 +257,20 @@ def test_ctrl_c_saves_and_returns(tmp_path, compile_cache):
     assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl-C works as usual again
 
 
+def test_config_of_an_older_version_still_opens(straight, tmp_path):
+    """A field since removed is ignored; a field since added takes its default."""
+    _, _, workdir = straight
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    saved = tmp_path / "checkpoints" / str(TOTAL) / "config" / "metadata"
+    old = json.loads(saved.read_text())
+    old["model"]["retired_field"] = 1
+    del old["checkpoint"]["fallback"]
+    saved.write_text(json.dumps(old))
+    config = minids_jax.read_config(tmp_path)
+    assert config.model == tiny_config().model
+    assert config.checkpoint.fallback is False
+
+
 def test_errors_for_missing_checkpoints(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
         minids_jax.load(tmp_path / "nowhere")
@@ -303,6 +317,11 @@ def subprocess_env(compile_cache, devices=1):
                JAX_COMPILATION_CACHE_DIR=compile_cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    # Same numerics as this process (conftest.py may raise the matmul precision), so results
+    # compare bit for bit and compiled programs are shared through the cache.
+    precision = jax.config.jax_default_matmul_precision
+    if precision is not None:
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = str(precision)
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
