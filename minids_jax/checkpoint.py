@@ -171,7 +171,8 @@ def load_params(path: str | os.PathLike, step: int | None = None) -> dict[str, A
     return restored["model"]
 
 
-def load(path: str | os.PathLike, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None):
+def load(path: str | os.PathLike, step: int | None = None, *,
+         mesh: jax.sharding.Mesh | None = None):
     """Restores a saved model onto this machine's devices: returns (model, config).
 
     `path` is a workdir, its `checkpoints/` directory or one step's directory; without `step`
@@ -207,8 +208,8 @@ def _unreadable(step_dir: epath.Path, error: Exception) -> UnreadableCheckpointE
     return UnreadableCheckpointError(
         f"checkpoint {step_dir} is unreadable ({type(error).__name__}: {message}). It may be "
         f"truncated or corrupted. Set --config.checkpoint.fallback=True to resume from the "
-        f"previous complete checkpoint (the bad one is moved to {step_dir.parent.parent / CORRUPT}),"
-        f" or delete {step_dir}.")
+        f"previous complete checkpoint (the bad one is moved to "
+        f"{step_dir.parent.parent / CORRUPT}), or delete {step_dir}.")
 
 
 def _restore_items(directory: epath.Path, step: int, manager=None, **targets) -> dict[str, Any]:

@@ -467,6 +467,7 @@ def test_notebook_cells_run(straight, monkeypatch):
         exec(compile(source, "restore.ipynb", "exec"), namespace)
     model, config = namespace["model"], namespace["config"]
     assert isinstance(model, minids_jax.MiniDeepSeek) and config.model.d_model == 32
-    assert namespace["n_params"] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert namespace["n_params"] == n_params
     assert namespace["load_LxE"].shape == (config.model.n_layers, config.model.n_experts)
     np.testing.assert_allclose(namespace["load_LxE"].sum(axis=1), 1.0, rtol=1e-5)
