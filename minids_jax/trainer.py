@@ -112,6 +112,7 @@ class Trainer:
     def __init__(self, config: Config, workdir: str | None = None, devices=None):
         self.config, self.workdir = config, workdir
         self.mesh = sharding.make_mesh(config.mesh, devices)
+        sharding.check_layout(config, self.mesh)
         batch_size = config.train.batch_size
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, sharding.batch_spec(config.mesh.axis_rules))
