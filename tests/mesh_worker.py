@@ -104,8 +104,8 @@ def run_training(out_dir: str, steps: int, tag: str, devices_cfg: dict | None = 
     result = {"job": job, "process_index": jax.process_index(),
               "process_count": jax.process_count(), "device_count": jax.device_count(),
               "local_device_count": jax.local_device_count(),
-              "losses": [h["loss"] for h in history if "loss" in h],
-              "eval_loss": [h["eval_loss"] for h in history if "eval_loss" in h]}
+              "losses": [float(h["loss"]) for h in history if "loss" in h],
+              "eval_loss": [float(h["eval_loss"]) for h in history if "eval_loss" in h]}
     with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
         json.dump(result, f)
 
