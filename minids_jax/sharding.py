@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -99,6 +100,21 @@ def check_divisible(abstract_state, shardings) -> None:
             "these arrays cannot be split evenly over the mesh: " + "; ".join(problems[:5])
             + ". Change the model sizes to multiples of those mesh sizes, the mesh sizes, or "
               "map the logical axis to None in mesh.axis_rules.")
+
+
+def under_mesh(mesh: jax.sharding.Mesh, rules):
+    """Decorator: traces the function with `mesh` and the logical rules in context, so layers
+    can place work by mesh axis (the MoE keeps each device's tokens local)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
 
 
 def create_sharded(init_fn: Callable[[], nnx.Module], mesh, rules):

@@ -63,6 +63,7 @@ def create_train_state(config: Config, mesh) -> TrainState:
 def make_train_step(train_state: TrainState, config: Config, batch_sharding):
     graphdef, lr_schedule = train_state.graphdef, optim.schedule(config.optim)
 
+    @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
     def train_step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
         lr = lr_schedule(optimizer.step[...])
@@ -81,9 +82,10 @@ def make_train_step(train_state: TrainState, config: Config, batch_sharding):
                    out_shardings=(train_state.shardings, None), donate_argnums=0)
 
 
-def make_eval_step(train_state: TrainState, batch_sharding):
+def make_eval_step(train_state: TrainState, batch_sharding, axis_rules=None):
     graphdef = train_state.graphdef
 
+    @sharding.under_mesh(batch_sharding.mesh, axis_rules or ())
     def eval_step(state, batch):
         model, _ = nnx.merge(graphdef, state)
         logits_BxLxV, _ = model(batch["inputs"])
@@ -120,7 +122,8 @@ class Trainer:
         self.source = data_lib.make_source(config)
         self.train_state = create_train_state(config, self.mesh)
         self.train_step = make_train_step(self.train_state, config, self.batch_sharding)
-        self.eval_step = make_eval_step(self.train_state, self.batch_sharding)
+        self.eval_step = make_eval_step(self.train_state, self.batch_sharding,
+                                        config.mesh.axis_rules)
         self.is_main = jax.process_index() == 0
 
     def log(self, message: str) -> None:

@@ -81,6 +81,7 @@ def run_meshes(out_dir: str) -> None:
         report[name] = {
             "loss": float(metrics["loss"]),
             "mesh": dict(run.mesh.shape),
+            "all_gathers": compiled.as_text().count(" all-gather("),
             "argument_bytes": memory.argument_size_in_bytes,
             "temp_bytes": memory.temp_size_in_bytes,
             "shards": {path: {"size": int(x.size),

@@ -83,6 +83,14 @@ def test_fsdp_compiled_state_memory_is_well_below_data_parallel(mesh_runs):
     assert fsdp_bytes < data_bytes / 6
 
 
+def test_data_parallel_step_keeps_every_token_on_its_device(mesh_runs):
+    # Pure data parallelism needs only the gradient all-reduce. An all-gather means some
+    # activation (the MoE's global top-k / sort did this) went whole onto every device.
+    report, _ = mesh_runs
+    assert report["data8"]["all_gathers"] == 0
+    assert report["fsdp8"]["all_gathers"] > 0  # FSDP does gather its weights
+
+
 def _fake_mesh(**sizes):
     """A mesh of the given sizes without devices: the layout checks read only its shape."""
     return jax.sharding.AbstractMesh(
