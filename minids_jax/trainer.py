@@ -105,6 +105,8 @@ def format_metrics(step: int, total: int, metrics: dict[str, Any]) -> str:
         line += f" | dropped {metrics['dropped_fraction']:.3f}"
     if "tokens_per_sec" in metrics:
         line += f" | tok/s {metrics['tokens_per_sec']:,.0f}"
+        if "tokens_per_sec_per_device" in metrics:
+            line += f" ({metrics['tokens_per_sec_per_device']:,.0f}/device)"
     return line
 
 
@@ -150,7 +152,7 @@ class Trainer:
         tokens_per_step = cfg.train.batch_size * cfg.model.max_seq_len
         model, _ = self.train_state.merge()
         self.log(f"model: {count_params(model):,} parameters | devices: {self.mesh.devices.size} "
-                 f"| mesh: {dict(self.mesh.shape)}")
+                 f"in {jax.process_count()} process(es) | mesh: {dict(self.mesh.shape)}")
         history: list[dict[str, Any]] = []
         window_start, window_steps = None, 0
         for step in range(self.step, total):
@@ -166,6 +168,8 @@ class Trainer:
                 if window_steps:
                     elapsed = time.perf_counter() - window_start
                     metrics["tokens_per_sec"] = window_steps * tokens_per_step / elapsed
+                    metrics["tokens_per_sec_per_device"] = (metrics["tokens_per_sec"]
+                                                            / self.mesh.devices.size)
                     metrics["step_time"] = elapsed / window_steps
                     window_start, window_steps = time.perf_counter(), 0
                 metrics = {"step": done, **metrics}
