@@ -45,9 +45,16 @@ def get_config() -> ml_collections.ConfigDict:
         eval_batches=4,
     ))
     config.data = ml_collections.ConfigDict(dict(
-        source="random",  # random | builtin
-        max_bytes=0,  # builtin: cap on corpus bytes, 0 = all
-        val_fraction=0.02,  # builtin: held-out tail of the corpus
+        source="random",  # random | builtin | text | jsonl | json | tokens
+        path="",  # text: file, dir or glob; jsonl/json: instruction file; tokens: .bin or dir
+        tokenizer="byte",  # byte | bpe (trained on the corpus with model.vocab_size tokens)
+        val_fraction=0.02,  # held-out tail of the corpus, or share of instruction examples
+        max_bytes=0,  # builtin/text: cap on corpus bytes, 0 = all
+        pack=False,  # jsonl/json: several examples per row instead of one padded
+        overlong="truncate",  # jsonl/json examples over max_seq_len+1 tokens: truncate | drop
+        token_dtype="auto",  # tokens: uint16 | uint32 | auto (from meta.json, else uint16)
+        bpe_train_bytes=0,  # bpe: characters of the corpus to train on, 0 = all
+        cache_dir="~/.cache/minids_jax",  # tokenized corpora and tokenizers; "" = no cache
     ))
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1,  # data parallel; -1 = the devices left over

@@ -128,18 +128,49 @@ class TrainConfig:
         _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}.")
 
 
+DATA_SOURCES = ("random", "builtin", "text", "jsonl", "json", "tokens")
+TOKENIZERS = ("byte", "bpe")
+_SOURCES_WITH_PATH = ("text", "jsonl", "json", "tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "random"  # random | builtin
-    max_bytes: int = 0  # builtin: read at most this many bytes of the corpus (0: all)
-    val_fraction: float = 0.02  # builtin: the held-out tail of the corpus
+    source: str = "random"  # random | builtin | text | jsonl | json | tokens
+    path: str = ""  # text: file, dir or glob; jsonl/json: instruction file; tokens: .bin or dir
+    tokenizer: str = "byte"  # byte | bpe (trained on the corpus, model.vocab_size tokens)
+    val_fraction: float = 0.02  # held-out tail of a text/.bin corpus, or share of examples
+    max_bytes: int = 0  # builtin/text: read at most this many bytes of the corpus (0: all)
+    pack: bool = False  # jsonl/json: pack several examples per row instead of one padded
+    overlong: str = "truncate"  # jsonl/json examples over max_seq_len+1 tokens: truncate | drop
+    token_dtype: str = "auto"  # tokens: uint16 | uint32 | auto (meta.json, else uint16)
+    bpe_train_bytes: int = 0  # bpe: train on at most this many characters of the corpus (0: all)
+    cache_dir: str = "~/.cache/minids_jax"  # tokenized corpora, trained tokenizers; "" disables
 
     def __post_init__(self):
-        _check(self.source in ("random", "builtin"),
-               f"data.source={self.source!r} is unknown; choose 'random' or 'builtin'.")
+        _check(self.source in DATA_SOURCES,
+               f"data.source={self.source!r} is unknown; choose from {DATA_SOURCES}.")
+        _check(self.tokenizer in TOKENIZERS,
+               f"data.tokenizer={self.tokenizer!r} is unknown; choose from {TOKENIZERS}.")
+        if self.source in _SOURCES_WITH_PATH:
+            _check(bool(self.path), f"data.source={self.source!r} reads data.path, which is empty; "
+                                    f"set --config.data.path=... to your data.")
+        else:
+            _check(not self.path, f"data.path={self.path!r} is set but data.source={self.source!r} "
+                                  f"does not read it; set data.source to 'text', 'jsonl', 'json' "
+                                  f"or 'tokens', or clear data.path.")
+        _check(not (self.source == "random" and self.tokenizer == "bpe"),
+               "data.tokenizer='bpe' is trained on the corpus, and data.source='random' has none; "
+               "use data.tokenizer='byte' or a text source.")
         _check(0 < self.val_fraction < 0.5,
                f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}.")
-        _check(self.max_bytes >= 0, f"data.max_bytes must be >= 0, got {self.max_bytes}.")
+        _check(self.overlong in ("truncate", "drop"),
+               f"data.overlong={self.overlong!r} is unknown; choose 'truncate' or 'drop'.")
+        _check(self.token_dtype in ("auto", "uint16", "uint32"),
+               f"data.token_dtype={self.token_dtype!r} is unknown; choose 'auto', 'uint16' or "
+               f"'uint32'.")
+        for name in ("max_bytes", "bpe_train_bytes"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                   f"data.{name} must be an integer >= 0, got {getattr(self, name)!r}.")
 
 
 # Logical parameter/activation axis -> mesh axes. Data parallel, FSDP, tensor and expert
@@ -234,6 +265,14 @@ class Config:
     mesh: MeshConfig
     checkpoint: CheckpointConfig
     devices: DevicesConfig = DevicesConfig()
+
+    def __post_init__(self):
+        # Tokenizers need their 256 byte symbols plus PAD, BOS and EOS (see tokenization.py).
+        min_vocab = 259
+        _check(self.data.source == "random" or self.model.vocab_size >= min_vocab,
+               f"model.vocab_size={self.model.vocab_size} is smaller than the {min_vocab} tokens "
+               f"the {self.data.tokenizer} tokenizer needs (256 bytes + PAD, BOS, EOS); set "
+               f"model.vocab_size >= {min_vocab}.")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

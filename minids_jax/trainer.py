@@ -72,7 +72,7 @@ def make_train_step(train_state: TrainState, config: Config, batch_sharding):
         optimizer.update(model, grads)
         metrics = {
             "loss": ce, "total_loss": loss, "aux_loss": aux["aux_loss"], "lr": lr,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "expert_load": aux["expert_load_NxE"], "dropped_fraction": aux["dropped_fraction"],
         }
         # Return the state of everything mutated: model AND optimizer.
@@ -121,7 +121,7 @@ class Trainer:
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, sharding.batch_spec(config.mesh.axis_rules))
         self.rows = sharding.process_rows(self.batch_sharding, batch_size)
-        self.source = data_lib.make_source(config)
+        self.source = data_lib.make_source(config, workdir)
         self.train_state = create_train_state(config, self.mesh)
         self.train_step = make_train_step(self.train_state, config, self.batch_sharding)
         self.eval_step = make_eval_step(self.train_state, self.batch_sharding,
