@@ -93,8 +93,9 @@ def check_divisible(abstract_state, shardings) -> None:
         for dim, (size, axes) in enumerate(zip(leaf.shape, leaf_sharding.spec)):
             axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
             if size % ways(mesh, axes):
-                problems.append(f"{jax.tree_util.keystr(path).replace('.value', '')} dimension {dim} (size {size}) "
-                                f"over {_describe(mesh, axes)}")
+                name = jax.tree_util.keystr(path).replace(".value", "")
+                problems.append(f"{name} dimension {dim} (size {size}) over "
+                                f"{_describe(mesh, axes)}")
     if problems:
         raise ConfigError(
             "these arrays cannot be split evenly over the mesh: " + "; ".join(problems[:5])

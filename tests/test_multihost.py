@@ -57,7 +57,8 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
              for i in range(2)]
     procs.append(_start(["single", tmp_path, 8, STEPS], tmp_path, "single"))
     codes = _wait_all(procs, TIMEOUT_S)
-    logs = {tag: (tmp_path / f"{tag}.log").read_text() for tag in ("process0", "process1", "single")}
+    tags = ("process0", "process1", "single")
+    logs = {tag: (tmp_path / f"{tag}.log").read_text() for tag in tags}
     assert codes == [0, 0, 0], "\n\n".join(f"--- {t}\n{text[-3000:]}" for t, text in logs.items())
 
     results = {tag: json.loads((tmp_path / f"{tag}.json").read_text()) for tag in logs}
