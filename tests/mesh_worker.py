@@ -101,8 +101,10 @@ def run_training(out_dir: str, steps: int, tag: str, devices_cfg: dict | None = 
     config = tiny_config(dict(data=-1), optim=dict(total_steps=steps),
                          devices=devices_cfg or {})
     job = devices.initialize_distributed(config.devices)
-    history = trainer.Trainer(config).train()
+    run = trainer.Trainer(config)
+    history = run.train()
     result = {"job": job, "process_index": jax.process_index(),
+              "rows": [run.rows.start, run.rows.stop],  # of the global batch, built here
               "process_count": jax.process_count(), "device_count": jax.device_count(),
               "local_device_count": jax.local_device_count(),
               "losses": [float(h["loss"]) for h in history if "loss" in h],

@@ -66,8 +66,10 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
         job = results[f"process{i}"]
         assert job["process_index"] == i and job["process_count"] == 2
         assert job["local_device_count"] == 4 and job["device_count"] == 8
+        assert job["rows"] == [4 * i, 4 * i + 4]  # each process builds only its half
     assert results["single"]["process_count"] == 1 and results["single"]["device_count"] == 8
     assert results["single"]["job"] is None  # no coordinator, no cluster: one process
+    assert results["single"]["rows"] == [0, 8]
 
     single, multi = results["single"], results["process0"]
     assert len(single["losses"]) == STEPS
