@@ -8,7 +8,8 @@
         --layout data=-1 --layout fsdp=-1
 
 Each layout starts from data=fsdp=tensor=expert=1 and sets the named axes (-1: the devices
-left over). Per device, from the compiled train step's `memory_analysis()`: arguments (model
+left over; without a -1, the first product-of-sizes devices, so `--layout data=1` is the
+one-device baseline). Per device, from the compiled train step's `memory_analysis()`: arguments (model
 and optimizer state plus this device's batch rows; donated, so the output reuses them) and
 temporaries (activations, gradients, gathered weights). Simulated CPU devices share the
 host's cores, so their tokens/s measure overhead, not scaling; the memory figures are exact.
@@ -48,11 +49,15 @@ def parse_layout(text: str) -> dict[str, int]:
 
 
 def measure(config, steps: int) -> dict:
+    import math
+
     import jax
 
     from minids_jax import trainer
 
-    run = trainer.Trainer(config)
+    sizes = config.mesh.axis_sizes()
+    devices = None if -1 in sizes.values() else jax.devices()[:math.prod(sizes.values())]
+    run = trainer.Trainer(config, devices=devices)
     batch = run.batch(0)
     start = time.perf_counter()
     compiled = run.train_step.lower(run.train_state.state, batch).compile()
