@@ -148,10 +148,14 @@ def distributed_arguments(cfg: DevicesConfig, gpus: GpuChoice | None,
         kwargs["num_processes"] = cfg.num_processes
     if cfg.process_id >= 0:
         kwargs["process_id"] = cfg.process_id
-    # JAX's SLURM / Open MPI detection gives each process the single GPU of its local rank
-    # (one process per GPU). With one process per host, this process drives all its GPUs.
-    if cluster in ("SLURM", "Open MPI") and _tasks_per_host(environ) == 1 and gpus and gpus.count:
-        kwargs["local_device_ids"] = list(range(gpus.count))
+    # JAX's SLURM / Open MPI detection gives each process the GPU numbered by its local rank
+    # (one process per GPU). With one process per host, this process drives all its GPUs;
+    # when the launcher already bound one GPU per task, that GPU is number 0 here.
+    if cluster in ("SLURM", "Open MPI") and gpus and gpus.count:
+        if _tasks_per_host(environ) == 1:
+            kwargs["local_device_ids"] = list(range(gpus.count))
+        elif gpus.count == 1:
+            kwargs["local_device_ids"] = [0]
     return kwargs
 
 

@@ -114,8 +114,14 @@ def test_slurm_with_one_task_per_node_drives_every_local_gpu():
     # JAX's SLURM detection alone would give each process only GPU SLURM_LOCALID.
     assert kwargs == {"initialization_timeout": 300, "local_device_ids": [0, 1, 2, 3]}
     one_per_gpu = {**SLURM, "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_NTASKS": "8"}
+    # Every task sees all 4 GPUs: JAX picks the one of its local rank.
     assert "local_device_ids" not in devices.distributed_arguments(DevicesConfig(), gpus,
                                                                    one_per_gpu)
+    # SLURM bound one GPU per task (CUDA_VISIBLE_DEVICES=<its GPU>): it is device 0 here,
+    # whatever the local rank.
+    bound = devices.choose_gpus(0, {"CUDA_VISIBLE_DEVICES": "3"})
+    assert devices.distributed_arguments(DevicesConfig(), bound, one_per_gpu)[
+        "local_device_ids"] == [0]
     assert devices.distributed_arguments(DevicesConfig(distributed="off"), gpus, SLURM) is None
 
 

@@ -78,6 +78,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     np.testing.assert_allclose(multi["eval_loss"], single["eval_loss"], rtol=1e-5)
     # The losses move, so equal lists mean equal training, not two stuck runs.
     assert len(set(np.round(single["losses"], 6))) > 1
-    # Only process 0 prints the run's lines.
-    assert f"step {STEPS}/{STEPS}" in logs["process0"]
+    # Only process 0 prints the run's lines: devices, processes, mesh, tokens/s per device.
+    assert "devices: 8 in 2 process(es) | mesh: {'data': 8," in logs["process0"]
+    assert f"step {STEPS}/{STEPS}" in logs["process0"] and "/device)" in logs["process0"]
     assert "step " not in logs["process1"] and "devices:" not in logs["process1"]
