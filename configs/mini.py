@@ -63,6 +63,14 @@ def get_config() -> ml_collections.ConfigDict:
         expert=1,  # experts split
         axis_rules=config_lib.DEFAULT_AXIS_RULES,  # logical axis -> mesh axes
     ))
+    config.devices = ml_collections.ConfigDict(dict(
+        num_gpus=0,  # the N GPUs with most free memory; 0 = all visible (the seed used 2)
+        distributed="auto",  # jax.distributed: auto (from SLURM/MPI/K8s env) | on | off
+        coordinator_address="",  # "host:port" of process 0; "" = from the environment
+        num_processes=0,  # 0 = from the environment
+        process_id=-1,  # -1 = from the environment
+        init_timeout_s=300,  # seconds the processes wait for each other at start-up
+    ))
     config.checkpoint = ml_collections.ConfigDict(dict(
         every=100,  # save every N steps and at the end; 0 = only at the end
         max_to_keep=3,  # older checkpoints are deleted

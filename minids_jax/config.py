@@ -210,6 +210,47 @@ class MeshConfig:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
 
 
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicesConfig:
+    # GPUs this process drives: the N with the most free memory (pynvml); 0 = every visible
+    # device. An explicit CUDA_VISIBLE_DEVICES in the environment wins over this choice.
+    num_gpus: int = 0
+    # jax.distributed start-up. auto: when the environment describes a multi-process job
+    # (SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS) or coordinator_address is set;
+    # on: always (JAX auto-detects the cluster); off: never (single process).
+    distributed: str = "auto"
+    coordinator_address: str = ""  # "host:port" of process 0; "" = from the environment
+    num_processes: int = 0  # 0 = from the environment
+    process_id: int = -1  # -1 = from the environment
+    init_timeout_s: int = 300  # how long processes wait for each other at start-up
+
+    def __post_init__(self):
+        _check(isinstance(self.num_gpus, int) and self.num_gpus >= 0,
+               f"devices.num_gpus must be an integer >= 0 (0 = every visible device), "
+               f"got {self.num_gpus!r}.")
+        _check(self.distributed in DISTRIBUTED_MODES,
+               f"devices.distributed={self.distributed!r} is unknown; choose from "
+               f"{DISTRIBUTED_MODES}.")
+        _check(not self.coordinator_address or ":" in self.coordinator_address,
+               f"devices.coordinator_address={self.coordinator_address!r} needs a port, "
+               f"e.g. '10.0.0.1:1234'.")
+        _check(self.num_processes >= 0,
+               f"devices.num_processes must be >= 0 (0 = from the environment), "
+               f"got {self.num_processes}.")
+        _check(self.process_id >= -1,
+               f"devices.process_id must be >= 0, or -1 for the environment's, "
+               f"got {self.process_id}.")
+        if self.num_processes and self.process_id >= 0:
+            _check(self.process_id < self.num_processes,
+                   f"devices.process_id={self.process_id} must be < devices.num_processes="
+                   f"{self.num_processes}.")
+        _check(self.init_timeout_s > 0,
+               f"devices.init_timeout_s must be > 0, got {self.init_timeout_s}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100  # save every N steps (and always at the end); 0: only at the end
@@ -238,6 +279,7 @@ class Config:
     data: DataConfig
     mesh: MeshConfig
     checkpoint: CheckpointConfig
+    devices: DevicesConfig = DevicesConfig()
 
     def __post_init__(self):
         # Tokenizers need their 256 byte symbols plus PAD, BOS and EOS (see tokenization.py).
@@ -258,6 +300,7 @@ _GROUPS = {
     "data": DataConfig,
     "mesh": MeshConfig,
     "checkpoint": CheckpointConfig,
+    "devices": DevicesConfig,
 }
 
 

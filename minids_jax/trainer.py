@@ -64,6 +64,7 @@ def create_train_state(config: Config, mesh) -> TrainState:
 def make_train_step(train_state: TrainState, config: Config, batch_sharding):
     graphdef, lr_schedule = train_state.graphdef, optim.schedule(config.optim)
 
+    @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
     def train_step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
         lr = lr_schedule(optimizer.step[...])
@@ -82,9 +83,10 @@ def make_train_step(train_state: TrainState, config: Config, batch_sharding):
                    out_shardings=(train_state.shardings, None), donate_argnums=0)
 
 
-def make_eval_step(train_state: TrainState, batch_sharding):
+def make_eval_step(train_state: TrainState, batch_sharding, axis_rules=None):
     graphdef = train_state.graphdef
 
+    @sharding.under_mesh(batch_sharding.mesh, axis_rules or ())
     def eval_step(state, batch):
         model, _ = nnx.merge(graphdef, state)
         logits_BxLxV, _ = model(batch["inputs"])
@@ -104,6 +106,8 @@ def format_metrics(step: int, total: int, metrics: dict[str, Any]) -> str:
         line += f" | dropped {metrics['dropped_fraction']:.3f}"
     if "tokens_per_sec" in metrics:
         line += f" | tok/s {metrics['tokens_per_sec']:,.0f}"
+        if "tokens_per_sec_per_device" in metrics:
+            line += f" ({metrics['tokens_per_sec_per_device']:,.0f}/device)"
     return line
 
 
@@ -114,6 +118,7 @@ class Trainer:
         self.config, self.workdir = config, workdir
         self.stopped_by: int | None = None  # the signal that stopped training early, if any
         self.mesh = sharding.make_mesh(config.mesh, devices)
+        sharding.check_layout(config, self.mesh)
         batch_size = config.train.batch_size
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, sharding.batch_spec(config.mesh.axis_rules))
@@ -121,7 +126,8 @@ class Trainer:
         self.source = data_lib.make_source(config, workdir)
         self.train_state = create_train_state(config, self.mesh)
         self.train_step = make_train_step(self.train_state, config, self.batch_sharding)
-        self.eval_step = make_eval_step(self.train_state, self.batch_sharding)
+        self.eval_step = make_eval_step(self.train_state, self.batch_sharding,
+                                        config.mesh.axis_rules)
         self.is_main = jax.process_index() == 0
         self.checkpointer = checkpoint.Checkpointer(config, workdir, log=self.log)
 
@@ -155,7 +161,7 @@ class Trainer:
         tokens_per_step = cfg.train.batch_size * cfg.model.max_seq_len
         model, _ = self.train_state.merge()
         self.log(f"model: {count_params(model):,} parameters | devices: {self.mesh.devices.size} "
-                 f"| mesh: {dict(self.mesh.shape)}")
+                 f"in {jax.process_count()} process(es) | mesh: {dict(self.mesh.shape)}")
         history: list[dict[str, Any]] = []
         window_start, window_steps = None, 0
         for step in range(self.step, total):
@@ -171,6 +177,8 @@ class Trainer:
                 if window_steps:
                     elapsed = time.perf_counter() - window_start
                     metrics["tokens_per_sec"] = window_steps * tokens_per_step / elapsed
+                    metrics["tokens_per_sec_per_device"] = (metrics["tokens_per_sec"]
+                                                            / self.mesh.devices.size)
                     metrics["step_time"] = elapsed / window_steps
                     window_start, window_steps = time.perf_counter(), 0
                 metrics = {"step": done, **metrics}
