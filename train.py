@@ -3,11 +3,13 @@
     python train.py --config configs/tiny.py --workdir runs/tiny
     python train.py --config configs/mini.py --config.model.n_layers=12 --config.mesh.fsdp=-1
 
-JAX is imported only after the flags are parsed, so the GPU choice can set
-CUDA_VISIBLE_DEVICES before any backend starts.
+JAX is imported only after the flags are parsed, the GPUs are chosen (CUDA_VISIBLE_DEVICES)
+and, for a multi-host job, jax.distributed is started: both must precede any backend.
 """
 
-from absl import app, flags
+import socket
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Path to a config file.")
@@ -17,9 +19,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 def main(argv):
     del argv
     from minids_jax import config as config_lib
-    from minids_jax import trainer
+    from minids_jax import devices
 
     config = config_lib.from_config_dict(_CONFIG.value)
+    gpus = devices.select_gpus(config.devices)
+    visible = f"CUDA_VISIBLE_DEVICES={gpus.visible}: " if gpus.visible else ""
+    logging.info("%s GPUs: %s%s", socket.gethostname(), visible, gpus.reason)
+    job = devices.initialize_distributed(config.devices, gpus)
+    if job:
+        logging.info("%s jax.distributed: %s", socket.gethostname(), job)
+
+    import jax
+
+    devices.check_local_devices(config.devices, jax.local_devices())
+    from minids_jax import trainer
+
     trainer.run(config, _WORKDIR.value)
 
 

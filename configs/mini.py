@@ -48,9 +48,16 @@ def get_config() -> ml_collections.ConfigDict:
         wandb_project="minids_jax",  # W&B project name
     ))
     config.data = ml_collections.ConfigDict(dict(
-        source="random",  # random | builtin
-        max_bytes=0,  # builtin: cap on corpus bytes, 0 = all
-        val_fraction=0.02,  # builtin: held-out tail of the corpus
+        source="random",  # random | builtin | text | jsonl | json | tokens
+        path="",  # text: file, dir or glob; jsonl/json: instruction file; tokens: .bin or dir
+        tokenizer="byte",  # byte | bpe (trained on the corpus with model.vocab_size tokens)
+        val_fraction=0.02,  # held-out tail of the corpus, or share of instruction examples
+        max_bytes=0,  # builtin/text: cap on corpus bytes, 0 = all
+        pack=False,  # jsonl/json: several examples per row instead of one padded
+        overlong="truncate",  # jsonl/json examples over max_seq_len+1 tokens: truncate | drop
+        token_dtype="auto",  # tokens: uint16 | uint32 | auto (from meta.json, else uint16)
+        bpe_train_bytes=0,  # bpe: characters of the corpus to train on, 0 = all
+        cache_dir="~/.cache/minids_jax",  # tokenized corpora and tokenizers; "" = no cache
     ))
     config.mesh = ml_collections.ConfigDict(dict(
         data=-1,  # data parallel; -1 = the devices left over
@@ -59,7 +66,19 @@ def get_config() -> ml_collections.ConfigDict:
         expert=1,  # experts split
         axis_rules=config_lib.DEFAULT_AXIS_RULES,  # logical axis -> mesh axes
     ))
+    config.devices = ml_collections.ConfigDict(dict(
+        num_gpus=0,  # the N GPUs with most free memory; 0 = all visible (the seed used 2)
+        distributed="auto",  # jax.distributed: auto (from SLURM/MPI/K8s env) | on | off
+        coordinator_address="",  # "host:port" of process 0; "" = from the environment
+        num_processes=0,  # 0 = from the environment
+        process_id=-1,  # -1 = from the environment
+        init_timeout_s=300,  # seconds the processes wait for each other at start-up
+    ))
     config.checkpoint = ml_collections.ConfigDict(dict(
-        every=0,  # save every N steps; 0 = only at the end
+        every=100,  # save every N steps and at the end; 0 = only at the end
+        max_to_keep=3,  # older checkpoints are deleted
+        async_save=True,  # write in the background; the loop does not wait on disk
+        init_from="",  # workdir or step dir: start from its parameters with a fresh optimizer
+        fallback=False,  # if the latest checkpoint is unreadable, resume from the previous one
     ))
     return config

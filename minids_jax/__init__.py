@@ -1,6 +1,24 @@
 """minids_jax: Mini DeepSeek-V3 in JAX/Flax NNX."""
 
-from minids_jax.config import Config, ConfigError, ModelConfig
-from minids_jax.model import MiniDeepSeek
+import importlib
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "MiniDeepSeek"]
+from minids_jax.config import Config, ConfigError, ModelConfig
+
+# Names that need jax resolve on first use, so `import minids_jax.config` (the config files do
+# it) does not import jax before train.py has chosen the GPUs.
+_LAZY = {
+    "MiniDeepSeek": "minids_jax.model",
+    "CheckpointError": "minids_jax.checkpoint",
+    "load": "minids_jax.checkpoint",
+    "load_params": "minids_jax.checkpoint",
+    "read_config": "minids_jax.checkpoint",
+}
+
+__all__ = ["CheckpointError", "Config", "ConfigError", "ModelConfig", "MiniDeepSeek", "load",
+           "load_params", "read_config"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'minids_jax' has no attribute {name!r}")

@@ -137,18 +137,49 @@ class TrainConfig:
                f"{self.wandb!r}.")
 
 
+DATA_SOURCES = ("random", "builtin", "text", "jsonl", "json", "tokens")
+TOKENIZERS = ("byte", "bpe")
+_SOURCES_WITH_PATH = ("text", "jsonl", "json", "tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "random"  # random | builtin
-    max_bytes: int = 0  # builtin: read at most this many bytes of the corpus (0: all)
-    val_fraction: float = 0.02  # builtin: the held-out tail of the corpus
+    source: str = "random"  # random | builtin | text | jsonl | json | tokens
+    path: str = ""  # text: file, dir or glob; jsonl/json: instruction file; tokens: .bin or dir
+    tokenizer: str = "byte"  # byte | bpe (trained on the corpus, model.vocab_size tokens)
+    val_fraction: float = 0.02  # held-out tail of a text/.bin corpus, or share of examples
+    max_bytes: int = 0  # builtin/text: read at most this many bytes of the corpus (0: all)
+    pack: bool = False  # jsonl/json: pack several examples per row instead of one padded
+    overlong: str = "truncate"  # jsonl/json examples over max_seq_len+1 tokens: truncate | drop
+    token_dtype: str = "auto"  # tokens: uint16 | uint32 | auto (meta.json, else uint16)
+    bpe_train_bytes: int = 0  # bpe: train on at most this many characters of the corpus (0: all)
+    cache_dir: str = "~/.cache/minids_jax"  # tokenized corpora, trained tokenizers; "" disables
 
     def __post_init__(self):
-        _check(self.source in ("random", "builtin"),
-               f"data.source={self.source!r} is unknown; choose 'random' or 'builtin'.")
+        _check(self.source in DATA_SOURCES,
+               f"data.source={self.source!r} is unknown; choose from {DATA_SOURCES}.")
+        _check(self.tokenizer in TOKENIZERS,
+               f"data.tokenizer={self.tokenizer!r} is unknown; choose from {TOKENIZERS}.")
+        if self.source in _SOURCES_WITH_PATH:
+            _check(bool(self.path), f"data.source={self.source!r} reads data.path, which is empty; "
+                                    f"set --config.data.path=... to your data.")
+        else:
+            _check(not self.path, f"data.path={self.path!r} is set but data.source={self.source!r} "
+                                  f"does not read it; set data.source to 'text', 'jsonl', 'json' "
+                                  f"or 'tokens', or clear data.path.")
+        _check(not (self.source == "random" and self.tokenizer == "bpe"),
+               "data.tokenizer='bpe' is trained on the corpus, and data.source='random' has none; "
+               "use data.tokenizer='byte' or a text source.")
         _check(0 < self.val_fraction < 0.5,
                f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}.")
-        _check(self.max_bytes >= 0, f"data.max_bytes must be >= 0, got {self.max_bytes}.")
+        _check(self.overlong in ("truncate", "drop"),
+               f"data.overlong={self.overlong!r} is unknown; choose 'truncate' or 'drop'.")
+        _check(self.token_dtype in ("auto", "uint16", "uint32"),
+               f"data.token_dtype={self.token_dtype!r} is unknown; choose 'auto', 'uint16' or "
+               f"'uint32'.")
+        for name in ("max_bytes", "bpe_train_bytes"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                   f"data.{name} must be an integer >= 0, got {getattr(self, name)!r}.")
 
 
 # Logical parameter/activation axis -> mesh axes. Data parallel, FSDP, tensor and expert
@@ -188,9 +219,65 @@ class MeshConfig:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
 
 
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicesConfig:
+    # GPUs this process drives: the N with the most free memory (pynvml); 0 = every visible
+    # device. An explicit CUDA_VISIBLE_DEVICES in the environment wins over this choice.
+    num_gpus: int = 0
+    # jax.distributed start-up. auto: when the environment describes a multi-process job
+    # (SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS) or coordinator_address is set;
+    # on: always (JAX auto-detects the cluster); off: never (single process).
+    distributed: str = "auto"
+    coordinator_address: str = ""  # "host:port" of process 0; "" = from the environment
+    num_processes: int = 0  # 0 = from the environment
+    process_id: int = -1  # -1 = from the environment
+    init_timeout_s: int = 300  # how long processes wait for each other at start-up
+
+    def __post_init__(self):
+        _check(isinstance(self.num_gpus, int) and self.num_gpus >= 0,
+               f"devices.num_gpus must be an integer >= 0 (0 = every visible device), "
+               f"got {self.num_gpus!r}.")
+        _check(self.distributed in DISTRIBUTED_MODES,
+               f"devices.distributed={self.distributed!r} is unknown; choose from "
+               f"{DISTRIBUTED_MODES}.")
+        _check(not self.coordinator_address or ":" in self.coordinator_address,
+               f"devices.coordinator_address={self.coordinator_address!r} needs a port, "
+               f"e.g. '10.0.0.1:1234'.")
+        _check(self.num_processes >= 0,
+               f"devices.num_processes must be >= 0 (0 = from the environment), "
+               f"got {self.num_processes}.")
+        _check(self.process_id >= -1,
+               f"devices.process_id must be >= 0, or -1 for the environment's, "
+               f"got {self.process_id}.")
+        if self.num_processes and self.process_id >= 0:
+            _check(self.process_id < self.num_processes,
+                   f"devices.process_id={self.process_id} must be < devices.num_processes="
+                   f"{self.num_processes}.")
+        _check(self.init_timeout_s > 0,
+               f"devices.init_timeout_s must be > 0, got {self.init_timeout_s}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0  # 0: no periodic checkpoints
+    every: int = 100  # save every N steps (and always at the end); 0: only at the end
+    max_to_keep: int = 3  # older checkpoints are deleted
+    async_save: bool = True  # write files in the background while training continues
+    init_from: str = ""  # a workdir or step directory: start from its parameters, fresh optimizer
+    fallback: bool = False  # resume from the previous checkpoint if the latest is unreadable
+
+    def __post_init__(self):
+        _check(isinstance(self.every, int) and self.every >= 0,
+               f"checkpoint.every must be an integer >= 0 (0 saves only at the end), "
+               f"got {self.every!r}.")
+        _check(isinstance(self.max_to_keep, int) and self.max_to_keep >= 1,
+               f"checkpoint.max_to_keep must be an integer >= 1, got {self.max_to_keep!r}; "
+               f"resuming needs at least the latest checkpoint.")
+        _check(isinstance(self.init_from, str),
+               f"checkpoint.init_from must be a path string ('' for none), got "
+               f"{self.init_from!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +288,15 @@ class Config:
     data: DataConfig
     mesh: MeshConfig
     checkpoint: CheckpointConfig
+    devices: DevicesConfig = DevicesConfig()
+
+    def __post_init__(self):
+        # Tokenizers need their 256 byte symbols plus PAD, BOS and EOS (see tokenization.py).
+        min_vocab = 259
+        _check(self.data.source == "random" or self.model.vocab_size >= min_vocab,
+               f"model.vocab_size={self.model.vocab_size} is smaller than the {min_vocab} tokens "
+               f"the {self.data.tokenizer} tokenizer needs (256 bytes + PAD, BOS, EOS); set "
+               f"model.vocab_size >= {min_vocab}.")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -213,6 +309,7 @@ _GROUPS = {
     "data": DataConfig,
     "mesh": MeshConfig,
     "checkpoint": CheckpointConfig,
+    "devices": DevicesConfig,
 }
 
 

@@ -1,105 +1,64 @@
-"""Token sources, the byte-level tokenizer, and the deterministic batch sampler.
+"""The data of a run: its tokenizer and its token source, built from the `data` config.
 
-A batch is a dict of int32/float32 numpy arrays, each [B, L]:
-  inputs   tokens 0..L-1 of each window
-  targets  tokens 1..L (the next token at every position)
-  weights  1.0 where the target counts toward the loss
-The batch of step s is a pure function of (seed, s, split), so a resumed run sees exactly the
-batches it would have seen, and each process can build only its own rows.
+    source = make_source(config, workdir)          # batches: see sources.py
+    tokenizer = load_tokenizer(config, workdir)    # encode(str) -> int32 array, decode(tokens)
+
+Text is tokenized once and cached under data.cache_dir, keyed by the corpus content and the
+tokenizer. A BPE tokenizer is trained on the corpus the first time (also cached) and saved as
+<workdir>/tokenizer.json, which resumed runs, evaluation and generation then load.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
-import sysconfig
-from typing import Protocol
 
 import numpy as np
+from absl import logging
 
-from minids_jax.config import Config, ConfigError
+from minids_jax.config import Config, ConfigError, DataConfig
+from minids_jax.corpus import (  # noqa: F401 (re-exported)
+    DataError, TextCorpus, builtin_corpus_files, cache_entry, cached, read_text_corpus, text_files)
+from minids_jax.instructions import (  # noqa: F401 (re-exported)
+    Example, fit_examples, format_prompt, held_out, read_instructions, tokenize_examples)
+from minids_jax.sources import (  # noqa: F401 (re-exported)
+    InstructionSource, RandomSource, TokenizedExamples, TokenSource, WindowSource, _as_batch)
+from minids_jax.tokenization import (  # noqa: F401 (re-exported)
+    BPE_MIN_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, token_dtype)
 
-
-class ByteTokenizer:
-    """UTF-8 bytes are tokens 0..255; specials follow."""
-
-    PAD, BOS, EOS = 256, 257, 258
-    vocab_size = 259
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
-
-    def decode(self, tokens) -> str:
-        return bytes(int(t) for t in tokens if int(t) < 256).decode("utf-8", errors="replace")
-
-
-class TokenSource(Protocol):
-    def batch(self, step: int, batch_size: int, rows: slice, split: str) -> dict[str, np.ndarray]:
-        ...
+Tokenizer = ByteTokenizer | BpeTokenizer
+META_FILE = "meta.json"  # beside token .bin files: dtype, tokenizer, counts (see prepare.py)
+INSTRUCTION_SOURCES = ("jsonl", "json")
+_ENCODE_BATCH_CHARS = 8 << 20  # encode this much text per call: bounds the tokenizer's memory
 
 
-def _rng(seed: int, step: int, split: str) -> np.random.Generator:
-    return np.random.default_rng([seed, step, {"train": 0, "val": 1}[split]])
+# ----------------------------------------------------------------------------- text corpora
 
 
-def _as_batch(windows_BxL1: np.ndarray) -> dict[str, np.ndarray]:
-    windows_BxL1 = windows_BxL1.astype(np.int32)
-    return {
-        "inputs": windows_BxL1[:, :-1],
-        "targets": windows_BxL1[:, 1:],
-        "weights": np.ones(windows_BxL1[:, 1:].shape, np.float32),
-    }
+def read_corpus(data: DataConfig) -> TextCorpus:
+    if data.source == "builtin":
+        # The standard library's tests hold a few deliberately non-UTF-8 files.
+        return read_text_corpus(builtin_corpus_files(), "the builtin corpus", data.max_bytes,
+                                expect_skips=True)
+    return read_text_corpus(text_files(data.path), f"data.path={data.path!r}", data.max_bytes)
 
 
-class RandomSource:
-    """The seed's data: uniform random tokens. Nothing to learn; loss stays near ln(vocab)."""
+def corpus_tokens(corpus: TextCorpus, tokenizer: Tokenizer, cache_dir: str) -> np.ndarray:
+    """The corpus as one token stream, each document followed by EOS; cached."""
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int):
-        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+    def build():
+        pieces, batch, chars = [], [], 0
+        for i, document in enumerate(corpus.documents):
+            batch.append(document)
+            chars += len(document)
+            if chars >= _ENCODE_BATCH_CHARS or i == len(corpus.documents) - 1:
+                for tokens in tokenizer.encode_batch(batch):
+                    pieces += [tokens, np.array([tokenizer.EOS])]
+                batch, chars = [], 0
+        return {"tokens": np.concatenate(pieces).astype(token_dtype(tokenizer.vocab_size))}
 
-    def batch(self, step, batch_size, rows=slice(None), split="train"):
-        windows = _rng(self.seed, step, split).integers(
-            0, self.vocab_size, (batch_size, self.seq_len + 1), dtype=np.int32)
-        return _as_batch(windows[rows])
-
-
-class WindowSource:
-    """Random windows of L+1 tokens out of one long token array per split."""
-
-    def __init__(self, splits: dict[str, np.ndarray], seq_len: int, seed: int, name: str):
-        for split, tokens in splits.items():
-            if len(tokens) < seq_len + 2:
-                raise ConfigError(
-                    f"the {split} split of {name} has {len(tokens)} tokens, fewer than one "
-                    f"sequence of model.max_seq_len+1={seq_len + 1}; use more data or lower "
-                    f"model.max_seq_len.")
-        self.splits, self.seq_len, self.seed = splits, seq_len, seed
-
-    def batch(self, step, batch_size, rows=slice(None), split="train"):
-        tokens = self.splits[split]
-        starts = _rng(self.seed, step, split).integers(
-            0, len(tokens) - self.seq_len - 1, batch_size)[rows]
-        windows = np.stack([tokens[s:s + self.seq_len + 1] for s in starts])
-        return _as_batch(windows)
-
-
-def builtin_corpus_files() -> list[pathlib.Path]:
-    """The running interpreter's standard-library sources, in a fixed (sorted) order."""
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in stdlib.rglob("*.py")
-                  if "site-packages" not in p.parts and "dist-packages" not in p.parts)
-
-
-def builtin_tokens(max_bytes: int = 0) -> np.ndarray:
-    """Byte tokens of the standard library, each file followed by EOS."""
-    tokenizer, pieces, total = ByteTokenizer(), [], 0
-    for path in builtin_corpus_files():
-        data = np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16)
-        pieces += [data, np.array([tokenizer.EOS], np.uint16)]
-        total += len(data) + 1
-        if max_bytes and total >= max_bytes:
-            break
-    tokens = np.concatenate(pieces)
-    return tokens[:max_bytes] if max_bytes else tokens
+    key = {"corpus": corpus.digest, "tokenizer": tokenizer.fingerprint}
+    return cached(cache_dir, "tokens", key, build)["tokens"]
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> dict[str, np.ndarray]:
@@ -108,19 +67,169 @@ def split_tokens(tokens: np.ndarray, val_fraction: float) -> dict[str, np.ndarra
     return {"train": tokens[:boundary], "val": tokens[boundary:]}
 
 
-def make_source(config: Config) -> TokenSource:
-    model, data = config.model, config.data
-    if data.source == "random":
-        return RandomSource(model.vocab_size, model.max_seq_len, config.train.seed)
-    if model.vocab_size < ByteTokenizer.vocab_size:
+# ------------------------------------------------------------------------ token .bin files
+
+
+def _tokens_meta(path: pathlib.Path) -> dict:
+    meta_file = (path if path.is_dir() else path.parent) / META_FILE
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
+def _check_token_file(file: pathlib.Path, dtype: np.dtype, vocab_size: int, meta: dict):
+    size = file.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(
+            f"{file} is {size} bytes, not a multiple of {dtype.itemsize} ({dtype.name}): it is "
+            f"truncated or holds another dtype; set data.token_dtype to the dtype it was written "
+            f"with, or write it again with `python -m minids_jax.prepare`.")
+    if size == 0:
+        raise DataError(f"the corpus {file} is empty (0 tokens); write it again with "
+                        f"`python -m minids_jax.prepare` or point data.path at another file.")
+    tokens = np.memmap(file, dtype=dtype, mode="r")
+    recorded = meta.get("max_token", {}).get(file.name)
+    if recorded is not None and meta.get("num_tokens", {}).get(file.name) == len(tokens):
+        top = recorded
+    else:  # no trustworthy record: scan in chunks, never the whole file in memory
+        top = max(int(tokens[i:i + (1 << 26)].max()) for i in range(0, len(tokens), 1 << 26))
+    if top >= vocab_size:
+        raise DataError(
+            f"{file} holds token id {top}, but model.vocab_size={vocab_size} allows ids up to "
+            f"{vocab_size - 1}; set model.vocab_size >= {top + 1}, or check data.token_dtype "
+            f"({dtype.name}) matches how the file was written.")
+    return tokens
+
+
+def token_file_splits(data: DataConfig, vocab_size: int) -> dict[str, np.ndarray]:
+    """Memory-maps `train.bin`/`val.bin` of a directory, or splits the tail off one .bin file."""
+    path = pathlib.Path(data.path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.path={data.path!r} does not exist; point it at a .bin token file or "
+                        f"a directory written by `python -m minids_jax.prepare`.")
+    meta = _tokens_meta(path)
+    auto = data.token_dtype == "auto"
+    dtype = np.dtype(meta.get("dtype", "uint16") if auto else data.token_dtype)
+    if path.is_dir():
+        missing = [name for name in ("train.bin", "val.bin") if not (path / name).is_file()]
+        if missing:
+            raise DataError(
+                f"{path} has no {' or '.join(missing)}; write them with `python -m "
+                f"minids_jax.prepare --out {path}`, or point data.path at one .bin file.")
+        return {split: _check_token_file(path / f"{split}.bin", dtype, vocab_size, meta)
+                for split in ("train", "val")}
+    return split_tokens(_check_token_file(path, dtype, vocab_size, meta), data.val_fraction)
+
+
+# ------------------------------------------------------------------------------- tokenizer
+
+
+def _training_texts(config: Config):
+    data = config.data
+    if data.source in INSTRUCTION_SOURCES:
+        examples, digest = read_instructions(data.path, data.source)
+        return [e.prompt + e.output for e in examples], digest
+    corpus = read_corpus(data)
+    return corpus.documents, corpus.digest
+
+
+def _train_bpe(config: Config, texts: list[str], digest: str) -> BpeTokenizer:
+    data, vocab_size = config.data, config.model.vocab_size
+    if data.bpe_train_bytes:
+        kept, total = [], 0
+        for text in texts:
+            if total >= data.bpe_train_bytes:
+                break
+            kept.append(text[:data.bpe_train_bytes - total])
+            total += len(kept[-1])
+        texts = kept
+
+    key = {"corpus": digest, "vocab_size": vocab_size, "bpe_train_bytes": data.bpe_train_bytes}
+    entry = cache_entry(data.cache_dir, "bpe", key)
+    if entry is not None and (entry / TOKENIZER_FILE).is_file():
+        return BpeTokenizer.load(entry / TOKENIZER_FILE)
+    logging.info("training a BPE tokenizer of %d tokens on %.1f MB of text", vocab_size,
+                 sum(map(len, texts)) / 1e6)
+    tokenizer = BpeTokenizer.train(texts, vocab_size)
+    if entry is not None:
+        try:
+            tokenizer.save(entry / TOKENIZER_FILE)
+        except OSError as error:  # only speed is lost
+            logging.warning("could not cache the tokenizer in %s (%s)", entry, error)
+    return tokenizer
+
+
+def load_tokenizer(config: Config, workdir: str | None = None, _corpus=None) -> Tokenizer:
+    """The run's tokenizer: bytes, or BPE (from the workdir, else trained and saved there).
+
+    `_corpus` is (texts, digest) of the corpus when the caller has already read it.
+    """
+    data = config.data
+    if data.source == "tokens":
+        meta = _tokens_meta(pathlib.Path(data.path).expanduser())
+        made_with = meta.get("tokenizer", data.tokenizer)
+        if made_with != data.tokenizer:
+            raise ConfigError(
+                f"data.tokenizer={data.tokenizer!r}, but the tokens at data.path={data.path!r} "
+                f"were made with the {made_with!r} tokenizer (see its {META_FILE}); set "
+                f"data.tokenizer={made_with!r}.")
+    saved = pathlib.Path(workdir) / TOKENIZER_FILE if workdir else None
+    if data.tokenizer == "byte":
+        if saved is not None and saved.is_file():
+            raise ConfigError(
+                f"data.tokenizer='byte', but {saved} holds the BPE tokenizer this run was "
+                f"trained with; set data.tokenizer='bpe', or use a fresh workdir.")
+        return ByteTokenizer()
+    if saved is not None and saved.is_file():
+        tokenizer = BpeTokenizer.load(saved)
+    elif data.source == "tokens":
+        path = pathlib.Path(data.path).expanduser()
+        beside = (path if path.is_dir() else path.parent) / TOKENIZER_FILE
+        if not beside.is_file():
+            raise DataError(f"data.tokenizer='bpe' with data.source='tokens' needs the tokenizer "
+                            f"the tokens were made with, but {beside} does not exist; copy the "
+                            f"{TOKENIZER_FILE} written by `python -m minids_jax.prepare` there.")
+        tokenizer = BpeTokenizer.load(beside)
+    else:
+        tokenizer = _train_bpe(config, *(_corpus or _training_texts(config)))
+    if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
-            f"model.vocab_size={model.vocab_size} is smaller than the byte tokenizer's "
-            f"{ByteTokenizer.vocab_size} tokens; set model.vocab_size >= {ByteTokenizer.vocab_size}.")
-    splits = split_tokens(builtin_tokens(data.max_bytes), data.val_fraction)
-    return WindowSource(splits, model.max_seq_len, config.train.seed, "the builtin corpus")
+            f"the BPE tokenizer {saved or ''} has {tokenizer.vocab_size} tokens but "
+            f"model.vocab_size={config.model.vocab_size}; set model.vocab_size >= "
+            f"{tokenizer.vocab_size} (or use a fresh workdir to train a smaller tokenizer).")
+    if saved is not None and not saved.is_file():
+        tokenizer.save(saved)
+    return tokenizer
 
 
-def load_tokenizer(config: Config, workdir: str | None = None) -> ByteTokenizer:
-    """The tokenizer of a run (the byte-level one; other kinds are saved in the workdir)."""
-    del config, workdir
-    return ByteTokenizer()
+# ---------------------------------------------------------------------------------- source
+
+
+def make_source(config: Config, workdir: str | None = None) -> TokenSource:
+    """The token source of config.data, with the run's tokenizer (saved into `workdir`)."""
+    model, data, seed = config.model, config.data, config.train.seed
+    if data.source == "random":
+        return RandomSource(model.vocab_size, model.max_seq_len, seed)
+    if data.source == "tokens":
+        splits = token_file_splits(data, model.vocab_size)
+        load_tokenizer(config, workdir)
+        return WindowSource(splits, model.max_seq_len, seed, f"data.path={data.path!r}")
+    if data.source in INSTRUCTION_SOURCES:
+        examples, digest = read_instructions(data.path, data.source)
+        texts = [e.prompt + e.output for e in examples]
+        tokenizer = load_tokenizer(config, workdir, (texts, digest))
+        tokenized = tokenize_examples(examples, digest, tokenizer, data.cache_dir)
+        is_val = held_out(examples, data.val_fraction, data.path)
+        splits = {split: fit_examples(tokenized, chosen, examples, model.max_seq_len,
+                                      data.overlong, split)
+                  for split, chosen in (("train", ~is_val), ("val", is_val))}
+        source = InstructionSource(splits, model.max_seq_len, seed, tokenizer.PAD, data.pack)
+        logging.info("%s: %d train / %d val examples in %d / %d rows (%.0f%% tokens, rest padding)",
+                     data.path, len(splits["train"]), len(splits["val"]),
+                     len(source.rows["train"]), len(source.rows["val"]), 100 * source.fill("train"))
+        return source
+    corpus = read_corpus(data)
+    tokenizer = load_tokenizer(config, workdir, (corpus.documents, corpus.digest))
+    tokens = corpus_tokens(corpus, tokenizer, data.cache_dir)
+    logging.info("%s: %d tokens (%s tokenizer, %.2f bytes/token)", corpus.name, len(tokens),
+                 tokenizer.kind, sum(len(d.encode()) for d in corpus.documents) / len(tokens))
+    return WindowSource(split_tokens(tokens, data.val_fraction), model.max_seq_len, seed,
+                        corpus.name)

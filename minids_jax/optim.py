@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from minids_jax.config import OptimConfig
@@ -20,9 +21,12 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
     decay = optax.linear_schedule(cfg.lr * (1 - cfg.warmup_steps / cfg.total_steps), 0.0,
                                   cfg.total_steps - cfg.warmup_steps)
     if cfg.warmup_steps == 0:
-        return lambda count: decay(count + 1)
-    warmup = optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps - 1)
-    return optax.join_schedules([warmup, decay], boundaries=[cfg.warmup_steps - 1])
+        joined = lambda count: decay(count + 1)
+    else:
+        warmup = optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps - 1)
+        joined = optax.join_schedules([warmup, decay], boundaries=[cfg.warmup_steps - 1])
+    # float32 interpolation can land a hair below zero at the last step
+    return lambda count: jnp.maximum(joined(count), 0.0)
 
 
 def decay_mask(params):

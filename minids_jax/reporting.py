@@ -51,8 +51,10 @@ def format_train_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     if metrics.get("dropped_fraction", 0) > 0:
         line += f" | dropped {metrics['dropped_fraction']:.3f}"
     if "tokens_per_sec" in metrics:
-        line += (f" | tok/s {metrics['tokens_per_sec']:,.0f} | "
-                 f"{metrics['step_time'] * 1e3:.1f} ms/step")
+        line += f" | tok/s {metrics['tokens_per_sec']:,.0f}"
+        if "tokens_per_sec_per_device" in metrics:
+            line += f" ({metrics['tokens_per_sec_per_device']:,.0f}/device)"
+        line += f" | {metrics['step_time'] * 1e3:.1f} ms/step"
     if "mfu" in metrics:
         line += f" | mfu {metrics['mfu']:.1%}"
     return line
@@ -173,8 +175,11 @@ class Reporter:
             self.metrics_file.close()
             if plot:
                 from minids_jax import plot as plot_lib
-                path = plot_lib.plot_losses(self.workdir)
-                self.message(f"loss plot: {path}")
+                try:
+                    path = plot_lib.plot_losses(self.workdir)
+                    self.message(f"loss plot: {path}")
+                except ValueError:  # nothing logged yet (stopped early): no plot to draw
+                    pass
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:

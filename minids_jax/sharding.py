@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -10,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from minids_jax.config import ConfigError, MeshConfig
+from minids_jax.config import Config, ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -45,6 +46,78 @@ def batch_spec(rules) -> PartitionSpec:
     return PartitionSpec(dict(rules).get("batch"))
 
 
+def mesh_axes_of(rules, logical: str) -> tuple[str, ...]:
+    """The mesh axes a logical axis name maps to (empty when it is replicated)."""
+    axes = dict(rules).get(logical)
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def ways(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _describe(mesh, axes) -> str:
+    return " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes) or "no mesh axis"
+
+
+def check_layout(config: Config, mesh: jax.sharding.Mesh) -> None:
+    """Fails early, with the fix, on a batch, head or expert count the mesh cannot split."""
+    rules = config.mesh.axis_rules
+    unknown = sorted({a for name, _ in rules for a in mesh_axes_of(rules, name)} - set(MESH_AXES))
+    if unknown:
+        raise ConfigError(f"mesh.axis_rules name unknown mesh axes {unknown}; use {MESH_AXES}.")
+    checks = (
+        ("batch", config.train.batch_size, "train.batch_size", "sequences"),
+        ("heads", config.model.n_heads, "model.n_heads", "attention heads"),
+        ("expert", config.model.n_experts, "model.n_experts", "experts"),
+    )
+    for logical, count, field, what in checks:
+        axes = mesh_axes_of(rules, logical)
+        n = ways(mesh, axes)
+        if count % n:
+            raise ConfigError(
+                f"{field}={count} is not divisible by {n}: the {what} are split over "
+                f"{_describe(mesh, axes)} (logical axis {logical!r}); make {field} a multiple "
+                f"of {n} or change those mesh sizes.")
+
+
+def check_divisible(abstract_state, shardings) -> None:
+    """Every parameter dimension must split evenly over the mesh axes its rule gives it."""
+    problems = []
+    flat_shapes = jax.tree_util.tree_leaves_with_path(abstract_state)
+    flat_shardings = jax.tree.leaves(shardings)
+    for (path, leaf), leaf_sharding in zip(flat_shapes, flat_shardings):
+        mesh = leaf_sharding.mesh
+        for dim, (size, axes) in enumerate(zip(leaf.shape, leaf_sharding.spec)):
+            axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+            if size % ways(mesh, axes):
+                name = jax.tree_util.keystr(path).replace(".value", "")
+                problems.append(f"{name} dimension {dim} (size {size}) over "
+                                f"{_describe(mesh, axes)}")
+    if problems:
+        raise ConfigError(
+            "these arrays cannot be split evenly over the mesh: " + "; ".join(problems[:5])
+            + ". Change the model sizes to multiples of those mesh sizes, the mesh sizes, or "
+              "map the logical axis to None in mesh.axis_rules.")
+
+
+def under_mesh(mesh: jax.sharding.Mesh, rules):
+    """Decorator: traces the function with `mesh` and the logical rules in context, so layers
+    can place work by mesh axis (the MoE keeps each device's tokens local)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
+
+
 def create_sharded(init_fn: Callable[[], nnx.Module], mesh, rules):
     """Builds `init_fn()`'s state directly in its sharded layout (never whole on one device).
 
@@ -53,6 +126,7 @@ def create_sharded(init_fn: Callable[[], nnx.Module], mesh, rules):
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), nnx.use_eager_sharding(False):
         graphdef, abstract_state = nnx.split(nnx.eval_shape(init_fn))
         shardings = nnx.get_named_sharding(abstract_state, mesh)
+        check_divisible(abstract_state, shardings)
         state = jax.jit(lambda: nnx.split(init_fn())[1], out_shardings=shardings)()
     return graphdef, state, shardings
 

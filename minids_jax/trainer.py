@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from minids_jax import checkpoint
 from minids_jax import data as data_lib
 from minids_jax import flops, optim, reporting, sharding
 from minids_jax.config import Config
@@ -63,6 +64,7 @@ def create_train_state(config: Config, mesh) -> TrainState:
 def make_train_step(train_state: TrainState, config: Config, batch_sharding):
     graphdef, lr_schedule = train_state.graphdef, optim.schedule(config.optim)
 
+    @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
     def train_step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
         lr = lr_schedule(optimizer.step[...])
@@ -71,7 +73,7 @@ def make_train_step(train_state: TrainState, config: Config, batch_sharding):
         optimizer.update(model, grads)
         metrics = {
             "loss": ce, "total_loss": loss, "aux_loss": aux["aux_loss"], "lr": lr,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "expert_load": aux["expert_load_NxE"], "dropped_fraction": aux["dropped_fraction"],
         }
         # Return the state of everything mutated: model AND optimizer.
@@ -81,9 +83,10 @@ def make_train_step(train_state: TrainState, config: Config, batch_sharding):
                    out_shardings=(train_state.shardings, None), donate_argnums=0)
 
 
-def make_eval_step(train_state: TrainState, batch_sharding):
+def make_eval_step(train_state: TrainState, batch_sharding, axis_rules=None):
     graphdef = train_state.graphdef
 
+    @sharding.under_mesh(batch_sharding.mesh, axis_rules or ())
     def eval_step(state, batch):
         model, _ = nnx.merge(graphdef, state)
         logits_BxLxV, _ = model(batch["inputs"])
@@ -97,17 +100,21 @@ class Trainer:
 
     def __init__(self, config: Config, workdir: str | None = None, devices=None):
         self.config, self.workdir = config, workdir
+        self.stopped_by: int | None = None  # the signal that stopped training early, if any
         self.mesh = sharding.make_mesh(config.mesh, devices)
+        sharding.check_layout(config, self.mesh)
         batch_size = config.train.batch_size
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, sharding.batch_spec(config.mesh.axis_rules))
         self.rows = sharding.process_rows(self.batch_sharding, batch_size)
-        self.source = data_lib.make_source(config)
+        self.source = data_lib.make_source(config, workdir)
         self.train_state = create_train_state(config, self.mesh)
         self.train_step = make_train_step(self.train_state, config, self.batch_sharding)
-        self.eval_step = make_eval_step(self.train_state, self.batch_sharding)
+        self.eval_step = make_eval_step(self.train_state, self.batch_sharding,
+                                        config.mesh.axis_rules)
         self.is_main = jax.process_index() == 0
         self.reporter: reporting.Reporter | None = None  # made by train()
+        self.checkpointer = checkpoint.Checkpointer(config, workdir, log=self.log)
 
     def log(self, message: str) -> None:
         if self.reporter is not None:  # keeps lines above the progress bar
@@ -129,14 +136,23 @@ class Trainer:
         return float(np.mean(jax.device_get(losses)))
 
     def train(self) -> list[dict[str, Any]]:
-        """Runs to optim.total_steps; returns the logged metrics."""
+        """Runs to optim.total_steps, resuming from the workdir's latest checkpoint; returns the
+        logged metrics. On SIGTERM/SIGINT it saves and returns early (`self.stopped_by`)."""
+        with self.checkpointer.guard():  # pending saves finish even if the loop raises
+            self.checkpointer.restore_or_initialize(self.train_state)
+            self.reporter = self.make_reporter()  # after the restore: the bar starts there
+            try:
+                return self._train_loop()
+            finally:
+                self.reporter.close()
+
+    def _train_loop(self) -> list[dict[str, Any]]:
         cfg = self.config
         total, log_every = cfg.optim.total_steps, cfg.train.log_every
         tokens_per_step = cfg.train.batch_size * cfg.model.max_seq_len
         model, _ = self.train_state.merge()
-        self.reporter = self.make_reporter()
         self.log(f"model: {count_params(model):,} parameters | devices: {self.mesh.devices.size} "
-                 f"| mesh: {dict(self.mesh.shape)}")
+                 f"in {jax.process_count()} process(es) | mesh: {dict(self.mesh.shape)}")
         history: list[dict[str, Any]] = []
         window_start, window_steps = None, 0
         for step in range(self.step, total):
@@ -152,13 +168,18 @@ class Trainer:
                 if window_steps:
                     elapsed = time.perf_counter() - window_start
                     metrics["tokens_per_sec"] = window_steps * tokens_per_step / elapsed
+                    metrics["tokens_per_sec_per_device"] = (metrics["tokens_per_sec"]
+                                                            / self.mesh.devices.size)
                     metrics["step_time"] = elapsed / window_steps
                     window_start, window_steps = time.perf_counter(), 0
                 history.append({"step": done, **self.reporter.train(done, metrics)})
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
                 self._log_eval(done, history)
+            if self.checkpointer.after_step(done, self.train_state, metrics):
+                self.stopped_by = self.checkpointer.stop_signal
+                return history
+        self.checkpointer.finish(self.train_state)
         self._log_eval(total, history)
-        self.reporter.close()
         return history
 
     def _log_eval(self, step: int, history: list[dict[str, Any]]) -> None:
@@ -185,4 +206,8 @@ class Trainer:
 
 
 def run(config: Config, workdir: str | None = None) -> list[dict[str, Any]]:
-    return Trainer(config, workdir).train()
+    trainer = Trainer(config, workdir)
+    history = trainer.train()
+    if trainer.stopped_by is not None:  # saved after SIGTERM/SIGINT: exit as the signal would
+        raise SystemExit(128 + trainer.stopped_by)
+    return history

@@ -1,0 +1,182 @@
+"""GPU choice and multi-process start-up, both of which must run before JAX starts a backend.
+
+One JAX process drives every GPU of its host. `select_gpus` picks which ones (the N with the
+most free memory, via NVML) by setting CUDA_VISIBLE_DEVICES; `initialize_distributed` joins
+the hosts of a SLURM, Open MPI or Kubernetes job (or an explicit coordinator) into one JAX job.
+Neither imports jax at module level: train.py calls them before anything touches a backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, MutableMapping
+
+from minids_jax.config import ConfigError, DevicesConfig
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuChoice:
+    """The outcome of `choose_gpus`: what CUDA_VISIBLE_DEVICES should be, and why."""
+
+    visible: str | None  # value for CUDA_VISIBLE_DEVICES; None: leave the environment alone
+    count: int | None  # GPUs this process will see; None: unknown until JAX starts
+    reason: str
+
+
+def nvml_free_memory(nvml: Any = None) -> list[int]:
+    """Free bytes of every GPU, in NVML (PCI bus) order. Raises if NVML is missing or fails."""
+    if nvml is None:
+        import pynvml as nvml  # nvidia-ml-py; imported late so CPU-only installs never need it
+    nvml.nvmlInit()
+    try:
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        return [int(nvml.nvmlDeviceGetMemoryInfo(h).free) for h in handles]
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _listed(visible: str) -> list[str]:
+    return [d.strip() for d in visible.split(",") if d.strip()]
+
+
+def choose_gpus(num_gpus: int, environ: MutableMapping[str, str] = os.environ,
+                nvml: Any = None) -> GpuChoice:
+    """The `num_gpus` GPUs with the most free memory (0: all); the user's own choice wins."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        visible = environ["CUDA_VISIBLE_DEVICES"]
+        listed = _listed(visible)
+        if num_gpus > len(listed):
+            raise ConfigError(
+                f"devices.num_gpus={num_gpus} but CUDA_VISIBLE_DEVICES={visible!r} lists "
+                f"{len(listed)} GPU(s); list more GPUs there, or lower devices.num_gpus "
+                f"(0 = every visible GPU).")
+        return GpuChoice(None, len(listed),
+                         f"CUDA_VISIBLE_DEVICES={visible!r} set in the environment; using it as is")
+    try:
+        free = nvml_free_memory(nvml)
+    except Exception as error:  # ImportError, NVMLError_LibraryNotFound, a driver fault, ...
+        if num_gpus == 0:
+            return GpuChoice(None, None, f"every visible device (NVML unavailable: {error})")
+        chosen = list(range(num_gpus))
+        return GpuChoice(",".join(map(str, chosen)), num_gpus,
+                         f"NVML unavailable ({error}); falling back to GPUs {chosen}")
+    if num_gpus == 0:
+        return GpuChoice(None, len(free), f"every visible GPU ({len(free)})")
+    if num_gpus > len(free):
+        raise ConfigError(
+            f"devices.num_gpus={num_gpus} but this machine has {len(free)} GPU(s); lower "
+            f"devices.num_gpus to at most {len(free)} (0 = every GPU).")
+    # Most free memory first; ties go to the lower index. Listed in index order so device
+    # order (and so the mesh layout) follows the PCI bus.
+    ranked = sorted(range(len(free)), key=lambda i: (-free[i], i))
+    chosen = sorted(ranked[:num_gpus])
+    summary = ", ".join(f"GPU {i}: {free[i] / GiB:.1f} GiB" for i in ranked)
+    return GpuChoice(",".join(map(str, chosen)), num_gpus,
+                     f"the {num_gpus} with the most free memory ({summary})")
+
+
+def select_gpus(cfg: DevicesConfig, environ: MutableMapping[str, str] = os.environ,
+                nvml: Any = None) -> GpuChoice:
+    """Applies `choose_gpus` to the environment. Call before JAX initializes a backend."""
+    choice = choose_gpus(cfg.num_gpus, environ, nvml)
+    if choice.visible is not None:
+        # NVML counts GPUs in PCI bus order but CUDA defaults to fastest-first: make them agree.
+        environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        environ["CUDA_VISIBLE_DEVICES"] = choice.visible
+    return choice
+
+
+def check_local_devices(cfg: DevicesConfig, local_devices: list) -> None:
+    """After JAX starts: fails if fewer devices came up than devices.num_gpus asked for.
+
+    Catches the NVML fallback asking for GPUs that do not exist.
+    """
+    if cfg.num_gpus and len(local_devices) < cfg.num_gpus:
+        kinds = sorted({d.platform for d in local_devices})
+        raise ConfigError(
+            f"devices.num_gpus={cfg.num_gpus} but JAX found only {len(local_devices)} local "
+            f"device(s) ({', '.join(kinds)}); lower devices.num_gpus (0 = every device) or "
+            f"check the CUDA installation.")
+
+
+def _int(environ, name: str, default: int = 0) -> int:
+    try:
+        return int(environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def cluster_in_environment(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Names the multi-process launcher this process runs under, or None for a lone process."""
+    if environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+    if all(name in environ for name in slurm) and _int(environ, "SLURM_NTASKS") > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in environ and _int(environ, "OMPI_COMM_WORLD_SIZE") > 1:
+        return "Open MPI"
+    # Kubernetes Indexed Jobs / JobSets number their pods; a lone pod is no multi-host job.
+    if "KUBERNETES_SERVICE_HOST" in environ and "JOB_COMPLETION_INDEX" in environ:
+        return "Kubernetes"
+    return None
+
+
+def _tasks_per_host(environ) -> int:
+    """Processes the launcher started on this host (1 if it does not say)."""
+    # SLURM_STEP_TASKS_PER_NODE looks like "2(x3),1"; this host's entry is not needed when
+    # every host runs the same number, which is the only layout supported here.
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        return _int({"n": per_node.split("(")[0].split(",")[0]}, "n", 1)
+    return _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", 1)
+
+
+def distributed_arguments(cfg: DevicesConfig, gpus: GpuChoice | None,
+                          environ: MutableMapping[str, str] = os.environ) -> dict | None:
+    """Keyword arguments for `jax.distributed.initialize`, or None when this is one process."""
+    cluster = cluster_in_environment(environ)
+    explicit = bool(cfg.coordinator_address) or cfg.num_processes > 1
+    if cfg.distributed == "off" or (cfg.distributed == "auto" and not (cluster or explicit)):
+        return None
+    kwargs: dict[str, Any] = {"initialization_timeout": cfg.init_timeout_s}
+    if cfg.coordinator_address:
+        kwargs["coordinator_address"] = cfg.coordinator_address
+    if cfg.num_processes:
+        kwargs["num_processes"] = cfg.num_processes
+    if cfg.process_id >= 0:
+        kwargs["process_id"] = cfg.process_id
+    # JAX's SLURM / Open MPI detection gives each process the GPU numbered by its local rank
+    # (one process per GPU). With one process per host, this process drives all its GPUs;
+    # when the launcher already bound one GPU per task, that GPU is number 0 here.
+    if cluster in ("SLURM", "Open MPI") and gpus and gpus.count:
+        if _tasks_per_host(environ) == 1:
+            kwargs["local_device_ids"] = list(range(gpus.count))
+        elif gpus.count == 1:
+            kwargs["local_device_ids"] = [0]
+    return kwargs
+
+
+def initialize_distributed(cfg: DevicesConfig, gpus: GpuChoice | None = None,
+                           environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Starts jax.distributed when the config or environment asks for it.
+
+    Returns a one-line description of the job it joined, or None for a single process.
+    """
+    kwargs = distributed_arguments(cfg, gpus, environ)
+    if kwargs is None:
+        return None
+    import jax  # only now: the GPU choice above has already set CUDA_VISIBLE_DEVICES
+
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(
+            f"jax.distributed.initialize({kwargs}) failed: {error}. Set "
+            f"devices.coordinator_address, devices.num_processes and devices.process_id "
+            f"(or JAX_COORDINATOR_ADDRESS), or devices.distributed='off' for one process."
+        ) from error
+    source = cluster_in_environment(environ) or "explicit coordinator"
+    return f"process {jax.process_index()} of {jax.process_count()} ({source})"

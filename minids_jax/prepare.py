@@ -1,0 +1,82 @@
+"""Tokenize a text corpus once into token files (the nanoGPT layout).
+
+    python -m minids_jax.prepare --config configs/tiny.py --out data/stdlib
+    python -m minids_jax.prepare --config configs/tiny.py --config.data.source=text \\
+        --config.data.path='books/**/*.txt' --config.data.tokenizer=bpe \\
+        --config.model.vocab_size=8192 --out data/books
+
+writes OUT/train.bin and OUT/val.bin (flat uint16 tokens, uint32 past 65536 tokens; each document
+followed by EOS; val is the last data.val_fraction of the stream), OUT/meta.json (dtype,
+tokenizer, special ids, token counts) and, for BPE, OUT/tokenizer.json. Train on them with
+    --config.data.source=tokens --config.data.path=OUT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from minids_jax import data as data_lib
+from minids_jax import config as config_lib
+from minids_jax.config import Config, ConfigError
+from minids_jax.tokenization import TOKENIZER_FILE, write_atomic
+
+
+def prepare(config: Config, out: str) -> dict:
+    """Writes the token files of config.data's text corpus into `out`; returns the meta record."""
+    data = config.data
+    if data.source not in ("builtin", "text"):
+        raise ConfigError(
+            f"prepare tokenizes text corpora, but data.source={data.source!r}; set data.source to "
+            f"'builtin' or 'text' (instruction data is tokenized and cached when training starts).")
+    out_dir = pathlib.Path(out).expanduser()
+    corpus = data_lib.read_corpus(data)
+    # Never reuse a tokenizer.json left in `out`: it may belong to another corpus.
+    tokenizer = data_lib.load_tokenizer(config, None, (corpus.documents, corpus.digest))
+    tokens = data_lib.corpus_tokens(corpus, tokenizer, data.cache_dir)
+    dtype = data_lib.token_dtype(tokenizer.vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"dtype": dtype.name, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+            "pad_id": tokenizer.PAD, "bos_id": tokenizer.BOS, "eos_id": tokenizer.EOS,
+            "num_tokens": {}, "max_token": {}, "source": data.source, "path": data.path,
+            "documents": len(corpus.documents), "corpus_sha256": corpus.digest}
+    for split, split_tokens in data_lib.split_tokens(tokens, data.val_fraction).items():
+        name = f"{split}.bin"
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp"
+        np.asarray(split_tokens, dtype).tofile(tmp)
+        os.replace(tmp, out_dir / name)
+        meta["num_tokens"][name] = len(split_tokens)
+        meta["max_token"][name] = int(split_tokens.max()) if len(split_tokens) else -1
+    if tokenizer.kind == "bpe":
+        tokenizer.save(out_dir / TOKENIZER_FILE)
+    else:
+        (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
+    write_atomic(out_dir / data_lib.META_FILE, json.dumps(meta, indent=2).encode())
+    return meta
+
+
+def main() -> None:
+    # Flags are defined here, not at import, so importing `prepare` defines no global flags.
+    config_flag = config_flags.DEFINE_config_file("config", "configs/tiny.py", "A config file.")
+    out_flag = flags.DEFINE_string("out", None, "Directory for train.bin, val.bin, meta.json.",
+                                   required=True)
+
+    def run(argv):
+        del argv
+        out = out_flag.value
+        meta = prepare(config_lib.from_config_dict(config_flag.value), out)
+        counts = meta["num_tokens"]
+        print(f"{out}: train.bin {counts['train.bin']:,} + val.bin {counts['val.bin']:,} "
+              f"{meta['dtype']} tokens ({meta['tokenizer']} tokenizer, {meta['vocab_size']} ids); "
+              f"train with --config.data.source=tokens --config.data.path={out}", flush=True)
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

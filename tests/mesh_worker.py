@@ -1,0 +1,138 @@
+"""Runs the multi-device cases in a fresh process with simulated CPU devices.
+
+    python tests/mesh_worker.py meshes OUT_DIR
+    python tests/mesh_worker.py process OUT_DIR PROCESS_ID NUM_PROCESSES PORT DEVICES STEPS
+    python tests/mesh_worker.py single OUT_DIR DEVICES STEPS
+
+The pytest process keeps one device, so the tests start this script in a subprocess (the
+device count is fixed when JAX starts) and assert on what it writes to OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _start_jax(n_devices: int) -> None:
+    """Before jax is imported: the simulated device count, and less LLVM effort, which cuts
+    compile time of these tiny programs a lot and applies to every mesh alike."""
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n_devices} "
+                               "--xla_backend_optimization_level=0 "
+                               "--xla_llvm_disable_expensive_passes=true")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+# One MHLA layer (its three attentions share the projection code of MHA), 4 experts top-2.
+# float32 throughout. A large AdamW eps: the first Adam step is g / (|g| + eps), i.e. sign(g)
+# for a small eps, which turns last-bit differences in near-zero gradients (summation order
+# differs between meshes) into full lr-sized differences; eps=1e-3 keeps the update a smooth
+# function of the gradient, so equal gradients give equal parameters to float32 precision.
+TINY = dict(
+    model=dict(vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=4, latent_k=4,
+               mlp_mult=2, n_experts=4, top_k=2, attn_pattern=("mhla",), dtype="float32"),
+    optim=dict(lr=1e-2, warmup_steps=0, total_steps=3, eps=1e-3),
+    train=dict(batch_size=8, log_every=1, eval_batches=1),
+)
+
+MESHES = {
+    "data8": dict(data=8),
+    "fsdp8": dict(data=1, fsdp=8),
+    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+    "data2_expert4": dict(data=2, expert=4),
+}
+
+
+def tiny_config(mesh: dict, **overrides):
+    from minids_jax import config as config_lib
+
+    groups = {name: dict(values) for name, values in TINY.items()}
+    for group, values in overrides.items():
+        groups.setdefault(group, {}).update(values)
+    return config_lib.from_config_dict({**groups, "mesh": mesh})
+
+
+def _leaves_by_path(tree) -> dict:
+    import jax
+
+    return {jax.tree_util.keystr(path).replace(".value", ""): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def run_meshes(out_dir: str) -> None:
+    """One train step on 1 device and on each mesh: loss, updated state, memory, shards."""
+    import jax
+    import numpy as np
+
+    from minids_jax import trainer
+
+    report = {}
+    for name, mesh in {"one_device": dict(data=1), **MESHES}.items():
+        devices = jax.devices()[:1] if name == "one_device" else jax.devices()
+        run = trainer.Trainer(tiny_config(mesh), devices=devices)
+        batch = run.batch(0)
+        compiled = run.train_step.lower(run.train_state.state, batch).compile()
+        memory = compiled.memory_analysis()
+        state, metrics = compiled(run.train_state.state, batch)
+        leaves = _leaves_by_path(state)
+        np.savez(os.path.join(out_dir, f"{name}.npz"),
+                 **{path: np.asarray(jax.device_get(x)) for path, x in leaves.items()})
+        report[name] = {
+            "loss": float(metrics["loss"]),
+            "mesh": dict(run.mesh.shape),
+            "all_gathers": compiled.as_text().count(" all-gather("),
+            "argument_bytes": memory.argument_size_in_bytes,
+            "temp_bytes": memory.temp_size_in_bytes,
+            "shards": {path: {"size": int(x.size),
+                              "device_size": int(x.addressable_shards[0].data.size),
+                              "spec": str(x.sharding.spec)} for path, x in leaves.items()},
+        }
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f)
+
+
+def run_training(out_dir: str, steps: int, tag: str, devices_cfg: dict | None = None) -> None:
+    """The real loop (Trainer.train) for a few steps; writes the logged losses."""
+    import jax
+
+    from minids_jax import devices, trainer
+
+    config = tiny_config(dict(data=-1), optim=dict(total_steps=steps),
+                         devices=devices_cfg or {})
+    job = devices.initialize_distributed(config.devices)
+    run = trainer.Trainer(config)
+    history = run.train()
+    result = {"job": job, "process_index": jax.process_index(),
+              "rows": [run.rows.start, run.rows.stop],  # of the global batch, built here
+              "process_count": jax.process_count(), "device_count": jax.device_count(),
+              "local_device_count": jax.local_device_count(),
+              "losses": [float(h["loss"]) for h in history if "loss" in h],
+              "eval_loss": [float(h["eval_loss"]) for h in history if "eval_loss" in h]}
+    with open(os.path.join(out_dir, f"{tag}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def main(argv: list[str]) -> None:
+    mode, out_dir = argv[1], argv[2]
+    if mode == "meshes":
+        _start_jax(8)
+        run_meshes(out_dir)
+    elif mode == "process":
+        process_id, num_processes, port, n_devices, steps = map(int, argv[3:8])
+        _start_jax(n_devices)
+        os.environ["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"  # cross-process collectives
+        run_training(out_dir, steps, f"process{process_id}", dict(
+            coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+            process_id=process_id, init_timeout_s=60))
+    elif mode == "single":
+        n_devices, steps = map(int, argv[3:5])
+        _start_jax(n_devices)
+        run_training(out_dir, steps, "single")
+    else:
+        raise SystemExit(f"unknown mode {mode!r}; use meshes, process or single")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main(sys.argv)

@@ -1,0 +1,72 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from minids_jax.attention import MHA, MHLA
+from minids_jax.layers import apply_rope
+from tests.conftest import small_model_config
+
+
+def _inputs(cfg, length=None, seed=0):
+    length = length or cfg.max_seq_len
+    x = jax.random.normal(jax.random.key(seed), (2, length, cfg.d_model))
+    return x, jnp.broadcast_to(jnp.arange(length), (2, length))
+
+
+def test_mha_equals_naive_softmax_attention(model_cfg):
+    mha = MHA(model_cfg, rngs=nnx.Rngs(0))
+    x, positions = _inputs(model_cfg)
+    proj, h, dh = mha.attention, model_cfg.n_heads, model_cfg.head_dim
+    q = apply_rope(proj.heads(proj.q(x)), positions, model_cfg.rope_theta)
+    k = apply_rope(proj.heads(proj.k(x)), positions, model_cfg.rope_theta)
+    v = proj.heads(proj.v(x))
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
+    length = x.shape[1]
+    scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
+    expected = out @ np.asarray(proj.out.kernel[...], np.float64)
+    np.testing.assert_allclose(mha(x, positions), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [MHA, MHLA])
+def test_attention_is_causal(cls):
+    cfg = small_model_config()
+    layer = cls(cfg, rngs=nnx.Rngs(0))
+    x, positions = _inputs(cfg)
+    t = 6
+    x_changed = x.at[:, t + 1:].set(jax.random.normal(jax.random.key(9), x[:, t + 1:].shape))
+    out, out_changed = layer(x, positions), layer(x_changed, positions)
+    np.testing.assert_allclose(out[:, :t + 1], out_changed[:, :t + 1], atol=1e-6)
+    assert not np.allclose(out[:, t + 1:], out_changed[:, t + 1:], atol=1e-4)
+    # Truncating the input after t changes nothing at <= t either.
+    out_truncated = layer(x[:, :t + 1], positions[:, :t + 1])
+    np.testing.assert_allclose(out[:, :t + 1], out_truncated, atol=1e-5)
+
+
+def test_mhla_is_finite_and_silent_before_the_first_segment_end():
+    cfg = small_model_config()  # 16 positions, 4 latents: the first segment ends at 4
+    mhla = MHLA(cfg, rngs=nnx.Rngs(0))
+    x, positions = _inputs(cfg)
+    out = mhla(x, positions)
+    assert np.all(np.isfinite(out))
+    # Positions 0..2 see no completed latent: exactly zero update, not a uniform average.
+    np.testing.assert_array_equal(out[:, :3], 0.0)
+    assert np.all(np.abs(out[:, 3]) > 0)
+    grads = jax.grad(lambda x: jnp.sum(mhla(x, positions)))(x)
+    assert np.all(np.isfinite(grads))
+
+
+def test_mhla_latents_summarize_their_segments():
+    """Position 7 (end of segment 2) must depend on token 5, but position 6 must not."""
+    cfg = small_model_config(attn_pattern=("mhla",))
+    mhla = MHLA(cfg, rngs=nnx.Rngs(0))
+    x, positions = _inputs(cfg)
+    jac = jax.jacobian(lambda x5: mhla(x.at[0, 5].set(x5), positions)[0])(x[0, 5])
+    influence = np.abs(np.asarray(jac)).sum(axis=(1, 2))  # per output position
+    assert influence[7] > 0
+    np.testing.assert_array_equal(influence[:7], 0.0)

@@ -1,0 +1,473 @@
+"""Checkpoints: round trip, exact resume, SIGTERM, kill -9, restore across meshes, errors.
+
+Every run here uses one tiny config with optim.total_steps=6 (so the train step compiles once),
+and a persistent compilation cache shared with the subprocesses keeps the suite fast.
+"""
+
+import gc
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import minids_jax
+from configs import mini
+from minids_jax import checkpoint
+from minids_jax import config as config_lib
+from minids_jax import trainer as trainer_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOTAL = 6
+
+
+def tiny_config(**groups) -> config_lib.Config:
+    config = mini.get_config()
+    # One MHLA layer: every kind of parameter (latents, attention, router, experts, norms) at
+    # the smallest compile time.
+    config.model.update(vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=2,
+                        latent_k=4, mlp_mult=2, n_experts=2, attn_pattern=("mhla",))
+    config.optim.update(warmup_steps=1, total_steps=TOTAL)
+    config.train.update(batch_size=4, log_every=1, eval_batches=1)
+    config.checkpoint.update(every=3)
+    for group, values in groups.items():
+        config[group].update(values)
+    return config_lib.from_config_dict(config)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module and its subprocesses."""
+    directory = str(tmp_path_factory.mktemp("jax_cache"))
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (directory, 0, -1)):
+        jax.config.update(name, value)
+    yield directory
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, compile_cache):
+    """An uninterrupted run of TOTAL steps: (trainer, history, workdir)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    trainer = trainer_lib.Trainer(tiny_config(), str(workdir))
+    history = trainer.train()
+    return trainer, history, workdir
+
+
+def losses(history) -> dict[int, float]:
+    return {h["step"]: float(h["loss"]) for h in history if "loss" in h}
+
+
+def host(tree):
+    return jax.tree.leaves(jax.device_get(tree))
+
+
+def assert_states_equal(state_a, state_b):
+    leaves_a, leaves_b = host(state_a), host(state_b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for a, b in zip(leaves_a, leaves_b):
+        assert np.array_equal(a, b)
+
+
+def saved_steps(workdir) -> list[int]:
+    directory = checkpoint.checkpoints_dir(workdir)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+# -------------------------------------------------------------------------------------------
+# In-process
+
+
+def test_round_trip_restores_every_leaf(straight, tmp_path):
+    trainer, _, workdir = straight
+    assert saved_steps(workdir) == [3, 6]  # every 3 steps, the end coinciding with a save
+    assert config_lib.from_json((workdir / "config.json").read_text()) == trainer.config
+    assert checkpoint.read_config(workdir) == trainer.config
+
+    fresh = trainer_lib.Trainer(tiny_config(), str(workdir))
+    before = host(fresh.train_state.state)
+    assert fresh.checkpointer.restore_or_initialize(fresh.train_state) == TOTAL
+    assert fresh.step == TOTAL
+    # Parameters, AdamW moments and the update count all come back, bit for bit...
+    assert_states_equal(fresh.train_state.state, trainer.train_state.state)
+    # ...and they are not simply the fresh initialization.
+    assert not all(np.array_equal(a, b) for a, b in zip(before, host(fresh.train_state.state)))
+    # The restored state is placed like a fresh one, so the jitted step accepts it as is.
+    for leaf, sharding in zip(jax.tree.leaves(fresh.train_state.state),
+                              jax.tree.leaves(fresh.train_state.shardings)):
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+
+    params = minids_jax.load_params(workdir)
+    model_state = jax.device_get(nnx.to_pure_dict(trainer.train_state.state[0]))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    np.testing.assert_array_equal(params["embed"]["embedding"], model_state["embed"]["embedding"])
+    np.testing.assert_array_equal(params["blocks"]["0"]["attn"]["latents"],
+                                  model_state["blocks"][0]["attn"]["latents"])
+    assert sum(x.size for x in jax.tree.leaves(params)) == sum(
+        x.size for x in jax.tree.leaves(model_state))
+    # An earlier step is reachable by number or by its directory.
+    early = minids_jax.load_params(workdir / "checkpoints" / "3")
+    assert not np.array_equal(early["head"]["kernel"], params["head"]["kernel"])
+    np.testing.assert_array_equal(minids_jax.load_params(workdir, step=3)["head"]["kernel"],
+                                  early["head"]["kernel"])
+
+
+def test_resume_after_crash_is_exact(straight, tmp_path):
+    trainer, history, _ = straight
+    crashing = trainer_lib.Trainer(tiny_config(), str(tmp_path))
+    step_fn, calls = crashing.train_step, []
+
+    def crash_on_fourth_step(state, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return step_fn(state, batch)
+
+    crashing.train_step = crash_on_fourth_step
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    assert saved_steps(tmp_path) == [3]  # the pending save finished despite the crash
+
+    resumed = trainer_lib.Trainer(tiny_config(), str(tmp_path))
+    resumed_history = resumed.train()
+    assert sorted(losses(resumed_history)) == [4, 5, 6]  # continued, not restarted
+    assert all(losses(resumed_history)[s] == losses(history)[s] for s in (4, 5, 6))
+    assert_states_equal(resumed.train_state.state, trainer.train_state.state)
+
+
+def test_architecture_change_is_an_error_naming_the_fields(straight):
+    _, _, workdir = straight
+    changed = tiny_config(model=dict(d_model=64, n_experts=4))
+    # The check comes before the state is touched, so no state (and no compile) is needed.
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.Checkpointer(changed, str(workdir)).restore_or_initialize(train_state=None)
+    message = str(error.value)
+    assert "model.d_model: checkpoint 32, this run 64" in message
+    assert "model.n_experts: checkpoint 2, this run 4" in message
+    assert "n_heads" not in message
+    # The failed attempt left the run's recorded config alone.
+    assert config_lib.from_json((workdir / "config.json").read_text()).model.d_model == 32
+
+
+def test_allowed_changes_resume(straight, tmp_path):
+    """More steps and other logging settings are fine; the run continues from its step."""
+    _, _, workdir = straight
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    longer = tiny_config(optim=dict(total_steps=2 * TOTAL), train=dict(log_every=2),
+                         checkpoint=dict(every=0))
+    trainer = trainer_lib.Trainer(longer, str(tmp_path))
+    assert trainer.checkpointer.restore_or_initialize(trainer.train_state) == TOTAL
+
+
+def corrupt_latest(workdir) -> pathlib.Path:
+    """Truncates the largest data file of the latest checkpoint's parameters."""
+    step_dir = checkpoint.checkpoints_dir(workdir) / str(max(saved_steps(workdir)))
+    files = [p for p in pathlib.Path(step_dir / "model").rglob("*") if p.is_file()]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    return pathlib.Path(step_dir)
+
+
+# A failed orbax read abandons its other reads' coroutines; they are reported when collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupted_checkpoint_error_and_fallback(straight, tmp_path):
+    trainer, _, workdir = straight
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    bad = corrupt_latest(tmp_path)
+
+    fresh = trainer_lib.Trainer(tiny_config(), str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        fresh.checkpointer.restore_or_initialize(fresh.train_state)
+    assert str(bad) in str(error.value) and "fallback=True" in str(error.value)
+    with pytest.raises(checkpoint.CheckpointError, match=str(bad)):
+        minids_jax.load_params(tmp_path)
+
+    falling_back = trainer_lib.Trainer(tiny_config(checkpoint=dict(fallback=True)), str(tmp_path))
+    assert falling_back.checkpointer.restore_or_initialize(falling_back.train_state) == 3
+    assert saved_steps(tmp_path) == [3]  # the bad one moved aside, so step 6 can be saved again
+    assert len(list((tmp_path / checkpoint.CORRUPT).iterdir())) == 1
+    falling_back.train()
+    assert saved_steps(tmp_path) == [3, 6]
+    assert_states_equal(falling_back.train_state.state, trainer.train_state.state)
+    gc.collect()  # here, where the warnings above are expected
+
+
+def test_init_from_takes_parameters_with_a_fresh_optimizer(straight, tmp_path):
+    trainer, _, workdir = straight
+    finetune = trainer_lib.Trainer(tiny_config(checkpoint=dict(init_from=str(workdir))),
+                                   str(tmp_path))
+    assert finetune.checkpointer.restore_or_initialize(finetune.train_state) == 0
+    assert finetune.step == 0
+    assert_states_equal(finetune.train_state.state[0], trainer.train_state.state[0])
+    moments = host(finetune.train_state.state[1]["opt_state"])
+    assert moments and all(not np.any(m) for m in moments)  # AdamW starts from zero
+
+    other = tiny_config(model=dict(n_layers=4), checkpoint=dict(init_from=str(workdir)))
+    with pytest.raises(checkpoint.CheckpointError, match="model.n_layers: checkpoint 1"):
+        checkpoint.Checkpointer(other, None).restore_or_initialize(train_state=None)
+
+
+def test_nan_loss_stops_without_saving(tmp_path, compile_cache):
+    trainer = trainer_lib.Trainer(tiny_config(checkpoint=dict(every=1)), str(tmp_path))
+    step_fn = trainer.train_step
+
+    def poisoned(state, batch):  # the parameters blow up during step 3
+        if int(jax.device_get(state[1]["step"][...])) == 2:
+            state = jax.tree.map(lambda x: x * np.inf if x.dtype == np.float32 else x, state)
+        return step_fn(state, batch)
+
+    trainer.train_step = poisoned
+    with pytest.raises(checkpoint.NonFiniteLossError, match="at step 3") as error:
+        trainer.train()
+    assert "latest checkpoint (step 2) is intact" in str(error.value)
+    assert saved_steps(tmp_path) == [1, 2]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(minids_jax.load_params(tmp_path)))
+
+
+def test_ctrl_c_saves_and_returns(tmp_path, compile_cache):
+    """In a notebook, an interrupt stops the loop after the current step and saves it."""
+    trainer = trainer_lib.Trainer(tiny_config(checkpoint=dict(every=0)), str(tmp_path))
+    step_fn, calls = trainer.train_step, []
+
+    def interrupted_during_second_step(state, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return step_fn(state, batch)
+
+    trainer.train_step = interrupted_during_second_step
+    handler_before = signal.getsignal(signal.SIGINT)
+    history = trainer.train()
+    assert trainer.stopped_by == signal.SIGINT
+    assert sorted(losses(history)) == [1, 2]
+    assert saved_steps(tmp_path) == [2]
+    assert signal.getsignal(signal.SIGINT) is handler_before  # Ctrl-C works as usual again
+
+
+def test_config_of_an_older_version_still_opens(straight, tmp_path):
+    """A field since removed is ignored; a field since added takes its default."""
+    _, _, workdir = straight
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    saved = tmp_path / "checkpoints" / str(TOTAL) / "config" / "metadata"
+    old = json.loads(saved.read_text())
+    old["model"]["retired_field"] = 1
+    del old["checkpoint"]["fallback"]
+    saved.write_text(json.dumps(old))
+    config = minids_jax.read_config(tmp_path)
+    assert config.model == tiny_config().model
+    assert config.checkpoint.fallback is False
+
+
+def test_errors_for_missing_checkpoints(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
+        minids_jax.load(tmp_path / "nowhere")
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
+        minids_jax.load(tmp_path)
+
+
+def test_bad_checkpoint_config_values():
+    with pytest.raises(config_lib.ConfigError, match="checkpoint.max_to_keep"):
+        tiny_config(checkpoint=dict(max_to_keep=0))
+    with pytest.raises(config_lib.ConfigError, match="checkpoint.every"):
+        tiny_config(checkpoint=dict(every=-1))
+
+
+# -------------------------------------------------------------------------------------------
+# Subprocesses: signals, kill -9, another device count
+
+# Runs `trainer.run` like train.py does, with each step slowed down so that a signal or a kill
+# lands mid-run at a predictable point.
+RUNNER = textwrap.dedent("""
+    import sys, time
+    from minids_jax import config as config_lib, trainer
+    config = config_lib.from_json(open(sys.argv[1]).read())
+    delay = float(sys.argv[3])
+    make_train_step = trainer.make_train_step
+
+    def slow_make_train_step(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+        def slow_step(state, batch):
+            out = step(state, batch)
+            time.sleep(delay)
+            return out
+        return slow_step
+
+    trainer.make_train_step = slow_make_train_step
+    trainer.run(config, sys.argv[2])
+""")
+
+
+def subprocess_env(compile_cache, devices=1):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=compile_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    # Same numerics as this process (conftest.py may raise the matmul precision), so results
+    # compare bit for bit and compiled programs are shared through the cache.
+    precision = jax.config.jax_default_matmul_precision
+    if precision is not None:
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = str(precision)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def start_run(tmp_path, config, workdir, compile_cache, delay):
+    (tmp_path / "runner.py").write_text(RUNNER)
+    (tmp_path / "config.json").write_text(config.to_json())
+    return subprocess.Popen(
+        [sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "config.json"), str(workdir),
+         str(delay)], cwd=REPO, env=subprocess_env(compile_cache), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(process, pattern: str, timeout: float = 240) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if pattern in line:
+            return lines
+    process.kill()
+    raise AssertionError(f"{pattern!r} never appeared:\n{''.join(lines)}")
+
+
+def test_sigterm_saves_and_resume_matches_straight(straight, tmp_path, compile_cache):
+    trainer, history, _ = straight
+    workdir = tmp_path / "run"
+    process = start_run(tmp_path, tiny_config(checkpoint=dict(every=0)), workdir,
+                        compile_cache, delay=0.5)
+    read_until(process, f"step 2/{TOTAL}")
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM after step" in output and "To resume" in output, output
+    stopped_at = int(output.split("stopped by SIGTERM after step ")[1].split(":")[0])
+    assert 2 <= stopped_at < TOTAL
+    assert saved_steps(workdir) == [stopped_at]  # every=0: only the save the signal asked for
+
+    resumed = trainer_lib.Trainer(tiny_config(checkpoint=dict(every=0)), str(workdir))
+    resumed_losses = losses(resumed.train())
+    assert sorted(resumed_losses) == list(range(stopped_at + 1, TOTAL + 1))
+    assert all(resumed_losses[s] == losses(history)[s] for s in resumed_losses)
+    assert_states_equal(resumed.train_state.state, trainer.train_state.state)
+
+
+def test_kill_9_at_any_moment_never_breaks_resume(straight, tmp_path, compile_cache):
+    trainer, _, _ = straight
+    workdir = tmp_path / "run"
+    config = tiny_config(checkpoint=dict(every=1, max_to_keep=2))
+    checkpoints = checkpoint.checkpoints_dir(workdir)
+
+    def saving_now() -> bool:
+        return checkpoints.exists() and any(
+            "tmp" in p.name for p in checkpoints.iterdir())
+
+    killed_mid_save = 0
+    # Moments: as soon as a save starts; inside a step; a little way into a save.
+    for moment in ("save starts", "mid step", "into a save"):
+        process = start_run(tmp_path, config, workdir, compile_cache, delay=0.3)
+        read_until(process, "model:")  # set up and about to step
+        deadline = time.time() + 60
+        if moment == "mid step":
+            read_until(process, f"/{TOTAL} |")
+            time.sleep(0.1)
+        else:
+            while not saving_now() and time.time() < deadline and process.poll() is None:
+                time.sleep(0.001)
+            if moment == "into a save":
+                time.sleep(0.02)
+        process.kill()  # SIGKILL: no handler, no cleanup
+        process.communicate(timeout=60)
+        killed_mid_save += saving_now()  # a half-written checkpoint was left behind
+        # Every complete checkpoint left behind is readable; leftovers are not listed.
+        for step in checkpoint._read_only_manager(checkpoints).all_steps():
+            assert minids_jax.load_params(workdir, step=step)
+    assert killed_mid_save >= 1  # at least one kill really interrupted a save
+
+    resumed = trainer_lib.Trainer(config, str(workdir))
+    resumed.train()
+    assert resumed.step == TOTAL
+    assert_states_equal(resumed.train_state.state, trainer.train_state.state)
+    assert not any("tmp" in p.name for p in checkpoints.iterdir())
+
+
+FSDP_SAVER = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from flax import nnx
+    from minids_jax import config as config_lib, trainer
+    config = config_lib.from_json(open(sys.argv[1]).read())
+    run = trainer.Trainer(config, sys.argv[2])
+    embedding = run.train_state.state[0]["embed"]["embedding"][...]
+    assert embedding.addressable_shards[0].data.shape[1] == embedding.shape[1] // 8, "not sharded"
+    run.checkpointer.save(0, run.train_state)
+    run.checkpointer.wait()
+    model, _ = run.train_state.merge()
+    tokens = np.arange(2 * 16).reshape(2, 16) % config.model.vocab_size
+    with jax.set_mesh(run.mesh):
+        logits = nnx.jit(lambda m, t: m(t)[0])(model, tokens)
+    np.save(sys.argv[3], np.asarray(jax.device_get(logits)))
+""")
+
+
+def test_fsdp8_checkpoint_restores_on_one_device(tmp_path, compile_cache):
+    config = tiny_config(mesh=dict(data=1, fsdp=8), train=dict(batch_size=8))
+    (tmp_path / "saver.py").write_text(FSDP_SAVER)
+    (tmp_path / "config.json").write_text(config.to_json())
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "saver.py"), str(tmp_path / "config.json"), str(workdir),
+         str(tmp_path / "logits.npy")], cwd=REPO, env=subprocess_env(compile_cache, devices=8),
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert jax.device_count() == 1
+
+    model, loaded_config = minids_jax.load(workdir)
+    assert loaded_config == config
+    assert all(len(x.devices()) == 1 for x in jax.tree.leaves(nnx.state(model)))
+    tokens = np.arange(2 * 16).reshape(2, 16) % config.model.vocab_size
+    logits = nnx.jit(lambda m, t: m(t)[0])(model, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.load(tmp_path / "logits.npy"),
+                               rtol=1e-5, atol=1e-5)
+
+    # A training run on this device count resumes from it too (another mesh, same values).
+    resumed = trainer_lib.Trainer(tiny_config(train=dict(batch_size=8)), str(workdir))
+    assert resumed.checkpointer.restore_or_initialize(resumed.train_state) == 0
+    assert_states_equal(resumed.train_state.state[0], nnx.state(model))
+
+
+def test_notebook_cells_run(straight, monkeypatch):
+    _, _, workdir = straight
+    import matplotlib
+    matplotlib.use("Agg")
+    notebook = json.loads((REPO / "notebooks" / "restore.ipynb").read_text())
+    cells = ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert len(cells) >= 4
+    monkeypatch.setenv("MINIDS_WORKDIR", str(workdir))
+    namespace: dict = {"__name__": "__main__"}
+    for source in cells:
+        exec(compile(source, "restore.ipynb", "exec"), namespace)
+    model, config = namespace["model"], namespace["config"]
+    assert isinstance(model, minids_jax.MiniDeepSeek) and config.model.d_model == 32
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert namespace["n_params"] == n_params
+    assert namespace["load_LxE"].shape == (config.model.n_layers, config.model.n_experts)
+    np.testing.assert_allclose(namespace["load_LxE"].sum(axis=1), 1.0, rtol=1e-5)

@@ -1,0 +1,192 @@
+"""GPU choice through a fake pynvml, and when jax.distributed is started (and with what)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+from minids_jax import devices
+from minids_jax.config import ConfigError, DevicesConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 1024 ** 3
+
+
+class FakeNvml:
+    """The slice of the pynvml API the picker uses; can fail like a machine without a driver."""
+
+    def __init__(self, free_gib=(), fail: bool = False):
+        self.free = [int(g * GiB) for g in free_gib]
+        self.fail, self.calls = fail, []
+
+    def nvmlInit(self):
+        self.calls.append("init")
+        if self.fail:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlDeviceGetCount(self):
+        return len(self.free)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(free=self.free[handle], total=80 * GiB)
+
+    def nvmlShutdown(self):
+        self.calls.append("shutdown")
+
+
+def test_picks_the_gpus_with_the_most_free_memory():
+    environ, nvml = {}, FakeNvml([10, 50, 30, 40, 5])
+    choice = devices.select_gpus(DevicesConfig(num_gpus=2), environ, nvml)
+    assert environ["CUDA_VISIBLE_DEVICES"] == "1,3"  # 50 and 40 GiB, listed in bus order
+    assert environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # CUDA numbers GPUs like NVML
+    assert choice.count == 2 and "most free memory" in choice.reason
+    assert nvml.calls == ["init", "shutdown"]
+
+
+def test_ties_go_to_the_lower_index():
+    choice = devices.choose_gpus(3, {}, FakeNvml([20, 20, 20, 20]))
+    assert choice.visible == "0,1,2"
+
+
+def test_zero_means_every_visible_gpu():
+    environ = {}
+    choice = devices.select_gpus(DevicesConfig(num_gpus=0), environ, FakeNvml([1, 2, 3]))
+    assert "CUDA_VISIBLE_DEVICES" not in environ and choice.count == 3
+
+
+def test_falls_back_to_the_first_gpus_when_nvml_fails():
+    environ = {}
+    choice = devices.select_gpus(DevicesConfig(num_gpus=3), environ, FakeNvml(fail=True))
+    assert environ["CUDA_VISIBLE_DEVICES"] == "0,1,2"
+    assert "NVML unavailable" in choice.reason and "Shared Library" in choice.reason
+
+
+def test_falls_back_when_pynvml_is_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
+    choice = devices.choose_gpus(2, {})
+    assert choice.visible == "0,1" and "NVML unavailable" in choice.reason
+
+
+def test_more_gpus_than_exist_is_an_error():
+    with pytest.raises(ConfigError, match=r"devices.num_gpus=5 .* has 4 GPU\(s\).*at most 4"):
+        devices.choose_gpus(5, {}, FakeNvml([1, 2, 3, 4]))
+
+
+def test_the_users_cuda_visible_devices_wins():
+    environ, nvml = {"CUDA_VISIBLE_DEVICES": "2,3"}, FakeNvml([80, 80, 1, 1])
+    choice = devices.select_gpus(DevicesConfig(num_gpus=2), environ, nvml)
+    assert environ == {"CUDA_VISIBLE_DEVICES": "2,3"} and nvml.calls == []
+    assert choice.count == 2 and "as is" in choice.reason
+    with pytest.raises(ConfigError, match="lists 2 GPU"):
+        devices.choose_gpus(3, environ, nvml)
+
+
+def test_fewer_devices_than_asked_is_an_error_once_jax_starts():
+    cpu = types.SimpleNamespace(platform="cpu")
+    devices.check_local_devices(DevicesConfig(num_gpus=1), [cpu])
+    with pytest.raises(ConfigError, match="num_gpus=2 but JAX found only 1 local device"):
+        devices.check_local_devices(DevicesConfig(num_gpus=2), [cpu])
+
+
+# What a two-node `srun --ntasks-per-node=1` sets.
+SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+         "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+
+
+def test_a_lone_process_does_not_start_jax_distributed():
+    assert devices.distributed_arguments(DevicesConfig(), None, {}) is None
+    lone_slurm = {**SLURM, "SLURM_NTASKS": "1"}  # e.g. an interactive one-task allocation
+    assert devices.distributed_arguments(DevicesConfig(), None, lone_slurm) is None
+
+
+def test_slurm_with_one_task_per_node_drives_every_local_gpu():
+    gpus = devices.GpuChoice("0,1,2,3", 4, "test")
+    kwargs = devices.distributed_arguments(DevicesConfig(), gpus, SLURM)
+    # JAX's SLURM detection alone would give each process only GPU SLURM_LOCALID.
+    assert kwargs == {"initialization_timeout": 300, "local_device_ids": [0, 1, 2, 3]}
+    one_per_gpu = {**SLURM, "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_NTASKS": "8"}
+    # Every task sees all 4 GPUs: JAX picks the one of its local rank.
+    assert "local_device_ids" not in devices.distributed_arguments(DevicesConfig(), gpus,
+                                                                   one_per_gpu)
+    # SLURM bound one GPU per task (CUDA_VISIBLE_DEVICES=<its GPU>): it is device 0 here,
+    # whatever the local rank.
+    bound = devices.choose_gpus(0, {"CUDA_VISIBLE_DEVICES": "3"})
+    assert devices.distributed_arguments(DevicesConfig(), bound, one_per_gpu)[
+        "local_device_ids"] == [0]
+    assert devices.distributed_arguments(DevicesConfig(distributed="off"), gpus, SLURM) is None
+
+
+def test_explicit_coordinator_and_other_launchers():
+    cfg = DevicesConfig(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+    assert devices.distributed_arguments(cfg, None, {}) == {
+        "initialization_timeout": 300, "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 2, "process_id": 1}
+    for environ, name in [({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_COORDINATOR_ADDRESS"),
+                          ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
+                          ({"KUBERNETES_SERVICE_HOST": "k", "JOB_COMPLETION_INDEX": "0"},
+                           "Kubernetes")]:
+        assert devices.cluster_in_environment(environ) == name
+        assert devices.distributed_arguments(DevicesConfig(), None, environ) is not None
+    assert devices.distributed_arguments(DevicesConfig(distributed="on"), None, {}) == {
+        "initialization_timeout": 300}
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(num_gpus=-1), "devices.num_gpus"),
+    (dict(distributed="yes"), "devices.distributed='yes'"),
+    (dict(coordinator_address="10.0.0.1"), "needs a port"),
+    (dict(num_processes=2, process_id=2), "devices.process_id=2 must be < devices.num_processes"),
+])
+def test_bad_devices_config_is_rejected(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        DevicesConfig(**fields)
+
+
+def test_train_py_sets_cuda_visible_devices_before_jax_is_imported(tmp_path):
+    """Runs train.py with a fake pynvml; an import hook records the environment at the moment
+    jax is first imported, then ends the process (no training needed)."""
+    (tmp_path / "pynvml.py").write_text(textwrap.dedent("""
+        import types
+        FREE = [10, 50, 30, 40]
+        def nvmlInit(): pass
+        def nvmlShutdown(): pass
+        def nvmlDeviceGetCount(): return len(FREE)
+        def nvmlDeviceGetHandleByIndex(i): return i
+        def nvmlDeviceGetMemoryInfo(h): return types.SimpleNamespace(free=FREE[h] * 2**30)
+    """))
+    record = tmp_path / "at_jax_import.json"
+    (tmp_path / "driver.py").write_text(textwrap.dedent(f"""
+        import importlib.abc, json, os, runpy, sys
+
+        class RecordJaxImport(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "jax":
+                    with open({str(record)!r}, "w") as f:
+                        json.dump({{k: os.environ.get(k) for k in
+                                   ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")}}, f)
+                    sys.stdout.flush()
+                    os._exit(0)
+                return None
+
+        sys.meta_path.insert(0, RecordJaxImport())
+        sys.argv = ["train.py", "--config", "configs/tiny.py", "--config.devices.num_gpus=2"]
+        runpy.run_path("train.py", run_name="__main__")
+    """))
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), ROOT])
+    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert record.exists(), "train.py never imported jax"
+    assert json.loads(record.read_text()) == {"CUDA_VISIBLE_DEVICES": "1,3",
+                                              "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert "GPUs: CUDA_VISIBLE_DEVICES=1,3: the 2 with the most free memory" in proc.stderr

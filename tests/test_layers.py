@@ -1,0 +1,40 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minids_jax.layers import RMSNorm, apply_rope
+
+
+def test_rmsnorm_matches_formula():
+    norm = RMSNorm(8, eps=1e-5)
+    norm.scale[...] = jnp.arange(1.0, 9.0)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8)) * 3.0
+    x_np = np.asarray(x, np.float64)
+    expected = x_np / np.sqrt(np.mean(x_np**2, axis=-1, keepdims=True) + 1e-5) * np.arange(1, 9)
+    np.testing.assert_allclose(norm(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q = jax.random.normal(jax.random.key(1), (1, 1, 2, 16))
+    k = jax.random.normal(jax.random.key(2), (1, 1, 2, 16))
+
+    def score(q_pos, k_pos):
+        q_rot = apply_rope(q, jnp.array([[q_pos]]), 10000.0)
+        k_rot = apply_rope(k, jnp.array([[k_pos]]), 10000.0)
+        return jnp.sum(q_rot * k_rot, axis=-1)
+
+    np.testing.assert_allclose(score(7, 3), score(107, 103), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(score(0, 0), jnp.sum(q * k, axis=-1), rtol=1e-5)
+    # ...and does depend on the distance, or RoPE would be doing nothing.
+    assert not np.allclose(score(7, 3), score(7, 5), atol=1e-3)
+
+
+def test_rope_rotates_interleaved_pairs_and_keeps_norms():
+    x = jax.random.normal(jax.random.key(3), (1, 5, 1, 8))
+    positions = jnp.arange(5)[None]
+    rotated = apply_rope(x, positions, 10000.0)
+    pair_norms = lambda t: jnp.hypot(t[..., 0::2], t[..., 1::2])
+    np.testing.assert_allclose(pair_norms(rotated), pair_norms(x), rtol=1e-5)
+    # Pair 0 turns by exactly the position (its frequency is 1).
+    angle = jnp.arctan2(rotated[0, :, 0, 1], rotated[0, :, 0, 0]) - jnp.arctan2(x[0, :, 0, 1], x[0, :, 0, 0])
+    np.testing.assert_allclose(np.cos(angle), np.cos(np.arange(5)), atol=1e-5)

@@ -1,0 +1,40 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minids_jax import MiniDeepSeek
+from tests.conftest import small_model_config
+
+
+def test_model_is_causal_and_independent_of_input_length():
+    cfg = small_model_config(n_layers=4)  # mha, mhla, mha, mhla
+    model = MiniDeepSeek(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    t = 9
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % cfg.vocab_size)
+    logits, aux = model(tokens)
+    logits_changed, _ = model(changed)
+    logits_truncated, _ = model(tokens[:, :t + 1])
+    np.testing.assert_allclose(logits[:, :t + 1], logits_changed[:, :t + 1], atol=1e-5)
+    np.testing.assert_allclose(logits[:, :t + 1], logits_truncated, atol=1e-4)
+    assert not np.allclose(logits[:, t + 1:], logits_changed[:, t + 1:], atol=1e-3)
+    assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
+    assert aux["expert_load_NxE"].shape == (4, cfg.n_experts)
+    assert np.isfinite(float(aux["aux_loss"]))
+
+
+def test_layers_follow_the_attention_pattern():
+    model = MiniDeepSeek(small_model_config(n_layers=3, attn_pattern=("mhla", "mha", "mha")),
+                         rngs=nnx.Rngs(0))
+    kinds = [type(block.attn).__name__ for block in model.blocks]
+    assert kinds == ["MHLA", "MHA", "MHA"]
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    cfg = small_model_config(dtype="bfloat16")
+    model = MiniDeepSeek(cfg, rngs=nnx.Rngs(0))
+    logits, _ = model(jnp.zeros((1, 16), jnp.int32))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))

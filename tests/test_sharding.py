@@ -1,0 +1,141 @@
+"""Mesh layouts on 8 simulated CPU devices: same step as one device, sharded state, memory.
+
+The 8-device work runs once, in a subprocess (tests/mesh_worker.py), so this pytest process
+keeps its single device; the validation tests build meshes from fake device lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from minids_jax import sharding
+from minids_jax.config import ConfigError, MeshConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import mesh_worker  # noqa: E402  (the configs the worker uses)
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("meshes")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_worker.py"),
+                           "meshes", str(out)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    states = {name: dict(np.load(out / f"{name}.npz")) for name in report}
+    return report, states
+
+
+@pytest.mark.parametrize("mesh_name", list(mesh_worker.MESHES))
+def test_one_step_matches_one_device(mesh_runs, mesh_name):
+    report, states = mesh_runs
+    ref, run = states["one_device"], states[mesh_name]
+    np.testing.assert_allclose(report[mesh_name]["loss"], report["one_device"]["loss"], rtol=1e-5)
+    assert set(run) == set(ref)
+    params = [p for p in ref if p.startswith("[0]")]
+    moments = [p for p in ref if "['mu']" in p or "['nu']" in p]
+    assert len(params) > 10 and len(moments) == 2 * len(params)
+    for path in ref:
+        np.testing.assert_allclose(run[path], ref[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    # The step really moved the parameters (a step that dropped the update would also "match").
+    assert int(ref["[1]['step']"]) == 1
+    assert report[mesh_name]["mesh"] == {**{"data": 1, "fsdp": 1, "tensor": 1, "expert": 1},
+                                         **mesh_worker.MESHES[mesh_name]}
+
+
+def test_fsdp_holds_one_eighth_of_each_weight_and_moment(mesh_runs):
+    report, _ = mesh_runs
+    shards = report["fsdp8"]["shards"]
+    matrices = {p: s for p, s in shards.items() if s["spec"].count("'fsdp'") == 1}
+    # Every weight matrix of the model, and both AdamW moments of each, are split 8 ways.
+    weights = [p for p in shards if p.startswith("[0]") and "scale" not in p]
+    assert weights and all(p in matrices for p in weights), set(weights) - set(matrices)
+    for path in weights:
+        for variant in (path, "[1]['opt_state'][1][0]['mu']" + path[3:],
+                        "[1]['opt_state'][1][0]['nu']" + path[3:]):
+            entry = shards[variant]
+            assert entry["device_size"] * 8 == entry["size"], (variant, entry)
+    # Norm gains are tiny and replicated, as the rules say ("norm": None).
+    for path, entry in shards.items():
+        if path.endswith("['scale']"):
+            assert entry["device_size"] == entry["size"], path
+    # Under pure data parallelism nothing is split.
+    assert all(s["device_size"] == s["size"] for s in report["data8"]["shards"].values())
+
+
+def test_fsdp_compiled_state_memory_is_well_below_data_parallel(mesh_runs):
+    report, _ = mesh_runs
+    data_bytes = report["data8"]["argument_bytes"]
+    fsdp_bytes = report["fsdp8"]["argument_bytes"]
+    print(f"\nper-device step arguments (model + optimizer state + batch): "
+          f"data=8 {data_bytes:,} B, fsdp=8 {fsdp_bytes:,} B")
+    # State is ~all of the arguments; only the norm gains and the batch rows are not split.
+    assert fsdp_bytes < data_bytes / 6
+
+
+def test_data_parallel_step_keeps_every_token_on_its_device(mesh_runs):
+    # Pure data parallelism needs only the gradient all-reduce. An all-gather means some
+    # activation (the MoE's global top-k / sort did this) went whole onto every device.
+    report, _ = mesh_runs
+    assert report["data8"]["all_gathers"] == 0
+    assert report["fsdp8"]["all_gathers"] > 0  # FSDP does gather its weights
+
+
+def _fake_mesh(**sizes):
+    """A mesh of the given sizes without devices: the layout checks read only its shape."""
+    return jax.sharding.AbstractMesh(
+        tuple(sizes.get(a, 1) for a in sharding.MESH_AXES), sharding.MESH_AXES)
+
+
+def _config(mesh: dict, **overrides):
+    return mesh_worker.tiny_config(mesh, **overrides)
+
+
+@pytest.mark.parametrize("mesh, overrides, message", [
+    (dict(data=4, fsdp=2), dict(train=dict(batch_size=12)), "train.batch_size=12"),
+    (dict(data=2, tensor=4), dict(model=dict(n_heads=2, d_model=32)), "model.n_heads=2"),
+    (dict(data=1, expert=8), {}, "model.n_experts=4"),
+])
+def test_layout_errors_name_the_field_and_the_fix(mesh, overrides, message):
+    config = _config(mesh, **overrides)
+    with pytest.raises(ConfigError, match=message) as error:
+        sharding.check_layout(config, _fake_mesh(**mesh))
+    assert "multiple of" in str(error.value)
+
+
+def test_layout_accepts_divisible_sizes():
+    sharding.check_layout(_config(dict(data=2, fsdp=2, tensor=2)),
+                          _fake_mesh(data=2, fsdp=2, tensor=2))
+
+
+@pytest.mark.parametrize("sizes, devices, message", [
+    (dict(data=3, fsdp=2), 8, "has 6 devices but 8 are available"),
+    (dict(data=-1, fsdp=3), 8, "does not divide the 8 devices"),
+])
+def test_mesh_sizes_must_cover_the_devices(sizes, devices, message):
+    with pytest.raises(ConfigError, match=message):
+        sharding.resolve_axis_sizes(MeshConfig(**sizes), devices)
+
+
+def test_minus_one_fills_the_remaining_devices():
+    assert sharding.resolve_axis_sizes(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == {
+        "data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+
+
+def test_indivisible_weight_names_the_array():
+    # A vocabulary of 63 cannot be split over tensor=2; 32 over fsdp=2 can.
+    abstract = {"embedding": jax.ShapeDtypeStruct((63, 32), np.float32)}
+    shardings = {"embedding": jax.sharding.NamedSharding(
+        _fake_mesh(tensor=2, fsdp=2), jax.sharding.PartitionSpec("tensor", "fsdp"))}
+    with pytest.raises(ConfigError, match=r"embedding.*dimension 0 \(size 63\).*mesh.tensor=2"):
+        sharding.check_divisible(abstract, shardings)
