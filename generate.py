@@ -21,6 +21,10 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is
 _TOP_K = flags.DEFINE_integer("top_k", 50, "Sample among the k likeliest tokens; 0: all.")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus: the likeliest tokens up to this mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same text.")
+_INSTRUCTION = flags.DEFINE_string(
+    "instruction", None, "For a model trained on instruction data (jsonl/json): the "
+    "instruction, laid out as in training; replaces --prompt.")
+_INPUT = flags.DEFINE_string("input", "", "With --instruction: the record's optional input.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop at the end-of-document token.")
 
@@ -43,8 +47,6 @@ class TextStream:
 
 def main(argv):
     del argv
-    import numpy as np
-
     import minids_jax
     from minids_jax import data, generation
 
@@ -54,9 +56,8 @@ def main(argv):
         sys.exit(f"error: --{error}")
     model, config = minids_jax.load(_WORKDIR.value, step=_STEP.value)
     tokenizer = data.load_tokenizer(config, _WORKDIR.value)
-    prompt = np.asarray(tokenizer.encode(_PROMPT.value), np.int32)
-    if prompt.size == 0:  # documents are separated by EOS, so EOS starts a new one
-        prompt = np.array([tokenizer.EOS], np.int32)
+    prompt = generation.prompt_tokens(tokenizer, _PROMPT.value, _INSTRUCTION.value, _INPUT.value)
+    shown = _PROMPT.value if _INSTRUCTION.value is None else tokenizer.decode(prompt)
 
     generator = generation.Generator(model)
     try:
@@ -64,7 +65,7 @@ def main(argv):
     except ValueError as error:  # a prompt too long for the context, or foreign token ids
         sys.exit(f"error: {error}")
     stream = TextStream(tokenizer)
-    sys.stdout.write(_PROMPT.value)
+    sys.stdout.write(shown)
     sys.stdout.flush()
     start, token_times = time.perf_counter(), []
     for token_B in generator.stream(prompt, _MAX_NEW_TOKENS.value, sampling, _SEED.value,

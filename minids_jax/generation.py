@@ -293,6 +293,22 @@ class Generator:
                     return
 
 
+def prompt_tokens(tokenizer, text: str = "", instruction: str | None = None,
+                  input: str = "") -> np.ndarray:  # noqa: A002 (the data field's name)
+    """The token ids a run's model expects before the text it should continue.
+
+    With `instruction`, the prompt is laid out as instruction data is for training
+    ([BOS], then `instructions.format_prompt`), so the model answers with an `output`. Otherwise
+    `text` itself; empty text becomes EOS, which is what precedes a document in a text corpus.
+    """
+    if instruction is not None:
+        from minids_jax.instructions import format_prompt
+        body = np.asarray(tokenizer.encode(format_prompt(instruction, input)), np.int32)
+        return np.concatenate([np.array([tokenizer.BOS], np.int32), body])
+    tokens = np.asarray(tokenizer.encode(text), np.int32)
+    return tokens if tokens.size else np.array([tokenizer.EOS], np.int32)
+
+
 def generate(model: MiniDeepSeek, prompt_BxP, max_new_tokens: int,
              sampling: Sampling = Sampling(), seed: int = 0,
              stop_token: int | None = None) -> np.ndarray:

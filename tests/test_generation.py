@@ -156,3 +156,14 @@ def test_generate_command_end_to_end(tmp_path):
     too_long = subprocess.run(args[:3] + ["--prompt=" + "x" * 40], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
     assert too_long.returncode != 0 and "max_seq_len=32" in too_long.stderr
+
+
+def test_prompt_tokens_follow_the_training_layout():
+    from minids_jax.instructions import format_prompt
+    from minids_jax.tokenization import ByteTokenizer
+    tokenizer = ByteTokenizer()
+    tokens = generation.prompt_tokens(tokenizer, instruction="Add the numbers.", input="2 3")
+    assert tokens[0] == tokenizer.BOS
+    assert tokenizer.decode(tokens[1:]) == format_prompt("Add the numbers.", "2 3")
+    np.testing.assert_array_equal(generation.prompt_tokens(tokenizer, ""), [tokenizer.EOS])
+    np.testing.assert_array_equal(generation.prompt_tokens(tokenizer, "hi"), [104, 105])
