@@ -87,7 +87,8 @@ def _decode_mha(layer: MHA, x_Bx1xD, pos, cache: MHACache):
     attention, batch = layer.attention, x_Bx1xD.shape[0]
     pos_Bx1 = jnp.full((batch, 1), pos)
     k_Bx1xHxDh, v_Bx1xHxDh = attention.keys_values(x_Bx1xD, pos_Bx1)
-    cache = MHACache(_put(cache.k_BxLxHxDh, k_Bx1xHxDh, pos), _put(cache.v_BxLxHxDh, v_Bx1xHxDh, pos))
+    cache = MHACache(_put(cache.k_BxLxHxDh, k_Bx1xHxDh, pos),
+                     _put(cache.v_BxLxHxDh, v_Bx1xHxDh, pos))
     mask_Bx1xL = _up_to(pos, cache.k_BxLxHxDh.shape[1], batch)
     return attention.attend_keys_values(x_Bx1xD, pos_Bx1, *cache, mask_BxQxS=mask_Bx1xL), cache
 

@@ -62,7 +62,8 @@ def test_reporter_writes_jsonl_tensorboard_and_plain_lines(tmp_path):
     assert lines[1] == "step 10 | eval_loss 3.2000 | eval_ppl 24.5325"
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["split"]) for r in records] == [(10, "train"), (10, "eval"), (20, "train")]
+    assert [(r["step"], r["split"]) for r in records] == [
+        (10, "train"), (10, "eval"), (20, "train")]
     assert records[0]["expert_load"] == [[0.25] * 4] * 2 and records[0]["mfu"] > 0
     assert records[1]["eval_loss"] == 3.2
 
@@ -97,7 +98,8 @@ def test_only_process_zero_writes(tmp_path):
 
 def test_wandb_gets_the_same_scalars_when_enabled(tmp_path, monkeypatch):
     logged, runs = [], []
-    run = types.SimpleNamespace(url="https://wandb.example/run", finish=lambda: runs.append("finished"),
+    run = types.SimpleNamespace(url="https://wandb.example/run",
+                                finish=lambda: runs.append("finished"),
                                 log=lambda values, step: logged.append((step, values)))
     fake = types.SimpleNamespace(init=lambda **kw: runs.append(kw) or run)
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -202,13 +204,15 @@ def test_flops_agree_with_the_compiler_count(pattern):
     cfg = small_model_config(attn_pattern=pattern, moe_dispatch="dense")  # dense = active here
     graphdef, state = nnx.split(MiniDeepSeek(cfg, rngs=nnx.Rngs(0)))
     forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
-    cost = forward.lower(state, jnp.zeros((1, cfg.max_seq_len), jnp.int32)).compile().cost_analysis()
+    tokens = jnp.zeros((1, cfg.max_seq_len), jnp.int32)
+    cost = forward.lower(state, tokens).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     xla_per_token = cost["flops"] / cfg.max_seq_len
     assert 1.0 <= xla_per_token / flops.forward_flops_per_token(cfg) < 1.06
 
 
 def test_peak_flops_from_config_or_measured():
-    assert flops.peak_flops_per_device("float32", configured=2e12) == (2e12, "config train.peak_flops")
+    assert flops.peak_flops_per_device("float32", configured=2e12) == (
+        2e12, "config train.peak_flops")
     measured, source = flops.peak_flops_per_device("float32")
     assert "measured" in source and 1e8 < measured < 1e16
