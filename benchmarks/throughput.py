@@ -7,7 +7,8 @@
         --vs-seed ../shared/seed/mini_ds_torch.py --seed-python /path/to/python-with-torch
 
 MFU = analytic training FLOPs per token (minids_jax/flops.py: active experts only) x tokens/s,
-divided by a peak measured here: the best of several square matmuls in the compute dtype.
+divided by a peak measured here: the best of several square matmuls in the compute dtype
+(`flops.measure_matmul_flops`).
 The seed runs as a subprocess at the same sizes (its batch is per process; here there is one
 process, so the same global batch), timed over the same number of steps after two warm-ups.
 """
@@ -37,22 +38,6 @@ _DISPATCHES = flags.DEFINE_list("dispatches", None,
                                 "(default: the config's).")
 
 
-def measure_matmul_peak(size: int, dtype: str) -> float:
-    """Best FLOP/s of a size x size matmul on the default device."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
 def benchmark_jax(config, steps: int) -> dict[str, float]:
     import jax
 
@@ -73,7 +58,7 @@ def benchmark_jax(config, steps: int) -> dict[str, float]:
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / steps
     tokens_per_s = config.train.batch_size * config.model.max_seq_len / step_s
-    peak = measure_matmul_peak(_PEAK_SIZE.value, config.model.dtype)
+    peak = flops.measure_matmul_flops(config.model.dtype, _PEAK_SIZE.value)
     flops_per_token = flops.train_flops_per_token(config.model)
     return {
         "devices": jax.device_count(), "compile_s": compile_s, "step_s": step_s,
