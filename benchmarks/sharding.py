@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import time_train_step  # noqa: E402  (benchmarks/timing.py, beside this file)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _LAYOUTS = flags.DEFINE_multi_string("layout", ["data=-1", "fsdp=-1"],
@@ -58,31 +58,19 @@ def measure(config, steps: int) -> dict:
     sizes = config.mesh.axis_sizes()
     devices = None if -1 in sizes.values() else jax.devices()[:math.prod(sizes.values())]
     run = trainer.Trainer(config, devices=devices)
-    batch = run.batch(0)
-    start = time.perf_counter()
-    compiled = run.train_step.lower(run.train_state.state, batch).compile()
-    compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    state = run.train_state.state
     first_device = jax.local_devices()[0]
-    state_bytes = sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
+    state_bytes = sum(shard.data.nbytes for leaf in jax.tree.leaves(run.train_state.state)
                       for shard in leaf.addressable_shards if shard.device == first_device)
-    for step in range(2):  # warm-up
-        state, metrics = compiled(state, run.batch(step))
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for step in range(2, 2 + steps):
-        state, metrics = compiled(state, run.batch(step))
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / steps
-    tokens_per_s = config.train.batch_size * config.model.max_seq_len / step_s
+    timing = time_train_step(run, steps)
+    memory = timing.compiled.memory_analysis()
+    tokens_per_s = timing.tokens_per_s
     devices = run.mesh.devices.size
     return {
         "mesh": "x".join(f"{a}{n}" for a, n in run.mesh.shape.items() if n > 1) or "1 device",
-        "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens_per_s,
+        "compile_s": timing.compile_s, "step_s": timing.step_s, "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_device": tokens_per_s / devices,
         "state_mib": state_bytes / MiB, "argument_mib": memory.argument_size_in_bytes / MiB,
-        "temp_mib": memory.temp_size_in_bytes / MiB, "loss": float(metrics["loss"]),
+        "temp_mib": memory.temp_size_in_bytes / MiB, "loss": float(timing.metrics["loss"]),
     }
 
 

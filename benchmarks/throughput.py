@@ -20,13 +20,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import time_train_step  # noqa: E402  (benchmarks/timing.py, beside this file)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after two warm-up steps).")
@@ -43,25 +43,12 @@ def benchmark_jax(config, steps: int) -> dict[str, float]:
 
     from minids_jax import flops, trainer
 
-    run = trainer.Trainer(config)
-    batch = run.batch(0)
-    start = time.perf_counter()
-    compiled = run.train_step.lower(run.train_state.state, batch).compile()
-    compile_s = time.perf_counter() - start
-    state = run.train_state.state
-    for step in range(2):  # warm-up
-        state, metrics = compiled(state, run.batch(step))
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for step in range(2, 2 + steps):
-        state, metrics = compiled(state, run.batch(step))
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / steps
-    tokens_per_s = config.train.batch_size * config.model.max_seq_len / step_s
+    timing = time_train_step(trainer.Trainer(config), steps)
+    tokens_per_s = timing.tokens_per_s
     peak = flops.measure_matmul_flops(config.model.dtype, _PEAK_SIZE.value)
     flops_per_token = flops.train_flops_per_token(config.model)
     return {
-        "devices": jax.device_count(), "compile_s": compile_s, "step_s": step_s,
+        "devices": jax.device_count(), "compile_s": timing.compile_s, "step_s": timing.step_s,
         "tokens_per_s": tokens_per_s, "train_flops_per_token": flops_per_token,
         "peak_flops": peak, "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()),
     }
