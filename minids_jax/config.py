@@ -13,7 +13,7 @@ import json
 from typing import Any, Mapping
 
 ATTENTION_KINDS = ("mha", "mhla")
-MOE_DISPATCHES = ("dropless", "capacity", "dense")
+MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -43,7 +43,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    moe_dispatch: str = "dropless"  # dropless | capacity | dense
+    # dropless (exact: ragged on GPU/TPU, blocked on CPU) | ragged | blocked | capacity | dense
+    moe_dispatch: str = "dropless"
     capacity_factor: float = 1.25  # only for moe_dispatch="capacity"
 
     def __post_init__(self):

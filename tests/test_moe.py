@@ -1,10 +1,12 @@
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax.moe import MoE, switch_balancing_loss
+from minids_jax.moe import MoE, block_layout, resolve_dispatch, switch_balancing_loss
 from tests.conftest import small_model_config
 
 
@@ -26,7 +28,7 @@ def per_token_reference(moe: MoE, x_BxLxD):
     return out.reshape(x_BxLxD.shape)
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity", "dense"])
+@pytest.mark.parametrize("dispatch", ["dropless", "ragged", "blocked", "capacity", "dense"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_moe_equals_per_token_reference(dispatch, top_k):
     cfg = small_model_config(moe_dispatch=dispatch, top_k=top_k, capacity_factor=4.0)
@@ -36,6 +38,93 @@ def test_moe_equals_per_token_reference(dispatch, top_k):
     np.testing.assert_allclose(out, per_token_reference(moe, x), rtol=1e-4, atol=1e-5)
     assert float(stats.dropped_fraction) == 0.0
     np.testing.assert_allclose(float(jnp.sum(stats.load_E)), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "ragged", "blocked", "dense"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_equals_reference_when_one_expert_takes_every_token(dispatch, top_k):
+    # A constant feature and a gate that favours expert 0, then expert 1: expert 0 gets every
+    # token (as first choice), experts 2 and 3 get none (top_k=1: only expert 0 gets any).
+    cfg = small_model_config(moe_dispatch=dispatch, top_k=top_k)
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    moe.gate.kernel[...] = moe.gate.kernel[...].at[0].set(jnp.array([20.0, 10.0, 0.0, 0.0]))
+    x = jax.random.normal(jax.random.key(1), (2, 16, cfg.d_model)).at[..., 0].set(1.0)
+    out, stats = moe(x)
+    np.testing.assert_allclose(stats.load_E, [1.0, 0, 0, 0] if top_k == 1 else [0.5, 0.5, 0, 0])
+    np.testing.assert_allclose(out, per_token_reference(moe, x), rtol=1e-4, atol=1e-5)
+
+
+def test_dropless_runs_blocked_on_cpu_and_ragged_dot_elsewhere():
+    def mesh(platform):
+        return types.SimpleNamespace(empty=False,
+                                     abstract_device=types.SimpleNamespace(platform=platform))
+    assert resolve_dispatch("dropless", mesh("cpu")) == "blocked"
+    assert resolve_dispatch("dropless", mesh("gpu")) == "ragged"
+    assert resolve_dispatch("dropless", mesh("tpu")) == "ragged"
+    assert resolve_dispatch("dropless", jax.sharding.get_abstract_mesh()) == (
+        "blocked" if jax.default_backend() == "cpu" else "ragged")
+    assert resolve_dispatch("capacity", mesh("cpu")) == "capacity"
+
+
+def _routings(tokens, n_experts, top_k):
+    """Expert choices [T, k] (distinct per token): random, all to one expert, two left empty."""
+    scores = jax.random.uniform(jax.random.key(3), (tokens, n_experts))
+    random = jnp.argsort(scores, axis=-1)[:, :top_k]
+    one_takes_all = (jnp.arange(top_k)[None, :] + jnp.zeros((tokens, 1), int)) + 1
+    two_empty = jnp.where(random % 2 == 0, random + 1, random)  # only odd experts
+    two_empty = two_empty.at[:, 1:].set(jnp.where(two_empty[:, :1] == 1, 3, 1)) if top_k > 1 \
+        else two_empty
+    return {"random": random, "one_takes_all": one_takes_all, "two_empty": two_empty}
+
+
+@pytest.mark.parametrize("rows", [None, 1, 5])  # None: the default block size
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("routing", ["random", "one_takes_all", "two_empty"])
+def test_blocked_dispatch_matches_dense_in_output_and_gradients(routing, top_k, rows):
+    cfg = small_model_config(n_experts=4, top_k=top_k)
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    tokens = 24
+    expert_TxK = _routings(tokens, cfg.n_experts, top_k)[routing]
+    assert bool(jnp.all(jnp.sort(expert_TxK, -1)[:, 1:] != jnp.sort(expert_TxK, -1)[:, :-1]))
+    x_TxD = jax.random.normal(jax.random.key(1), (tokens, cfg.d_model))
+    probe = jax.random.normal(jax.random.key(2), (tokens, top_k, cfg.d_model))
+
+    def loss(fn, x, weights):
+        return jnp.sum(fn(x, expert_TxK, weights) * probe)
+
+    blocked = lambda x, e, w: moe._blocked(x, e, w, rows=rows)  # noqa: E731
+    for fn in (blocked, moe._ragged) if rows is None else (blocked,):
+        out = fn(x_TxD, expert_TxK, moe.weights())
+        np.testing.assert_allclose(out, moe._dense(x_TxD, expert_TxK, moe.weights()),
+                                   rtol=1e-5, atol=1e-6)
+        grads = jax.grad(loss, argnums=(1, 2))(fn, x_TxD, moe.weights())
+        expected = jax.grad(loss, argnums=(1, 2))(moe._dense, x_TxD, moe.weights())
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_block_layout_gives_each_block_one_expert_in_order(rows):
+    n_experts = 5
+    expert_A = jnp.array([4, 0, 4, 4, 2, 0, 4, 4, 4, 0, 2])  # experts 1 and 3 get none
+    layout = block_layout(expert_A, n_experts, rows)
+    assignments = len(expert_A)
+    assignment_R = np.asarray(layout.assignment_R)
+    assert len(assignment_R) % rows == 0
+    # Every assignment sits in exactly one row, and that row's block is its expert's.
+    np.testing.assert_array_equal(assignment_R[np.asarray(layout.row_A)], np.arange(assignments))
+    assert np.sum(assignment_R < assignments) == assignments
+    block_of_row = np.arange(len(assignment_R)) // rows
+    np.testing.assert_array_equal(np.asarray(layout.expert_N)[block_of_row[layout.row_A]],
+                                  expert_A)
+    sizes = np.bincount(expert_A, minlength=n_experts)
+    assert int(layout.used_blocks) == np.sum(-(-sizes // rows))
+    # Blocks in use come first, in expert order; within an expert, assignments keep their order.
+    used = np.asarray(layout.expert_N)[:int(layout.used_blocks)]
+    assert np.all(np.diff(used) >= 0)
+    for e in range(n_experts):
+        rows_e = np.asarray(layout.row_A)[np.asarray(expert_A) == e]
+        assert np.all(np.diff(rows_e) > 0)
 
 
 def test_capacity_dispatch_drops_overflow_and_reports_it():
