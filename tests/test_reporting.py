@@ -148,7 +148,7 @@ def test_training_run_reports_everything(tmp_path):
                       latent_k=4, n_experts=2),
         "optim": dict(total_steps=6, warmup_steps=1),
         "train": dict(batch_size=2, log_every=2, eval_every=4, eval_batches=2, peak_flops=1e11),
-        "data": dict(source="builtin", max_bytes=20000),
+        "data": dict(source="builtin", max_bytes=20000, cache_dir=""),
     })
     history = trainer.run(config, str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -77,7 +77,8 @@ def test_train_py_runs_end_to_end(tmp_path):
                "--config.model.n_layers=2", "--config.model.latent_k=4",
                "--config.optim.total_steps=4", "--config.optim.warmup_steps=1",
                "--config.train.batch_size=2", "--config.train.log_every=2",
-               "--config.data.max_bytes=200000", f"--workdir={tmp_path / 'run'}"]
+               "--config.data.max_bytes=200000", "--config.data.cache_dir=",
+               f"--workdir={tmp_path / 'run'}"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-3000:]
