@@ -234,6 +234,13 @@ def architecture_diff(saved: Config, current: Config) -> list[str]:
             if getattr(saved.model, name) != getattr(current.model, name)]
 
 
+def _require_same_architecture(saved: Config, current: Config, what: str, fix: str) -> None:
+    differences = architecture_diff(saved, current)
+    if differences:
+        raise CheckpointError(f"{what} has a different model architecture than this run: "
+                              f"{'; '.join(differences)}. {fix}")
+
+
 def _flat(config: Config) -> dict[str, Any]:
     flat = {}
     for group, values in dataclasses.asdict(config).items():
@@ -351,13 +358,10 @@ class Checkpointer:
 
     def _check_config(self, directory: epath.Path, step: int) -> None:
         saved = read_config(directory, step)
-        differences = architecture_diff(saved, self.config)
-        if differences:
-            raise CheckpointError(
-                f"the checkpoint {directory / str(step)} has a different model architecture "
-                f"than this run: {'; '.join(differences)}. Run with the checkpoint's values "
-                f"(see {directory.parent / 'config.json'}), or use a new --workdir for a new "
-                f"model.")
+        _require_same_architecture(
+            saved, self.config, f"the checkpoint {directory / str(step)}",
+            f"Run with the checkpoint's values (see {directory.parent / 'config.json'}), or use "
+            f"a new --workdir for a new model.")
         changes = other_changes(saved, self.config)
         if changes:
             self.log(f"note: resuming with changed settings (the run will not match an "
@@ -374,12 +378,8 @@ class Checkpointer:
     def _init_from(self, train_state) -> None:
         directory, step = resolve(self.cfg.init_from)
         saved = read_config(directory, step)
-        differences = architecture_diff(saved, self.config)
-        if differences:
-            raise CheckpointError(
-                f"checkpoint.init_from={self.cfg.init_from} has a different model architecture "
-                f"than this run: {'; '.join(differences)}. Set the model fields to the "
-                f"checkpoint's values.")
+        _require_same_architecture(saved, self.config, f"checkpoint.init_from={self.cfg.init_from}",
+                                   "Set the model fields to the checkpoint's values.")
         model_state = train_state.state[0]
         target = _abstract(nnx.to_pure_dict(model_state))
         restored = _restore_items(directory, step, model=target)
