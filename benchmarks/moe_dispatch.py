@@ -99,7 +99,7 @@ def main(argv):
             jax.block_until_ready(out)
             best[label] = min(best[label], (time.perf_counter() - start) / _ITERS.value)
     base = best["plain SwiGLU"]
-    print(f"| case | ms | x plain SwiGLU |\n|---|---:|---:|")
+    print("| case | ms | x plain SwiGLU |\n|---|---:|---:|")
     for label, seconds in best.items():
         print(f"| {label} | {seconds * 1e3:.1f} | {seconds / base:.2f} |")
 

@@ -18,7 +18,7 @@ def _inputs(cfg, length=None, seed=0):
 def test_mha_equals_naive_softmax_attention(model_cfg):
     mha = MHA(model_cfg, rngs=nnx.Rngs(0))
     x, positions = _inputs(model_cfg)
-    proj, h, dh = mha.attention, model_cfg.n_heads, model_cfg.head_dim
+    proj, dh = mha.attention, model_cfg.head_dim
     q = apply_rope(proj.heads(proj.q(x)), positions, model_cfg.rope_theta)
     k = apply_rope(proj.heads(proj.k(x)), positions, model_cfg.rope_theta)
     v = proj.heads(proj.v(x))
