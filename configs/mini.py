@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
         norm_eps=1e-5,
         dtype="float32",  # compute dtype; "bfloat16" on GPUs
         param_dtype="float32",
+        # auto (fused on CPU, dot_product_attention elsewhere) | fused | dot_product_attention
+        attention_kernel="auto",
         # dropless (blocked on CPU, ragged elsewhere) | ragged | blocked | capacity | dense
         moe_dispatch="dropless",
         capacity_factor=1.25,  # capacity dispatch only

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minids_jax import fused
 from minids_jax.config import ModelConfig
-from minids_jax.layers import RMSNorm, apply_rope, linear
+from minids_jax.layers import RMSNorm, apply_rope, linear, mesh_platform
 
 
 class AttentionProjections(nnx.Module):
@@ -43,24 +44,50 @@ class AttentionProjections(nnx.Module):
     def attend_keys_values(self, queries_BxQxD, query_pos_BxQ, k_BxSxHxDh, v_BxSxHxDh, *,
                            mask_BxQxS: jax.Array | None = None,
                            is_causal: bool = False) -> jax.Array:
-        """Attention over keys and values already projected (by `keys_values`, or a cache).
-
-        Query rows whose mask is all False get exactly zero, not the uniform average a
-        fully masked softmax would give (that average would leak positions they must not see).
-        """
+        """Attention over keys and values already projected (by `keys_values`, or a cache)."""
         q_BxQxHxDh = apply_rope(self.heads(self.q(queries_BxQxD)), query_pos_BxQ,
                                 self.cfg.rope_theta)
-        mask_Bx1xQxS = None if mask_BxQxS is None else mask_BxQxS[:, None]
-        attended_BxQxHxDh = jax.nn.dot_product_attention(
-            q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask=mask_Bx1xQxS, is_causal=is_causal)
-        if mask_BxQxS is not None:
-            sees_any_BxQx1x1 = jnp.any(mask_BxQxS, axis=-1)[:, :, None, None]
-            attended_BxQxHxDh = jnp.where(sees_any_BxQx1x1, attended_BxQxHxDh, 0)
+        attended_BxQxHxDh = multi_head_attention(
+            q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS=mask_BxQxS, is_causal=is_causal,
+            kernel=self.cfg.attention_kernel)
         return self.out(attended_BxQxHxDh.reshape(queries_BxQxD.shape))
 
 
+def resolve_kernel(kernel: str, mesh: jax.sharding.AbstractMesh | None = None) -> str:
+    """`auto` as the attention kernel that is fastest on the platform the layer runs on."""
+    if kernel != "auto":
+        return kernel
+    return "fused" if mesh_platform(mesh) == "cpu" else "dot_product_attention"
+
+
+def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *,
+                         mask_BxQxS: jax.Array | None = None, is_causal: bool = False,
+                         kernel: str = "auto") -> jax.Array:
+    """softmax(q k^T / sqrt(Dh)) v per head, where mask (True: may attend) and, if is_causal,
+    key <= query allow. Query rows that may attend to nothing get exactly zero, not the
+    uniform average a fully masked softmax would give (that average would leak positions they
+    must not see)."""
+    if resolve_kernel(kernel) == "fused":
+        if mask_BxQxS is None and is_causal:
+            return fused.causal_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh)
+        batch, queries, sources = q_BxQxHxDh.shape[0], q_BxQxHxDh.shape[1], k_BxSxHxDh.shape[1]
+        if mask_BxQxS is None:
+            mask_BxQxS = jnp.ones((batch, queries, sources), bool)
+        if is_causal:
+            mask_BxQxS = mask_BxQxS & jnp.tril(jnp.ones((queries, sources), bool))
+        return fused.softmax_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS)
+    mask_Bx1xQxS = None if mask_BxQxS is None else mask_BxQxS[:, None]
+    attended_BxQxHxDh = jax.nn.dot_product_attention(
+        q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask=mask_Bx1xQxS, is_causal=is_causal)
+    if mask_BxQxS is not None:
+        sees_any_BxQx1x1 = jnp.any(mask_BxQxS, axis=-1)[:, :, None, None]
+        attended_BxQxHxDh = jnp.where(sees_any_BxQx1x1, attended_BxQxHxDh, 0)
+    return attended_BxQxHxDh
+
+
 class MHA(nnx.Module):
-    """Causal multi-head self-attention (cuDNN flash kernel on GPU via dot_product_attention)."""
+    """Causal multi-head self-attention (on GPU: cuDNN's flash kernel through
+    jax.nn.dot_product_attention; on CPU: the causal blocks of fused.py)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.attention = AttentionProjections(cfg, rngs=rngs)

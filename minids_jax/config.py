@@ -13,6 +13,7 @@ import json
 from typing import Any, Mapping
 
 ATTENTION_KINDS = ("mha", "mhla")
+ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention")
 MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -43,6 +44,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # auto (fused on CPU, dot_product_attention on GPU/TPU) | fused (minids_jax/fused.py) |
+    # dot_product_attention (jax.nn.dot_product_attention: cuDNN's flash kernel on GPU)
+    attention_kernel: str = "auto"
     # dropless (exact: ragged on GPU/TPU, blocked on CPU) | ragged | blocked | capacity | dense
     moe_dispatch: str = "dropless"
     capacity_factor: float = 1.25  # only for moe_dispatch="capacity"
@@ -73,6 +77,9 @@ class ModelConfig:
                    f"model.max_seq_len={self.max_seq_len} is not divisible by "
                    f"model.latent_k={self.latent_k}: each latent summarizes an equal segment; "
                    f"choose latent_k among the divisors of max_seq_len.")
+        _check(self.attention_kernel in ATTENTION_KERNELS,
+               f"model.attention_kernel={self.attention_kernel!r} is unknown; "
+               f"choose from {ATTENTION_KERNELS}.")
         _check(self.moe_dispatch in MOE_DISPATCHES,
                f"model.moe_dispatch={self.moe_dispatch!r} is unknown; choose from {MOE_DISPATCHES}.")
         _check(self.capacity_factor > 0,

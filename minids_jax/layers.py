@@ -14,6 +14,14 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def mesh_platform(mesh: jax.sharding.AbstractMesh | None = None) -> str:
+    """The platform a layer runs on: that of the (context) mesh's devices, else JAX's default
+    backend. Layers use it to pick the kernel that is fastest there."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 for stability."""
 

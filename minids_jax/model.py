@@ -55,6 +55,12 @@ class MiniDeepSeek(nnx.Module):
                                dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None):
+        hidden_BxLxD, aux = self.hidden(tokens_BxL, positions_BxL)
+        return self.head(hidden_BxLxD).astype(jnp.float32), aux
+
+    def hidden(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None):
+        """The final-normed features the head reads, and `aux`: `__call__` without the head
+        (the trainer's loss applies the head itself, in chunks; see fused.py)."""
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
         x_BxLxD = self.embed(tokens_BxL)
@@ -62,13 +68,12 @@ class MiniDeepSeek(nnx.Module):
         for block in self.blocks:
             x_BxLxD, stats = block(x_BxLxD, positions_BxL)
             all_stats.append(stats)
-        logits_BxLxV = self.head(self.final_norm(x_BxLxD)).astype(jnp.float32)
         aux = {
             "aux_loss": jnp.mean(jnp.stack([s.aux_loss for s in all_stats])),
             "expert_load_NxE": jnp.stack([s.load_E for s in all_stats]),
             "dropped_fraction": jnp.mean(jnp.stack([s.dropped_fraction for s in all_stats])),
         }
-        return logits_BxLxV, aux
+        return self.final_norm(x_BxLxD), aux
 
 
 def count_params(model: nnx.Module) -> int:

@@ -49,7 +49,7 @@ from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec as P
 
 from minids_jax.config import ModelConfig
-from minids_jax.layers import linear
+from minids_jax.layers import linear, mesh_platform
 
 
 class MoEStats(NamedTuple):
@@ -95,9 +95,7 @@ def resolve_dispatch(dispatch: str, mesh: jax.sharding.AbstractMesh) -> str:
     """`dropless` as the kernel for the platform the layer runs on; other names unchanged."""
     if dispatch != "dropless":
         return dispatch
-    device = None if mesh.empty else mesh.abstract_device
-    platform = device.platform if device is not None else jax.default_backend()
-    return "blocked" if platform == "cpu" else "ragged"
+    return "blocked" if mesh_platform(mesh) == "cpu" else "ragged"
 
 
 # Rows per block of the `blocked` dispatch: the power of two at or below half an expert's even

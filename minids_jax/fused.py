@@ -1,0 +1,168 @@
+"""Hand-written backward passes where XLA's own leaves the most time: softmax attention, and the
+output head with its cross-entropy.
+
+Both are exact (the same numbers as autodiff of the plain formula, up to float rounding); they
+only do less work and touch less memory:
+  softmax_attention   saves the probabilities and writes the backward as five einsums and one
+                      fused elementwise pass (autodiff of softmax + mask makes several), and
+                      `causal_attention` splits the queries into blocks so that keys above the
+                      causal diagonal are never scored: 10 of 16 blocks at 4 blocks.
+  head_cross_entropy  runs the head and the loss in chunks of tokens and computes d(logits)
+                      in the forward pass, so the [B, L, V] logits never exist at once and the
+                      softmax is read once while still in cache.
+Measured on a 2-core CPU (forward+backward, d 256, 8 heads, L 256, batch 8, vocab 8192):
+causal attention layer 91 -> 41 ms against `jax.nn.dot_product_attention`; head + loss
+300 -> 117 ms against autodiff of logits + `optax.softmax_cross_entropy_with_integer_labels`.
+
+Shapes: B batch, Q queries, S sources (keys), H heads, Dh head width, L length, D model width,
+V vocab, C tokens per chunk, N chunks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+def _attention_forward(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
+    scale = q_BxQxHxDh.shape[-1] ** -0.5
+    scores_BxHxQxS = jnp.einsum("bqhd,bshd->bhqs", q_BxQxHxDh * scale, k_BxSxHxDh,
+                                preferred_element_type=f32)
+    visible_Bx1xQxS = mask_BxQxS[:, None]
+    scores_BxHxQxS = jnp.where(visible_Bx1xQxS, scores_BxHxQxS, -jnp.inf)
+    max_BxHxQx1 = jnp.max(scores_BxHxQxS, axis=-1, keepdims=True)
+    # A row that sees nothing has max -inf: shift it by 0 instead, so its exps are all 0 and
+    # its output is exactly 0 (not the uniform average a masked softmax would give).
+    max_BxHxQx1 = jnp.where(jnp.isneginf(max_BxHxQx1), 0.0, max_BxHxQx1)
+    exp_BxHxQxS = jnp.exp(scores_BxHxQxS - max_BxHxQx1)
+    total_BxHxQx1 = jnp.sum(exp_BxHxQxS, axis=-1, keepdims=True)
+    probs_BxHxQxS = exp_BxHxQxS / jnp.where(total_BxHxQx1 > 0, total_BxHxQx1, 1.0)
+    out_BxQxHxDh = jnp.einsum("bhqs,bshd->bqhd", probs_BxHxQxS.astype(v_BxSxHxDh.dtype),
+                              v_BxSxHxDh)
+    return out_BxQxHxDh, probs_BxHxQxS
+
+
+@jax.custom_vjp
+def softmax_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
+    """softmax(q k^T / sqrt(Dh), masked) v; rows whose mask is all False get exactly 0."""
+    return _attention_forward(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS)[0]
+
+
+def _softmax_attention_fwd(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
+    out_BxQxHxDh, probs_BxHxQxS = _attention_forward(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh,
+                                                     mask_BxQxS)
+    return out_BxQxHxDh, (q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, probs_BxHxQxS, out_BxQxHxDh)
+
+
+def _softmax_attention_bwd(residuals, dout_BxQxHxDh):
+    q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, probs_BxHxQxS, out_BxQxHxDh = residuals
+    scale = q_BxQxHxDh.shape[-1] ** -0.5
+    dv_BxSxHxDh = jnp.einsum("bhqs,bqhd->bshd", probs_BxHxQxS.astype(dout_BxQxHxDh.dtype),
+                             dout_BxQxHxDh)
+    dprobs_BxHxQxS = jnp.einsum("bqhd,bshd->bhqs", dout_BxQxHxDh, v_BxSxHxDh,
+                                preferred_element_type=f32)
+    # Softmax backward: p * (dp - sum_s p dp), and sum_s p dp = dout . out per row.
+    row_dot_BxHxQx1 = jnp.einsum("bqhd,bqhd->bhq", dout_BxQxHxDh, out_BxQxHxDh,
+                                 preferred_element_type=f32)[..., None]
+    dscores_BxHxQxS = (probs_BxHxQxS * (dprobs_BxHxQxS - row_dot_BxHxQx1) * scale).astype(
+        q_BxQxHxDh.dtype)
+    dq_BxQxHxDh = jnp.einsum("bhqs,bshd->bqhd", dscores_BxHxQxS, k_BxSxHxDh)
+    dk_BxSxHxDh = jnp.einsum("bhqs,bqhd->bshd", dscores_BxHxQxS, q_BxQxHxDh)
+    return dq_BxQxHxDh, dk_BxSxHxDh, dv_BxSxHxDh, None
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+ATTENTION_BLOCK_ROWS = 64  # query rows per causal block; 64-128 measured best on a 2-core CPU
+
+
+def causal_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, block_rows: int = ATTENTION_BLOCK_ROWS):
+    """Causal self-attention (query i sees keys <= i), one query block at a time: the block of
+    rows [a, b) scores keys [0, b) only, so the work above the diagonal is skipped."""
+    batch, length = q_BxLxHxDh.shape[:2]
+    outs = []
+    for start in range(0, length, block_rows):
+        end = min(start + block_rows, length)
+        mask_QxS = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
+        outs.append(softmax_attention(
+            q_BxLxHxDh[:, start:end], k_BxLxHxDh[:, :end], v_BxLxHxDh[:, :end],
+            jnp.broadcast_to(mask_QxS, (batch, *mask_QxS.shape))))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _head_loss_chunk(x_BxCxD, kernel_DxV, targets_BxC, weights_BxC, with_grad: bool):
+    """Weighted cross-entropy sum of one chunk and, if asked, its gradients for x and kernel."""
+    logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD, kernel_DxV, preferred_element_type=f32)
+    max_BxCx1 = jnp.max(logits_BxCxV, axis=-1, keepdims=True)
+    exp_BxCxV = jnp.exp(logits_BxCxV - max_BxCx1)
+    total_BxCx1 = jnp.sum(exp_BxCxV, axis=-1, keepdims=True)
+    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
+    target_logit_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1)
+    logsumexp_BxC = jnp.log(total_BxCx1[..., 0]) + max_BxCx1[..., 0]
+    loss = jnp.sum((logsumexp_BxC - target_logit_BxC) * weights_BxC)
+    if not with_grad:
+        return loss, None, None
+    # d(loss)/d(logits) = weight * (softmax - onehot(target)).
+    weights_BxCx1 = weights_BxC[..., None].astype(f32)
+    dlogits_BxCxV = (exp_BxCxV * (weights_BxCx1 / total_BxCx1)
+                     - jnp.where(is_target_BxCxV, weights_BxCx1, 0.0)).astype(x_BxCxD.dtype)
+    dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, kernel_DxV)
+    dkernel_DxV = jnp.einsum("bcd,bcv->dv", x_BxCxD, dlogits_BxCxV, preferred_element_type=f32)
+    return loss, dx_BxCxD, dkernel_DxV
+
+
+def _head_loss(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk: int, with_grad: bool):
+    batch, length, width = x_BxLxD.shape
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length  # padded positions weigh 0: no loss, no gradient
+
+    def chunked(a_BxL, fill=0):
+        a_BxL = jnp.pad(a_BxL, [(0, 0), (0, pad)] + [(0, 0)] * (a_BxL.ndim - 2),
+                        constant_values=fill)
+        return jnp.swapaxes(a_BxL.reshape(batch, n_chunks, chunk, *a_BxL.shape[2:]), 0, 1)
+
+    def step(carry, chunk_inputs):
+        loss, dkernel_DxV = carry
+        loss_c, dx_BxCxD, dkernel_c = _head_loss_chunk(*chunk_inputs[:1], kernel_DxV,
+                                                       *chunk_inputs[1:], with_grad)
+        if with_grad:
+            dkernel_DxV = dkernel_DxV + dkernel_c
+        return (loss + loss_c, dkernel_DxV), dx_BxCxD
+
+    dkernel_DxV = jnp.zeros(kernel_DxV.shape if with_grad else (), f32)
+    (loss, dkernel_DxV), dx_NxBxCxD = jax.lax.scan(
+        step, (jnp.zeros((), f32), dkernel_DxV),
+        (chunked(x_BxLxD), chunked(targets_BxL), chunked(weights_BxL)))
+    if not with_grad:
+        return loss, None
+    dx_BxLxD = jnp.swapaxes(dx_NxBxCxD, 0, 1).reshape(batch, -1, width)[:, :length]
+    return loss, (dx_BxLxD, dkernel_DxV.astype(kernel_DxV.dtype))
+
+
+def head_cross_entropy(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk: int):
+    """sum over positions of weight * cross_entropy(x @ kernel, target), in float32.
+
+    `chunk` positions per step (times the batch: the rows of each chunk's matmuls). The
+    weights are data: they get no gradient.
+    """
+    return _head_cross_entropy(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL.astype(f32), chunk)
+
+
+def _head_cross_entropy_fwd(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk):
+    loss, grads = _head_loss(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk, True)
+    return loss, grads
+
+
+def _head_cross_entropy_bwd(chunk, grads, dloss):
+    dx_BxLxD, dkernel_DxV = grads
+    return ((dloss * dx_BxLxD).astype(dx_BxLxD.dtype),
+            (dloss * dkernel_DxV).astype(dkernel_DxV.dtype), None, None)
+
+
+_head_cross_entropy = jax.custom_vjp(
+    lambda x, kernel, targets, weights, chunk: _head_loss(x, kernel, targets, weights, chunk,
+                                                          False)[0],
+    nondiff_argnums=(4,))
+_head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)
