@@ -18,21 +18,40 @@ class StepTiming:
     metrics: dict  # of the last step
 
 
+class StepTimer:
+    """Compiles the train step of `run` (a `trainer.Trainer`) and warms it up with two steps;
+    `time(steps)` then times that many more, each call continuing from the last."""
+
+    def __init__(self, run):
+        self.run = run
+        start = time.perf_counter()
+        self.compiled = run.train_step.lower(run.train_state.state, run.batch(0)).compile()
+        self.compile_s = time.perf_counter() - start
+        self.next_step = 0
+        self.metrics = self._advance(2)
+
+    def _advance(self, steps: int) -> dict:
+        state = self.run.train_state.state
+        for step in range(self.next_step, self.next_step + steps):
+            state, metrics = self.compiled(state, self.run.batch(step))
+        jax.block_until_ready(metrics)
+        self.run.train_state.state, self.next_step = state, self.next_step + steps
+        return metrics
+
+    def time(self, steps: int) -> float:
+        """Mean seconds per step over `steps` steps."""
+        start = time.perf_counter()
+        self.metrics = self._advance(steps)
+        return (time.perf_counter() - start) / steps
+
+    def tokens_per_s(self, step_s: float) -> float:
+        config = self.run.config
+        return config.train.batch_size * config.model.max_seq_len / step_s
+
+
 def time_train_step(run, steps: int) -> StepTiming:
     """`run` is a `trainer.Trainer`; its state is advanced by 2 + `steps` steps."""
-    start = time.perf_counter()
-    compiled = run.train_step.lower(run.train_state.state, run.batch(0)).compile()
-    compile_s = time.perf_counter() - start
-    state = run.train_state.state
-    for step in range(2):  # warm-up
-        state, metrics = compiled(state, run.batch(step))
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for step in range(2, 2 + steps):
-        state, metrics = compiled(state, run.batch(step))
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / steps
-    run.train_state.state = state
-    config = run.config
-    tokens_per_s = config.train.batch_size * config.model.max_seq_len / step_s
-    return StepTiming(compiled, compile_s, step_s, tokens_per_s, metrics)
+    timer = StepTimer(run)
+    step_s = timer.time(steps)
+    return StepTiming(timer.compiled, timer.compile_s, step_s, timer.tokens_per_s(step_s),
+                      timer.metrics)

@@ -53,19 +53,20 @@ def softmax_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
 def _softmax_attention_fwd(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
     out_BxQxHxDh, probs_BxHxQxS = _attention_forward(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh,
                                                      mask_BxQxS)
-    return out_BxQxHxDh, (q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, probs_BxHxQxS, out_BxQxHxDh)
+    return out_BxQxHxDh, (q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, probs_BxHxQxS)
 
 
 def _softmax_attention_bwd(residuals, dout_BxQxHxDh):
-    q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, probs_BxHxQxS, out_BxQxHxDh = residuals
+    q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, probs_BxHxQxS = residuals
     scale = q_BxQxHxDh.shape[-1] ** -0.5
     dv_BxSxHxDh = jnp.einsum("bhqs,bqhd->bshd", probs_BxHxQxS.astype(dout_BxQxHxDh.dtype),
                              dout_BxQxHxDh)
     dprobs_BxHxQxS = jnp.einsum("bqhd,bshd->bhqs", dout_BxQxHxDh, v_BxSxHxDh,
                                 preferred_element_type=f32)
-    # Softmax backward: p * (dp - sum_s p dp), and sum_s p dp = dout . out per row.
-    row_dot_BxHxQx1 = jnp.einsum("bqhd,bqhd->bhq", dout_BxQxHxDh, out_BxQxHxDh,
-                                 preferred_element_type=f32)[..., None]
+    # Softmax backward: p * (dp - sum_s p dp). (dout . out equals that sum and is cheaper,
+    # but only up to rounding: a query that sees a single key would then leak a ~1e-6
+    # gradient into its own position, which the causality tests rightly reject.)
+    row_dot_BxHxQx1 = jnp.sum(probs_BxHxQxS * dprobs_BxHxQxS, axis=-1, keepdims=True)
     dscores_BxHxQxS = (probs_BxHxQxS * (dprobs_BxHxQxS - row_dot_BxHxQx1) * scale).astype(
         q_BxQxHxDh.dtype)
     dq_BxQxHxDh = jnp.einsum("bhqs,bshd->bqhd", dscores_BxHxQxS, k_BxSxHxDh)

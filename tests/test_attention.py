@@ -70,3 +70,17 @@ def test_mhla_latents_summarize_their_segments():
     influence = np.abs(np.asarray(jac)).sum(axis=(1, 2))  # per output position
     assert influence[7] > 0
     np.testing.assert_array_equal(influence[:7], 0.0)
+
+
+@pytest.mark.parametrize("cls", [MHA, MHLA])
+def test_attention_kernels_agree(cls):
+    """The CPU kernel (fused.py) and jax.nn.dot_product_attention: same outputs and gradients."""
+    x, positions = _inputs(small_model_config(), length=13)  # not a whole number of blocks
+
+    def run(kernel):
+        layer = cls(small_model_config(attention_kernel=kernel), rngs=nnx.Rngs(0))
+        return jax.value_and_grad(lambda x: jnp.sum(jnp.sin(layer(x, positions))))(x)
+
+    (fused_value, fused_grad), (dpa_value, dpa_grad) = run("fused"), run("dot_product_attention")
+    np.testing.assert_allclose(fused_value, dpa_value, rtol=1e-5)
+    np.testing.assert_allclose(fused_grad, dpa_grad, atol=1e-5)

@@ -10,6 +10,7 @@ from minids_jax.config import ConfigError, ModelConfig, from_config_dict, from_j
     (dict(top_k=3, n_experts=2), "top_k=3 exceeds model.n_experts=2"),
     (dict(attn_pattern=("mha", "flash")), "unknown attention kind 'flash'"),
     (dict(moe_dispatch="magic"), "moe_dispatch='magic' is unknown"),
+    (dict(attention_kernel="flash"), "attention_kernel='flash' is unknown"),
     (dict(n_layers=0), "model.n_layers must be a positive integer"),
 ])
 def test_bad_model_configs_name_the_field(overrides, message):
