@@ -29,7 +29,8 @@ def _reference_attention(q, k, v, mask):
 
 def _grads(fn, *args):
     """Value and gradients of a non-linear read-out of fn(*args) (so every path is exercised)."""
-    return jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))(*args)
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2)))(
+        *args)
 
 
 def test_softmax_attention_matches_reference_values_and_gradients():
@@ -111,8 +112,8 @@ def test_model_loss_equals_cross_entropy_of_the_models_logits():
         logits, _ = model(batch["inputs"])
         return trainer.cross_entropy(logits, batch["targets"], batch["weights"])
 
-    value, grads = nnx.value_and_grad(lambda m: trainer.model_loss(m, batch)[0])(model)
-    ref_value, ref_grads = nnx.value_and_grad(unfused)(model)
+    value, grads = nnx.jit(nnx.value_and_grad(lambda m: trainer.model_loss(m, batch)[0]))(model)
+    ref_value, ref_grads = nnx.jit(nnx.value_and_grad(unfused))(model)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for grad, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(grad, ref, atol=1e-5)
