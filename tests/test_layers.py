@@ -33,8 +33,9 @@ def test_rope_rotates_interleaved_pairs_and_keeps_norms():
     x = jax.random.normal(jax.random.key(3), (1, 5, 1, 8))
     positions = jnp.arange(5)[None]
     rotated = apply_rope(x, positions, 10000.0)
-    pair_norms = lambda t: jnp.hypot(t[..., 0::2], t[..., 1::2])
-    np.testing.assert_allclose(pair_norms(rotated), pair_norms(x), rtol=1e-5)
+    # Input pair i is (x[2i], x[2i+1]); it comes out as (out[i], out[4 + i]).
+    np.testing.assert_allclose(jnp.hypot(rotated[..., :4], rotated[..., 4:]),
+                               jnp.hypot(x[..., 0::2], x[..., 1::2]), rtol=1e-5)
     # Pair 0 turns by exactly the position (its frequency is 1).
-    angle = jnp.arctan2(rotated[0, :, 0, 1], rotated[0, :, 0, 0]) - jnp.arctan2(x[0, :, 0, 1], x[0, :, 0, 0])
+    angle = jnp.arctan2(rotated[0, :, 0, 4], rotated[0, :, 0, 0]) - jnp.arctan2(x[0, :, 0, 1], x[0, :, 0, 0])
     np.testing.assert_allclose(np.cos(angle), np.cos(np.arange(5)), atol=1e-5)
