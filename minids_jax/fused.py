@@ -11,8 +11,9 @@ only do less work and touch less memory:
                       in the forward pass, so the [B, L, V] logits never exist at once and the
                       softmax is read once while still in cache.
 Measured on a 2-core CPU (forward+backward, d 256, 8 heads, L 256, batch 8, vocab 8192):
-causal attention layer 91 -> 41 ms against `jax.nn.dot_product_attention`; head + loss
-300 -> 117 ms against autodiff of logits + `optax.softmax_cross_entropy_with_integer_labels`.
+an MHA layer takes 53 ms against 109 with `jax.nn.dot_product_attention`; head + loss 134 ms
+against 248 for autodiff of the logits and `optax.softmax_cross_entropy_with_integer_labels`
+(the PyTorch original, same shapes: 35-41 and 174-206 ms).
 
 Shapes: B batch, Q queries, S sources (keys), H heads, Dh head width, L length, D model width,
 V vocab, C tokens per chunk, N chunks.
@@ -76,7 +77,9 @@ def _softmax_attention_bwd(residuals, dout_BxQxHxDh):
 
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
-ATTENTION_BLOCK_ROWS = 64  # query rows per causal block; 64-128 measured best on a 2-core CPU
+# Query rows per causal block. On a 2-core CPU at L 256 (attention alone, forward+backward):
+# 64 rows 41-45 ms, 128 rows 46-53 ms, one block 52-66 ms.
+ATTENTION_BLOCK_ROWS = 64
 
 
 def causal_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, block_rows: int = ATTENTION_BLOCK_ROWS):
