@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from flax.core.spmd import get_logical_axis_rules
 
 from minids_jax import checkpoint
 from minids_jax import data as data_lib
@@ -35,9 +36,14 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: 
 
 
 def loss_chunk(batch: int, length: int) -> int:
-    """Positions per chunk of the fused head + loss: batch x chunk of about 256 rows keeps a
-    chunk's logits in a CPU's cache (2-core CPU, batch 8, vocab 8192: 117 ms forward+backward
-    at 256 rows, 127 at 512, 132 at 128, 156 at 2048); accelerators take it whole."""
+    """Positions per chunk of the fused head + loss: a device's rows of a chunk (its share of
+    the batch x chunk) near 256 keep the chunk's logits in a CPU's cache (2-core CPU, batch 8,
+    vocab 8192: 117 ms forward+backward at 256 rows, 127 at 512, 132 at 128, 156 at 2048);
+    accelerators take the sequence whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:  # tracing under the trainer's mesh: the batch is split over devices
+        batch = max(1, batch // sharding.ways(mesh, sharding.mesh_axes_of(
+            get_logical_axis_rules(), "batch")))
     rows = 256 if mesh_platform() == "cpu" else 1 << 16
     return max(1, min(length, rows // batch))
 

@@ -117,3 +117,13 @@ def test_model_loss_equals_cross_entropy_of_the_models_logits():
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for grad, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(grad, ref, atol=1e-5)
+
+
+def test_loss_chunks_count_each_devices_share_of_the_batch():
+    """About 256 rows per chunk per device on a CPU: a batch split 8 ways has 8x longer chunks."""
+    assert trainer.loss_chunk(8, 256) == 32
+    assert trainer.loss_chunk(1, 100) == 100  # never longer than the sequence
+    mesh = jax.sharding.AbstractMesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules([("batch", "data")]):
+        assert trainer.loss_chunk(8, 256) == 256
+        assert trainer.loss_chunk(64, 256) == 32

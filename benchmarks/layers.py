@@ -1,0 +1,108 @@
+"""Where a train step's time goes: forward+backward of each kind of layer on its own.
+
+    python benchmarks/layers.py --config configs/mini.py --config.model.d_model=256 \
+        --config.model.vocab_size=8192 --config.model.max_seq_len=256 \
+        --config.model.n_layers=4 --config.model.n_heads=8 --config.model.latent_k=16
+
+Each layer runs on the config's batch (random activations of the model's width), jitted, with
+the gradient of its parameters and input; the figure is the best of `--iters` calls. The
+head + loss line is the trainer's fused loss (fused.head_cross_entropy); `--kernels` and
+`--dispatches` compare attention kernels and MoE dispatches side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+_ITERS = flags.DEFINE_integer("iters", 7, "Timed calls per layer (the best is reported).")
+_KERNELS = flags.DEFINE_list("kernels", None, "Attention kernels, e.g. fused,dot_product_attention.")
+_DISPATCHES = flags.DEFINE_list("dispatches", None, "MoE dispatches, e.g. dropless,capacity.")
+
+
+def time_grad(module, loss_fn, x, iters: int) -> float:
+    """Best seconds per call of the jitted gradient of loss_fn(module, x) for module and x."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+    grad = jax.jit(jax.grad(lambda s, x: loss_fn(nnx.merge(graphdef, s), x), argnums=(0, 1)))
+    jax.block_until_ready(grad(state, x))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(grad(state, x))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from minids_jax import config as config_lib
+    from minids_jax import fused, optim, trainer
+    from minids_jax.attention import MHA, MHLA
+    from minids_jax.model import MiniDeepSeek
+    from minids_jax.moe import MoE
+
+    config = config_lib.from_config_dict(_CONFIG.value)
+    cfg, batch = config.model, config.train.batch_size
+    keys = jax.random.split(jax.random.key(0), 2)
+    x_BxLxD = jax.random.normal(keys[0], (batch, cfg.max_seq_len, cfg.d_model))
+    targets_BxL = jax.random.randint(keys[1], x_BxLxD.shape[:2], 0, cfg.vocab_size)
+    weights_BxL = jnp.ones(targets_BxL.shape)
+    positions_BxL = jnp.broadcast_to(jnp.arange(cfg.max_seq_len), targets_BxL.shape)
+    sum_of_squares = lambda out: jnp.sum(jnp.square(out))
+    print(f"forward+backward on {batch} x {cfg.max_seq_len} tokens, d_model {cfg.d_model}, "
+          f"{jax.devices()[0].platform}")
+
+    def report(name, module, loss_fn):
+        print(f"{name:40s} {time_grad(module, loss_fn, x_BxLxD, _ITERS.value) * 1e3:8.1f} ms",
+              flush=True)
+
+    with nnx.use_eager_sharding(False):
+        for kernel in _KERNELS.value or [cfg.attention_kernel]:
+            kernel_cfg = dataclasses.replace(cfg, attention_kernel=kernel)
+            for cls in (MHA, MHLA):
+                report(f"{cls.__name__} ({kernel})", cls(kernel_cfg, rngs=nnx.Rngs(0)),
+                       lambda m, x: sum_of_squares(m(x, positions_BxL)))
+        for dispatch in _DISPATCHES.value or [cfg.moe_dispatch]:
+            moe_cfg = dataclasses.replace(cfg, moe_dispatch=dispatch)
+            report(f"MoE ({dispatch})", MoE(moe_cfg, rngs=nnx.Rngs(0)),
+                   lambda m, x: sum_of_squares(m(x)[0]))
+        model = MiniDeepSeek(cfg, rngs=nnx.Rngs(0))
+        chunk = trainer.loss_chunk(*targets_BxL.shape)
+        report("head + loss (fused)", model.head, lambda m, x: fused.head_cross_entropy(
+            x, m.kernel[...], targets_BxL, weights_BxL, chunk))
+        report("head + loss (logits, then optax)", model.head, lambda m, x: jnp.sum(
+            optax.softmax_cross_entropy_with_integer_labels(m(x), targets_BxL)))
+        optimizer = nnx.Optimizer(model, optim.adamw(config.optim), wrt=nnx.Param)
+        graphdef, state = nnx.split((model, optimizer))
+        grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+
+        @jax.jit
+        def update(state, grads):
+            model, optimizer = nnx.merge(graphdef, state)
+            optimizer.update(model, grads)
+            return nnx.state((model, optimizer))
+
+        state = jax.block_until_ready(update(state, grads))
+        times = []
+        for _ in range(_ITERS.value):
+            start = time.perf_counter()
+            state = jax.block_until_ready(update(state, grads))
+            times.append(time.perf_counter() - start)
+        print(f"{'AdamW update (whole model)':40s} {np.min(times) * 1e3:8.1f} ms")
+
+
+if __name__ == "__main__":
+    app.run(main)
