@@ -7,22 +7,31 @@
 Each layer runs on the config's batch (random activations of the model's width), jitted, with
 the gradient of its parameters and input; the figure is the best of `--iters` calls. The
 head + loss line is the trainer's fused loss (fused.head_cross_entropy); `--kernels` and
-`--dispatches` compare attention kernels and MoE dispatches side by side.
+`--dispatches` compare attention kernels and MoE dispatches side by side, and `--vs_seed`
+times the PyTorch original's layers at the same sizes (benchmarks/seed_layers.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import seed_environment  # noqa: E402  (benchmarks/timing.py, beside this file)
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _ITERS = flags.DEFINE_integer("iters", 7, "Timed calls per layer (the best is reported).")
 _KERNELS = flags.DEFINE_list("kernels", None, "Attention kernels, e.g. fused,dot_product_attention.")
 _DISPATCHES = flags.DEFINE_list("dispatches", None, "MoE dispatches, e.g. dropless,capacity.")
+_VS_SEED = flags.DEFINE_string("vs_seed", None, "Path to the PyTorch seed script to compare.")
+_SEED_PYTHON = flags.DEFINE_string("seed_python", sys.executable, "Python that has torch.")
 
 
 def time_grad(module, loss_fn, x, iters: int) -> float:
@@ -80,7 +89,7 @@ def main(argv):
             report(f"MoE ({dispatch})", MoE(moe_cfg, rngs=nnx.Rngs(0)),
                    lambda m, x: sum_of_squares(m(x)[0]))
         model = MiniDeepSeek(cfg, rngs=nnx.Rngs(0))
-        chunk = trainer.loss_chunk(*targets_BxL.shape)
+        chunk = trainer.loss_chunk(*targets_BxL.shape, cfg.vocab_size)
         report("head + loss (fused)", model.head, lambda m, x: fused.head_cross_entropy(
             x, m.kernel[...], targets_BxL, weights_BxL, chunk))
         report("head + loss (logits, then optax)", model.head, lambda m, x: jnp.sum(
@@ -102,6 +111,14 @@ def main(argv):
             state = jax.block_until_ready(update(state, grads))
             times.append(time.perf_counter() - start)
         print(f"{'AdamW update (whole model)':40s} {np.min(times) * 1e3:8.1f} ms")
+    if _VS_SEED.value:
+        seed_layers = Path(__file__).with_name("seed_layers.py")
+        result = subprocess.run(
+            [_SEED_PYTHON.value, str(seed_layers), _VS_SEED.value, str(_ITERS.value)],
+            env=seed_environment(config), capture_output=True, text=True)
+        print(result.stdout.rstrip() if result.returncode == 0 else
+              f"seed run failed (does {_SEED_PYTHON.value} have torch?):\n"
+              f"{result.stderr[-1500:]}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ in `--repeats` rounds that alternate with minids_jax's.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import StepTimer  # noqa: E402  (benchmarks/timing.py, beside this file)
+from timing import StepTimer, seed_environment  # noqa: E402  (benchmarks/timing.py, beside this file)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after two warm-up steps).")
@@ -42,13 +41,7 @@ _DISPATCHES = flags.DEFINE_list("dispatches", None,
 
 
 def benchmark_seed(config, steps: int, script: str, python: str) -> float | None:
-    m = config.model
-    env = dict(os.environ, MINIDS_DEVICE="cpu", MINIDS_VOCAB=str(m.vocab_size),
-               MINIDS_MAX_SEQ=str(m.max_seq_len), MINIDS_D_MODEL=str(m.d_model),
-               MINIDS_N_LAYER=str(m.n_layers), MINIDS_N_HEAD=str(m.n_heads),
-               MINIDS_LATENT_K=str(m.latent_k), MINIDS_MLP_MULT=str(m.mlp_mult),
-               MINIDS_MOE_EXPERT=str(m.n_experts), MINIDS_BATCH=str(config.train.batch_size),
-               MINIDS_TOTAL_STEP=str(steps + 2), MINIDS_WARMUP="1")
+    env = seed_environment(config, MINIDS_TOTAL_STEP=str(steps + 2), MINIDS_WARMUP="1")
     result = subprocess.run([python, script], env=env, capture_output=True, text=True)
     found = re.search(r"tokens_per_sec ([\d.]+)", result.stdout)
     if result.returncode or not found:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -55,3 +56,15 @@ def time_train_step(run, steps: int) -> StepTiming:
     step_s = timer.time(steps)
     return StepTiming(timer.compiled, timer.compile_s, step_s, timer.tokens_per_s(step_s),
                       timer.metrics)
+
+
+def seed_environment(config, **extra: str) -> dict[str, str]:
+    """Environment that runs the PyTorch original on the CPU at the config's sizes (its batch is
+    per process; it runs as one process, so that is the same global batch)."""
+    m = config.model
+    return dict(os.environ, MINIDS_DEVICE="cpu", MINIDS_VOCAB=str(m.vocab_size),
+                MINIDS_MAX_SEQ=str(m.max_seq_len), MINIDS_D_MODEL=str(m.d_model),
+                MINIDS_N_LAYER=str(m.n_layers), MINIDS_N_HEAD=str(m.n_heads),
+                MINIDS_LATENT_K=str(m.latent_k), MINIDS_MLP_MULT=str(m.mlp_mult),
+                MINIDS_MOE_EXPERT=str(m.n_experts), MINIDS_BATCH=str(config.train.batch_size),
+                **extra)

@@ -35,16 +35,16 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: 
     return jnp.sum(losses_BxL * weights_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
 
 
-def loss_chunk(batch: int, length: int) -> int:
-    """Positions per chunk of the fused head + loss: a device's rows of a chunk (its share of
-    the batch x chunk) near 256 keep the chunk's logits in a CPU's cache (2-core CPU, batch 8,
-    vocab 8192: 117 ms forward+backward at 256 rows, 127 at 512, 132 at 128, 156 at 2048);
-    accelerators take the sequence whole."""
+def loss_chunk(batch: int, length: int, vocab: int) -> int:
+    """Positions per chunk of the fused head + loss. On a CPU, a device's chunk (its share of
+    the batch x chunk positions) of at least 256 rows and about 2M logits stays in cache
+    (2-core CPU, batch 8, vocab 8192, forward+backward: 117 ms at 256 rows, 127 at 512, 132 at
+    128, 156 at 2048); accelerators take the sequence whole."""
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:  # tracing under the trainer's mesh: the batch is split over devices
         batch = max(1, batch // sharding.ways(mesh, sharding.mesh_axes_of(
             get_logical_axis_rules(), "batch")))
-    rows = 256 if mesh_platform() == "cpu" else 1 << 16
+    rows = max(256, (1 << 21) // vocab) if mesh_platform() == "cpu" else 1 << 16
     return max(1, min(length, rows // batch))
 
 
@@ -54,7 +54,8 @@ def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array]):
     weights_BxL = batch["weights"].astype(jnp.float32)
     kernel_DxV = model.head.kernel[...].astype(hidden_BxLxD.dtype)
     loss_sum = fused.head_cross_entropy(hidden_BxLxD, kernel_DxV, batch["targets"],
-                                        weights_BxL, loss_chunk(*batch["targets"].shape))
+                                        weights_BxL, loss_chunk(*batch["targets"].shape,
+                                                                kernel_DxV.shape[-1]))
     return loss_sum / jnp.maximum(jnp.sum(weights_BxL), 1.0), aux
 
 

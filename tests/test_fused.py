@@ -119,11 +119,14 @@ def test_model_loss_equals_cross_entropy_of_the_models_logits():
         np.testing.assert_allclose(grad, ref, atol=1e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="chunk sizes are per platform")
 def test_loss_chunks_count_each_devices_share_of_the_batch():
-    """About 256 rows per chunk per device on a CPU: a batch split 8 ways has 8x longer chunks."""
-    assert trainer.loss_chunk(8, 256) == 32
-    assert trainer.loss_chunk(1, 100) == 100  # never longer than the sequence
+    """Rows per chunk per device on a CPU: a batch split 8 ways has 8x longer chunks."""
+    assert trainer.loss_chunk(8, 256, vocab=8192) == 32
+    assert trainer.loss_chunk(8, 256, vocab=32768) == 32  # at least 256 rows
+    assert trainer.loss_chunk(8, 256, vocab=2048) == 128  # about 2M logits
+    assert trainer.loss_chunk(1, 100, vocab=8192) == 100  # never longer than the sequence
     mesh = jax.sharding.AbstractMesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules([("batch", "data")]):
-        assert trainer.loss_chunk(8, 256) == 256
-        assert trainer.loss_chunk(64, 256) == 32
+        assert trainer.loss_chunk(8, 256, vocab=8192) == 256
+        assert trainer.loss_chunk(64, 256, vocab=8192) == 32
