@@ -21,6 +21,8 @@ V vocab, C tokens per chunk, N chunks.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -154,9 +156,14 @@ def head_cross_entropy(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk: int
     return _head_cross_entropy(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL.astype(f32), chunk)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _head_cross_entropy(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk: int):
+    return _head_loss(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk, False)[0]
+
+
 def _head_cross_entropy_fwd(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk):
-    loss, grads = _head_loss(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk, True)
-    return loss, grads
+    """The loss, and as residuals its gradients, computed in the same pass over the chunks."""
+    return _head_loss(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk, True)
 
 
 def _head_cross_entropy_bwd(chunk, grads, dloss):
@@ -165,8 +172,4 @@ def _head_cross_entropy_bwd(chunk, grads, dloss):
             (dloss * dkernel_DxV).astype(dkernel_DxV.dtype), None, None)
 
 
-_head_cross_entropy = jax.custom_vjp(
-    lambda x, kernel, targets, weights, chunk: _head_loss(x, kernel, targets, weights, chunk,
-                                                          False)[0],
-    nondiff_argnums=(4,))
 _head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)
