@@ -78,6 +78,12 @@ def _put(cache_BxSxHxDh: jax.Array, new_Bx1xHxDh: jax.Array, index) -> jax.Array
         cache_BxSxHxDh.dtype), index, axis=1)
 
 
+def _cache_keys_values(projections, sources_Bx1xD, source_pos_Bx1, k_cache, v_cache, index):
+    """Projects one source's key and value and writes them into the caches at slot `index`."""
+    k_Bx1xHxDh, v_Bx1xHxDh = projections.keys_values(sources_Bx1xD, source_pos_Bx1)
+    return _put(k_cache, k_Bx1xHxDh, index), _put(v_cache, v_Bx1xHxDh, index)
+
+
 def _up_to(index, size: int, batch: int) -> jax.Array:
     """Mask [B, 1, size]: True at slots 0..index."""
     return jnp.broadcast_to(jnp.arange(size) <= index, (batch, 1, size))
@@ -86,9 +92,8 @@ def _up_to(index, size: int, batch: int) -> jax.Array:
 def _decode_mha(layer: MHA, x_Bx1xD, pos, cache: MHACache):
     attention, batch = layer.attention, x_Bx1xD.shape[0]
     pos_Bx1 = jnp.full((batch, 1), pos)
-    k_Bx1xHxDh, v_Bx1xHxDh = attention.keys_values(x_Bx1xD, pos_Bx1)
-    cache = MHACache(_put(cache.k_BxLxHxDh, k_Bx1xHxDh, pos),
-                     _put(cache.v_BxLxHxDh, v_Bx1xHxDh, pos))
+    cache = MHACache(*_cache_keys_values(attention, x_Bx1xD, pos_Bx1, cache.k_BxLxHxDh,
+                                         cache.v_BxLxHxDh, pos))
     mask_Bx1xL = _up_to(pos, cache.k_BxLxHxDh.shape[1], batch)
     return attention.attend_keys_values(x_Bx1xD, pos_Bx1, *cache, mask_BxQxS=mask_Bx1xL), cache
 
@@ -101,9 +106,8 @@ def _decode_mhla(layer: MHLA, x_Bx1xD, pos, cache: MHLACache):
     latent_pos_Bx1 = jnp.full((batch, 1), (open_latent + 1) * segment - 1)
 
     # Read: the open latent attends to every position seen so far (all lie before its end).
-    k_Bx1xHxDh, v_Bx1xHxDh = layer.read.keys_values(x_Bx1xD, pos_Bx1)
-    read_k = _put(cache.read_k_BxLxHxDh, k_Bx1xHxDh, pos)
-    read_v = _put(cache.read_v_BxLxHxDh, v_Bx1xHxDh, pos)
+    read_k, read_v = _cache_keys_values(layer.read, x_Bx1xD, pos_Bx1, cache.read_k_BxLxHxDh,
+                                        cache.read_v_BxLxHxDh, pos)
     z0_Bx1xD = jnp.broadcast_to(
         jax.lax.dynamic_slice_in_dim(layer.latents[...], open_latent, 1).astype(x_Bx1xD.dtype),
         (batch, 1, cfg.d_model))
@@ -112,17 +116,17 @@ def _decode_mhla(layer: MHLA, x_Bx1xD, pos, cache: MHLACache):
         mask_BxQxS=_up_to(pos, cfg.max_seq_len, batch)))
 
     # Latent self: causal over latents, against the cached (complete) latents before it.
-    k_Bx1xHxDh, v_Bx1xHxDh = layer.latent_self.keys_values(z1_Bx1xD, latent_pos_Bx1)
-    self_k = _put(cache.self_k_BxKxHxDh, k_Bx1xHxDh, open_latent)
-    self_v = _put(cache.self_v_BxKxHxDh, v_Bx1xHxDh, open_latent)
+    self_k, self_v = _cache_keys_values(layer.latent_self, z1_Bx1xD, latent_pos_Bx1,
+                                        cache.self_k_BxKxHxDh, cache.self_v_BxKxHxDh,
+                                        open_latent)
     z2_Bx1xD = layer.latent_self_norm(z1_Bx1xD + layer.latent_self.attend_keys_values(
         z1_Bx1xD, latent_pos_Bx1, self_k, self_v,
         mask_BxQxS=_up_to(open_latent, cfg.latent_k, batch)))
 
     # Write: only latents whose segment has ended; the open one counts once pos = e_j - 1.
-    k_Bx1xHxDh, v_Bx1xHxDh = layer.write.keys_values(z2_Bx1xD, latent_pos_Bx1)
-    write_k = _put(cache.write_k_BxKxHxDh, k_Bx1xHxDh, open_latent)
-    write_v = _put(cache.write_v_BxKxHxDh, v_Bx1xHxDh, open_latent)
+    write_k, write_v = _cache_keys_values(layer.write, z2_Bx1xD, latent_pos_Bx1,
+                                          cache.write_k_BxKxHxDh, cache.write_v_BxKxHxDh,
+                                          open_latent)
     ended_Bx1xK = jnp.broadcast_to(latent_segment_ends(cfg) <= pos + 1, (batch, 1, cfg.latent_k))
     out_Bx1xD = layer.write.attend_keys_values(x_Bx1xD, pos_Bx1, write_k, write_v,
                                               mask_BxQxS=ended_Bx1xK)
