@@ -2,7 +2,7 @@
 
     python benchmarks/moe_dispatch.py                      # 2048 tokens, d 256, hidden 1024
     python benchmarks/moe_dispatch.py --experts 2,8 --dispatches ragged,blocked --top_k 2
-    python benchmarks/moe_dispatch.py --block_rows 64,128,256 --experts 8   # block size sweep
+    python benchmarks/moe_dispatch.py --window_rows 256:256,1024:64 --experts 8   # window sweep
 
 Each case is the gradient (with respect to the layer's parameters and its input) of the sum of
 squares of the layer's output, jitted. A plain SwiGLU of d_model x hidden does the useful work
@@ -31,9 +31,10 @@ _TOP_K = flags.DEFINE_integer("top_k", 1, "Experts per token.")
 _EXPERTS = flags.DEFINE_list("experts", ["1", "2", "8"], "Expert counts.")
 _DISPATCHES = flags.DEFINE_list("dispatches", ["ragged", "blocked", "capacity", "dense"],
                                 "Dispatches (model.moe_dispatch values).")
-_BLOCK_ROWS = flags.DEFINE_list("block_rows", [],
-                                "Blocked dispatch only: block sizes to try instead of the "
-                                "default one.")
+_WINDOW_ROWS = flags.DEFINE_list("window_rows", [],
+                                 "Blocked dispatch only: LARGEST:SMALLEST window sizes (powers "
+                                 "of two) to try instead of the default ones; 256:256 is "
+                                 "fixed blocks of 256 rows.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds over all cases; each keeps its best.")
 _ITERS = flags.DEFINE_integer("iters", 3, "Calls per timing.")
@@ -69,20 +70,21 @@ def main(argv):
             layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
             graph, state = nnx.split(layer)
             kernel = moe_lib.resolve_dispatch(dispatch, jax.sharding.get_abstract_mesh())
-            sizes = [None]
-            if kernel == "blocked" and _BLOCK_ROWS.value:
-                sizes = [int(r) for r in _BLOCK_ROWS.value]
-            for rows in sizes:
-                def loss(state, x, rows=rows, graph=graph):
-                    with _block_rows(moe_lib, rows):
+            choices = [None]
+            if kernel == "blocked" and _WINDOW_ROWS.value:
+                choices = [_halving(*map(int, pair.split(":"))) for pair in _WINDOW_ROWS.value]
+            for sizes in choices:
+                def loss(state, x, sizes=sizes, graph=graph):
+                    with _window_rows(moe_lib, sizes):
                         out = nnx.merge(graph, state)(x)[0]
                     return jnp.sum(out.astype(jnp.float32) ** 2)
-                default_rows = moe_lib.block_rows(tokens * cfg.top_k, n_experts)
+                default_sizes = moe_lib.window_rows(tokens * cfg.top_k, n_experts)
                 label = f"E={n_experts} {dispatch}"
                 if dispatch != kernel:
                     label += f" ({kernel})"
                 if kernel == "blocked":
-                    label += f" rows={rows or default_rows}"
+                    sizes = sizes or default_sizes
+                    label += f" windows={sizes[0]}..{sizes[-1]}"
                 cases[label] = (jax.jit(jax.grad(loss, argnums=(0, 1))), (state, x))
 
     print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {tokens} tokens, "
@@ -104,16 +106,20 @@ def main(argv):
         print(f"| {label} | {seconds * 1e3:.1f} | {seconds / base:.2f} |")
 
 
+def _halving(largest: int, smallest: int) -> tuple[int, ...]:
+    return tuple(largest >> i for i in range((largest // smallest).bit_length()))
+
+
 @contextlib.contextmanager
-def _block_rows(moe_lib, rows):
-    """While tracing: the blocked dispatch uses `rows` rows per block (None: its default)."""
-    default = moe_lib.block_rows
-    if rows is not None:
-        moe_lib.block_rows = lambda assignments, n_experts: rows
+def _window_rows(moe_lib, sizes):
+    """While tracing: the blocked dispatch uses windows of `sizes` rows (None: its default)."""
+    default = moe_lib.window_rows
+    if sizes is not None:
+        moe_lib.window_rows = lambda assignments, n_experts: sizes
     try:
         yield
     finally:
-        moe_lib.block_rows = default
+        moe_lib.window_rows = default
 
 
 if __name__ == "__main__":

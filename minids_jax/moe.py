@@ -10,12 +10,13 @@ dropped:
   ragged    sort assignments by expert, one `jax.lax.ragged_dot` per weight. GPU and TPU run
             each group against its own expert only; XLA's CPU lowering runs every expert on
             every row (masked), so there it costs n_experts/top_k times the useful work.
-  blocked   sort assignments by expert and pad each expert's group to a multiple of a block
-            of rows (`block_rows`), so each block belongs to one expert (MegaBlocks' layout);
-            a loop over the blocks in use runs the whole SwiGLU of a block against its
-            expert's weights, with a hand-written backward in the same loop. Cost is the
-            useful work plus under one block of padding per expert. Under expert parallelism
-            the loop indexes experts by data, so the compiler gathers the expert weights
+  blocked   sort assignments by expert, pad each expert's group to a multiple of 64 rows
+            and tile it with windows of rows that each belong to one expert: as many of the
+            largest size (up to 512 rows) as fit, then one each of the halves the rest
+            needs. One loop per window size runs the whole SwiGLU of a window against its
+            expert's weights, with a hand-written backward in the same loops. Cost is the
+            useful work plus under 64 rows of padding per expert. Under expert parallelism
+            the loops index experts by data, so the compiler gathers the expert weights
             (correct, but no memory saving there: use `ragged` on GPU and TPU).
   capacity  scatter each sequence's assignments into an [E, C, D] buffer (C from
             capacity_factor), einsum, gather back; assignments past capacity are dropped and
@@ -27,7 +28,8 @@ Measured on a 2-core CPU (benchmarks/moe_dispatch.py: forward+backward of one la
 tokens, d 256, hidden 1024, top-1, relative to one plain SwiGLU of the same size):
   experts      1      2      8
   ragged     0.96x  1.92x  7.20x
-  blocked    0.82x  1.13x  1.52x   (256, 256, 128 rows per block)
+  blocked    1.09x  1.17x  1.72x   (windows of 512..64, 512..64, 256..64 rows; with fixed
+                                    256-row blocks instead: 1.00x, 1.40x, 2.07x)
   capacity   1.76x  1.84x  1.67x
   dense      1.48x  2.88x  12.3x
 
@@ -98,112 +100,155 @@ def resolve_dispatch(dispatch: str, mesh: jax.sharding.AbstractMesh) -> str:
     return "blocked" if mesh_platform(mesh) == "cpu" else "ragged"
 
 
-# Rows per block of the `blocked` dispatch: the power of two at or below half an expert's even
-# share of the assignments, within these bounds. Padding averages half a block per expert, so
-# smaller blocks waste less, but their matmuls run slower. Chosen with
-# `benchmarks/moe_dispatch.py --block_rows 64,128,256,512` on a 2-core CPU (2048 tokens, top-1):
-# best at 256 rows for 2 experts (1.14x a plain SwiGLU; 64 rows: 1.44x) and 128 for 8 experts
-# (1.57x; 64: 1.73x, 256: 1.80x); a single expert gains little past 256.
-MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 8, 256
+# Windows of the `blocked` dispatch, in rows. Each expert's group of assignments is padded to
+# a multiple of the smallest window and tiled with windows, largest first: as many of the
+# largest as fit, then at most one of each smaller size (the binary digits of the rest). The
+# largest is the power of two at or below an expert's even share of the assignments, within
+# these bounds. The padding stays under one smallest window per expert (fixed 256-row blocks
+# padded 12% at 2 experts, 25-37% at 4); windows past 512 rows gained nothing, as their
+# [rows, F] intermediates leave the cache. Chosen with `benchmarks/moe_dispatch.py
+# --window_rows` on a 2-core CPU; see the table above.
+LARGEST_WINDOW_ROWS, SMALLEST_WINDOW_ROWS, MIN_WINDOW_ROWS = 512, 64, 8
 
 
-def block_rows(assignments: int, n_experts: int) -> int:
-    share = max(1, assignments // (2 * n_experts))
-    return min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, 1 << (share.bit_length() - 1)))
+def window_rows(assignments: int, n_experts: int) -> tuple[int, ...]:
+    """The window sizes, largest first, each half the one before."""
+    share = max(1, assignments // n_experts)
+    largest = min(LARGEST_WINDOW_ROWS, max(MIN_WINDOW_ROWS, 1 << (share.bit_length() - 1)))
+    smallest = min(largest, SMALLEST_WINDOW_ROWS)
+    return tuple(largest >> i for i in range((largest // smallest).bit_length()))
 
 
-class BlockLayout(NamedTuple):
-    """Assignments sorted by expert, each expert's group padded to whole blocks of rows.
+class WindowLayout(NamedTuple):
+    """Assignments sorted by expert, each expert's group padded to whole smallest windows.
 
-    N blocks of `rows` rows (R = N * rows), a static upper bound: expert e takes
-    ceil(n_e / rows) blocks, which sum to at most (A + E' * (rows - 1)) / rows, E' = min(E, A).
-    The blocks in use come first, in expert order; the rest are skipped.
+    R rows, a static upper bound: the groups take at most A + E' * (unit - 1) rows, E' =
+    min(E, A), rounded up to a whole unit (the smallest window). For each window size, the
+    windows in use come first, in expert order; the rest are skipped.
     """
     assignment_R: jax.Array  # int32, the assignment in each row; A in padding rows
     row_A: jax.Array  # int32, the row of each assignment
-    expert_N: jax.Array  # int32, the expert of each block (E-1 for blocks not in use)
-    used_blocks: jax.Array  # int32 scalar, blocks holding assignments
+    first_rows: tuple[jax.Array, ...]  # per window size: int32 [max windows], first row of each
+    experts: tuple[jax.Array, ...]  # per window size: int32 [max windows], expert of each
+    windows_used: tuple[jax.Array, ...]  # per window size: int32 scalar
 
 
-def block_layout(expert_A: jax.Array, n_experts: int, rows: int) -> BlockLayout:
-    assignments = expert_A.shape[0]
-    n_blocks = (assignments + min(n_experts, assignments) * (rows - 1)) // rows
+def window_layout(expert_A: jax.Array, n_experts: int, sizes: tuple[int, ...]) -> WindowLayout:
+    unit, assignments = sizes[-1], expert_A.shape[0]
+    if any(size != unit << (len(sizes) - 1 - i) for i, size in enumerate(sizes)):
+        raise ValueError(f"window sizes {sizes} must halve from one to the next")
+    n_rows = -(-(assignments + min(n_experts, assignments) * (unit - 1)) // unit) * unit
     order_A = jnp.argsort(expert_A, stable=True)  # sorted position -> assignment
     expert_sorted_A = expert_A[order_A]
     size_E = jnp.bincount(expert_A, length=n_experts).astype(jnp.int32)
-    blocks_E = (size_E + rows - 1) // rows
-    block_end_E = jnp.cumsum(blocks_E)
-    start_E = jnp.cumsum(size_E) - size_E  # first sorted position of each expert
-    rank_A = jnp.arange(assignments, dtype=jnp.int32) - start_E[expert_sorted_A]
-    row_sorted_A = ((block_end_E - blocks_E) * rows)[expert_sorted_A] + rank_A
+    padded_E = -(-size_E // unit) * unit
+    group_start_E = jnp.cumsum(padded_E) - padded_E
+    rank_A = (jnp.arange(assignments, dtype=jnp.int32)
+              - (jnp.cumsum(size_E) - size_E)[expert_sorted_A])
+    row_sorted_A = group_start_E[expert_sorted_A] + rank_A
     row_A = jnp.zeros(assignments, jnp.int32).at[order_A].set(row_sorted_A)
-    assignment_R = jnp.full(n_blocks * rows, assignments, jnp.int32).at[row_sorted_A].set(
+    assignment_R = jnp.full(n_rows, assignments, jnp.int32).at[row_sorted_A].set(
         order_A.astype(jnp.int32))
-    expert_N = jnp.searchsorted(block_end_E, jnp.arange(n_blocks), side="right")
-    return BlockLayout(assignment_R, row_A, jnp.minimum(expert_N, n_experts - 1).astype(jnp.int32),
-                       block_end_E[-1])
+
+    # The largest windows: expert e takes padded_E[e] // largest of them, from its group start.
+    largest = sizes[0]
+    count_E = padded_E // largest
+    end_E = jnp.cumsum(count_E)
+    window_W = jnp.arange(n_rows // largest, dtype=jnp.int32)
+    expert_W = jnp.minimum(jnp.searchsorted(end_E, window_W, side="right"), n_experts - 1)
+    expert_W = expert_W.astype(jnp.int32)
+    first_rows = [group_start_E[expert_W] + (window_W - end_E[expert_W] + count_E[expert_W])
+                  * largest]
+    experts, windows_used = [expert_W], [end_E[-1]]
+    # Then one window of each smaller size that the rest of the group has as a binary digit.
+    next_row_E = group_start_E + count_E * largest
+    rest_units_E = (padded_E - count_E * largest) // unit
+    for size in sizes[1:]:
+        has_E = (rest_units_E & (size // unit)) != 0
+        with_first_E = jnp.argsort(~has_E, stable=True).astype(jnp.int32)
+        first_rows.append(next_row_E[with_first_E])
+        experts.append(with_first_E)
+        windows_used.append(jnp.sum(has_E, dtype=jnp.int32))
+        next_row_E = next_row_E + jnp.where(has_E, size, 0)
+    return WindowLayout(assignment_R, row_A, tuple(first_rows), tuple(experts),
+                        tuple(windows_used))
 
 
 def _swiglu_act(h1, h2):
     return jax.nn.silu(h1) * h2
 
 
-def _blocked_swiglu_forward(x_NxBxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, expert_N, used_blocks,
-                            keep_hidden: bool):
-    n_blocks, rows, _ = x_NxBxD.shape
-    hidden_shape = (n_blocks, rows, w1_ExDxF.shape[-1])
+def _window_loops(sizes, first_rows, experts, windows_used, body, carry):
+    """body(size, first_row, expert, carry) over every window in use, one loop per size."""
+    for size, first_row_W, expert_W, used in zip(sizes, first_rows, experts, windows_used):
+        carry = jax.lax.fori_loop(
+            0, used, lambda w, c, size=size, first_row_W=first_row_W, expert_W=expert_W:
+            body(size, first_row_W[w], expert_W[w], c), carry)
+    return carry
 
-    def block(n, carry):
+
+def _windowed_swiglu_forward(x_RxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, layout, sizes,
+                             keep_hidden: bool):
+    rows = x_RxD.shape[0]
+
+    def window(size, row, e, carry):
         y, h1, h2 = carry
-        e, x_BxD = expert_N[n], x_NxBxD[n]
-        h1_BxF, h2_BxF = x_BxD @ w1_ExDxF[e], x_BxD @ w2_ExDxF[e]
-        y = y.at[n].set(_swiglu_act(h1_BxF, h2_BxF) @ w3_ExFxD[e])
+        x_SxD = jax.lax.dynamic_slice_in_dim(x_RxD, row, size)
+        h1_SxF, h2_SxF = x_SxD @ w1_ExDxF[e], x_SxD @ w2_ExDxF[e]
+        y = jax.lax.dynamic_update_slice_in_dim(y, _swiglu_act(h1_SxF, h2_SxF) @ w3_ExFxD[e],
+                                                row, 0)
         if keep_hidden:
-            h1, h2 = h1.at[n].set(h1_BxF), h2.at[n].set(h2_BxF)
+            h1 = jax.lax.dynamic_update_slice_in_dim(h1, h1_SxF, row, 0)
+            h2 = jax.lax.dynamic_update_slice_in_dim(h2, h2_SxF, row, 0)
         return y, h1, h2
 
-    empty = jnp.zeros(hidden_shape if keep_hidden else (0,), x_NxBxD.dtype)
-    y = jnp.zeros((n_blocks, rows, w3_ExFxD.shape[-1]), x_NxBxD.dtype)
-    return jax.lax.fori_loop(0, used_blocks, block, (y, empty, empty))
+    empty = jnp.zeros((rows, w1_ExDxF.shape[-1]) if keep_hidden else (0,), x_RxD.dtype)
+    y = jnp.zeros((rows, w3_ExFxD.shape[-1]), x_RxD.dtype)
+    return _window_loops(sizes, *layout, window, (y, empty, empty))
 
 
-@jax.custom_vjp
-def blocked_swiglu(x_NxBxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, expert_N, used_blocks):
-    """Block n of rows through expert `expert_N[n]`'s SwiGLU, for the first `used_blocks`
-    blocks (the rest stay zero). One loop over the blocks, forward and backward."""
-    return _blocked_swiglu_forward(x_NxBxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, expert_N,
-                                   used_blocks, keep_hidden=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def windowed_swiglu(x_RxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, layout, sizes):
+    """The rows of each window through its expert's SwiGLU; rows in no window stay zero.
+
+    `layout` is (first_rows, experts, windows_used) of a WindowLayout; one loop per window
+    size, forward and backward.
+    """
+    return _windowed_swiglu_forward(x_RxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, layout, sizes,
+                                    keep_hidden=False)[0]
 
 
-def _blocked_swiglu_fwd(x_NxBxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, expert_N, used_blocks):
-    y, h1, h2 = _blocked_swiglu_forward(x_NxBxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, expert_N,
-                                        used_blocks, keep_hidden=True)
-    return y, (x_NxBxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, expert_N, used_blocks, h1, h2)
+def _windowed_swiglu_fwd(x_RxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, layout, sizes):
+    y, h1, h2 = _windowed_swiglu_forward(x_RxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, layout, sizes,
+                                         keep_hidden=True)
+    return y, (x_RxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, layout, h1, h2)
 
 
-def _blocked_swiglu_bwd(residuals, dy_NxBxD):
-    x_NxBxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, expert_N, used_blocks, h1, h2 = residuals
+def _windowed_swiglu_bwd(sizes, residuals, dy_RxD):
+    x_RxD, w1_ExDxF, w2_ExDxF, w3_ExFxD, layout, h1, h2 = residuals
     f32 = jnp.float32
 
-    def block(n, carry):
+    def window(size, row, e, carry):
         dx, dw1, dw2, dw3 = carry
-        e, x_BxD, dy_BxD = expert_N[n], x_NxBxD[n], dy_NxBxD[n]
-        act_BxF, act_vjp = jax.vjp(_swiglu_act, h1[n], h2[n])
-        dh1_BxF, dh2_BxF = act_vjp(dy_BxD @ w3_ExFxD[e].T)
-        dx = dx.at[n].set(dh1_BxF @ w1_ExDxF[e].T + dh2_BxF @ w2_ExDxF[e].T)
-        # Weight gradients summed over blocks in float32, whatever the compute dtype.
-        dw1 = dw1.at[e].add(jnp.matmul(x_BxD.T, dh1_BxF, preferred_element_type=f32))
-        dw2 = dw2.at[e].add(jnp.matmul(x_BxD.T, dh2_BxF, preferred_element_type=f32))
-        dw3 = dw3.at[e].add(jnp.matmul(act_BxF.T, dy_BxD, preferred_element_type=f32))
+        rows_of = lambda a: jax.lax.dynamic_slice_in_dim(a, row, size)  # noqa: E731
+        x_SxD, dy_SxD = rows_of(x_RxD), rows_of(dy_RxD)
+        act_SxF, act_vjp = jax.vjp(_swiglu_act, rows_of(h1), rows_of(h2))
+        dh1_SxF, dh2_SxF = act_vjp(dy_SxD @ w3_ExFxD[e].T)
+        dx = jax.lax.dynamic_update_slice_in_dim(
+            dx, dh1_SxF @ w1_ExDxF[e].T + dh2_SxF @ w2_ExDxF[e].T, row, 0)
+        # Weight gradients summed over windows in float32, whatever the compute dtype.
+        dw1 = dw1.at[e].add(jnp.matmul(x_SxD.T, dh1_SxF, preferred_element_type=f32))
+        dw2 = dw2.at[e].add(jnp.matmul(x_SxD.T, dh2_SxF, preferred_element_type=f32))
+        dw3 = dw3.at[e].add(jnp.matmul(act_SxF.T, dy_SxD, preferred_element_type=f32))
         return dx, dw1, dw2, dw3
 
     zeros = [jnp.zeros(w.shape, f32) for w in (w1_ExDxF, w2_ExDxF, w3_ExFxD)]
-    dx, *dws = jax.lax.fori_loop(0, used_blocks, block, (jnp.zeros_like(x_NxBxD), *zeros))
+    dx, *dws = _window_loops(sizes, *layout, window, (jnp.zeros_like(x_RxD), *zeros))
     dw1, dw2, dw3 = (dw.astype(w.dtype) for dw, w in zip(dws, (w1_ExDxF, w2_ExDxF, w3_ExFxD)))
-    return dx, dw1, dw2, dw3, None, None
+    return dx, dw1, dw2, dw3, jax.tree.map(lambda _: None, layout)
 
 
-blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
+windowed_swiglu.defvjp(_windowed_swiglu_fwd, _windowed_swiglu_bwd)
 
 
 class MoE(nnx.Module):
@@ -292,19 +337,17 @@ class MoE(nnx.Module):
         y_AxD = jnp.zeros_like(y_sorted_AxD).at[order_A].set(y_sorted_AxD)
         return y_AxD.reshape(tokens, k, -1)
 
-    def _blocked(self, x_TxD, expert_TxK, weights, rows: int | None = None):
+    def _blocked(self, x_TxD, expert_TxK, weights, sizes: tuple[int, ...] | None = None):
         w1, w2, w3 = weights
         tokens, k = expert_TxK.shape
         expert_A = expert_TxK.reshape(-1)
-        rows = rows or block_rows(expert_A.shape[0], self.cfg.n_experts)
-        layout = block_layout(expert_A, self.cfg.n_experts, rows)
+        sizes = sizes or window_rows(expert_A.shape[0], self.cfg.n_experts)
+        layout = window_layout(expert_A, self.cfg.n_experts, sizes)
         # Padding rows name assignment A, i.e. token T: out of range, read as zeros.
         x_RxD = x_TxD.astype(w1.dtype).at[layout.assignment_R // k].get(mode="fill",
                                                                        fill_value=0)
-        y_NxBxD = blocked_swiglu(x_RxD.reshape(-1, rows, x_TxD.shape[-1]), w1, w2, w3,
-                                 layout.expert_N, layout.used_blocks)
-        y_AxD = y_NxBxD.reshape(-1, y_NxBxD.shape[-1])[layout.row_A]
-        return y_AxD.reshape(tokens, k, -1)
+        y_RxD = windowed_swiglu(x_RxD, w1, w2, w3, layout[2:], sizes)
+        return y_RxD[layout.row_A].reshape(tokens, k, -1)
 
     def capacity(self, length: int) -> int:
         cfg = self.cfg

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax.moe import MoE, block_layout, resolve_dispatch, switch_balancing_loss
+from minids_jax.moe import (MoE, resolve_dispatch, switch_balancing_loss, window_layout,
+                            window_rows)
 from tests.conftest import small_model_config
 
 
@@ -77,10 +78,12 @@ def _routings(tokens, n_experts, top_k):
     return {"random": random, "one_takes_all": one_takes_all, "two_empty": two_empty}
 
 
-@pytest.mark.parametrize("rows", [None, 1, 5])  # None: the default block size
+# None: the default windows; (1,): one row per window; (20, 10, 5): groups padded to 5 rows
+# and windows of three sizes.
+@pytest.mark.parametrize("sizes", [None, (1,), (20, 10, 5)])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("routing", ["random", "one_takes_all", "two_empty"])
-def test_blocked_dispatch_matches_dense_in_output_and_gradients(routing, top_k, rows):
+def test_blocked_dispatch_matches_dense_in_output_and_gradients(routing, top_k, sizes):
     cfg = small_model_config(n_experts=4, top_k=top_k)
     moe = MoE(cfg, rngs=nnx.Rngs(0))
     tokens = 24
@@ -92,8 +95,8 @@ def test_blocked_dispatch_matches_dense_in_output_and_gradients(routing, top_k, 
     def loss(fn, x, weights):
         return jnp.sum(fn(x, expert_TxK, weights) * probe)
 
-    blocked = lambda x, e, w: moe._blocked(x, e, w, rows=rows)  # noqa: E731
-    for fn in (blocked, moe._ragged) if rows is None else (blocked,):
+    blocked = lambda x, e, w: moe._blocked(x, e, w, sizes=sizes)  # noqa: E731
+    for fn in (blocked, moe._ragged) if sizes is None else (blocked,):
         out = fn(x_TxD, expert_TxK, moe.weights())
         np.testing.assert_allclose(out, moe._dense(x_TxD, expert_TxK, moe.weights()),
                                    rtol=1e-5, atol=1e-6)
@@ -103,28 +106,42 @@ def test_blocked_dispatch_matches_dense_in_output_and_gradients(routing, top_k, 
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_block_layout_gives_each_block_one_expert_in_order(rows):
+@pytest.mark.parametrize("sizes", [(1,), (3,), (8, 4, 2), (12, 6, 3)])
+def test_windows_tile_each_expert_group_in_order(sizes):
     n_experts = 5
-    expert_A = jnp.array([4, 0, 4, 4, 2, 0, 4, 4, 4, 0, 2])  # experts 1 and 3 get none
-    layout = block_layout(expert_A, n_experts, rows)
-    assignments = len(expert_A)
+    expert_A = jnp.array([4, 0, 4, 4, 2, 0, 4, 4, 4, 0, 2, 4, 4, 4, 4, 4, 4])  # 1 and 3: none
+    layout = window_layout(expert_A, n_experts, sizes)
+    assignments, unit = len(expert_A), sizes[-1]
     assignment_R = np.asarray(layout.assignment_R)
-    assert len(assignment_R) % rows == 0
-    # Every assignment sits in exactly one row, and that row's block is its expert's.
-    np.testing.assert_array_equal(assignment_R[np.asarray(layout.row_A)], np.arange(assignments))
+    row_A = np.asarray(layout.row_A)
+    # Every assignment sits in exactly one row; rows of one expert keep the assignments' order.
+    np.testing.assert_array_equal(assignment_R[row_A], np.arange(assignments))
     assert np.sum(assignment_R < assignments) == assignments
-    block_of_row = np.arange(len(assignment_R)) // rows
-    np.testing.assert_array_equal(np.asarray(layout.expert_N)[block_of_row[layout.row_A]],
-                                  expert_A)
-    sizes = np.bincount(expert_A, minlength=n_experts)
-    assert int(layout.used_blocks) == np.sum(-(-sizes // rows))
-    # Blocks in use come first, in expert order; within an expert, assignments keep their order.
-    used = np.asarray(layout.expert_N)[:int(layout.used_blocks)]
-    assert np.all(np.diff(used) >= 0)
     for e in range(n_experts):
-        rows_e = np.asarray(layout.row_A)[np.asarray(expert_A) == e]
-        assert np.all(np.diff(rows_e) > 0)
+        assert np.all(np.diff(row_A[np.asarray(expert_A) == e]) > 0)
+    # The windows in use cover each expert's rows, padded to whole units, exactly once, and
+    # hold no row of another expert; the largest windows come first within each group.
+    expert_of_row = np.full(len(assignment_R), -1)
+    for size, first_W, expert_W, used in zip(sizes, layout.first_rows, layout.experts,
+                                             layout.windows_used):
+        for first, e in zip(np.asarray(first_W)[:int(used)], np.asarray(expert_W)[:int(used)]):
+            assert np.all(expert_of_row[first:first + size] == -1), "windows overlap"
+            expert_of_row[first:first + size] = e
+    np.testing.assert_array_equal(expert_of_row[row_A], expert_A)
+    group_sizes = -(-np.bincount(expert_A, minlength=n_experts) // unit) * unit
+    np.testing.assert_array_equal(np.bincount(expert_of_row[expert_of_row >= 0],
+                                              minlength=n_experts), group_sizes)
+    largest = sizes[0]
+    assert int(layout.windows_used[0]) == np.sum(group_sizes // largest)
+
+
+def test_window_rows_halve_from_an_experts_share_down_to_64():
+    assert window_rows(1024, 4) == (256, 128, 64)
+    assert window_rows(2048, 4) == (512, 256, 128, 64)
+    assert window_rows(65536, 2) == (512, 256, 128, 64)  # capped at 512
+    assert window_rows(48, 4) == (8,)  # tiny batches: one size, at least 8 rows
+    with pytest.raises(ValueError, match="halve"):
+        window_layout(jnp.zeros(4, jnp.int32), 2, (8, 3))
 
 
 def test_capacity_dispatch_drops_overflow_and_reports_it():
