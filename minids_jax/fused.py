@@ -29,9 +29,9 @@ import jax.numpy as jnp
 f32 = jnp.float32
 
 
-def _attention_forward(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
-    scale = q_BxQxHxDh.shape[-1] ** -0.5
-    scores_BxHxQxS = jnp.einsum("bqhd,bshd->bhqs", q_BxQxHxDh * scale, k_BxSxHxDh,
+def _attention_forward(q_BxHxQxDh, k_BxHxSxDh, v_BxHxSxDh, mask_BxQxS):
+    scale = q_BxHxQxDh.shape[-1] ** -0.5
+    scores_BxHxQxS = jnp.einsum("bhqd,bhsd->bhqs", q_BxHxQxDh * scale, k_BxHxSxDh,
                                 preferred_element_type=f32)
     visible_Bx1xQxS = mask_BxQxS[:, None]
     scores_BxHxQxS = jnp.where(visible_Bx1xQxS, scores_BxHxQxS, -jnp.inf)
@@ -42,60 +42,117 @@ def _attention_forward(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
     exp_BxHxQxS = jnp.exp(scores_BxHxQxS - max_BxHxQx1)
     total_BxHxQx1 = jnp.sum(exp_BxHxQxS, axis=-1, keepdims=True)
     probs_BxHxQxS = exp_BxHxQxS / jnp.where(total_BxHxQx1 > 0, total_BxHxQx1, 1.0)
-    out_BxQxHxDh = jnp.einsum("bhqs,bshd->bqhd", probs_BxHxQxS.astype(v_BxSxHxDh.dtype),
-                              v_BxSxHxDh)
-    return out_BxQxHxDh, probs_BxHxQxS
+    out_BxHxQxDh = jnp.einsum("bhqs,bhsd->bhqd", probs_BxHxQxS.astype(v_BxHxSxDh.dtype),
+                              v_BxHxSxDh)
+    return out_BxHxQxDh, probs_BxHxQxS
 
 
-@jax.custom_vjp
-def softmax_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
-    """softmax(q k^T / sqrt(Dh), masked) v; rows whose mask is all False get exactly 0."""
-    return _attention_forward(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS)[0]
-
-
-def _softmax_attention_fwd(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
-    out_BxQxHxDh, probs_BxHxQxS = _attention_forward(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh,
-                                                     mask_BxQxS)
-    return out_BxQxHxDh, (q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, probs_BxHxQxS)
-
-
-def _softmax_attention_bwd(residuals, dout_BxQxHxDh):
-    q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, probs_BxHxQxS = residuals
-    scale = q_BxQxHxDh.shape[-1] ** -0.5
-    dv_BxSxHxDh = jnp.einsum("bhqs,bqhd->bshd", probs_BxHxQxS.astype(dout_BxQxHxDh.dtype),
-                             dout_BxQxHxDh)
-    dprobs_BxHxQxS = jnp.einsum("bqhd,bshd->bhqs", dout_BxQxHxDh, v_BxSxHxDh,
+def _attention_backward(q_BxHxQxDh, k_BxHxSxDh, v_BxHxSxDh, probs_BxHxQxS, dout_BxHxQxDh):
+    scale = q_BxHxQxDh.shape[-1] ** -0.5
+    dv_BxHxSxDh = jnp.einsum("bhqs,bhqd->bhsd", probs_BxHxQxS.astype(dout_BxHxQxDh.dtype),
+                             dout_BxHxQxDh)
+    dprobs_BxHxQxS = jnp.einsum("bhqd,bhsd->bhqs", dout_BxHxQxDh, v_BxHxSxDh,
                                 preferred_element_type=f32)
     # Softmax backward: p * (dp - sum_s p dp). (dout . out equals that sum and is cheaper,
     # but only up to rounding: a query that sees a single key would then leak a ~1e-6
     # gradient into its own position, which the causality tests rightly reject.)
     row_dot_BxHxQx1 = jnp.sum(probs_BxHxQxS * dprobs_BxHxQxS, axis=-1, keepdims=True)
     dscores_BxHxQxS = (probs_BxHxQxS * (dprobs_BxHxQxS - row_dot_BxHxQx1) * scale).astype(
-        q_BxQxHxDh.dtype)
-    dq_BxQxHxDh = jnp.einsum("bhqs,bshd->bqhd", dscores_BxHxQxS, k_BxSxHxDh)
-    dk_BxSxHxDh = jnp.einsum("bhqs,bqhd->bshd", dscores_BxHxQxS, q_BxQxHxDh)
-    return dq_BxQxHxDh, dk_BxSxHxDh, dv_BxSxHxDh, None
+        q_BxHxQxDh.dtype)
+    dq_BxHxQxDh = jnp.einsum("bhqs,bhsd->bhqd", dscores_BxHxQxS, k_BxHxSxDh)
+    dk_BxHxSxDh = jnp.einsum("bhqs,bhqd->bhsd", dscores_BxHxQxS, q_BxHxQxDh)
+    return dq_BxHxQxDh, dk_BxHxSxDh, dv_BxHxSxDh
 
 
-softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+def _heads_first(a_BxLxHxDh):
+    """[B, L, H, Dh] <-> [B, H, L, Dh]. The kernels work heads-first, so that each head's rows
+    are contiguous and no einsum needs a transposed copy; the layers' layout is swapped once
+    on the way in and once on the way out."""
+    return jnp.swapaxes(a_BxLxHxDh, 1, 2)
+
+
+def softmax_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
+    """softmax(q k^T / sqrt(Dh), masked) v; rows whose mask is all False get exactly 0."""
+    return _heads_first(_softmax_attention(*map(_heads_first, (q_BxQxHxDh, k_BxSxHxDh,
+                                                               v_BxSxHxDh)), mask_BxQxS))
+
+
+@jax.custom_vjp
+def _softmax_attention(q_BxHxQxDh, k_BxHxSxDh, v_BxHxSxDh, mask_BxQxS):
+    return _attention_forward(q_BxHxQxDh, k_BxHxSxDh, v_BxHxSxDh, mask_BxQxS)[0]
+
+
+def _softmax_attention_fwd(q_BxHxQxDh, k_BxHxSxDh, v_BxHxSxDh, mask_BxQxS):
+    out_BxHxQxDh, probs_BxHxQxS = _attention_forward(q_BxHxQxDh, k_BxHxSxDh, v_BxHxSxDh,
+                                                     mask_BxQxS)
+    return out_BxHxQxDh, (q_BxHxQxDh, k_BxHxSxDh, v_BxHxSxDh, probs_BxHxQxS)
+
+
+def _softmax_attention_bwd(residuals, dout_BxHxQxDh):
+    return (*_attention_backward(*residuals, dout_BxHxQxDh), None)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 # Query rows per causal block. On a 2-core CPU at L 256 (attention alone, forward+backward):
 # 64 rows 41-45 ms, 128 rows 46-53 ms, one block 52-66 ms.
 ATTENTION_BLOCK_ROWS = 64
 
 
+def _causal_blocks(length, block_rows):
+    return [(start, min(start + block_rows, length)) for start in range(0, length, block_rows)]
+
+
 def causal_attention(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, block_rows: int = ATTENTION_BLOCK_ROWS):
     """Causal self-attention (query i sees keys <= i), one query block at a time: the block of
-    rows [a, b) scores keys [0, b) only, so the work above the diagonal is skipped."""
-    batch, length = q_BxLxHxDh.shape[:2]
-    outs = []
-    for start in range(0, length, block_rows):
-        end = min(start + block_rows, length)
+    rows [a, b) scores keys [0, b) only, so the work above the diagonal is skipped. The
+    backward adds each block's key and value gradients into their prefix in place (autodiff
+    of the slices would pad each to full length first)."""
+    return _heads_first(_causal_attention(*map(_heads_first, (q_BxLxHxDh, k_BxLxHxDh,
+                                                              v_BxLxHxDh)), block_rows))
+
+
+def _causal_forward(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, block_rows):
+    """The output, and each block's probabilities [B, H, Q, end of block]."""
+    batch, length = q_BxHxLxDh.shape[0], q_BxHxLxDh.shape[2]
+    outs_BxHxQxDh, probs_BxHxQxS = [], []
+    for start, end in _causal_blocks(length, block_rows):
         mask_QxS = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-        outs.append(softmax_attention(
-            q_BxLxHxDh[:, start:end], k_BxLxHxDh[:, :end], v_BxLxHxDh[:, :end],
-            jnp.broadcast_to(mask_QxS, (batch, *mask_QxS.shape))))
-    return jnp.concatenate(outs, axis=1)
+        out, probs = _attention_forward(q_BxHxLxDh[:, :, start:end], k_BxHxLxDh[:, :, :end],
+                                        v_BxHxLxDh[:, :, :end],
+                                        jnp.broadcast_to(mask_QxS, (batch, *mask_QxS.shape)))
+        outs_BxHxQxDh.append(out)
+        probs_BxHxQxS.append(probs)
+    return jnp.concatenate(outs_BxHxQxDh, axis=2), probs_BxHxQxS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _causal_attention(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, block_rows):
+    return _causal_forward(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, block_rows)[0]
+
+
+def _causal_attention_fwd(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, block_rows):
+    out_BxHxLxDh, probs_BxHxQxS = _causal_forward(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh,
+                                                  block_rows)
+    return out_BxHxLxDh, (q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, probs_BxHxQxS)
+
+
+def _causal_attention_bwd(block_rows, residuals, dout_BxHxLxDh):
+    q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, probs_BxHxQxS = residuals
+    dqs_BxHxQxDh = []
+    dk_BxHxLxDh, dv_BxHxLxDh = jnp.zeros_like(k_BxHxLxDh), jnp.zeros_like(v_BxHxLxDh)
+    blocks = _causal_blocks(q_BxHxLxDh.shape[2], block_rows)
+    for (start, end), probs in zip(blocks, probs_BxHxQxS):
+        dq, dk, dv = _attention_backward(
+            q_BxHxLxDh[:, :, start:end], k_BxHxLxDh[:, :, :end], v_BxHxLxDh[:, :, :end], probs,
+            dout_BxHxLxDh[:, :, start:end])
+        dqs_BxHxQxDh.append(dq)
+        dk_BxHxLxDh = dk_BxHxLxDh.at[:, :, :end].add(dk)
+        dv_BxHxLxDh = dv_BxHxLxDh.at[:, :, :end].add(dv)
+    return jnp.concatenate(dqs_BxHxQxDh, axis=2), dk_BxHxLxDh, dv_BxHxLxDh
+
+
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
 def _head_loss_chunk(x_BxCxD, kernel_DxV, targets_BxC, weights_BxC, with_grad: bool):
