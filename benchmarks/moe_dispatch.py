@@ -72,7 +72,7 @@ def main(argv):
             kernel = moe_lib.resolve_dispatch(dispatch, jax.sharding.get_abstract_mesh())
             choices = [None]
             if kernel == "blocked" and _WINDOW_ROWS.value:
-                choices = [_halving(*map(int, pair.split(":"))) for pair in _WINDOW_ROWS.value]
+                choices = [moe_lib.halving_sizes(*map(int, pair.split(":"))) for pair in _WINDOW_ROWS.value]
             for sizes in choices:
                 def loss(state, x, sizes=sizes, graph=graph):
                     with _window_rows(moe_lib, sizes):
@@ -104,10 +104,6 @@ def main(argv):
     print("| case | ms | x plain SwiGLU |\n|---|---:|---:|")
     for label, seconds in best.items():
         print(f"| {label} | {seconds * 1e3:.1f} | {seconds / base:.2f} |")
-
-
-def _halving(largest: int, smallest: int) -> tuple[int, ...]:
-    return tuple(largest >> i for i in range((largest // smallest).bit_length()))
 
 
 @contextlib.contextmanager

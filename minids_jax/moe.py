@@ -115,7 +115,11 @@ def window_rows(assignments: int, n_experts: int) -> tuple[int, ...]:
     """The window sizes, largest first, each half the one before."""
     share = max(1, assignments // n_experts)
     largest = min(LARGEST_WINDOW_ROWS, max(MIN_WINDOW_ROWS, 1 << (share.bit_length() - 1)))
-    smallest = min(largest, SMALLEST_WINDOW_ROWS)
+    return halving_sizes(largest, min(largest, SMALLEST_WINDOW_ROWS))
+
+
+def halving_sizes(largest: int, smallest: int) -> tuple[int, ...]:
+    """largest, largest/2, ... down to smallest (powers of two)."""
     return tuple(largest >> i for i in range((largest // smallest).bit_length()))
 
 
@@ -346,7 +350,8 @@ class MoE(nnx.Module):
         # Padding rows name assignment A, i.e. token T: out of range, read as zeros.
         x_RxD = x_TxD.astype(w1.dtype).at[layout.assignment_R // k].get(mode="fill",
                                                                        fill_value=0)
-        y_RxD = windowed_swiglu(x_RxD, w1, w2, w3, layout[2:], sizes)
+        y_RxD = windowed_swiglu(
+            x_RxD, w1, w2, w3, (layout.first_rows, layout.experts, layout.windows_used), sizes)
         return y_RxD[layout.row_A].reshape(tokens, k, -1)
 
     def capacity(self, length: int) -> int:
