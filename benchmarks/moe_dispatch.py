@@ -72,7 +72,8 @@ def main(argv):
             kernel = moe_lib.resolve_dispatch(dispatch, jax.sharding.get_abstract_mesh())
             choices = [None]
             if kernel == "blocked" and _WINDOW_ROWS.value:
-                choices = [moe_lib.halving_sizes(*map(int, pair.split(":"))) for pair in _WINDOW_ROWS.value]
+                choices = [moe_lib.halving_sizes(*map(int, pair.split(":")))
+                           for pair in _WINDOW_ROWS.value]
             for sizes in choices:
                 def loss(state, x, sizes=sizes, graph=graph):
                     with _window_rows(moe_lib, sizes):
