@@ -3,8 +3,9 @@
     python train.py --config configs/tiny.py --workdir runs/tiny
     python train.py --config configs/mini.py --config.model.n_layers=12 --config.mesh.fsdp=-1
 
-JAX is imported only after the flags are parsed, the GPUs are chosen (CUDA_VISIBLE_DEVICES)
-and, for a multi-host job, jax.distributed is started: both must precede any backend.
+JAX is imported only after the flags are parsed, malloc is set to keep freed host memory,
+the GPUs are chosen (CUDA_VISIBLE_DEVICES) and, for a multi-host job, jax.distributed is
+started: all must precede any backend.
 """
 
 import socket
@@ -22,6 +23,8 @@ def main(argv):
     from minids_jax import devices
 
     config = config_lib.from_config_dict(_CONFIG.value)
+    if config.devices.reuse_host_memory:
+        devices.reuse_host_memory()
     gpus = devices.select_gpus(config.devices)
     visible = f"CUDA_VISIBLE_DEVICES={gpus.visible}: " if gpus.visible else ""
     logging.info("%s GPUs: %s%s", socket.gethostname(), visible, gpus.reason)

@@ -52,18 +52,22 @@ def time_grad(module, loss_fn, x, iters: int) -> float:
 
 def main(argv):
     del argv
+    from minids_jax import config as config_lib
+    from minids_jax import devices
+
+    config = config_lib.from_config_dict(_CONFIG.value)
+    if config.devices.reuse_host_memory:  # as train.py does, before the backend starts
+        devices.reuse_host_memory()
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from minids_jax import config as config_lib
     from minids_jax import fused, optim, trainer
     from minids_jax.attention import MHA, MHLA
     from minids_jax.model import MiniDeepSeek
     from minids_jax.moe import MoE
 
-    config = config_lib.from_config_dict(_CONFIG.value)
     cfg, batch = config.model, config.train.batch_size
     keys = jax.random.split(jax.random.key(0), 2)
     x_BxLxD = jax.random.normal(keys[0], (batch, cfg.max_seq_len, cfg.d_model))

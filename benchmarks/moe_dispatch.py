@@ -42,6 +42,9 @@ _ITERS = flags.DEFINE_integer("iters", 3, "Calls per timing.")
 
 def main(argv):
     del argv
+    from minids_jax import devices
+
+    devices.reuse_host_memory()  # as train.py does, before the backend starts
     import jax
     import jax.numpy as jnp
     from flax import nnx

@@ -52,12 +52,16 @@ def benchmark_seed(config, steps: int, script: str, python: str) -> float | None
 
 def main(argv):
     del argv
-    import jax
-
     from minids_jax import config as config_lib
-    from minids_jax import flops, trainer
+    from minids_jax import devices
 
     config = config_lib.from_config_dict(_CONFIG.value)
+    if config.devices.reuse_host_memory:  # as train.py does, before the backend starts
+        devices.reuse_host_memory()
+    import jax
+
+    from minids_jax import flops, trainer
+
     m = config.model
     print(f"model: d_model {m.d_model}, layers {m.n_layers} {m.attn_pattern}, heads {m.n_heads}, "
           f"seq {m.max_seq_len}, vocab {m.vocab_size}, experts {m.n_experts} top-{m.top_k} "

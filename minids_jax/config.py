@@ -243,6 +243,9 @@ class DevicesConfig:
     num_processes: int = 0  # 0 = from the environment
     process_id: int = -1  # -1 = from the environment
     init_timeout_s: int = 300  # how long processes wait for each other at start-up
+    # Keep freed host memory for reuse (glibc malloc settings, devices.reuse_host_memory):
+    # CPU steps stop page-faulting their working memory in again every step.
+    reuse_host_memory: bool = True
 
     def __post_init__(self):
         _check(isinstance(self.num_gpus, int) and self.num_gpus >= 0,
@@ -266,6 +269,9 @@ class DevicesConfig:
                    f"{self.num_processes}.")
         _check(self.init_timeout_s > 0,
                f"devices.init_timeout_s must be > 0, got {self.init_timeout_s}.")
+        _check(isinstance(self.reuse_host_memory, bool),
+               f"devices.reuse_host_memory must be True or False, "
+               f"got {self.reuse_host_memory!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -190,3 +190,52 @@ def test_train_py_sets_cuda_visible_devices_before_jax_is_imported(tmp_path):
     assert json.loads(record.read_text()) == {"CUDA_VISIBLE_DEVICES": "1,3",
                                               "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     assert "GPUs: CUDA_VISIBLE_DEVICES=1,3: the 2 with the most free memory" in proc.stderr
+
+
+# Steps a function whose temporaries (52 MB) exceed glibc's largest mmap threshold (32 MB), as
+# a CPU train step's do, and prints the minor page faults of each call and the temporaries' size.
+_FAULTS_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    from minids_jax import devices
+    took_effect = devices.reuse_host_memory() if sys.argv[1] == "reuse" else False
+    import jax, jax.numpy as jnp
+
+    def step(x):
+        return jnp.sum(jnp.cumsum(jnp.sin(x), axis=0) * jnp.cumsum(jnp.cos(x), axis=1), axis=0)
+
+    x = jnp.ones((2048, 2048))
+    compiled = jax.jit(step).lower(x).compile()
+    faults = []
+    for _ in range(12):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        compiled(x).block_until_ready()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"took_effect": took_effect, "faults": faults[2:],
+                      "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}))
+""")
+
+
+def _step_faults(mode: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_reuse_host_memory_stops_each_step_faulting_its_memory_in_again():
+    reused = _step_faults("reuse")
+    if not reused["took_effect"]:
+        pytest.skip("not glibc: reuse_host_memory does nothing here")
+    default = _step_faults("default")
+    pages = reused["temp_bytes"] / 4096
+    assert reused["temp_bytes"] > 40e6  # larger than any block glibc would keep by itself
+    typical = lambda faults: sorted(faults)[len(faults) // 2]  # noqa: E731  (the median)
+    if typical(default["faults"]) < pages / 2:
+        pytest.skip(f"this kernel does not fault the temporaries in again "
+                    f"({default['faults']} faults a call; huge pages?)")
+    # By default every call maps its temporaries afresh and faults each page in. Reused, a
+    # call touches memory that earlier calls mapped; now and then the heap still grows once
+    # (a small block took part of the free space), so the median call is the one to judge.
+    assert typical(reused["faults"]) < pages / 20, (reused, default)
