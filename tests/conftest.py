@@ -1,12 +1,8 @@
-from minids_jax import devices
+import jax
+import pytest
+from flax import nnx
 
-devices.reuse_host_memory()  # as train.py does; before jax starts its CPU threads
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from minids_jax.config import ModelConfig  # noqa: E402
+from minids_jax.config import ModelConfig
 
 # Float32 matmuls at full precision so that equality checks against references are tight.
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -206,11 +206,11 @@ _FAULTS_SCRIPT = textwrap.dedent("""
     x = jnp.ones((2048, 2048))
     compiled = jax.jit(step).lower(x).compile()
     faults = []
-    for _ in range(12):
+    for _ in range(30):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         compiled(x).block_until_ready()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"took_effect": took_effect, "faults": faults[2:],
+    print(json.dumps({"took_effect": took_effect, "faults": faults[10:],
                       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}))
 """)
 
@@ -236,6 +236,7 @@ def test_reuse_host_memory_stops_each_step_faulting_its_memory_in_again():
         pytest.skip(f"this kernel does not fault the temporaries in again "
                     f"({default['faults']} faults a call; huge pages?)")
     # By default every call maps its temporaries afresh and faults each page in. Reused, a
-    # call touches memory that earlier calls mapped; now and then the heap still grows once
-    # (a small block took part of the free space), so the median call is the one to judge.
+    # call touches memory that earlier calls mapped; now and then (mostly in the first calls)
+    # the heap still grows once, when a small block took part of the free space, so the
+    # median call after ten is the one to judge.
     assert typical(reused["faults"]) < pages / 20, (reused, default)
