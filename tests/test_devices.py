@@ -223,6 +223,10 @@ def _step_faults(mode: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _median(values: list[int]) -> int:
+    return sorted(values)[len(values) // 2]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_reuse_host_memory_stops_each_step_faulting_its_memory_in_again():
     reused = _step_faults("reuse")
@@ -231,12 +235,11 @@ def test_reuse_host_memory_stops_each_step_faulting_its_memory_in_again():
     default = _step_faults("default")
     pages = reused["temp_bytes"] / 4096
     assert reused["temp_bytes"] > 40e6  # larger than any block glibc would keep by itself
-    typical = lambda faults: sorted(faults)[len(faults) // 2]  # noqa: E731  (the median)
-    if typical(default["faults"]) < pages / 2:
+    if _median(default["faults"]) < pages / 2:
         pytest.skip(f"this kernel does not fault the temporaries in again "
                     f"({default['faults']} faults a call; huge pages?)")
     # By default every call maps its temporaries afresh and faults each page in. Reused, a
     # call touches memory that earlier calls mapped; now and then (mostly in the first calls)
     # the heap still grows once, when a small block took part of the free space, so the
     # median call after ten is the one to judge.
-    assert typical(reused["faults"]) < pages / 20, (reused, default)
+    assert _median(reused["faults"]) < pages / 20, (reused, default)
