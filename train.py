@@ -23,8 +23,7 @@ def main(argv):
     from minids_jax import devices
 
     config = config_lib.from_config_dict(_CONFIG.value)
-    if config.devices.reuse_host_memory:
-        devices.reuse_host_memory()
+    devices.reuse_host_memory(config.devices)
     gpus = devices.select_gpus(config.devices)
     visible = f"CUDA_VISIBLE_DEVICES={gpus.visible}: " if gpus.visible else ""
     logging.info("%s GPUs: %s%s", socket.gethostname(), visible, gpus.reason)

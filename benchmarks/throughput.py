@@ -56,8 +56,7 @@ def main(argv):
     from minids_jax import devices
 
     config = config_lib.from_config_dict(_CONFIG.value)
-    if config.devices.reuse_host_memory:  # as train.py does, before the backend starts
-        devices.reuse_host_memory()
+    devices.reuse_host_memory(config.devices)  # as train.py does, before the backend starts
     import jax
 
     from minids_jax import flops, trainer

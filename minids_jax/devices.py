@@ -112,8 +112,10 @@ def check_local_devices(cfg: DevicesConfig, local_devices: list) -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
-def reuse_host_memory() -> bool:
+def reuse_host_memory(cfg: DevicesConfig | None = None) -> bool:
     """Makes glibc's malloc keep freed memory for reuse; True if it took effect.
+
+    With `cfg`, only if `cfg.reuse_host_memory` asks for it (train.py, the benchmarks).
 
     XLA's CPU runtime allocates each step's temporaries as one block (139 MB for
     configs/tiny.py) and frees it when the step ends. glibc serves blocks that large with a
@@ -125,6 +127,8 @@ def reuse_host_memory() -> bool:
     Only threads that have not yet allocated join the one arena: call before importing jax.
     Does nothing (False) off Linux or on another C library (musl, macOS).
     """
+    if cfg is not None and not cfg.reuse_host_memory:
+        return False
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
