@@ -83,8 +83,15 @@ class NonFiniteLossError(FloatingPointError):
 # Finding checkpoints
 
 
+def absolute_path(path: str | os.PathLike) -> epath.Path:
+    """`path` made absolute (a local relative one from the working directory): orbax refuses
+    relative checkpoint paths ("Checkpoint path should be absolute")."""
+    path = epath.Path(path)
+    return path if path.is_absolute() else path.resolve()
+
+
 def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
-    return epath.Path(workdir) / CHECKPOINTS
+    return absolute_path(workdir) / CHECKPOINTS
 
 
 def _read_only_manager(directory: epath.Path) -> ocp.CheckpointManager:
@@ -99,7 +106,7 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Pat
 
     Without `step`, the latest complete checkpoint is taken.
     """
-    path = epath.Path(path)
+    path = absolute_path(path)
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or workdir: {path}.")
     if (path / CHECKPOINTS).is_dir():
@@ -289,7 +296,7 @@ class Checkpointer:
     def __init__(self, config: Config, workdir: str | os.PathLike | None,
                  log: Callable[[str], None] = print):
         self.config, self.cfg, self.log = config, config.checkpoint, log
-        self.workdir = None if workdir is None else epath.Path(workdir)
+        self.workdir = None if workdir is None else absolute_path(workdir)
         self.stop_signal: int | None = None  # set by SIGTERM / SIGINT
         self.last_saved_step: int | None = None
         self._unchecked: tuple[int, Any] | None = None  # (step, metrics) not yet checked

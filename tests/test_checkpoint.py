@@ -148,6 +148,22 @@ def test_resume_after_crash_is_exact(straight, tmp_path):
     assert_states_equal(resumed.train_state.state, trainer.train_state.state)
 
 
+def test_a_relative_workdir_saves_resumes_and_loads(straight, monkeypatch, tmp_path):
+    """`--workdir runs/tiny`, as the README has it: orbax itself refuses relative paths."""
+    trainer, _, _ = straight
+    monkeypatch.chdir(tmp_path)
+    relative = trainer_lib.Trainer(tiny_config(), "runs/x")
+    relative.train()
+    assert saved_steps(tmp_path / "runs/x") == [3, 6]
+    assert_states_equal(relative.train_state.state, trainer.train_state.state)
+    again = trainer_lib.Trainer(tiny_config(), "runs/x")
+    assert again.checkpointer.restore_or_initialize(again.train_state) == TOTAL
+    assert_states_equal(again.train_state.state, trainer.train_state.state)
+    model, _ = minids_jax.load("runs/x")
+    assert_states_equal(nnx.state(model, nnx.Param),
+                        nnx.state(trainer.train_state.merge()[0], nnx.Param))
+
+
 def test_architecture_change_is_an_error_naming_the_fields(straight):
     _, _, workdir = straight
     changed = tiny_config(model=dict(d_model=64, n_experts=4))
