@@ -12,9 +12,7 @@ def get_config():
         n_layers=4,
         n_heads=4,
         latent_k=16,
-        mlp_mult=4,
         n_experts=4,
-        top_k=1,
     )
     config.optim.update(lr=3e-3, warmup_steps=30, total_steps=600)
     config.train.update(batch_size=16, log_every=25, eval_every=200)

@@ -1,93 +1,137 @@
-"""Typed, validated configuration.
+"""Typed, validated configuration: the one source of every field's default, doc and resume policy.
 
-The `configs/*.py` files build an `ml_collections.ConfigDict` (so any field can be overridden
-from the command line); `from_config_dict` turns it into the frozen dataclasses below exactly
-once. Modules receive dataclasses, never the ConfigDict. Every check lives here, and every
-error says which field is wrong and how to fix it.
+The `configs/*.py` files build an `ml_collections.ConfigDict` from these defaults (so any field
+can be overridden from the command line); `from_config_dict` turns it into the frozen
+dataclasses below exactly once, and modules receive dataclasses, never the ConfigDict. Each
+field declares, in its metadata, a one-line doc, its checks and what a change on resume means:
+  architecture  the parameters' shapes or the function they compute: must match the checkpoint
+  noted         changes the run's course (it will not match an uninterrupted one): logged
+  quiet         bookkeeping (logging, mesh, more steps): changed silently
+`python -m minids_jax.config` prints the reference (docs/configuration.md). This module
+imports nothing of the project.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import sys
 from typing import Any, Mapping
 
+ARCHITECTURE, NOTED, QUIET = "architecture", "noted", "quiet"
 ATTENTION_KINDS = ("mha", "mhla")
 ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention")
 MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = ("random", "builtin", "text", "jsonl", "json", "tokens")
+SOURCES_WITH_PATH = ("text", "jsonl", "json", "tokens")
+MIN_TEXT_VOCAB = 259  # the tokenizers' 256 byte symbols plus PAD, BOS and EOS
+# Fields an older version kept elsewhere: read from old checkpoints, named in errors.
+MOVED = {"model.dtype": "compute.dtype", "model.attention_kernel": "compute.attention_kernel",
+         "model.moe_dispatch": "compute.moe_dispatch",
+         "model.capacity_factor": "compute.capacity_factor",
+         "model.aux_loss_coef": "train.aux_loss_coef"}
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 32000
-    max_seq_len: int = 1024
-    d_model: int = 1024
-    n_layers: int = 6
-    n_heads: int = 16
-    latent_k: int = 64  # learned latents of the MHLA layers
-    mlp_mult: int = 4  # expert hidden width = mlp_mult * d_model
-    n_experts: int = 2
-    top_k: int = 1  # experts per token
-    attn_pattern: tuple[str, ...] = ("mha", "mhla")  # layer i uses attn_pattern[i % len]
-    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    # auto (fused on CPU, dot_product_attention on GPU/TPU) | fused (minids_jax/fused.py) |
-    # dot_product_attention (jax.nn.dot_product_attention: cuDNN's flash kernel on GPU)
-    attention_kernel: str = "auto"
-    # dropless (exact: ragged on GPU/TPU, blocked on CPU) | ragged | blocked | capacity | dense
-    moe_dispatch: str = "dropless"
-    capacity_factor: float = 1.25  # only for moe_dispatch="capacity"
+def option(default, doc: str, policy: str = NOTED, *, choices: tuple | None = None,
+           low: float | None = None, above: float | None = None, below: float | None = None):
+    """A config field: default, one-line doc, resume policy, and its checks (value in
+    `choices`; value >= low, > above, < below)."""
+    return dataclasses.field(default=default, metadata=dict(
+        doc=doc, policy=policy, choices=choices, low=low, above=above, below=below))
+
+
+def _check_field(group: str, field: dataclasses.Field, value):
+    """The value converted to the default's type, or a ConfigError naming the field."""
+    name, meta, kind = f"{group}.{field.name}", field.metadata, type(field.default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is tuple and isinstance(value, list):
+        value = tuple(value)
+    what = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
+            tuple: "a tuple"}[kind]
+    check(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)),
+          f"{name} must be {what}, got {value!r}.")
+    if meta["choices"] is not None:
+        check(value in meta["choices"],
+              f"{name}={value!r} is unknown; choose from {meta['choices']}.")
+    if meta["low"] is not None:
+        bound = "a positive integer" if meta["low"] == 1 and kind is int else f">= {meta['low']}"
+        check(value >= meta["low"], f"{name} must be {bound}, got {value!r}.")
+    if meta["above"] is not None:
+        check(value > meta["above"], f"{name} must be > {meta['above']}, got {value!r}.")
+    if meta["below"] is not None:
+        check(value < meta["below"], f"{name} must be < {meta['below']}, got {value!r}.")
+    return value
+
+
+class Group:
+    """Base of the config groups: checks every field from its metadata, then `validate()`."""
+
+    NAME = ""
 
     def __post_init__(self):
-        object.__setattr__(self, "attn_pattern", tuple(self.attn_pattern))
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "latent_k",
-                     "mlp_mult", "n_experts", "top_k"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0,
-                   f"model.{name} must be a positive integer, got {value!r}.")
-        _check(self.d_model % self.n_heads == 0,
-               f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-               f"choose n_heads among the divisors of d_model.")
-        _check(self.head_dim % 2 == 0,
-               f"head dim d_model/n_heads = {self.head_dim} must be even for rotary embeddings; "
-               f"change model.d_model or model.n_heads.")
-        _check(self.top_k <= self.n_experts,
-               f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}; "
-               f"set top_k <= n_experts.")
-        _check(len(self.attn_pattern) > 0, "model.attn_pattern is empty; use e.g. ('mha', 'mhla').")
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name,
+                               _check_field(self.NAME, field, getattr(self, field.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that involve several fields."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Group):
+    """The architecture: what the parameters are and the function they compute."""
+
+    NAME = "model"
+    vocab_size: int = option(32000, "vocabulary size (the byte tokenizer needs 259)",
+                             ARCHITECTURE, low=1)
+    max_seq_len: int = option(1024, "context length; MHLA's segments are fixed by it",
+                              ARCHITECTURE, low=1)
+    d_model: int = option(1024, "model width", ARCHITECTURE, low=1)
+    n_layers: int = option(6, "blocks", ARCHITECTURE, low=1)
+    n_heads: int = option(16, "attention heads; must divide d_model", ARCHITECTURE, low=1)
+    latent_k: int = option(64, "learned latents of the MHLA layers; must divide max_seq_len",
+                           ARCHITECTURE, low=1)
+    mlp_mult: int = option(4, "expert hidden width = mlp_mult * d_model", ARCHITECTURE, low=1)
+    n_experts: int = option(2, "experts per MoE layer", ARCHITECTURE, low=1)
+    top_k: int = option(1, "experts per token", ARCHITECTURE, low=1)
+    attn_pattern: tuple = option(("mha", "mhla"), "layer i uses attn_pattern[i % len]: "
+                                 "'mha' or 'mhla'", ARCHITECTURE)
+    rope_theta: float = option(10000.0, "RoPE base", ARCHITECTURE, above=0)
+    norm_eps: float = option(1e-5, "RMSNorm epsilon", ARCHITECTURE, above=0)
+    param_dtype: str = option("float32", "dtype the parameters are stored in", ARCHITECTURE,
+                              choices=DTYPES)
+
+    def validate(self):
+        check(self.d_model % self.n_heads == 0,
+              f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+              f"choose n_heads among the divisors of d_model.")
+        check(self.head_dim % 2 == 0,
+              f"head dim d_model/n_heads = {self.head_dim} must be even for rotary embeddings; "
+              f"change model.d_model or model.n_heads.")
+        check(self.top_k <= self.n_experts,
+              f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}; "
+              f"set top_k <= n_experts.")
+        check(len(self.attn_pattern) > 0, "model.attn_pattern is empty; use e.g. ('mha', 'mhla').")
         for kind in self.attn_pattern:
-            _check(kind in ATTENTION_KINDS,
-                   f"model.attn_pattern has unknown attention kind {kind!r}; "
-                   f"choose from {ATTENTION_KINDS}.")
-        if "mhla" in self.attn_pattern:
-            _check(self.max_seq_len % self.latent_k == 0,
-                   f"model.max_seq_len={self.max_seq_len} is not divisible by "
-                   f"model.latent_k={self.latent_k}: each latent summarizes an equal segment; "
-                   f"choose latent_k among the divisors of max_seq_len.")
-        _check(self.attention_kernel in ATTENTION_KERNELS,
-               f"model.attention_kernel={self.attention_kernel!r} is unknown; "
-               f"choose from {ATTENTION_KERNELS}.")
-        _check(self.moe_dispatch in MOE_DISPATCHES,
-               f"model.moe_dispatch={self.moe_dispatch!r} is unknown; choose from {MOE_DISPATCHES}.")
-        _check(self.capacity_factor > 0,
-               f"model.capacity_factor must be > 0, got {self.capacity_factor}.")
-        for name in ("dtype", "param_dtype"):
-            _check(getattr(self, name) in DTYPES,
-                   f"model.{name}={getattr(self, name)!r} is unknown; choose from {DTYPES}.")
-        _check(self.aux_loss_coef >= 0, f"model.aux_loss_coef must be >= 0, got {self.aux_loss_coef}.")
+            check(kind in ATTENTION_KINDS, f"model.attn_pattern has unknown attention kind "
+                                           f"{kind!r}; choose from {ATTENTION_KINDS}.")
+        check("mhla" not in self.attn_pattern or self.max_seq_len % self.latent_k == 0,
+              f"model.max_seq_len={self.max_seq_len} is not divisible by model.latent_k="
+              f"{self.latent_k}: each latent summarizes an equal segment; choose latent_k among "
+              f"the divisors of max_seq_len.")
 
     @property
     def head_dim(self) -> int:
@@ -102,92 +146,99 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-4  # peak learning rate
-    warmup_steps: int = 100
-    total_steps: int = 1000  # also the length of the run
-    weight_decay: float = 0.01  # AdamW, not applied to norms, biases, embeddings
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float = 1.0  # global gradient-norm clipping; 0 disables
+class ComputeConfig(Group):
+    """How the model is computed, never what: kernels and precision."""
 
-    def __post_init__(self):
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}.")
-        _check(self.total_steps > 0, f"optim.total_steps must be > 0, got {self.total_steps}.")
-        _check(0 <= self.warmup_steps < self.total_steps,
-               f"optim.warmup_steps={self.warmup_steps} must be in [0, optim.total_steps="
-               f"{self.total_steps}).")
-        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1).")
-        _check(self.clip_norm >= 0, f"optim.clip_norm must be >= 0, got {self.clip_norm}.")
+    NAME = "compute"
+    dtype: str = option("float32", "compute dtype; bfloat16 on GPUs", choices=DTYPES)
+    attention_kernel: str = option(
+        "auto", "auto (fused on CPU, dot_product_attention elsewhere) | fused | "
+        "dot_product_attention (cuDNN's flash kernel on GPU)", QUIET, choices=ATTENTION_KERNELS)
+    moe_dispatch: str = option(
+        "dropless", "dropless (exact: blocked on CPU, ragged elsewhere) | ragged | blocked | "
+        "capacity (drops overflow) | dense", choices=MOE_DISPATCHES)
+    capacity_factor: float = option(1.25, "expert capacity per sequence, as a multiple of an "
+                                    "even share (capacity dispatch only)", above=0)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 8  # global: sequences per step over all devices and processes
-    seed: int = 42
-    log_every: int = 50
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 4
-    # Per-device peak FLOP/s that MFU is measured against; 0: the data sheet for known GPUs
-    # computing in bf16/fp16, else a quick matmul measurement (see flops.py).
-    peak_flops: float = 0.0
-    wandb: bool = False  # also log to Weights & Biases (when the wandb package is installed)
-    wandb_project: str = "minids_jax"
+class OptimConfig(Group):
+    """AdamW and the original's schedule: linear warm-up, then linear decay to 0."""
 
-    def __post_init__(self):
-        for name in ("batch_size", "log_every", "eval_batches"):
-            _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}.")
-        _check(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}.")
-        _check(self.peak_flops >= 0,
-               f"train.peak_flops must be >= 0 (0: look up or measure), got {self.peak_flops}.")
-        _check(isinstance(self.wandb, bool), f"train.wandb must be True or False, got "
-               f"{self.wandb!r}.")
+    NAME = "optim"
+    lr: float = option(3e-4, "peak learning rate", above=0)
+    warmup_steps: int = option(100, "linear warm-up steps; clamped to fit a shorter run", low=0)
+    total_steps: int = option(1000, "length of the run (the learning rate decays to 0 there)",
+                              QUIET, low=1)
+    weight_decay: float = option(0.01, "AdamW decay of every parameter but norm gains, "
+                                 "embeddings, MHLA latents and biases", low=0)
+    b1: float = option(0.9, "AdamW first-moment decay", low=0, below=1)
+    b2: float = option(0.999, "AdamW second-moment decay", low=0, below=1)
+    eps: float = option(1e-8, "AdamW epsilon", above=0)
+    clip_norm: float = option(1.0, "global gradient-norm clipping; 0 disables", low=0)
 
-
-DATA_SOURCES = ("random", "builtin", "text", "jsonl", "json", "tokens")
-TOKENIZERS = ("byte", "bpe")
-_SOURCES_WITH_PATH = ("text", "jsonl", "json", "tokens")
+    def validate(self):
+        if self.warmup_steps >= self.total_steps:
+            fitted = self.total_steps - 1
+            logging.getLogger(__name__).warning(
+                "optim.warmup_steps=%d does not fit a run of optim.total_steps=%d: warming up "
+                "for %d steps instead.", self.warmup_steps, self.total_steps, fitted)
+            object.__setattr__(self, "warmup_steps", fitted)
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    source: str = "random"  # random | builtin | text | jsonl | json | tokens
-    path: str = ""  # text: file, dir or glob; jsonl/json: instruction file; tokens: .bin or dir
-    tokenizer: str = "byte"  # byte | bpe (trained on the corpus, model.vocab_size tokens)
-    val_fraction: float = 0.02  # held-out tail of a text/.bin corpus, or share of examples
-    max_bytes: int = 0  # builtin/text: read at most this many bytes of the corpus (0: all)
-    pack: bool = False  # jsonl/json: pack several examples per row instead of one padded
-    overlong: str = "truncate"  # jsonl/json examples over max_seq_len+1 tokens: truncate | drop
-    token_dtype: str = "auto"  # tokens: uint16 | uint32 | auto (meta.json, else uint16)
-    bpe_train_bytes: int = 0  # bpe: train on at most this many characters of the corpus (0: all)
-    cache_dir: str = "~/.cache/minids_jax"  # tokenized corpora, trained tokenizers; "" disables
+class TrainConfig(Group):
+    """The batch, the loss's balancing term, logging and evaluation."""
 
-    def __post_init__(self):
-        _check(self.source in DATA_SOURCES,
-               f"data.source={self.source!r} is unknown; choose from {DATA_SOURCES}.")
-        _check(self.tokenizer in TOKENIZERS,
-               f"data.tokenizer={self.tokenizer!r} is unknown; choose from {TOKENIZERS}.")
-        if self.source in _SOURCES_WITH_PATH:
-            _check(bool(self.path), f"data.source={self.source!r} reads data.path, which is empty; "
-                                    f"set --config.data.path=... to your data.")
+    NAME = "train"
+    batch_size: int = option(8, "global: sequences per step over all devices and processes",
+                             low=1)
+    seed: int = option(42, "initialization and batch order")
+    aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss", low=0)
+    log_every: int = option(50, "steps between logged lines", QUIET, low=1)
+    eval_every: int = option(0, "steps between evaluations; 0: only at the end", QUIET, low=0)
+    eval_batches: int = option(4, "held-out batches per evaluation", QUIET, low=1)
+    peak_flops: float = option(0.0, "per-device peak FLOP/s for MFU; 0: the data sheet for "
+                               "known GPUs in bf16/fp16, else a matmul measurement", QUIET, low=0)
+    wandb: bool = option(False, "also log to Weights & Biases (if installed)", QUIET)
+    wandb_project: str = option("minids_jax", "W&B project name", QUIET)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Group):
+    """Where tokens come from and how text becomes tokens (see data.py)."""
+
+    NAME = "data"
+    source: str = option("random", "random | builtin | text | jsonl | json | tokens",
+                         choices=DATA_SOURCES)
+    path: str = option("", "text: file, dir or glob; jsonl/json: instruction file; tokens: "
+                       ".bin file or dir")
+    tokenizer: str = option("byte", "byte | bpe (trained on the corpus, model.vocab_size "
+                            "tokens)", choices=("byte", "bpe"))
+    val_fraction: float = option(0.02, "held-out tail of a corpus, or share of examples",
+                                 above=0, below=0.5)
+    max_bytes: int = option(0, "builtin/text: read at most this many bytes (0: all)", low=0)
+    pack: bool = option(False, "jsonl/json: pack several examples per row instead of one padded")
+    overlong: str = option("truncate", "jsonl/json examples over max_seq_len+1 tokens: "
+                           "truncate | drop", choices=("truncate", "drop"))
+    token_dtype: str = option("auto", "tokens: uint16 | uint32 | auto (meta.json, else uint16)",
+                              choices=("auto", "uint16", "uint32"))
+    bpe_train_bytes: int = option(0, "bpe: train on at most this many characters (0: all)",
+                                  low=0)
+    cache_dir: str = option("~/.cache/minids_jax", "tokenized corpora and trained tokenizers; "
+                            "'' disables", QUIET)
+
+    def validate(self):
+        if self.source in SOURCES_WITH_PATH:
+            check(bool(self.path), f"data.source={self.source!r} reads data.path, which is "
+                                   f"empty; set --config.data.path=... to your data.")
         else:
-            _check(not self.path, f"data.path={self.path!r} is set but data.source={self.source!r} "
-                                  f"does not read it; set data.source to 'text', 'jsonl', 'json' "
-                                  f"or 'tokens', or clear data.path.")
-        _check(not (self.source == "random" and self.tokenizer == "bpe"),
-               "data.tokenizer='bpe' is trained on the corpus, and data.source='random' has none; "
-               "use data.tokenizer='byte' or a text source.")
-        _check(0 < self.val_fraction < 0.5,
-               f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}.")
-        _check(self.overlong in ("truncate", "drop"),
-               f"data.overlong={self.overlong!r} is unknown; choose 'truncate' or 'drop'.")
-        _check(self.token_dtype in ("auto", "uint16", "uint32"),
-               f"data.token_dtype={self.token_dtype!r} is unknown; choose 'auto', 'uint16' or "
-               f"'uint32'.")
-        for name in ("max_bytes", "bpe_train_bytes"):
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
-                   f"data.{name} must be an integer >= 0, got {getattr(self, name)!r}.")
+            check(not self.path, f"data.path={self.path!r} is set but data.source="
+                                 f"{self.source!r} does not read it; set data.source to 'text', "
+                                 f"'jsonl', 'json' or 'tokens', or clear data.path.")
+        check(not (self.source == "random" and self.tokenizer == "bpe"),
+              "data.tokenizer='bpe' is trained on the corpus, and data.source='random' has "
+              "none; use data.tokenizer='byte' or a text source.")
 
 
 # Logical parameter/activation axis -> mesh axes. Data parallel, FSDP, tensor and expert
@@ -204,149 +255,184 @@ DEFAULT_AXIS_RULES = (
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    # Device mesh axis sizes; -1 takes the remaining devices. Product must equal device count.
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    expert: int = 1
-    axis_rules: tuple = DEFAULT_AXIS_RULES  # logical axis name -> mesh axis (or axes, or None)
+class MeshConfig(Group):
+    """Device mesh axis sizes; -1 takes the remaining devices. Product: the device count."""
 
-    def __post_init__(self):
-        rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                      for name, axes in self.axis_rules)
-        object.__setattr__(self, "axis_rules", rules)
+    NAME = "mesh"
+    data: int = option(-1, "data parallel", QUIET, low=-1)
+    fsdp: int = option(1, "parameters and optimizer state split (ZeRO-3)", QUIET, low=-1)
+    tensor: int = option(1, "heads, hidden and vocab split", QUIET, low=-1)
+    expert: int = option(1, "experts split", QUIET, low=-1)
+    axis_rules: tuple = option(DEFAULT_AXIS_RULES, "logical axis -> mesh axis (or axes, or "
+                               "None)", QUIET)
+
+    def validate(self):
+        object.__setattr__(self, "axis_rules", tuple(
+            (name, tuple(axes) if isinstance(axes, list) else axes)
+            for name, axes in self.axis_rules))
         sizes = self.axis_sizes()
         for name, size in sizes.items():
-            _check(size == -1 or (isinstance(size, int) and size > 0),
-                   f"mesh.{name}={size!r} must be a positive integer or -1 (the rest).")
-        _check(list(sizes.values()).count(-1) <= 1,
-               f"at most one mesh axis may be -1, got {sizes}.")
+            check(size != 0, f"mesh.{name}=0 must be a positive integer or -1 (the rest).")
+        check(list(sizes.values()).count(-1) <= 1,
+              f"at most one mesh axis may be -1, got {sizes}.")
 
     def axis_sizes(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
 
 
-DISTRIBUTED_MODES = ("auto", "on", "off")
+@dataclasses.dataclass(frozen=True)
+class DevicesConfig(Group):
+    """Process start-up (startup.py), before JAX starts a backend."""
+
+    NAME = "devices"
+    num_gpus: int = option(0, "the N GPUs with the most free memory; 0: every visible one "
+                           "(an explicit CUDA_VISIBLE_DEVICES wins)", QUIET, low=0)
+    distributed: str = option("auto", "jax.distributed: auto (a SLURM/MPI/K8s job or a "
+                              "coordinator_address) | on | off", QUIET,
+                              choices=("auto", "on", "off"))
+    coordinator_address: str = option("", "'host:port' of process 0; '': from the environment",
+                                      QUIET)
+    num_processes: int = option(0, "0: from the environment", QUIET, low=0)
+    process_id: int = option(-1, "-1: from the environment", QUIET, low=-1)
+    init_timeout_s: int = option(300, "seconds the processes wait for each other at start-up",
+                                 QUIET, low=1)
+    reuse_host_memory: bool = option(True, "keep freed host memory mapped, so CPU steps do "
+                                     "not page-fault their memory in again", QUIET)
+
+    def validate(self):
+        check(not self.coordinator_address or ":" in self.coordinator_address,
+              f"devices.coordinator_address={self.coordinator_address!r} needs a port, "
+              f"e.g. '10.0.0.1:1234'.")
+        check(not (self.num_processes and self.process_id >= self.num_processes),
+              f"devices.process_id={self.process_id} must be < devices.num_processes="
+              f"{self.num_processes}.")
 
 
 @dataclasses.dataclass(frozen=True)
-class DevicesConfig:
-    # GPUs this process drives: the N with the most free memory (pynvml); 0 = every visible
-    # device. An explicit CUDA_VISIBLE_DEVICES in the environment wins over this choice.
-    num_gpus: int = 0
-    # jax.distributed start-up. auto: when the environment describes a multi-process job
-    # (SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS) or coordinator_address is set;
-    # on: always (JAX auto-detects the cluster); off: never (single process).
-    distributed: str = "auto"
-    coordinator_address: str = ""  # "host:port" of process 0; "" = from the environment
-    num_processes: int = 0  # 0 = from the environment
-    process_id: int = -1  # -1 = from the environment
-    init_timeout_s: int = 300  # how long processes wait for each other at start-up
-    # Keep freed host memory for reuse (glibc malloc settings, devices.reuse_host_memory):
-    # CPU steps stop page-faulting their working memory in again every step.
-    reuse_host_memory: bool = True
+class CheckpointConfig(Group):
+    """Saving, resuming and starting from another run's parameters."""
 
-    def __post_init__(self):
-        _check(isinstance(self.num_gpus, int) and self.num_gpus >= 0,
-               f"devices.num_gpus must be an integer >= 0 (0 = every visible device), "
-               f"got {self.num_gpus!r}.")
-        _check(self.distributed in DISTRIBUTED_MODES,
-               f"devices.distributed={self.distributed!r} is unknown; choose from "
-               f"{DISTRIBUTED_MODES}.")
-        _check(not self.coordinator_address or ":" in self.coordinator_address,
-               f"devices.coordinator_address={self.coordinator_address!r} needs a port, "
-               f"e.g. '10.0.0.1:1234'.")
-        _check(self.num_processes >= 0,
-               f"devices.num_processes must be >= 0 (0 = from the environment), "
-               f"got {self.num_processes}.")
-        _check(self.process_id >= -1,
-               f"devices.process_id must be >= 0, or -1 for the environment's, "
-               f"got {self.process_id}.")
-        if self.num_processes and self.process_id >= 0:
-            _check(self.process_id < self.num_processes,
-                   f"devices.process_id={self.process_id} must be < devices.num_processes="
-                   f"{self.num_processes}.")
-        _check(self.init_timeout_s > 0,
-               f"devices.init_timeout_s must be > 0, got {self.init_timeout_s}.")
-        _check(isinstance(self.reuse_host_memory, bool),
-               f"devices.reuse_host_memory must be True or False, "
-               f"got {self.reuse_host_memory!r}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    every: int = 100  # save every N steps (and always at the end); 0: only at the end
-    max_to_keep: int = 3  # older checkpoints are deleted
-    async_save: bool = True  # write files in the background while training continues
-    init_from: str = ""  # a workdir or step directory: start from its parameters, fresh optimizer
-    fallback: bool = False  # resume from the previous checkpoint if the latest is unreadable
-
-    def __post_init__(self):
-        _check(isinstance(self.every, int) and self.every >= 0,
-               f"checkpoint.every must be an integer >= 0 (0 saves only at the end), "
-               f"got {self.every!r}.")
-        _check(isinstance(self.max_to_keep, int) and self.max_to_keep >= 1,
-               f"checkpoint.max_to_keep must be an integer >= 1, got {self.max_to_keep!r}; "
-               f"resuming needs at least the latest checkpoint.")
-        _check(isinstance(self.init_from, str),
-               f"checkpoint.init_from must be a path string ('' for none), got "
-               f"{self.init_from!r}.")
+    NAME = "checkpoint"
+    every: int = option(100, "save every N steps (and always at the end); 0: only at the end",
+                        QUIET, low=0)
+    max_to_keep: int = option(3, "older checkpoints are deleted; resuming needs the latest",
+                              QUIET, low=1)
+    async_save: bool = option(True, "write files in the background while training goes on",
+                              QUIET)
+    init_from: str = option("", "a workdir or step directory: start from its parameters with "
+                            "a fresh optimizer", QUIET)
+    fallback: bool = option(False, "resume from the previous checkpoint if the latest is "
+                            "unreadable", QUIET)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig
-    optim: OptimConfig
-    train: TrainConfig
-    data: DataConfig
-    mesh: MeshConfig
-    checkpoint: CheckpointConfig
-    devices: DevicesConfig = DevicesConfig()
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    devices: DevicesConfig = dataclasses.field(default_factory=DevicesConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
-        # Tokenizers need their 256 byte symbols plus PAD, BOS and EOS (see tokenization.py).
-        min_vocab = 259
-        _check(self.data.source == "random" or self.model.vocab_size >= min_vocab,
-               f"model.vocab_size={self.model.vocab_size} is smaller than the {min_vocab} tokens "
-               f"the {self.data.tokenizer} tokenizer needs (256 bytes + PAD, BOS, EOS); set "
-               f"model.vocab_size >= {min_vocab}.")
+        check(self.data.source == "random" or self.model.vocab_size >= MIN_TEXT_VOCAB,
+              f"model.vocab_size={self.model.vocab_size} is smaller than the {MIN_TEXT_VOCAB} "
+              f"tokens the {self.data.tokenizer} tokenizer needs (256 bytes + PAD, BOS, EOS); "
+              f"set model.vocab_size >= {MIN_TEXT_VOCAB}.")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-_GROUPS = {
-    "model": ModelConfig,
-    "optim": OptimConfig,
-    "train": TrainConfig,
-    "data": DataConfig,
-    "mesh": MeshConfig,
-    "checkpoint": CheckpointConfig,
-    "devices": DevicesConfig,
-}
+GROUPS = {field.name: field.default_factory for field in dataclasses.fields(Config)}
 
 
-def _build_group(group: str, cls: type, values: Mapping[str, Any]):
+def default_config_dict():
+    """Every default as an ml_collections ConfigDict: what `configs/*.py` start from."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dataclasses.asdict(Config()))
+
+
+def _build_group(group: str, values: Mapping[str, Any]):
+    cls = GROUPS[group]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
-    _check(not unknown,
-           f"unknown field(s) {', '.join(f'{group}.{u}' for u in unknown)}; "
-           f"known fields of {group!r}: {', '.join(sorted(known))}.")
-    try:
-        return cls(**values)
-    except TypeError as error:  # e.g. a string where a number belongs
-        raise ConfigError(f"bad value in config group {group!r}: {error}") from error
+    moved = [f"{group}.{u} is now {MOVED[f'{group}.{u}']}" for u in unknown
+             if f"{group}.{u}" in MOVED]
+    check(not unknown, f"unknown field(s) {', '.join(f'{group}.{u}' for u in unknown)}"
+                       f"{' (' + '; '.join(moved) + ')' if moved else ''}; known fields of "
+                       f"{group!r}: {', '.join(sorted(known))}.")
+    return cls(**values)
 
 
 def from_config_dict(config: Mapping[str, Any]) -> Config:
     """Converts a (possibly nested) mapping such as a ConfigDict into a validated `Config`."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    unknown = sorted(set(as_dict) - set(_GROUPS))
-    _check(not unknown, f"unknown config group(s) {unknown}; known groups: {sorted(_GROUPS)}.")
-    groups = {name: _build_group(name, cls, as_dict.get(name, {})) for name, cls in _GROUPS.items()}
-    return Config(**groups)
+    unknown = sorted(set(as_dict) - set(GROUPS))
+    check(not unknown, f"unknown config group(s) {unknown}; known groups: {sorted(GROUPS)}.")
+    return Config(**{name: _build_group(name, as_dict.get(name, {})) for name in GROUPS})
 
 
 def from_json(text: str) -> Config:
     return from_config_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility of a saved config (a checkpoint's) with this version and with this run
+
+
+def upgrade(saved: Mapping[str, Any]) -> Config:
+    """A config saved by any version: moved fields read from where they were, fields this
+    version no longer has dropped (logged), fields added since take their defaults."""
+    groups = {group: dict(saved.get(group, {})) for group in GROUPS}
+    for old, new in MOVED.items():
+        (old_group, old_name), (new_group, new_name) = old.split("."), new.split(".")
+        if old_name in groups[old_group]:
+            groups[new_group].setdefault(new_name, groups[old_group].pop(old_name))
+    for group, values in groups.items():
+        names = {field.name for field in dataclasses.fields(GROUPS[group])}
+        dropped = sorted(set(values) - names)
+        if dropped:
+            logging.getLogger(__name__).warning(
+                "checkpoint config fields unknown to this version, ignored: %s",
+                ", ".join(f"{group}.{name}" for name in dropped))
+        groups[group] = {k: v for k, v in values.items() if k in names}
+    return from_config_dict(groups)
+
+
+def _fields(config: Config, policy: str):
+    for group in GROUPS:
+        values = getattr(config, group)
+        for field in dataclasses.fields(values):
+            if field.metadata["policy"] == policy:
+                yield f"{group}.{field.name}", getattr(values, field.name)
+
+
+def changes(saved: Config, current: Config, policy: str) -> list[str]:
+    """'group.field: checkpoint X, this run Y' for each field of `policy` that differs."""
+    return [f"{name}: checkpoint {old!r}, this run {new!r}"
+            for (name, old), (_, new) in zip(_fields(saved, policy), _fields(current, policy))
+            if old != new]
+
+
+def reference_markdown() -> str:
+    """The field reference, one table per group, from the dataclasses' metadata."""
+    lines = ["# Configuration reference", "",
+             "Generated by `python -m minids_jax.config` from `minids_jax/config.py`; the "
+             "policy says what a change means when resuming (architecture: must match the "
+             "checkpoint; noted: logged; quiet: silent). Override any field with "
+             "`--config.GROUP.FIELD=VALUE`."]
+    for group, cls in GROUPS.items():
+        lines += ["", f"## {group}", "", cls.__doc__.strip(), "",
+                  "| field | default | policy | meaning |", "|---|---|---|---|"]
+        for field in dataclasses.fields(cls):
+            lines.append(f"| `{field.name}` | `{field.default!r}` | {field.metadata['policy']} "
+                         f"| {field.metadata['doc'].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())

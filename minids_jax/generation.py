@@ -1,167 +1,33 @@
-"""Incremental decoding with per-layer caches, and sampling (temperature, top-k, top-p).
+"""Sampling (temperature, top-k, top-p) and the streaming loop over the model's cached forward.
 
-Shapes: B batch, L context (model.max_seq_len), D model width, H heads, Dh head width,
-K latents, V vocab.
+The prompt is run once through the model with an empty cache (prefill: one jitted call over the
+prompt padded to the context L, so every prompt length shares one compilation); then each new
+token costs one jitted step of the same forward that sees only that token and the caches (see
+attention.py and mhla.py for what each layer caches). The MoE decodes with an exact dispatch,
+so a token's output never depends on the padding or the batch. When the context is full,
+generation goes on from the last L/2 tokens (one new prefill), as an uncached model fed the
+cropped text would.
 
-The prompt is run once through the whole model (prefill, one jitted call over the prompt padded
-to L, so every prompt length shares one compilation); then each new token costs one jitted step
-that sees only that token and the caches:
-
-  MHA   keys and values of every position so far, [B, L, H, Dh]. One query per step.
-  MHLA  the read keys/values of every position, and the latent-self and write keys/values of
-        each latent, [B, K, H, Dh]. At position i only latent j = i // (L/K) is still open (its
-        segment ends at e_j > i); the step writes the token into the read cache, re-reads that
-        one latent from it (one query over L, like MHA), runs that latent through latent-self
-        against the cached latents j' <= j, and refreshes its write keys/values. Position i
-        then writes from the latents with e_j <= i + 1, whose entries are final: latent j is
-        complete once position e_j - 1 has been seen, and is never touched again.
-
-Per token that is a few D x D projections plus O(L + K) attention per layer, against O(L) tokens
-of projections for a re-forward. Output equals the full forward token for token
-(tests/test_generation.py). When the context is full, generation goes on from the last L/2
-tokens (one new prefill), as an uncached model fed the cropped text would.
+Shapes: B batch, L context (model.max_seq_len), P prompt, T window, V vocab.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minids_jax.attention import MHA, MHLA, latent_segment_ends
+from minids_jax import kernels
 from minids_jax.model import MiniDeepSeek
-
-
-class MHACache(NamedTuple):
-    k_BxLxHxDh: jax.Array
-    v_BxLxHxDh: jax.Array
-
-
-class MHLACache(NamedTuple):
-    read_k_BxLxHxDh: jax.Array
-    read_v_BxLxHxDh: jax.Array
-    self_k_BxKxHxDh: jax.Array
-    self_v_BxKxHxDh: jax.Array
-    write_k_BxKxHxDh: jax.Array
-    write_v_BxKxHxDh: jax.Array
 
 
 class PromptTooLongError(ValueError):
     """The prompt does not fit in the model's context."""
-
-
-# --- prefill: the whole (padded) prompt at positions 0..L-1 -------------------------------------
-
-def _prefill_attention(layer, x_BxLxD, positions_BxL):
-    """The layer's ordinary forward, plus the caches it implies (XLA shares the projections)."""
-    if isinstance(layer, MHA):
-        cache = MHACache(*layer.attention.keys_values(x_BxLxD, positions_BxL))
-        return layer(x_BxLxD, positions_BxL), cache
-    latent_pos_BxK = layer.latent_positions(x_BxLxD.shape[0])
-    z1_BxKxD = layer.read_sequence(x_BxLxD, positions_BxL)
-    z2_BxKxD = layer.attend_latents(z1_BxKxD)
-    cache = MHLACache(*layer.read.keys_values(x_BxLxD, positions_BxL),
-                      *layer.latent_self.keys_values(z1_BxKxD, latent_pos_BxK),
-                      *layer.write.keys_values(z2_BxKxD, latent_pos_BxK))
-    return layer.write_sequence(x_BxLxD, positions_BxL, z2_BxKxD), cache
-
-
-# --- decode: one token at position `pos` ----------------------------------------------------------
-
-def _put(cache_BxSxHxDh: jax.Array, new_Bx1xHxDh: jax.Array, index) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(cache_BxSxHxDh, new_Bx1xHxDh.astype(
-        cache_BxSxHxDh.dtype), index, axis=1)
-
-
-def _cache_keys_values(projections, sources_Bx1xD, source_pos_Bx1, k_cache, v_cache, index):
-    """Projects one source's key and value and writes them into the caches at slot `index`."""
-    k_Bx1xHxDh, v_Bx1xHxDh = projections.keys_values(sources_Bx1xD, source_pos_Bx1)
-    return _put(k_cache, k_Bx1xHxDh, index), _put(v_cache, v_Bx1xHxDh, index)
-
-
-def _up_to(index, size: int, batch: int) -> jax.Array:
-    """Mask [B, 1, size]: True at slots 0..index."""
-    return jnp.broadcast_to(jnp.arange(size) <= index, (batch, 1, size))
-
-
-def _decode_mha(layer: MHA, x_Bx1xD, pos, cache: MHACache):
-    attention, batch = layer.attention, x_Bx1xD.shape[0]
-    pos_Bx1 = jnp.full((batch, 1), pos)
-    cache = MHACache(*_cache_keys_values(attention, x_Bx1xD, pos_Bx1, cache.k_BxLxHxDh,
-                                         cache.v_BxLxHxDh, pos))
-    mask_Bx1xL = _up_to(pos, cache.k_BxLxHxDh.shape[1], batch)
-    return attention.attend_keys_values(x_Bx1xD, pos_Bx1, *cache, mask_BxQxS=mask_Bx1xL), cache
-
-
-def _decode_mhla(layer: MHLA, x_Bx1xD, pos, cache: MHLACache):
-    cfg, batch = layer.cfg, x_Bx1xD.shape[0]
-    segment = cfg.max_seq_len // cfg.latent_k
-    open_latent = pos // segment  # the one latent whose segment is still being read
-    pos_Bx1 = jnp.full((batch, 1), pos)
-    latent_pos_Bx1 = jnp.full((batch, 1), (open_latent + 1) * segment - 1)
-
-    # Read: the open latent attends to every position seen so far (all lie before its end).
-    read_k, read_v = _cache_keys_values(layer.read, x_Bx1xD, pos_Bx1, cache.read_k_BxLxHxDh,
-                                        cache.read_v_BxLxHxDh, pos)
-    z0_Bx1xD = jnp.broadcast_to(
-        jax.lax.dynamic_slice_in_dim(layer.latents[...], open_latent, 1).astype(x_Bx1xD.dtype),
-        (batch, 1, cfg.d_model))
-    z1_Bx1xD = layer.read_norm(z0_Bx1xD + layer.read.attend_keys_values(
-        z0_Bx1xD, latent_pos_Bx1, read_k, read_v,
-        mask_BxQxS=_up_to(pos, cfg.max_seq_len, batch)))
-
-    # Latent self: causal over latents, against the cached (complete) latents before it.
-    self_k, self_v = _cache_keys_values(layer.latent_self, z1_Bx1xD, latent_pos_Bx1,
-                                        cache.self_k_BxKxHxDh, cache.self_v_BxKxHxDh,
-                                        open_latent)
-    z2_Bx1xD = layer.latent_self_norm(z1_Bx1xD + layer.latent_self.attend_keys_values(
-        z1_Bx1xD, latent_pos_Bx1, self_k, self_v,
-        mask_BxQxS=_up_to(open_latent, cfg.latent_k, batch)))
-
-    # Write: only latents whose segment has ended; the open one counts once pos = e_j - 1.
-    write_k, write_v = _cache_keys_values(layer.write, z2_Bx1xD, latent_pos_Bx1,
-                                          cache.write_k_BxKxHxDh, cache.write_v_BxKxHxDh,
-                                          open_latent)
-    ended_Bx1xK = jnp.broadcast_to(latent_segment_ends(cfg) <= pos + 1, (batch, 1, cfg.latent_k))
-    out_Bx1xD = layer.write.attend_keys_values(x_Bx1xD, pos_Bx1, write_k, write_v,
-                                              mask_BxQxS=ended_Bx1xK)
-    return out_Bx1xD, MHLACache(read_k, read_v, self_k, self_v, write_k, write_v)
-
-
-# --- the model with caches ------------------------------------------------------------------------
-
-def _exact_moe(model: MiniDeepSeek) -> MiniDeepSeek:
-    """Switches the MoE layers to the dropless dispatch (same output as dense).
-
-    Capacity dispatch drops tokens depending on how many share a batch, a training-time trade
-    that would make a token's output depend on the prompt's padding. Called on the copy that
-    `nnx.merge` makes inside a jitted function, never on the caller's model.
-    """
-    for block in model.blocks:
-        block.moe.cfg = dataclasses.replace(block.moe.cfg, moe_dispatch="dropless")
-    return model
-
-
-def _forward(model: MiniDeepSeek, tokens_BxT, attention_fn):
-    """The blocks of `model.__call__`, with each attention layer replaced by `attention_fn`."""
-    x_BxTxD = model.embed(tokens_BxT)
-    caches = []
-    for block in model.blocks:
-        attended_BxTxD, cache = attention_fn(block.attn, block.norm1(x_BxTxD))
-        x_BxTxD = x_BxTxD + attended_BxTxD
-        moe_out_BxTxD, _ = block.moe(block.norm2(x_BxTxD))
-        x_BxTxD = x_BxTxD + moe_out_BxTxD
-        caches.append(cache)
-    return x_BxTxD, caches
-
-
-def _next_token_logits(model: MiniDeepSeek, x_BxD) -> jax.Array:
-    return model.head(model.final_norm(x_BxD)).astype(jnp.float32)
 
 
 def sample_logits(logits_BxV, key, temperature, top_k, top_p) -> jax.Array:
@@ -201,47 +67,48 @@ class Sampling:
         return (np.float32(self.temperature), np.int32(self.top_k), np.float32(self.top_p))
 
 
-def _prefill(graphdef, state, tokens_BxL, length, key, n, sampling):
+def _prefill(graphdef, moe_dispatch, state, tokens_BxL, length, key, n, sampling):
     """Samples token n after tokens[:length]; returns it, its logits and the caches."""
-    model = _exact_moe(nnx.merge(graphdef, state))
-    positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    x_BxLxD, caches = _forward(model, tokens_BxL,
-                               lambda layer, h: _prefill_attention(layer, h, positions_BxL))
-    logits_BxV = _next_token_logits(model, jax.lax.dynamic_index_in_dim(
-        x_BxLxD, length - 1, axis=1, keepdims=False))
-    return sample_logits(logits_BxV, jax.random.fold_in(key, n), *sampling), logits_BxV, caches
+    model = nnx.merge(graphdef, state)
+    hidden_BxLxD, _, cache = model.hidden(tokens_BxL, cache=model.init_cache(tokens_BxL.shape[0]),
+                                          moe_dispatch=moe_dispatch)
+    last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxLxD, length - 1, axis=1, keepdims=False)
+    logits_BxV = model.head(last_BxD).astype(jnp.float32)
+    # The prompt fills slots 0..length-1; the padding after it is overwritten as decoding goes.
+    cache = [layer_cache._replace(index=length) for layer_cache in cache]
+    return sample_logits(logits_BxV, jax.random.fold_in(key, n), *sampling), logits_BxV, cache
 
 
-def _step(graphdef, state, caches, token_B, pos, key, n, sampling):
-    """Puts token at position `pos` and samples token n after it (caches updated in place)."""
-    model = _exact_moe(nnx.merge(graphdef, state))
-    layer_caches = iter(caches)  # consumed in layer order by _forward
-
-    def attention_fn(layer, h_Bx1xD):
-        decode = _decode_mha if isinstance(layer, MHA) else _decode_mhla
-        return decode(layer, h_Bx1xD, pos, next(layer_caches))
-
-    x_Bx1xD, caches = _forward(model, token_B[:, None], attention_fn)
-    logits_BxV = _next_token_logits(model, x_Bx1xD[:, 0])
-    return sample_logits(logits_BxV, jax.random.fold_in(key, n), *sampling), logits_BxV, caches
+def _step(graphdef, moe_dispatch, state, cache, token_B, key, n, sampling):
+    """Puts the token at the cache's next slot and samples token n after it."""
+    model = nnx.merge(graphdef, state)
+    logits_Bx1xV, _, cache = model(token_B[:, None], cache=cache, moe_dispatch=moe_dispatch)
+    logits_BxV = logits_Bx1xV[:, 0]
+    return sample_logits(logits_BxV, jax.random.fold_in(key, n), *sampling), logits_BxV, cache
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef):
+def _compiled(graphdef, moe_dispatch: str):
     """One pair of jitted functions per model structure, shared by its Generators (the
     structure is hashed once here rather than on every token)."""
-    return (jax.jit(functools.partial(_prefill, graphdef)),
-            jax.jit(functools.partial(_step, graphdef), donate_argnums=1))
+    return (jax.jit(functools.partial(_prefill, graphdef, moe_dispatch)),
+            jax.jit(functools.partial(_step, graphdef, moe_dispatch), donate_argnums=1))
 
 
 class Generator:
     """Streams tokens from one model. Prompt length, position and sampling settings never
     cause a recompile; models of the same structure share the compiled functions."""
 
-    def __init__(self, model: MiniDeepSeek):
+    def __init__(self, model: MiniDeepSeek, moe_dispatch: str | None = None):
+        """`moe_dispatch`: the MoE's dispatch while decoding; by default the model's own if it
+        drops nothing, else the exact one for the platform."""
         self.cfg = model.cfg
+        if moe_dispatch is None:
+            own = model.compute.moe_dispatch
+            moe_dispatch = own if own != "capacity" else kernels.exact_dispatch(
+                kernels.mesh_platform())
         self.graphdef, self.state = nnx.split(model)
-        self._prefill, self._step = _compiled(self.graphdef)
+        self._prefill, self._step = _compiled(self.graphdef, moe_dispatch)
 
     def check_prompt(self, prompt_BxP: np.ndarray) -> np.ndarray:
         prompt_BxP = np.asarray(prompt_BxP, dtype=np.int32)
@@ -284,11 +151,10 @@ class Generator:
         for n in range(max_new_tokens):
             if n == 0 or window_BxT.shape[1] > context:
                 window_BxT = window_BxT[:, -keep:] if n else window_BxT
-                token_B, logits_BxV, caches = self._prefill_window(window_BxT, key, n, params)
-            else:  # the newest token sits at position T - 1 of the window
-                token_B, logits_BxV, caches = self._step(
-                    self.state, caches, window_BxT[:, -1], np.int32(window_BxT.shape[1] - 1),
-                    key, np.int32(n), params)
+                token_B, logits_BxV, cache = self._prefill_window(window_BxT, key, n, params)
+            else:  # the newest token goes to slot T - 1 of the window
+                token_B, logits_BxV, cache = self._step(self.state, cache, window_BxT[:, -1],
+                                                        key, np.int32(n), params)
             token_B = np.asarray(token_B)
             window_BxT = np.concatenate([window_BxT, token_B[:, None]], axis=1)
             yield (token_B, logits_BxV) if with_logits else token_B

@@ -1,79 +1,117 @@
 """MiniDeepSeek: pre-norm blocks of (MHA | MHLA) attention and a mixture of SwiGLU experts.
 
+One forward serves training and decoding: without a cache it runs whole sequences; with the
+cache of `init_cache` it continues a sequence (a prompt from slot 0, then a token at a time)
+and returns the updated cache.
+
 Shapes: B batch, L length, D model width, V vocab, N layers, E experts.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax.attention import ATTENTION_CLASSES
-from minids_jax.config import ModelConfig
+from minids_jax import kernels
+from minids_jax.attention import MHA
+from minids_jax.config import ComputeConfig, ModelConfig
 from minids_jax.layers import RMSNorm, linear
+from minids_jax.mhla import MHLA
 from minids_jax.moe import MoE, MoEStats
+
+ATTENTION_CLASSES = {"mha": MHA, "mhla": MHLA}
 
 
 class Block(nnx.Module):
     """x = x + attn(norm1(x)); x = x + moe(norm2(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-        norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    def __init__(self, cfg: ModelConfig, compute: ComputeConfig, layer: int, *,
+                 rngs: nnx.Rngs):
+        norm = dict(eps=cfg.norm_eps, dtype=compute.dtype, param_dtype=cfg.param_dtype)
         self.norm1 = RMSNorm(cfg.d_model, **norm)
-        self.attn = ATTENTION_CLASSES[cfg.attention_kind(layer)](cfg, rngs=rngs)
+        self.attn = ATTENTION_CLASSES[cfg.attention_kind(layer)](cfg, compute, rngs=rngs)
         self.norm2 = RMSNorm(cfg.d_model, **norm)
-        self.moe = MoE(cfg, rngs=rngs)
+        self.moe = MoE(cfg, compute, rngs=rngs)
 
-    def __call__(self, x_BxLxD, positions_BxL) -> tuple[jax.Array, MoEStats]:
-        x_BxLxD = x_BxLxD + self.attn(self.norm1(x_BxLxD), positions_BxL)
-        moe_out_BxLxD, stats = self.moe(self.norm2(x_BxLxD))
-        return x_BxLxD + moe_out_BxLxD, stats
+    def __call__(self, x_BxLxD, positions_BxL, cache=None, moe_dispatch: str | None = None):
+        attended_BxLxD, cache = self.attn(self.norm1(x_BxLxD), positions_BxL, cache)
+        x_BxLxD = x_BxLxD + attended_BxLxD
+        moe_out_BxLxD, stats = self.moe(self.norm2(x_BxLxD), moe_dispatch)
+        return x_BxLxD + moe_out_BxLxD, stats, cache
+
+
+class Output(NamedTuple):
+    logits_BxLxV: jax.Array  # float32
+    aux: dict[str, jax.Array]  # aux_loss, expert_load_NxE, dropped_fraction
+    cache: Any  # the updated per-layer caches; None without a cache
 
 
 class MiniDeepSeek(nnx.Module):
-    """The language model: `model(tokens_BxL) -> (logits_BxLxV in float32, aux)`.
+    """The language model: `model(tokens_BxL, positions_BxL=None, cache=None) -> Output`.
 
-    `aux` holds `aux_loss` (balancing loss averaged over layers), `expert_load_NxE`
-    (share of assignments per expert in each layer) and `dropped_fraction`.
-    Parameters carry logical axis names; they are placed on devices by whoever builds the
-    model under a mesh (see `sharding.py`), so building one here never shards eagerly.
+    `aux` holds `aux_loss` (balancing loss averaged over layers), `expert_load_NxE` (share of
+    assignments per expert in each layer) and `dropped_fraction`. `compute` names concrete
+    kernels (see `kernels.resolve`); by default, those of JAX's default backend. Parameters
+    carry logical axis names; whoever builds the model under a mesh places them (sharding.py).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, compute: ComputeConfig | None = None, *,
+                 rngs: nnx.Rngs):
+        compute = kernels.resolve(compute or ComputeConfig(), kernels.mesh_platform())
+        self.cfg, self.compute = cfg, compute
         with nnx.use_eager_sharding(False):
             self.embed = nnx.Embed(
-                cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(compute.dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs,
                 embedding_init=nnx.with_partitioning(nnx.initializers.normal(1.0),
                                                      ("vocab", "embed")))
-            self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
-            self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype,
+            self.blocks = nnx.List([Block(cfg, compute, i, rngs=rngs)
+                                    for i in range(cfg.n_layers)])
+            self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=compute.dtype,
                                       param_dtype=cfg.param_dtype)
             self.head = linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
-                               dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+                               dtype=compute.dtype, param_dtype=cfg.param_dtype)
 
-    def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None):
-        hidden_BxLxD, aux = self.hidden(tokens_BxL, positions_BxL)
-        return self.head(hidden_BxLxD).astype(jnp.float32), aux
+    def init_cache(self, batch: int, max_len: int | None = None) -> list:
+        """Empty per-layer caches for decoding up to `max_len` (default model.max_seq_len)."""
+        max_len = max_len or self.cfg.max_seq_len
+        return [block.attn.init_cache(batch, max_len, jnp.dtype(self.compute.dtype))
+                for block in self.blocks]
 
-    def hidden(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None):
-        """The final-normed features the head reads, and `aux`: `__call__` without the head
-        (the trainer's loss applies the head itself, in chunks; see fused.py)."""
+    def __call__(self, tokens_BxL, positions_BxL=None, cache=None, *,
+                 moe_dispatch: str | None = None) -> Output:
+        hidden_BxLxD, aux, cache = self.hidden(tokens_BxL, positions_BxL, cache,
+                                               moe_dispatch=moe_dispatch)
+        return Output(self.head(hidden_BxLxD).astype(jnp.float32), aux, cache)
+
+    def hidden(self, tokens_BxL, positions_BxL=None, cache=None, *,
+               moe_dispatch: str | None = None) -> tuple[jax.Array, dict, Any]:
+        """(features, aux, cache): the final-normed features the head reads: `__call__` without the head (the loss
+        applies the head itself, in chunks). Positions default to the cache's next slots.
+        `moe_dispatch` overrides the MoE's own (decoding asks for an exact one)."""
         if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+            start = 0 if cache is None else cache[0].index
+            positions_BxL = jnp.broadcast_to(start + jnp.arange(tokens_BxL.shape[1]),
+                                             tokens_BxL.shape)
         x_BxLxD = self.embed(tokens_BxL)
-        all_stats = []
-        for block in self.blocks:
-            x_BxLxD, stats = block(x_BxLxD, positions_BxL)
+        all_stats: list[MoEStats] = []
+        new_cache = None if cache is None else []
+        for i, block in enumerate(self.blocks):
+            x_BxLxD, stats, layer_cache = block(x_BxLxD, positions_BxL,
+                                                None if cache is None else cache[i],
+                                                moe_dispatch)
             all_stats.append(stats)
+            if cache is not None:
+                new_cache.append(layer_cache)
         aux = {
             "aux_loss": jnp.mean(jnp.stack([s.aux_loss for s in all_stats])),
             "expert_load_NxE": jnp.stack([s.load_E for s in all_stats]),
             "dropped_fraction": jnp.mean(jnp.stack([s.dropped_fraction for s in all_stats])),
         }
-        return self.final_norm(x_BxLxD), aux
+        return self.final_norm(x_BxLxD), aux, new_cache
 
 
 def count_params(model: nnx.Module) -> int:

@@ -14,7 +14,7 @@ import pathlib
 
 import numpy as np
 
-from minids_jax.reporting import METRICS_FILE
+METRICS_FILE = "metrics.jsonl"  # in the workdir, written by reporting.Reporter
 
 SMOOTH_FROM = 50  # train points from which a smoothed curve reads better than the raw one
 

@@ -22,9 +22,10 @@ import time
 import warnings
 from typing import Any
 
+import jax
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
+from minids_jax.plot import METRICS_FILE
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -82,6 +83,34 @@ def _jsonable(value):
 
 def _is_tty(stream) -> bool:
     return hasattr(stream, "isatty") and stream.isatty() and os.environ.get("TERM") != "dumb"
+
+
+class StepTimer:
+    """Tokens/s and time per step over the steps since the last report. Timing starts when the
+    first (compiling) step has finished."""
+
+    def __init__(self, tokens_per_step: int, devices: int):
+        self.tokens_per_step, self.devices = tokens_per_step, devices
+        self.start, self.steps = None, 0
+
+    def tick(self, metrics) -> None:
+        if self.start is None:
+            jax.block_until_ready(metrics)
+            self.start, self.steps = time.perf_counter(), 0
+        else:
+            self.steps += 1
+
+    def rates(self) -> dict[str, float]:
+        """The window's rates (none before a step was timed); starts the next window."""
+        if not self.steps:
+            return {}
+        elapsed = time.perf_counter() - self.start
+        tokens_per_sec = self.steps * self.tokens_per_step / elapsed
+        rates = {"tokens_per_sec": tokens_per_sec,
+                 "tokens_per_sec_per_device": tokens_per_sec / self.devices,
+                 "step_time": elapsed / self.steps}
+        self.start, self.steps = time.perf_counter(), 0
+        return rates
 
 
 class Reporter:

@@ -118,17 +118,19 @@ def under_mesh(mesh: jax.sharding.Mesh, rules):
     return decorate
 
 
-def create_sharded(init_fn: Callable[[], nnx.Module], mesh, rules):
-    """Builds `init_fn()`'s state directly in its sharded layout (never whole on one device).
+def create_sharded(init_fn: Callable[[], tuple[nnx.Module, ...]], mesh, rules):
+    """Builds the modules `init_fn()` returns directly in their sharded layout (never whole on
+    one device). Returns (graphdefs, states, shardings), one tuple entry per module."""
+    def split_each(modules):
+        return tuple(zip(*(nnx.split(module) for module in modules)))
 
-    Returns (graphdef, state, state_shardings).
-    """
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), nnx.use_eager_sharding(False):
-        graphdef, abstract_state = nnx.split(nnx.eval_shape(init_fn))
-        shardings = nnx.get_named_sharding(abstract_state, mesh)
-        check_divisible(abstract_state, shardings)
-        state = jax.jit(lambda: nnx.split(init_fn())[1], out_shardings=shardings)()
-    return graphdef, state, shardings
+        graphdefs, abstract_states = split_each(nnx.eval_shape(init_fn))
+        shardings = tuple(nnx.get_named_sharding(state, mesh) for state in abstract_states)
+        for state, state_shardings in zip(abstract_states, shardings):
+            check_divisible(state, state_shardings)
+        states = jax.jit(lambda: split_each(init_fn())[1], out_shardings=shardings)()
+    return graphdefs, states, shardings
 
 
 def process_rows(sharding: NamedSharding, global_batch: int) -> slice:

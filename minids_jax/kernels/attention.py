@@ -1,23 +1,12 @@
-"""Hand-written backward passes where XLA's own leaves the most time: softmax attention, and the
-output head with its cross-entropy.
+"""Softmax attention with a hand-written backward, and causal attention in query blocks.
 
-Both are exact (the same numbers as autodiff of the plain formula, up to float rounding); they
-only do less work and touch less memory:
-  softmax_attention   saves the probabilities and writes the backward as five einsums and one
-                      fused elementwise pass (autodiff of softmax + mask makes several), and
-                      `causal_attention` splits the queries into blocks so that keys above the
-                      causal diagonal are never scored: 10 of 16 blocks at 4 blocks. Both
-                      work heads-first ([B, H, L, Dh]), so no einsum needs a transposed copy.
-  head_cross_entropy  runs the head and the loss in chunks of tokens and computes d(logits)
-                      in the forward pass, so the [B, L, V] logits never exist at once and the
-                      softmax is read once while still in cache.
-Measured on a 2-core CPU (forward+backward, d 256, 8 heads, L 256, batch 8, vocab 8192):
-an MHA layer takes 34-35 ms against 92 with `jax.nn.dot_product_attention`; head + loss
-121 ms against 258 for autodiff of the logits and `optax.softmax_cross_entropy_with_integer_labels`
-(the PyTorch original, same shapes: 37-45 and 166-199 ms).
+Exact (the numbers of autodiff of the plain formula, up to float rounding), with less work and
+memory: the forward saves the probabilities, and the backward is five einsums and one fused
+elementwise pass. `causal_attention` splits the queries into blocks, so keys above the causal
+diagonal are never scored. Both work heads-first ([B, H, L, Dh]), so no einsum needs a
+transposed copy. Query rows that may attend to nothing get exactly zero.
 
-Shapes: B batch, Q queries, S sources (keys), H heads, Dh head width, L length, D model width,
-V vocab, C tokens per chunk, N chunks.
+Shapes: B batch, Q queries, S sources (keys), H heads, Dh head width, L length.
 """
 
 from __future__ import annotations
@@ -95,8 +84,7 @@ def _softmax_attention_bwd(residuals, dout_BxHxQxDh):
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
-# Query rows per causal block. On a 2-core CPU at L 256 (attention alone, forward+backward):
-# 64 rows 41-45 ms, 128 rows 46-53 ms, one block 52-66 ms.
+# Query rows per causal block: the fastest measured on a CPU (docs/performance.md).
 ATTENTION_BLOCK_ROWS = 64
 
 
@@ -154,80 +142,3 @@ def _causal_attention_bwd(block_rows, residuals, dout_BxHxLxDh):
 
 
 _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
-
-
-def _head_loss_chunk(x_BxCxD, kernel_DxV, targets_BxC, weights_BxC, with_grad: bool):
-    """Weighted cross-entropy sum of one chunk and, if asked, its gradients for x and kernel."""
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD, kernel_DxV, preferred_element_type=f32)
-    max_BxCx1 = jnp.max(logits_BxCxV, axis=-1, keepdims=True)
-    exp_BxCxV = jnp.exp(logits_BxCxV - max_BxCx1)
-    total_BxCx1 = jnp.sum(exp_BxCxV, axis=-1, keepdims=True)
-    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
-    target_logit_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1)
-    logsumexp_BxC = jnp.log(total_BxCx1[..., 0]) + max_BxCx1[..., 0]
-    loss = jnp.sum((logsumexp_BxC - target_logit_BxC) * weights_BxC)
-    if not with_grad:
-        return loss, None, None
-    # d(loss)/d(logits) = weight * (softmax - onehot(target)).
-    weights_BxCx1 = weights_BxC[..., None].astype(f32)
-    dlogits_BxCxV = (exp_BxCxV * (weights_BxCx1 / total_BxCx1)
-                     - jnp.where(is_target_BxCxV, weights_BxCx1, 0.0)).astype(x_BxCxD.dtype)
-    dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, kernel_DxV)
-    dkernel_DxV = jnp.einsum("bcd,bcv->dv", x_BxCxD, dlogits_BxCxV, preferred_element_type=f32)
-    return loss, dx_BxCxD, dkernel_DxV
-
-
-def _head_loss(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk: int, with_grad: bool):
-    batch, length, width = x_BxLxD.shape
-    n_chunks = -(-length // chunk)
-    pad = n_chunks * chunk - length  # padded positions weigh 0: no loss, no gradient
-
-    def chunked(a_BxL, fill=0):
-        a_BxL = jnp.pad(a_BxL, [(0, 0), (0, pad)] + [(0, 0)] * (a_BxL.ndim - 2),
-                        constant_values=fill)
-        return jnp.swapaxes(a_BxL.reshape(batch, n_chunks, chunk, *a_BxL.shape[2:]), 0, 1)
-
-    def step(carry, chunk_inputs):
-        loss, dkernel_DxV = carry
-        loss_c, dx_BxCxD, dkernel_c = _head_loss_chunk(*chunk_inputs[:1], kernel_DxV,
-                                                       *chunk_inputs[1:], with_grad)
-        if with_grad:
-            dkernel_DxV = dkernel_DxV + dkernel_c
-        return (loss + loss_c, dkernel_DxV), dx_BxCxD
-
-    dkernel_DxV = jnp.zeros(kernel_DxV.shape if with_grad else (), f32)
-    (loss, dkernel_DxV), dx_NxBxCxD = jax.lax.scan(
-        step, (jnp.zeros((), f32), dkernel_DxV),
-        (chunked(x_BxLxD), chunked(targets_BxL), chunked(weights_BxL)))
-    if not with_grad:
-        return loss, None
-    dx_BxLxD = jnp.swapaxes(dx_NxBxCxD, 0, 1).reshape(batch, -1, width)[:, :length]
-    return loss, (dx_BxLxD, dkernel_DxV.astype(kernel_DxV.dtype))
-
-
-def head_cross_entropy(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk: int):
-    """sum over positions of weight * cross_entropy(x @ kernel, target), in float32.
-
-    `chunk` positions per step (times the batch: the rows of each chunk's matmuls). The
-    weights are data: they get no gradient.
-    """
-    return _head_cross_entropy(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL.astype(f32), chunk)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _head_cross_entropy(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk: int):
-    return _head_loss(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk, False)[0]
-
-
-def _head_cross_entropy_fwd(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk):
-    """The loss, and as residuals its gradients, computed in the same pass over the chunks."""
-    return _head_loss(x_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk, True)
-
-
-def _head_cross_entropy_bwd(chunk, grads, dloss):
-    dx_BxLxD, dkernel_DxV = grads
-    return ((dloss * dx_BxLxD).astype(dx_BxLxD.dtype),
-            (dloss * dkernel_DxV).astype(dkernel_DxV.dtype), None, None)
-
-
-_head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)

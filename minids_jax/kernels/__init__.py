@@ -1,0 +1,43 @@
+"""Custom-VJP and blocked kernels, one file each, and the choice of kernel per platform.
+
+`resolve` turns the config's platform-dependent names (`auto` attention, `dropless` MoE
+dispatch) into concrete ones once, when a trainer, generator or `load()` is set up for a mesh;
+the model is built with concrete names and never looks at the ambient mesh to choose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from minids_jax.config import ComputeConfig
+
+# The fastest exact kernel per platform (docs/performance.md has the measurements).
+AUTO_ATTENTION = {"cpu": "fused"}  # elsewhere: dot_product_attention (cuDNN on GPU)
+DROPLESS_DISPATCH = {"cpu": "blocked"}  # elsewhere: ragged (jax.lax.ragged_dot)
+
+
+def mesh_platform(mesh: jax.sharding.Mesh | None = None) -> str:
+    """The platform of the mesh's devices, else JAX's default backend."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def exact_dispatch(platform: str) -> str:
+    """The dropless MoE dispatch for `platform`: nothing dropped, same output as `dense`."""
+    return DROPLESS_DISPATCH.get(platform, "ragged")
+
+
+def resolve(compute: ComputeConfig, platform: str) -> ComputeConfig:
+    """`compute` with `auto` and `dropless` replaced by the kernels for `platform`."""
+    attention = compute.attention_kernel
+    if attention == "auto":
+        attention = AUTO_ATTENTION.get(platform, "dot_product_attention")
+    dispatch = compute.moe_dispatch
+    if dispatch == "dropless":
+        dispatch = exact_dispatch(platform)
+    return dataclasses.replace(compute, attention_kernel=attention, moe_dispatch=dispatch)
+
+
+def is_resolved(compute: ComputeConfig) -> bool:
+    return compute.attention_kernel != "auto" and compute.moe_dispatch != "dropless"

@@ -1,0 +1,76 @@
+"""The train state and the jitted train and eval steps.
+
+Shapes: B batch, L length, N layers, E experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from flax import nnx
+
+from minids_jax import loss as loss_lib
+from minids_jax import optim, sharding
+from minids_jax.config import ComputeConfig, Config
+from minids_jax.model import MiniDeepSeek
+
+
+class TrainState(NamedTuple):
+    """What a step transforms: the model's and the optimizer's NNX states (sharded arrays).
+    The same pair holds their graph definitions and their shardings."""
+
+    model: Any
+    optimizer: Any
+
+    @property
+    def step(self) -> int:
+        """Updates applied so far."""
+        return int(self.optimizer["step"][...])
+
+
+def build_model_and_optimizer(config: Config, compute: ComputeConfig):
+    model = MiniDeepSeek(config.model, compute, rngs=nnx.Rngs(config.train.seed))
+    return model, nnx.Optimizer(model, optim.adamw(config.optim), wrt=nnx.Param)
+
+
+def create_train_state(config: Config, compute: ComputeConfig, mesh):
+    """(graphdefs, state, shardings), each a TrainState; the arrays created sharded."""
+    graphdefs, states, shardings = sharding.create_sharded(
+        lambda: build_model_and_optimizer(config, compute), mesh, config.mesh.axis_rules)
+    return TrainState(*graphdefs), TrainState(*states), TrainState(*shardings)
+
+
+def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config,
+                    batch_sharding, loss_chunk: int):
+    lr_schedule = optim.schedule(config.optim)
+    aux_loss_coef = config.train.aux_loss_coef
+
+    @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
+    def train_step(state: TrainState, batch):
+        model = nnx.merge(graphdefs.model, state.model)
+        optimizer = nnx.merge(graphdefs.optimizer, state.optimizer)
+        lr = lr_schedule(optimizer.step[...])
+        grad_fn = nnx.value_and_grad(loss_lib.total_loss, has_aux=True)
+        (loss, (ce, aux)), grads = grad_fn(model, batch, loss_chunk, aux_loss_coef)
+        optimizer.update(model, grads)
+        metrics = {
+            "loss": ce, "total_loss": loss, "aux_loss": aux["aux_loss"], "lr": lr,
+            "grad_norm": optax.tree.norm(grads),
+            "expert_load": aux["expert_load_NxE"], "dropped_fraction": aux["dropped_fraction"],
+        }
+        # Return the state of everything mutated: model AND optimizer.
+        return TrainState(nnx.state(model), nnx.state(optimizer)), metrics
+
+    return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, None), donate_argnums=0)
+
+
+def make_eval_step(graphdefs: TrainState, shardings: TrainState, batch_sharding, axis_rules,
+                   loss_chunk: int):
+    @sharding.under_mesh(batch_sharding.mesh, axis_rules)
+    def eval_step(model_state, batch):
+        return loss_lib.model_loss(nnx.merge(graphdefs.model, model_state), batch, loss_chunk)[0]
+
+    return jax.jit(eval_step, in_shardings=(shardings.model, batch_sharding))
