@@ -20,20 +20,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 def main(argv):
     del argv
     from minids_jax import config as config_lib
-    from minids_jax import devices
+    from minids_jax import startup
 
     config = config_lib.from_config_dict(_CONFIG.value)
-    devices.reuse_host_memory(config.devices)
-    gpus = devices.select_gpus(config.devices)
+    startup.reuse_host_memory(config.devices)
+    gpus = startup.select_gpus(config.devices)
     visible = f"CUDA_VISIBLE_DEVICES={gpus.visible}: " if gpus.visible else ""
     logging.info("%s GPUs: %s%s", socket.gethostname(), visible, gpus.reason)
-    job = devices.initialize_distributed(config.devices, gpus)
+    job = startup.initialize_distributed(config.devices, gpus)
     if job:
         logging.info("%s jax.distributed: %s", socket.gethostname(), job)
 
     import jax
 
-    devices.check_local_devices(config.devices, jax.local_devices())
+    startup.check_local_devices(config.devices, jax.local_devices())
     from minids_jax import trainer
 
     trainer.run(config, _WORKDIR.value)

@@ -2,11 +2,12 @@
 
 import importlib
 
-from minids_jax.config import Config, ConfigError, ModelConfig
-
-# Names that need jax resolve on first use, so `import minids_jax.config` (the config files do
-# it) does not import jax before train.py has chosen the GPUs.
+# Names resolve on first use, so `import minids_jax.config` (the config files do it) does not
+# import jax before train.py has chosen the GPUs, and `python -m minids_jax.config` runs clean.
 _LAZY = {
+    "Config": "minids_jax.config",
+    "ConfigError": "minids_jax.config",
+    "ModelConfig": "minids_jax.config",
     "MiniDeepSeek": "minids_jax.model",
     "CheckpointError": "minids_jax.checkpoint",
     "load": "minids_jax.checkpoint",

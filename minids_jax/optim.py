@@ -14,7 +14,7 @@ NO_DECAY_NAMES = ("scale", "embedding", "latents", "bias")
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
-    """The seed's schedule: lr*s/warmup for s < warmup, then lr*(1 - s/total).
+    """The original's schedule: lr*s/warmup for s < warmup, then lr*(1 - s/total).
 
     s counts updates from 1, while optax counts from 0, hence the shift by one below.
     """

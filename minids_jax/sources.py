@@ -55,7 +55,7 @@ def _as_batch(rows_RxL1: np.ndarray, weights_RxL1: np.ndarray | None = None):
 
 
 class RandomSource:
-    """The seed's data: uniform random tokens. Nothing to learn; loss stays near ln(vocab)."""
+    """The original's data: uniform random tokens. Nothing to learn; loss stays near ln(vocab)."""
 
     def __init__(self, vocab_size: int, seq_len: int, seed: int):
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed

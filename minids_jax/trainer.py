@@ -22,7 +22,7 @@ from minids_jax import flops, kernels, reporting, sharding, steps
 from minids_jax.checkpointer import Checkpointer
 from minids_jax.config import Config
 from minids_jax.loss import loss_chunk
-from minids_jax.model import count_params
+from minids_jax.model import MiniDeepSeek, count_params
 from minids_jax.preemption import StopGuard
 
 
@@ -58,8 +58,9 @@ class Trainer:
             self.mesh, sharding.batch_spec(config.mesh.axis_rules))
         self.rows = sharding.process_rows(self.batch_sharding, config.train.batch_size)
         self.source = data_lib.make_source(config, workdir)
-        self.graphdefs, self.state, shardings = steps.create_train_state(
+        self.graphdefs, self.state, self.shardings = steps.create_train_state(
             config, self.compute, self.mesh)
+        shardings = self.shardings
         batch_ways = sharding.ways(self.mesh, sharding.mesh_axes_of(config.mesh.axis_rules,
                                                                     "batch"))
         chunk = loss_chunk(config.train.batch_size // batch_ways, config.model.max_seq_len,
@@ -77,6 +78,10 @@ class Trainer:
             self.reporter.message(message)
         elif self.is_main:
             print(message, flush=True)
+
+    def model(self) -> MiniDeepSeek:
+        """The model with the current parameters (sharded as in training)."""
+        return nnx.merge(self.graphdefs.model, self.state.model)
 
     def batch(self, step: int, split: str = "train") -> dict[str, jax.Array]:
         local = self.source.batch(step, self.config.train.batch_size, self.rows, split)
@@ -101,8 +106,7 @@ class Trainer:
     def _loop(self, guard: StopGuard) -> list[dict[str, Any]]:
         cfg, checkpointer = self.config, self.checkpointer
         total, log_every = cfg.optim.total_steps, cfg.train.log_every
-        model = nnx.merge(self.graphdefs.model, self.state.model)
-        self.log(f"model: {count_params(model):,} parameters | devices: {self.mesh.devices.size} "
+        self.log(f"model: {count_params(self.model()):,} parameters | devices: {self.mesh.devices.size} "
                  f"in {jax.process_count()} process(es) | mesh: {dict(self.mesh.shape)}")
         history: list[dict[str, Any]] = []
         timer = reporting.StepTimer(cfg.train.batch_size * cfg.model.max_seq_len,

@@ -2,7 +2,7 @@ import jax
 import pytest
 from flax import nnx
 
-from minids_jax.config import ModelConfig
+from tests.factories import TINY_STEPS, compute_config, small_model_config, tiny_config
 
 # Float32 matmuls at full precision so that equality checks against references are tight.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -10,14 +10,35 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # as metadata only, as MiniDeepSeek does.
 nnx.use_eager_sharding(False)
 
-
-def small_model_config(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, latent_k=4,
-                  mlp_mult=2, n_experts=4, top_k=1, attn_pattern=("mha", "mhla"))
-    fields.update(overrides)
-    return ModelConfig(**fields)
+__all__ = ["TINY_STEPS", "compute_config", "small_model_config", "tiny_config"]
 
 
 @pytest.fixture
-def model_cfg() -> ModelConfig:
+def model_cfg():
     return small_model_config()
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for the whole session and its subprocesses."""
+    directory = str(tmp_path_factory.mktemp("jax_cache"))
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (directory, 0, -1)):
+        jax.config.update(name, value)
+    yield directory
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, compile_cache):
+    """One uninterrupted tiny run of TINY_STEPS steps, saved every 3: (trainer, history,
+    workdir). Tests that only need some trained run share it; none may write into it."""
+    from minids_jax import trainer as trainer_lib
+
+    workdir = tmp_path_factory.mktemp("trained_run")
+    trainer = trainer_lib.Trainer(tiny_config(), str(workdir))
+    history = trainer.train()
+    return trainer, history, workdir

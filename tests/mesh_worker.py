@@ -24,16 +24,16 @@ def _start_jax(n_devices: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-# One MHLA layer (its three attentions share the projection code of MHA), 4 experts top-2.
-# float32 throughout. A large AdamW eps: the first Adam step is g / (|g| + eps), i.e. sign(g)
-# for a small eps, which turns last-bit differences in near-zero gradients (summation order
-# differs between meshes) into full lr-sized differences; eps=1e-3 keeps the update a smooth
-# function of the gradient, so equal gradients give equal parameters to float32 precision.
-TINY = dict(
-    model=dict(vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=4, latent_k=4,
-               mlp_mult=2, n_experts=4, top_k=2, attn_pattern=("mhla",), dtype="float32"),
+# The tests' tiny run with 4 experts top-2 and float32 throughout. A large AdamW eps: the first
+# Adam step is g / (|g| + eps), i.e. sign(g) for a small eps, which turns last-bit differences in
+# near-zero gradients (summation order differs between meshes) into full lr-sized differences;
+# eps=1e-3 keeps the update a smooth function of the gradient, so equal gradients give equal
+# parameters to float32 precision.
+WORKER = dict(
+    model=dict(n_heads=4, n_experts=4, top_k=2),
+    compute=dict(dtype="float32"),
     optim=dict(lr=1e-2, warmup_steps=0, total_steps=3, eps=1e-3),
-    train=dict(batch_size=8, log_every=1, eval_batches=1),
+    train=dict(batch_size=8),
 )
 
 MESHES = {
@@ -45,12 +45,12 @@ MESHES = {
 
 
 def tiny_config(mesh: dict, **overrides):
-    from minids_jax import config as config_lib
+    from tests.factories import tiny_config as shared_tiny_config
 
-    groups = {name: dict(values) for name, values in TINY.items()}
+    groups = {name: dict(values) for name, values in WORKER.items()}
     for group, values in overrides.items():
         groups.setdefault(group, {}).update(values)
-    return config_lib.from_config_dict({**groups, "mesh": mesh})
+    return shared_tiny_config(**groups, mesh=mesh)
 
 
 def _leaves_by_path(tree) -> dict:
@@ -72,9 +72,9 @@ def run_meshes(out_dir: str) -> None:
         devices = jax.devices()[:1] if name == "one_device" else jax.devices()
         run = trainer.Trainer(tiny_config(mesh), devices=devices)
         batch = run.batch(0)
-        compiled = run.train_step.lower(run.train_state.state, batch).compile()
+        compiled = run.train_step.lower(run.state, batch).compile()
         memory = compiled.memory_analysis()
-        state, metrics = compiled(run.train_state.state, batch)
+        state, metrics = compiled(run.state, batch)
         leaves = _leaves_by_path(state)
         np.savez(os.path.join(out_dir, f"{name}.npz"),
                  **{path: np.asarray(jax.device_get(x)) for path, x in leaves.items()})
@@ -96,11 +96,11 @@ def run_training(out_dir: str, steps: int, tag: str, devices_cfg: dict | None = 
     """The real loop (Trainer.train) for a few steps; writes the logged losses."""
     import jax
 
-    from minids_jax import devices, trainer
+    from minids_jax import startup, trainer
 
     config = tiny_config(dict(data=-1), optim=dict(total_steps=steps),
                          devices=devices_cfg or {})
-    job = devices.initialize_distributed(config.devices)
+    job = startup.initialize_distributed(config.devices)
     run = trainer.Trainer(config)
     history = run.train()
     result = {"job": job, "process_index": jax.process_index(),

@@ -21,50 +21,21 @@ import pytest
 from flax import nnx
 
 import minids_jax
-from configs import mini
-from minids_jax import checkpoint
+from minids_jax import checkpoint, checkpointer
 from minids_jax import config as config_lib
 from minids_jax import trainer as trainer_lib
+from tests.factories import TINY_STEPS, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TOTAL = 6
+TOTAL = TINY_STEPS
+
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
-def tiny_config(**groups) -> config_lib.Config:
-    config = mini.get_config()
-    # One MHLA layer: every kind of parameter (latents, attention, router, experts, norms) at
-    # the smallest compile time.
-    config.model.update(vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=2,
-                        latent_k=4, mlp_mult=2, n_experts=2, attn_pattern=("mhla",))
-    config.optim.update(warmup_steps=1, total_steps=TOTAL)
-    config.train.update(batch_size=4, log_every=1, eval_batches=1)
-    config.checkpoint.update(every=3)
-    for group, values in groups.items():
-        config[group].update(values)
-    return config_lib.from_config_dict(config)
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module and its subprocesses."""
-    directory = str(tmp_path_factory.mktemp("jax_cache"))
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (directory, 0, -1)):
-        jax.config.update(name, value)
-    yield directory
-    for name, value in saved.items():
-        jax.config.update(name, value)
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, compile_cache):
-    """An uninterrupted run of TOTAL steps: (trainer, history, workdir)."""
-    workdir = tmp_path_factory.mktemp("straight")
-    trainer = trainer_lib.Trainer(tiny_config(), str(workdir))
-    history = trainer.train()
-    return trainer, history, workdir
+@pytest.fixture
+def straight(trained_run):
+    """The uninterrupted run the others are compared with: (trainer, history, workdir)."""
+    return trained_run
 
 
 def losses(history) -> dict[int, float]:
@@ -98,20 +69,20 @@ def test_round_trip_restores_every_leaf(straight, tmp_path):
     assert checkpoint.read_config(workdir) == trainer.config
 
     fresh = trainer_lib.Trainer(tiny_config(), str(workdir))
-    before = host(fresh.train_state.state)
-    assert fresh.checkpointer.restore_or_initialize(fresh.train_state) == TOTAL
-    assert fresh.step == TOTAL
+    before = host(fresh.state)
+    assert fresh.checkpointer.restore_or_initialize(fresh.state) == TOTAL
+    assert fresh.state.step == TOTAL
     # Parameters, AdamW moments and the update count all come back, bit for bit...
-    assert_states_equal(fresh.train_state.state, trainer.train_state.state)
+    assert_states_equal(fresh.state, trainer.state)
     # ...and they are not simply the fresh initialization.
-    assert not all(np.array_equal(a, b) for a, b in zip(before, host(fresh.train_state.state)))
+    assert not all(np.array_equal(a, b) for a, b in zip(before, host(fresh.state)))
     # The restored state is placed like a fresh one, so the jitted step accepts it as is.
-    for leaf, sharding in zip(jax.tree.leaves(fresh.train_state.state),
-                              jax.tree.leaves(fresh.train_state.shardings)):
+    for leaf, sharding in zip(jax.tree.leaves(fresh.state),
+                              jax.tree.leaves(fresh.shardings)):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
 
     params = minids_jax.load_params(workdir)
-    model_state = jax.device_get(nnx.to_pure_dict(trainer.train_state.state[0]))
+    model_state = jax.device_get(nnx.to_pure_dict(trainer.state.model))
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
     np.testing.assert_array_equal(params["embed"]["embedding"], model_state["embed"]["embedding"])
     np.testing.assert_array_equal(params["blocks"]["0"]["attn"]["latents"],
@@ -145,7 +116,7 @@ def test_resume_after_crash_is_exact(straight, tmp_path):
     resumed_history = resumed.train()
     assert sorted(losses(resumed_history)) == [4, 5, 6]  # continued, not restarted
     assert all(losses(resumed_history)[s] == losses(history)[s] for s in (4, 5, 6))
-    assert_states_equal(resumed.train_state.state, trainer.train_state.state)
+    assert_states_equal(resumed.state, trainer.state)
 
 
 def test_a_relative_workdir_saves_resumes_and_loads(straight, monkeypatch, tmp_path):
@@ -155,13 +126,13 @@ def test_a_relative_workdir_saves_resumes_and_loads(straight, monkeypatch, tmp_p
     relative = trainer_lib.Trainer(tiny_config(), "runs/x")
     relative.train()
     assert saved_steps(tmp_path / "runs/x") == [3, 6]
-    assert_states_equal(relative.train_state.state, trainer.train_state.state)
+    assert_states_equal(relative.state, trainer.state)
     again = trainer_lib.Trainer(tiny_config(), "runs/x")
-    assert again.checkpointer.restore_or_initialize(again.train_state) == TOTAL
-    assert_states_equal(again.train_state.state, trainer.train_state.state)
+    assert again.checkpointer.restore_or_initialize(again.state) == TOTAL
+    assert_states_equal(again.state, trainer.state)
     model, _ = minids_jax.load("runs/x")
     assert_states_equal(nnx.state(model, nnx.Param),
-                        nnx.state(trainer.train_state.merge()[0], nnx.Param))
+                        nnx.state(trainer.model(), nnx.Param))
 
 
 def test_architecture_change_is_an_error_naming_the_fields(straight):
@@ -169,7 +140,7 @@ def test_architecture_change_is_an_error_naming_the_fields(straight):
     changed = tiny_config(model=dict(d_model=64, n_experts=4))
     # The check comes before the state is touched, so no state (and no compile) is needed.
     with pytest.raises(checkpoint.CheckpointError) as error:
-        checkpoint.Checkpointer(changed, str(workdir)).restore_or_initialize(train_state=None)
+        checkpointer.Checkpointer(changed, str(workdir)).restore_or_initialize(state=None)
     message = str(error.value)
     assert "model.d_model: checkpoint 32, this run 64" in message
     assert "model.n_experts: checkpoint 2, this run 4" in message
@@ -185,7 +156,7 @@ def test_allowed_changes_resume(straight, tmp_path):
     longer = tiny_config(optim=dict(total_steps=2 * TOTAL), train=dict(log_every=2),
                          checkpoint=dict(every=0))
     trainer = trainer_lib.Trainer(longer, str(tmp_path))
-    assert trainer.checkpointer.restore_or_initialize(trainer.train_state) == TOTAL
+    assert trainer.checkpointer.restore_or_initialize(trainer.state) == TOTAL
 
 
 def corrupt_latest(workdir) -> pathlib.Path:
@@ -206,18 +177,18 @@ def test_corrupted_checkpoint_error_and_fallback(straight, tmp_path):
 
     fresh = trainer_lib.Trainer(tiny_config(), str(tmp_path))
     with pytest.raises(checkpoint.CheckpointError) as error:
-        fresh.checkpointer.restore_or_initialize(fresh.train_state)
+        fresh.checkpointer.restore_or_initialize(fresh.state)
     assert str(bad) in str(error.value) and "fallback=True" in str(error.value)
     with pytest.raises(checkpoint.CheckpointError, match=str(bad)):
         minids_jax.load_params(tmp_path)
 
     falling_back = trainer_lib.Trainer(tiny_config(checkpoint=dict(fallback=True)), str(tmp_path))
-    assert falling_back.checkpointer.restore_or_initialize(falling_back.train_state) == 3
+    assert falling_back.checkpointer.restore_or_initialize(falling_back.state) == 3
     assert saved_steps(tmp_path) == [3]  # the bad one moved aside, so step 6 can be saved again
     assert len(list((tmp_path / checkpoint.CORRUPT).iterdir())) == 1
     falling_back.train()
     assert saved_steps(tmp_path) == [3, 6]
-    assert_states_equal(falling_back.train_state.state, trainer.train_state.state)
+    assert_states_equal(falling_back.state, trainer.state)
     gc.collect()  # here, where the warnings above are expected
 
 
@@ -225,35 +196,35 @@ def test_init_from_takes_parameters_with_a_fresh_optimizer(straight, tmp_path):
     trainer, _, workdir = straight
     finetune = trainer_lib.Trainer(tiny_config(checkpoint=dict(init_from=str(workdir))),
                                    str(tmp_path))
-    assert finetune.checkpointer.restore_or_initialize(finetune.train_state) == 0
-    assert finetune.step == 0
-    assert_states_equal(finetune.train_state.state[0], trainer.train_state.state[0])
-    moments = host(finetune.train_state.state[1]["opt_state"])
+    assert finetune.checkpointer.restore_or_initialize(finetune.state) == 0
+    assert finetune.state.step == 0
+    assert_states_equal(finetune.state.model, trainer.state.model)
+    moments = host(finetune.state.optimizer["opt_state"])
     assert moments and all(not np.any(m) for m in moments)  # AdamW starts from zero
 
     other = tiny_config(model=dict(n_layers=4), checkpoint=dict(init_from=str(workdir)))
     with pytest.raises(checkpoint.CheckpointError, match="model.n_layers: checkpoint 1"):
-        checkpoint.Checkpointer(other, None).restore_or_initialize(train_state=None)
+        checkpointer.Checkpointer(other, None).restore_or_initialize(state=None)
 
 
-def test_nan_loss_stops_without_saving(tmp_path, compile_cache):
+def test_nan_loss_stops_without_saving(tmp_path):
     trainer = trainer_lib.Trainer(tiny_config(checkpoint=dict(every=1)), str(tmp_path))
     step_fn = trainer.train_step
 
     def poisoned(state, batch):  # the parameters blow up during step 3
-        if int(jax.device_get(state[1]["step"][...])) == 2:
+        if int(jax.device_get(state.optimizer["step"][...])) == 2:
             state = jax.tree.map(lambda x: x * np.inf if x.dtype == np.float32 else x, state)
         return step_fn(state, batch)
 
     trainer.train_step = poisoned
-    with pytest.raises(checkpoint.NonFiniteLossError, match="at step 3") as error:
+    with pytest.raises(trainer_lib.NonFiniteLossError, match="at step 3") as error:
         trainer.train()
     assert "latest checkpoint (step 2) is intact" in str(error.value)
     assert saved_steps(tmp_path) == [1, 2]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(minids_jax.load_params(tmp_path)))
 
 
-def test_ctrl_c_saves_and_returns(tmp_path, compile_cache):
+def test_ctrl_c_saves_and_returns(tmp_path):
     """In a notebook, an interrupt stops the loop after the current step and saves it."""
     trainer = trainer_lib.Trainer(tiny_config(checkpoint=dict(every=0)), str(tmp_path))
     step_fn, calls = trainer.train_step, []
@@ -281,10 +252,19 @@ def test_config_of_an_older_version_still_opens(straight, tmp_path):
     old = json.loads(saved.read_text())
     old["model"]["retired_field"] = 1
     del old["checkpoint"]["fallback"]
+    # The layout before the compute group: kernels, precision and the balancing weight sat
+    # among the model's fields.
+    old["model"].update(dtype="bfloat16", moe_dispatch="capacity", aux_loss_coef=0.5)
+    del old["compute"], old["train"]["aux_loss_coef"]
     saved.write_text(json.dumps(old))
     config = minids_jax.read_config(tmp_path)
     assert config.model == tiny_config().model
     assert config.checkpoint.fallback is False
+    assert (config.compute.dtype, config.compute.moe_dispatch) == ("bfloat16", "capacity")
+    assert config.train.aux_loss_coef == 0.5
+    # ...and it resumes: its architecture is this run's.
+    resumed = trainer_lib.Trainer(tiny_config(), str(tmp_path))
+    assert resumed.checkpointer.restore_or_initialize(resumed.state) == TOTAL
 
 
 def test_errors_for_missing_checkpoints(tmp_path):
@@ -309,10 +289,10 @@ def test_bad_checkpoint_config_values():
 # lands mid-run at a predictable point.
 RUNNER = textwrap.dedent("""
     import sys, time
-    from minids_jax import config as config_lib, trainer
+    from minids_jax import config as config_lib, steps, trainer
     config = config_lib.from_json(open(sys.argv[1]).read())
     delay = float(sys.argv[3])
-    make_train_step = trainer.make_train_step
+    make_train_step = steps.make_train_step
 
     def slow_make_train_step(*args, **kwargs):
         step = make_train_step(*args, **kwargs)
@@ -322,7 +302,7 @@ RUNNER = textwrap.dedent("""
             return out
         return slow_step
 
-    trainer.make_train_step = slow_make_train_step
+    steps.make_train_step = slow_make_train_step
     trainer.run(config, sys.argv[2])
 """)
 
@@ -365,6 +345,7 @@ def read_until(process, pattern: str, timeout: float = 240) -> list[str]:
     raise AssertionError(f"{pattern!r} never appeared:\n{''.join(lines)}")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_matches_straight(straight, tmp_path, compile_cache):
     trainer, history, _ = straight
     workdir = tmp_path / "run"
@@ -383,9 +364,10 @@ def test_sigterm_saves_and_resume_matches_straight(straight, tmp_path, compile_c
     resumed_losses = losses(resumed.train())
     assert sorted(resumed_losses) == list(range(stopped_at + 1, TOTAL + 1))
     assert all(resumed_losses[s] == losses(history)[s] for s in resumed_losses)
-    assert_states_equal(resumed.train_state.state, trainer.train_state.state)
+    assert_states_equal(resumed.state, trainer.state)
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_never_breaks_resume(straight, tmp_path, compile_cache):
     trainer, _, _ = straight
     workdir = tmp_path / "run"
@@ -414,14 +396,14 @@ def test_kill_9_at_any_moment_never_breaks_resume(straight, tmp_path, compile_ca
         process.communicate(timeout=60)
         killed_mid_save += saving_now()  # a half-written checkpoint was left behind
         # Every complete checkpoint left behind is readable; leftovers are not listed.
-        for step in checkpoint._read_only_manager(checkpoints).all_steps():
+        for step in checkpoint.read_only_manager(checkpoints).all_steps():
             assert minids_jax.load_params(workdir, step=step)
     assert killed_mid_save >= 1  # at least one kill really interrupted a save
 
     resumed = trainer_lib.Trainer(config, str(workdir))
     resumed.train()
-    assert resumed.step == TOTAL
-    assert_states_equal(resumed.train_state.state, trainer.train_state.state)
+    assert resumed.state.step == TOTAL
+    assert_states_equal(resumed.state, trainer.state)
     assert not any("tmp" in p.name for p in checkpoints.iterdir())
 
 
@@ -432,11 +414,11 @@ FSDP_SAVER = textwrap.dedent("""
     from minids_jax import config as config_lib, trainer
     config = config_lib.from_json(open(sys.argv[1]).read())
     run = trainer.Trainer(config, sys.argv[2])
-    embedding = run.train_state.state[0]["embed"]["embedding"][...]
+    embedding = run.state.model["embed"]["embedding"][...]
     assert embedding.addressable_shards[0].data.shape[1] == embedding.shape[1] // 8, "not sharded"
-    run.checkpointer.save(0, run.train_state)
+    run.checkpointer.save(0, run.state)
     run.checkpointer.wait()
-    model, _ = run.train_state.merge()
+    model, _ = run.model(), None
     tokens = np.arange(2 * 16).reshape(2, 16) % config.model.vocab_size
     with jax.set_mesh(run.mesh):
         logits = nnx.jit(lambda m, t: m(t)[0])(model, tokens)
@@ -444,6 +426,7 @@ FSDP_SAVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fsdp8_checkpoint_restores_on_one_device(tmp_path, compile_cache):
     config = tiny_config(mesh=dict(data=1, fsdp=8), train=dict(batch_size=8))
     (tmp_path / "saver.py").write_text(FSDP_SAVER)
@@ -466,8 +449,8 @@ def test_fsdp8_checkpoint_restores_on_one_device(tmp_path, compile_cache):
 
     # A training run on this device count resumes from it too (another mesh, same values).
     resumed = trainer_lib.Trainer(tiny_config(train=dict(batch_size=8)), str(workdir))
-    assert resumed.checkpointer.restore_or_initialize(resumed.train_state) == 0
-    assert_states_equal(resumed.train_state.state[0], nnx.state(model))
+    assert resumed.checkpointer.restore_or_initialize(resumed.state) == 0
+    assert_states_equal(resumed.state.model, nnx.state(model))
 
 
 def test_notebook_cells_run(straight, monkeypatch):

@@ -1,21 +1,32 @@
+import dataclasses
+import logging
+import pathlib
+
 import pytest
 
 from configs import mini, tiny
-from minids_jax.config import ConfigError, ModelConfig, from_config_dict, from_json
+from minids_jax import config as config_lib
+from minids_jax.config import (ComputeConfig, ConfigError, ModelConfig, OptimConfig,
+                               from_config_dict, from_json)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(d_model=100, n_heads=16), "not divisible by model.n_heads"),
-    (dict(max_seq_len=1000, latent_k=64), "not divisible by model.latent_k"),
-    (dict(top_k=3, n_experts=2), "top_k=3 exceeds model.n_experts=2"),
-    (dict(attn_pattern=("mha", "flash")), "unknown attention kind 'flash'"),
-    (dict(moe_dispatch="magic"), "moe_dispatch='magic' is unknown"),
-    (dict(attention_kernel="flash"), "attention_kernel='flash' is unknown"),
-    (dict(n_layers=0), "model.n_layers must be a positive integer"),
+@pytest.mark.parametrize("cls, overrides, message", [
+    (ModelConfig, dict(d_model=100, n_heads=16), "not divisible by model.n_heads"),
+    (ModelConfig, dict(max_seq_len=1000, latent_k=64), "not divisible by model.latent_k"),
+    (ModelConfig, dict(top_k=3, n_experts=2), "top_k=3 exceeds model.n_experts=2"),
+    (ModelConfig, dict(attn_pattern=("mha", "flash")), "unknown attention kind 'flash'"),
+    (ModelConfig, dict(n_layers=0), "model.n_layers must be a positive integer"),
+    (ModelConfig, dict(d_model="wide"), "model.d_model must be an integer, got 'wide'"),
+    (ComputeConfig, dict(moe_dispatch="magic"), "compute.moe_dispatch='magic' is unknown"),
+    (ComputeConfig, dict(attention_kernel="flash"), "compute.attention_kernel='flash' is unknown"),
+    (ComputeConfig, dict(capacity_factor=0), r"compute.capacity_factor must be > 0"),
+    (OptimConfig, dict(b2=1.0), r"optim.b2 must be < 1"),
 ])
-def test_bad_model_configs_name_the_field(overrides, message):
+def test_bad_values_name_the_field(cls, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        ModelConfig(**overrides)
+        cls(**overrides)
 
 
 def test_unknown_fields_are_reported_with_the_known_ones():
@@ -24,10 +35,13 @@ def test_unknown_fields_are_reported_with_the_known_ones():
     config.model.n_layer = 3  # a typo of n_layers
     with pytest.raises(ConfigError, match=r"model\.n_layer.*known fields.*n_layers"):
         from_config_dict(config)
+    with pytest.raises(ConfigError, match=r"model\.dtype is now compute\.dtype"):
+        from_config_dict({"model": {"dtype": "bfloat16"}})
 
 
-def test_mini_is_the_seed_config_and_round_trips_through_json():
+def test_mini_is_the_original_config_and_round_trips_through_json():
     config = from_config_dict(mini.get_config())
+    assert config == config_lib.Config()  # mini is the defaults, nothing restated
     m = config.model
     assert (m.vocab_size, m.max_seq_len, m.d_model, m.n_layers, m.n_heads, m.latent_k,
             m.mlp_mult, m.n_experts, m.top_k) == (32000, 1024, 1024, 6, 16, 64, 4, 2, 1)
@@ -37,3 +51,48 @@ def test_mini_is_the_seed_config_and_round_trips_through_json():
         3e-4, 100, 1000, 0.9, 0.999, 1e-8, 0.01)
     assert config.train.batch_size == 8 and config.train.log_every == 50
     assert from_json(config.to_json()) == config
+    assert from_json(from_config_dict(tiny.get_config()).to_json()).model.d_model == 128
+
+
+def test_every_field_has_a_doc_and_a_policy():
+    for group, cls in config_lib.GROUPS.items():
+        for field in dataclasses.fields(cls):
+            assert field.metadata["doc"], f"{group}.{field.name} has no doc"
+            assert field.metadata["policy"] in (config_lib.ARCHITECTURE, config_lib.NOTED,
+                                                config_lib.QUIET)
+    # The architecture is exactly the model group: what the parameters are.
+    architecture = [name for name, _ in config_lib._fields(config_lib.Config(),
+                                                           config_lib.ARCHITECTURE)]
+    assert architecture == [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]
+
+
+def test_changes_are_sorted_by_policy():
+    saved = config_lib.Config()
+    current = dataclasses.replace(
+        saved, model=dataclasses.replace(saved.model, n_layers=3),
+        compute=dataclasses.replace(saved.compute, attention_kernel="fused", dtype="bfloat16"),
+        optim=dataclasses.replace(saved.optim, total_steps=2000))
+    assert config_lib.changes(saved, current, config_lib.ARCHITECTURE) == [
+        "model.n_layers: checkpoint 6, this run 3"]
+    assert config_lib.changes(saved, current, config_lib.NOTED) == [
+        "compute.dtype: checkpoint 'float32', this run 'bfloat16'"]
+    quiet = config_lib.changes(saved, current, config_lib.QUIET)
+    assert len(quiet) == 2 and quiet[0].startswith("compute.attention_kernel")
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_with_one_line(caplog):
+    with caplog.at_level(logging.WARNING):
+        optim = OptimConfig(warmup_steps=30, total_steps=20)
+    assert optim.warmup_steps == 19
+    assert [r.getMessage() for r in caplog.records] == [
+        "optim.warmup_steps=30 does not fit a run of optim.total_steps=20: warming up for 19 "
+        "steps instead."]
+    assert OptimConfig(warmup_steps=0, total_steps=1).warmup_steps == 0
+
+
+def test_the_configuration_reference_is_generated_from_the_metadata():
+    """docs/configuration.md is `python -m minids_jax.config`'s output, never hand-kept."""
+    reference = config_lib.reference_markdown()
+    assert "| `aux_loss_coef` | `0.01` | noted |" in reference
+    assert (ROOT / "docs" / "configuration.md").read_text() == reference, (
+        "docs/configuration.md is stale: python -m minids_jax.config > docs/configuration.md")

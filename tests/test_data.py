@@ -12,6 +12,7 @@ import pytest
 from minids_jax import config as config_lib
 from minids_jax import data
 from minids_jax.prepare import prepare
+from tests.factories import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BYTE = data.ByteTokenizer()
@@ -19,12 +20,8 @@ BYTE = data.ByteTokenizer()
 
 def make_config(tmp_path, seq_len=16, vocab=259, seed=7, **data_fields):
     data_fields.setdefault("cache_dir", str(tmp_path / "cache"))
-    return config_lib.from_config_dict({
-        "model": {"vocab_size": vocab, "max_seq_len": seq_len, "d_model": 16, "n_heads": 2,
-                  "latent_k": 4, "n_layers": 1},
-        "train": {"seed": seed, "batch_size": 4},
-        "data": data_fields,
-    })
+    return tiny_config(model=dict(vocab_size=vocab, max_seq_len=seq_len, d_model=16),
+                       train=dict(seed=seed), data=data_fields)
 
 
 def write_text_corpus(root: pathlib.Path, n_files=6) -> pathlib.Path:
@@ -287,6 +284,7 @@ def test_uint32_token_files(tmp_path):
     np.testing.assert_array_equal(batch["targets"], batch["inputs"] + 1)
 
 
+@pytest.mark.slow
 def test_prepare_command_line(tmp_path):
     corpus = write_text_corpus(tmp_path / "corpus", n_files=2)
     result = subprocess.run(

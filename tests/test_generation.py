@@ -14,13 +14,13 @@ import pytest
 from flax import nnx
 
 from minids_jax import generation
-from minids_jax.config import ModelConfig
 from minids_jax.model import MiniDeepSeek
+from tests.factories import compute_config, small_model_config
 
 CONTEXT = 16
 # MHA and MHLA layers; 4 latents of 4 positions each, so prompts cross segment ends.
-CFG = ModelConfig(vocab_size=61, max_seq_len=CONTEXT, d_model=32, n_layers=2, n_heads=2,
-                  latent_k=4, n_experts=3, top_k=2, attn_pattern=("mha", "mhla"))
+CFG = small_model_config(vocab_size=61, max_seq_len=CONTEXT, n_heads=2, mlp_mult=4, n_experts=3,
+                         top_k=2)
 GREEDY = generation.Sampling(temperature=0.0)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,16 @@ def test_cached_greedy_equals_uncached(generator, full_forward, prompt_len):
     np.testing.assert_array_equal(cached_tokens, want_tokens)
 
 
+def test_a_model_trained_with_capacity_dispatch_decodes_exactly(model, full_forward):
+    """Capacity dispatch drops tokens by how many share a batch; decoding picks an exact
+    dispatch explicitly, so the tokens equal the dropless model's uncached greedy ones."""
+    capacity = MiniDeepSeek(CFG, compute_config(moe_dispatch="capacity", capacity_factor=0.1),
+                            rngs=nnx.Rngs(3))
+    prompt_BxP = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 5))
+    got = generation.generate(capacity, prompt_BxP, 6, GREEDY)
+    np.testing.assert_array_equal(got, uncached_greedy(full_forward, prompt_BxP, 6)[0])
+
+
 def test_decode_step_does_not_recompile_across_positions(generator):
     list(generator.stream(np.arange(10).reshape(2, 5), 6, GREEDY))
     compiled = generator._step._cache_size(), generator._prefill._cache_size()
@@ -129,6 +139,7 @@ def test_prompt_longer_than_context_is_a_clear_error(generator):
         generation.Sampling(top_p=0.0)
 
 
+@pytest.mark.slow
 def test_generate_command_end_to_end(tmp_path):
     """Trains a tiny run on the builtin corpus, then samples from it with generate.py."""
     workdir = tmp_path / "run"

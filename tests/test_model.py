@@ -4,7 +4,7 @@ import numpy as np
 from flax import nnx
 
 from minids_jax import MiniDeepSeek
-from tests.conftest import small_model_config
+from tests.factories import compute_config, small_model_config
 
 
 def test_model_is_causal_and_independent_of_input_length():
@@ -13,9 +13,10 @@ def test_model_is_causal_and_independent_of_input_length():
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
     t = 9
     changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % cfg.vocab_size)
-    logits, aux = model(tokens)
-    logits_changed, _ = model(changed)
-    logits_truncated, _ = model(tokens[:, :t + 1])
+    logits, aux, cache = model(tokens)
+    logits_changed = model(changed).logits_BxLxV
+    logits_truncated = model(tokens[:, :t + 1]).logits_BxLxV
+    assert cache is None  # nothing cached without a cache
     np.testing.assert_allclose(logits[:, :t + 1], logits_changed[:, :t + 1], atol=1e-5)
     np.testing.assert_allclose(logits[:, :t + 1], logits_truncated, atol=1e-4)
     assert not np.allclose(logits[:, t + 1:], logits_changed[:, t + 1:], atol=1e-3)
@@ -32,9 +33,8 @@ def test_layers_follow_the_attention_pattern():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-    cfg = small_model_config(dtype="bfloat16")
-    model = MiniDeepSeek(cfg, rngs=nnx.Rngs(0))
-    logits, _ = model(jnp.zeros((1, 16), jnp.int32))
+    model = MiniDeepSeek(small_model_config(), compute_config(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    logits = model(jnp.zeros((1, 16), jnp.int32)).logits_BxLxV
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)
     assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))

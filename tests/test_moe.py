@@ -1,14 +1,14 @@
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax.moe import (MoE, resolve_dispatch, switch_balancing_loss, window_layout,
-                            window_rows)
-from tests.conftest import small_model_config
+from minids_jax import kernels, moe_dispatch
+from minids_jax.config import ComputeConfig
+from minids_jax.kernels.moe_windows import window_layout, window_rows
+from minids_jax.moe import MoE, switch_balancing_loss
+from tests.factories import compute_config, small_model_config
 
 
 def per_token_reference(moe: MoE, x_BxLxD):
@@ -32,8 +32,8 @@ def per_token_reference(moe: MoE, x_BxLxD):
 @pytest.mark.parametrize("dispatch", ["dropless", "ragged", "blocked", "capacity", "dense"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_moe_equals_per_token_reference(dispatch, top_k):
-    cfg = small_model_config(moe_dispatch=dispatch, top_k=top_k, capacity_factor=4.0)
-    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    cfg = small_model_config(top_k=top_k)
+    moe = MoE(cfg, compute_config(moe_dispatch=dispatch, capacity_factor=4.0), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 16, cfg.d_model))
     out, stats = moe(x)
     np.testing.assert_allclose(out, per_token_reference(moe, x), rtol=1e-4, atol=1e-5)
@@ -46,8 +46,8 @@ def test_moe_equals_per_token_reference(dispatch, top_k):
 def test_moe_equals_reference_when_one_expert_takes_every_token(dispatch, top_k):
     # A constant feature and a gate that favours expert 0, then expert 1: expert 0 gets every
     # token (as first choice), experts 2 and 3 get none (top_k=1: only expert 0 gets any).
-    cfg = small_model_config(moe_dispatch=dispatch, top_k=top_k)
-    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    cfg = small_model_config(top_k=top_k)
+    moe = MoE(cfg, compute_config(moe_dispatch=dispatch), rngs=nnx.Rngs(0))
     moe.gate.kernel[...] = moe.gate.kernel[...].at[0].set(jnp.array([20.0, 10.0, 0.0, 0.0]))
     x = jax.random.normal(jax.random.key(1), (2, 16, cfg.d_model)).at[..., 0].set(1.0)
     out, stats = moe(x)
@@ -55,16 +55,17 @@ def test_moe_equals_reference_when_one_expert_takes_every_token(dispatch, top_k)
     np.testing.assert_allclose(out, per_token_reference(moe, x), rtol=1e-4, atol=1e-5)
 
 
-def test_dropless_runs_blocked_on_cpu_and_ragged_dot_elsewhere():
-    def mesh(platform):
-        return types.SimpleNamespace(empty=False,
-                                     abstract_device=types.SimpleNamespace(platform=platform))
-    assert resolve_dispatch("dropless", mesh("cpu")) == "blocked"
-    assert resolve_dispatch("dropless", mesh("gpu")) == "ragged"
-    assert resolve_dispatch("dropless", mesh("tpu")) == "ragged"
-    assert resolve_dispatch("dropless", jax.sharding.get_abstract_mesh()) == (
-        "blocked" if jax.default_backend() == "cpu" else "ragged")
-    assert resolve_dispatch("capacity", mesh("cpu")) == "capacity"
+def test_platform_names_resolve_once_into_concrete_kernels():
+    def resolved(platform, **fields):
+        compute = kernels.resolve(ComputeConfig(**fields), platform)
+        return compute.attention_kernel, compute.moe_dispatch
+
+    assert resolved("cpu") == ("fused", "blocked")
+    assert resolved("gpu") == resolved("tpu") == ("dot_product_attention", "ragged")
+    assert resolved("cpu", moe_dispatch="capacity", attention_kernel="dot_product_attention") == (
+        "dot_product_attention", "capacity")
+    with pytest.raises(ValueError, match="resolve it"):  # a model never guesses the platform
+        MoE(small_model_config(), ComputeConfig(), rngs=nnx.Rngs(0))
 
 
 def _routings(tokens, n_experts, top_k):
@@ -85,23 +86,29 @@ def _routings(tokens, n_experts, top_k):
 @pytest.mark.parametrize("routing", ["random", "one_takes_all", "two_empty"])
 def test_blocked_dispatch_matches_dense_in_output_and_gradients(routing, top_k, sizes):
     cfg = small_model_config(n_experts=4, top_k=top_k)
-    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    moe = MoE(cfg, compute_config(), rngs=nnx.Rngs(0))
     tokens = 24
     expert_TxK = _routings(tokens, cfg.n_experts, top_k)[routing]
     assert bool(jnp.all(jnp.sort(expert_TxK, -1)[:, 1:] != jnp.sort(expert_TxK, -1)[:, :-1]))
     x_TxD = jax.random.normal(jax.random.key(1), (tokens, cfg.d_model))
     probe = jax.random.normal(jax.random.key(2), (tokens, top_k, cfg.d_model))
 
-    def loss(fn, x, weights):
-        return jnp.sum(fn(x, expert_TxK, weights) * probe)
+    def outputs(dispatch, x, experts):  # one sequence of `tokens` tokens
+        return dispatch(x[None], expert_TxK[None], experts)[0][0]
 
-    blocked = lambda x, e, w: moe._blocked(x, e, w, sizes=sizes)  # noqa: E731
-    for fn in (blocked, moe._ragged) if sizes is None else (blocked,):
-        out = fn(x_TxD, expert_TxK, moe.weights())
-        np.testing.assert_allclose(out, moe._dense(x_TxD, expert_TxK, moe.weights()),
+    def loss(dispatch, x, experts):
+        return jnp.sum(outputs(dispatch, x, experts) * probe)
+
+    def blocked(x, expert, experts):
+        return moe_dispatch.blocked(x, expert, experts, window_sizes=sizes)
+
+    experts = moe.experts()
+    for dispatch in (blocked, moe_dispatch.ragged) if sizes is None else (blocked,):
+        np.testing.assert_allclose(outputs(dispatch, x_TxD, experts),
+                                   outputs(moe_dispatch.dense, x_TxD, experts),
                                    rtol=1e-5, atol=1e-6)
-        grads = jax.grad(loss, argnums=(1, 2))(fn, x_TxD, moe.weights())
-        expected = jax.grad(loss, argnums=(1, 2))(moe._dense, x_TxD, moe.weights())
+        grads = jax.grad(loss, argnums=(1, 2))(dispatch, x_TxD, experts)
+        expected = jax.grad(loss, argnums=(1, 2))(moe_dispatch.dense, x_TxD, experts)
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -145,11 +152,13 @@ def test_window_rows_halve_from_an_experts_share_down_to_64():
 
 
 def test_capacity_dispatch_drops_overflow_and_reports_it():
-    cfg = small_model_config(moe_dispatch="capacity", n_experts=2, capacity_factor=0.25)
-    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    cfg = small_model_config(n_experts=2)
+    moe = MoE(cfg, compute_config(moe_dispatch="capacity", capacity_factor=0.25),
+              rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (1, 16, cfg.d_model))
     out, stats = moe(x)
-    capacity = moe.capacity(16)  # 2 slots per expert per sequence
+    capacity = moe_dispatch.capacity_per_sequence(16, 1, 2, 0.25)
+    assert capacity == 2  # slots per expert per sequence
     _, _, expert_TxK = moe.route(x[0])
     expert_T = np.asarray(expert_TxK[:, 0])
     reference = per_token_reference(moe, x)[0]
@@ -164,7 +173,7 @@ def test_capacity_dispatch_drops_overflow_and_reports_it():
 
 def test_router_receives_gradient():
     cfg = small_model_config()
-    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    moe = MoE(cfg, compute_config(), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 16, cfg.d_model))
     # Only the expert output, no balancing loss: the gate must learn through the routing weight.
     grads = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(moe)

@@ -11,11 +11,14 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "mesh_worker.py")
 STEPS = 3
 TIMEOUT_S = 300
+
+pytestmark = pytest.mark.slow  # subprocesses: two JAX processes and an 8-device one
 
 
 def _free_port() -> int:

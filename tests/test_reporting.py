@@ -20,6 +20,7 @@ from minids_jax import config as config_lib
 from minids_jax import flops, plot, reporting, trainer
 from minids_jax.config import ModelConfig
 from minids_jax.model import MiniDeepSeek
+from tests.factories import compute_config, small_model_config, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -142,14 +143,12 @@ def test_plot_of_a_directory_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_run_reports_everything(tmp_path):
-    config = config_lib.from_config_dict({
-        "model": dict(vocab_size=259, max_seq_len=16, d_model=32, n_layers=2, n_heads=2,
-                      latent_k=4, n_experts=2),
-        "optim": dict(total_steps=6, warmup_steps=1),
-        "train": dict(batch_size=2, log_every=2, eval_every=4, eval_batches=2, peak_flops=1e11),
-        "data": dict(source="builtin", max_bytes=20000, cache_dir=""),
-    })
+    config = tiny_config(model=dict(vocab_size=259),
+                         train=dict(batch_size=2, log_every=2, eval_every=4, eval_batches=2,
+                                    peak_flops=1e11),
+                         data=dict(source="builtin", max_bytes=20000))
     history = trainer.run(config, str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
@@ -160,7 +159,7 @@ def test_training_run_reports_everything(tmp_path):
         assert record["mfu"] == pytest.approx(
             record["tokens_per_sec"] * flops.train_flops_per_token(config.model) / 1e11)
     load_NxE = np.array(train[-1]["expert_load"])
-    assert load_NxE.shape == (2, 2) and np.allclose(load_NxE.sum(axis=1), 1)
+    assert load_NxE.shape == (1, 2) and np.allclose(load_NxE.sum(axis=1), 1)
     assert evals[-1]["eval_ppl"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
     assert np.isfinite(evals[-1]["eval_loss"]) and evals[-1]["eval_loss"] < np.log(259) + 1
     assert history[-1] == {"step": 6, "eval_loss": evals[-1]["eval_loss"],
@@ -171,15 +170,16 @@ def test_training_run_reports_everything(tmp_path):
 
 # --- FLOPs ---------------------------------------------------------------------------------------
 
-def small_model_config(**overrides) -> ModelConfig:
-    return ModelConfig(**{**dict(vocab_size=512, max_seq_len=64, d_model=128, n_layers=2,
-                                 n_heads=4, latent_k=8, n_experts=1, top_k=1), **overrides})
+def flops_model_config(**overrides) -> ModelConfig:
+    """Wide enough that the matmuls dominate what XLA counts."""
+    return small_model_config(**{**dict(vocab_size=512, max_seq_len=64, d_model=128,
+                                        latent_k=8, n_experts=1, mlp_mult=4), **overrides})
 
 
 def test_matmul_flops_are_twice_the_parameters_a_token_uses():
     # MHA only, one expert: every parameter but the embedding and norm scales is one matmul
     # weight that each token passes through exactly once.
-    cfg = small_model_config(attn_pattern=("mha",))
+    cfg = flops_model_config(attn_pattern=("mha",))
     model = nnx.eval_shape(lambda: MiniDeepSeek(cfg, rngs=nnx.Rngs(0)))  # shapes only
     params = nnx.state(model, nnx.Param)
     matmul_params = sum(x.size for path, x in nnx.to_flat_state(params)
@@ -189,20 +189,21 @@ def test_matmul_flops_are_twice_the_parameters_a_token_uses():
 
 
 def test_flops_count_active_experts_only():
-    base = flops.flops_breakdown(small_model_config(n_experts=2, top_k=1))
-    many = flops.flops_breakdown(small_model_config(n_experts=16, top_k=1))
-    two_active = flops.flops_breakdown(small_model_config(n_experts=16, top_k=2))
+    base = flops.flops_breakdown(flops_model_config(n_experts=2, top_k=1))
+    many = flops.flops_breakdown(flops_model_config(n_experts=16, top_k=1))
+    two_active = flops.flops_breakdown(flops_model_config(n_experts=16, top_k=2))
     assert many["experts"] == base["experts"] and two_active["experts"] == 2 * base["experts"]
-    assert flops.train_flops_per_token(small_model_config()) == pytest.approx(
-        3 * flops.forward_flops_per_token(small_model_config()))
+    assert flops.train_flops_per_token(flops_model_config()) == pytest.approx(
+        3 * flops.forward_flops_per_token(flops_model_config()))
 
 
 @pytest.mark.parametrize("pattern", [("mha",), ("mhla",)])
 def test_flops_agree_with_the_compiler_count(pattern):
     """XLA also counts elementwise work and the masked-out half of attention, so it may exceed
     the analytic count by a little, never fall short of it."""
-    cfg = small_model_config(attn_pattern=pattern, moe_dispatch="dense")  # dense = active here
-    graphdef, state = nnx.split(MiniDeepSeek(cfg, rngs=nnx.Rngs(0)))
+    cfg = flops_model_config(attn_pattern=pattern)
+    dense = compute_config(moe_dispatch="dense")  # every expert = the active one here
+    graphdef, state = nnx.split(MiniDeepSeek(cfg, dense, rngs=nnx.Rngs(0)))
     forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
     tokens = jnp.zeros((1, cfg.max_seq_len), jnp.int32)
     cost = forward.lower(state, tokens).compile().cost_analysis()

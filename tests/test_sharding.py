@@ -36,6 +36,7 @@ def mesh_runs(tmp_path_factory):
     return report, states
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_name", list(mesh_worker.MESHES))
 def test_one_step_matches_one_device(mesh_runs, mesh_name):
     report, states = mesh_runs
@@ -53,6 +54,7 @@ def test_one_step_matches_one_device(mesh_runs, mesh_name):
                                          **mesh_worker.MESHES[mesh_name]}
 
 
+@pytest.mark.slow
 def test_fsdp_holds_one_eighth_of_each_weight_and_moment(mesh_runs):
     report, _ = mesh_runs
     shards = report["fsdp8"]["shards"]
@@ -73,6 +75,7 @@ def test_fsdp_holds_one_eighth_of_each_weight_and_moment(mesh_runs):
     assert all(s["device_size"] == s["size"] for s in report["data8"]["shards"].values())
 
 
+@pytest.mark.slow
 def test_fsdp_compiled_state_memory_is_well_below_data_parallel(mesh_runs):
     report, _ = mesh_runs
     data_bytes = report["data8"]["argument_bytes"]
@@ -83,6 +86,7 @@ def test_fsdp_compiled_state_memory_is_well_below_data_parallel(mesh_runs):
     assert fsdp_bytes < data_bytes / 6
 
 
+@pytest.mark.slow
 def test_data_parallel_step_keeps_every_token_on_its_device(mesh_runs):
     # Pure data parallelism needs only the gradient all-reduce. An all-gather means some
     # activation (the MoE's global top-k / sort did this) went whole onto every device.

@@ -5,10 +5,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from configs import tiny
 from minids_jax import data, trainer
-from minids_jax.config import from_config_dict
+from minids_jax.loss import cross_entropy
+from tests.factories import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,15 +23,15 @@ def test_loss_scores_logits_at_t_against_token_t_plus_1():
     next_token = jax.nn.one_hot(batch["targets"], vocab) * 50.0
     token_after = jax.nn.one_hot(np.roll(batch["targets"], -1, axis=1), vocab) * 50.0
     weights = jnp.asarray(batch["weights"])
-    assert float(trainer.cross_entropy(next_token, batch["targets"], weights)) < 1e-6
-    assert float(trainer.cross_entropy(token_after, batch["targets"], weights)) > 10.0
+    assert float(cross_entropy(next_token, batch["targets"], weights)) < 1e-6
+    assert float(cross_entropy(token_after, batch["targets"], weights)) > 10.0
 
 
 def test_loss_ignores_zero_weight_positions():
     logits = jax.random.normal(jax.random.key(0), (1, 4, 5))
     targets = jnp.array([[1, 2, 3, 4]])
-    masked = trainer.cross_entropy(logits, targets, jnp.array([[1.0, 1.0, 0.0, 0.0]]))
-    first_two = trainer.cross_entropy(logits[:, :2], targets[:, :2], jnp.ones((1, 2)))
+    masked = cross_entropy(logits, targets, jnp.array([[1.0, 1.0, 0.0, 0.0]]))
+    first_two = cross_entropy(logits[:, :2], targets[:, :2], jnp.ones((1, 2)))
     np.testing.assert_allclose(float(masked), float(first_two), rtol=1e-6)
 
 
@@ -44,17 +45,10 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     np.testing.assert_array_equal(rows["inputs"], a["inputs"][2:6])
 
 
-def _tiny_config(**train):
-    config = tiny.get_config()
-    config.model.update(max_seq_len=16, d_model=32, n_layers=2, n_heads=2, latent_k=4, n_experts=2)
-    config.optim.update(lr=1e-2, warmup_steps=5, total_steps=80, weight_decay=0.0)
-    config.train.update(batch_size=4, log_every=80, eval_every=0, eval_batches=1, **train)
-    config.data.update(source="random")
-    return from_config_dict(config)
-
-
 def test_tiny_model_overfits_a_repeating_sequence():
-    config = _tiny_config()
+    config = tiny_config(model=dict(n_layers=2, attn_pattern=("mha", "mhla")),
+                         optim=dict(lr=1e-2, warmup_steps=5, total_steps=80, weight_decay=0.0),
+                         train=dict(log_every=80))
     pattern = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], np.int32)
 
     class Repeating:
@@ -71,6 +65,7 @@ def test_tiny_model_overfits_a_repeating_sequence():
     assert history[-1]["eval_loss"] < 0.3
 
 
+@pytest.mark.slow
 def test_train_py_runs_end_to_end(tmp_path):
     command = [sys.executable, "train.py", "--config", "configs/tiny.py",
                "--config.model.max_seq_len=32", "--config.model.d_model=32",
@@ -88,6 +83,23 @@ def test_train_py_runs_end_to_end(tmp_path):
     assert all(np.isfinite(losses))
 
 
+@pytest.mark.slow
+def test_a_short_run_needs_one_override(tmp_path):
+    """`--config.optim.total_steps=3` alone: the warmup of configs/tiny.py (30 steps) is
+    clamped to the run, with one line that says so."""
+    command = [sys.executable, "train.py", "--config", "configs/tiny.py",
+               "--config.optim.total_steps=3", "--config.model.n_layers=1",
+               "--config.model.d_model=32", "--config.train.batch_size=2",
+               "--config.train.eval_batches=1", "--config.data.max_bytes=50000",
+               "--config.data.cache_dir=", f"--workdir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("optim.warmup_steps=30 does not fit") == 1
+    assert "step 3/3 | loss" in result.stdout
+
+
+@pytest.mark.slow
 def test_bad_config_override_fails_with_a_clear_message():
     command = [sys.executable, "train.py", "--config", "configs/tiny.py",
                "--config.model.n_heads=5"]

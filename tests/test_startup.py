@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from minids_jax import devices
+from minids_jax import startup
 from minids_jax.config import ConfigError, DevicesConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ class FakeNvml:
 
 def test_picks_the_gpus_with_the_most_free_memory():
     environ, nvml = {}, FakeNvml([10, 50, 30, 40, 5])
-    choice = devices.select_gpus(DevicesConfig(num_gpus=2), environ, nvml)
+    choice = startup.select_gpus(DevicesConfig(num_gpus=2), environ, nvml)
     assert environ["CUDA_VISIBLE_DEVICES"] == "1,3"  # 50 and 40 GiB, listed in bus order
     assert environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # CUDA numbers GPUs like NVML
     assert choice.count == 2 and "most free memory" in choice.reason
@@ -53,48 +53,48 @@ def test_picks_the_gpus_with_the_most_free_memory():
 
 
 def test_ties_go_to_the_lower_index():
-    choice = devices.choose_gpus(3, {}, FakeNvml([20, 20, 20, 20]))
+    choice = startup.choose_gpus(3, {}, FakeNvml([20, 20, 20, 20]))
     assert choice.visible == "0,1,2"
 
 
 def test_zero_means_every_visible_gpu():
     environ = {}
-    choice = devices.select_gpus(DevicesConfig(num_gpus=0), environ, FakeNvml([1, 2, 3]))
+    choice = startup.select_gpus(DevicesConfig(num_gpus=0), environ, FakeNvml([1, 2, 3]))
     assert "CUDA_VISIBLE_DEVICES" not in environ and choice.count == 3
 
 
 def test_falls_back_to_the_first_gpus_when_nvml_fails():
     environ = {}
-    choice = devices.select_gpus(DevicesConfig(num_gpus=3), environ, FakeNvml(fail=True))
+    choice = startup.select_gpus(DevicesConfig(num_gpus=3), environ, FakeNvml(fail=True))
     assert environ["CUDA_VISIBLE_DEVICES"] == "0,1,2"
     assert "NVML unavailable" in choice.reason and "Shared Library" in choice.reason
 
 
 def test_falls_back_when_pynvml_is_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
-    choice = devices.choose_gpus(2, {})
+    choice = startup.choose_gpus(2, {})
     assert choice.visible == "0,1" and "NVML unavailable" in choice.reason
 
 
 def test_more_gpus_than_exist_is_an_error():
     with pytest.raises(ConfigError, match=r"devices.num_gpus=5 .* has 4 GPU\(s\).*at most 4"):
-        devices.choose_gpus(5, {}, FakeNvml([1, 2, 3, 4]))
+        startup.choose_gpus(5, {}, FakeNvml([1, 2, 3, 4]))
 
 
 def test_the_users_cuda_visible_devices_wins():
     environ, nvml = {"CUDA_VISIBLE_DEVICES": "2,3"}, FakeNvml([80, 80, 1, 1])
-    choice = devices.select_gpus(DevicesConfig(num_gpus=2), environ, nvml)
+    choice = startup.select_gpus(DevicesConfig(num_gpus=2), environ, nvml)
     assert environ == {"CUDA_VISIBLE_DEVICES": "2,3"} and nvml.calls == []
     assert choice.count == 2 and "as is" in choice.reason
     with pytest.raises(ConfigError, match="lists 2 GPU"):
-        devices.choose_gpus(3, environ, nvml)
+        startup.choose_gpus(3, environ, nvml)
 
 
 def test_fewer_devices_than_asked_is_an_error_once_jax_starts():
     cpu = types.SimpleNamespace(platform="cpu")
-    devices.check_local_devices(DevicesConfig(num_gpus=1), [cpu])
+    startup.check_local_devices(DevicesConfig(num_gpus=1), [cpu])
     with pytest.raises(ConfigError, match="num_gpus=2 but JAX found only 1 local device"):
-        devices.check_local_devices(DevicesConfig(num_gpus=2), [cpu])
+        startup.check_local_devices(DevicesConfig(num_gpus=2), [cpu])
 
 
 # What a two-node `srun --ntasks-per-node=1` sets.
@@ -103,40 +103,40 @@ SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS"
 
 
 def test_a_lone_process_does_not_start_jax_distributed():
-    assert devices.distributed_arguments(DevicesConfig(), None, {}) is None
+    assert startup.distributed_arguments(DevicesConfig(), None, {}) is None
     lone_slurm = {**SLURM, "SLURM_NTASKS": "1"}  # e.g. an interactive one-task allocation
-    assert devices.distributed_arguments(DevicesConfig(), None, lone_slurm) is None
+    assert startup.distributed_arguments(DevicesConfig(), None, lone_slurm) is None
 
 
 def test_slurm_with_one_task_per_node_drives_every_local_gpu():
-    gpus = devices.GpuChoice("0,1,2,3", 4, "test")
-    kwargs = devices.distributed_arguments(DevicesConfig(), gpus, SLURM)
+    gpus = startup.GpuChoice("0,1,2,3", 4, "test")
+    kwargs = startup.distributed_arguments(DevicesConfig(), gpus, SLURM)
     # JAX's SLURM detection alone would give each process only GPU SLURM_LOCALID.
     assert kwargs == {"initialization_timeout": 300, "local_device_ids": [0, 1, 2, 3]}
     one_per_gpu = {**SLURM, "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_NTASKS": "8"}
     # Every task sees all 4 GPUs: JAX picks the one of its local rank.
-    assert "local_device_ids" not in devices.distributed_arguments(DevicesConfig(), gpus,
+    assert "local_device_ids" not in startup.distributed_arguments(DevicesConfig(), gpus,
                                                                    one_per_gpu)
     # SLURM bound one GPU per task (CUDA_VISIBLE_DEVICES=<its GPU>): it is device 0 here,
     # whatever the local rank.
-    bound = devices.choose_gpus(0, {"CUDA_VISIBLE_DEVICES": "3"})
-    assert devices.distributed_arguments(DevicesConfig(), bound, one_per_gpu)[
+    bound = startup.choose_gpus(0, {"CUDA_VISIBLE_DEVICES": "3"})
+    assert startup.distributed_arguments(DevicesConfig(), bound, one_per_gpu)[
         "local_device_ids"] == [0]
-    assert devices.distributed_arguments(DevicesConfig(distributed="off"), gpus, SLURM) is None
+    assert startup.distributed_arguments(DevicesConfig(distributed="off"), gpus, SLURM) is None
 
 
 def test_explicit_coordinator_and_other_launchers():
     cfg = DevicesConfig(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
-    assert devices.distributed_arguments(cfg, None, {}) == {
+    assert startup.distributed_arguments(cfg, None, {}) == {
         "initialization_timeout": 300, "coordinator_address": "10.0.0.1:1234",
         "num_processes": 2, "process_id": 1}
     for environ, name in [({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_COORDINATOR_ADDRESS"),
                           ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"),
                           ({"KUBERNETES_SERVICE_HOST": "k", "JOB_COMPLETION_INDEX": "0"},
                            "Kubernetes")]:
-        assert devices.cluster_in_environment(environ) == name
-        assert devices.distributed_arguments(DevicesConfig(), None, environ) is not None
-    assert devices.distributed_arguments(DevicesConfig(distributed="on"), None, {}) == {
+        assert startup.cluster_in_environment(environ) == name
+        assert startup.distributed_arguments(DevicesConfig(), None, environ) is not None
+    assert startup.distributed_arguments(DevicesConfig(distributed="on"), None, {}) == {
         "initialization_timeout": 300}
 
 
@@ -151,6 +151,7 @@ def test_bad_devices_config_is_rejected(fields, message):
         DevicesConfig(**fields)
 
 
+@pytest.mark.slow
 def test_train_py_sets_cuda_visible_devices_before_jax_is_imported(tmp_path):
     """Runs train.py with a fake pynvml; an import hook records the environment at the moment
     jax is first imported, then ends the process (no training needed)."""
@@ -196,8 +197,8 @@ def test_train_py_sets_cuda_visible_devices_before_jax_is_imported(tmp_path):
 # a CPU train step's do, and prints the minor page faults of each call and the temporaries' size.
 _FAULTS_SCRIPT = textwrap.dedent("""
     import json, resource, sys
-    from minids_jax import devices
-    took_effect = devices.reuse_host_memory() if sys.argv[1] == "reuse" else False
+    from minids_jax import startup
+    took_effect = startup.reuse_host_memory() if sys.argv[1] == "reuse" else False
     import jax, jax.numpy as jnp
 
     def step(x):
@@ -228,6 +229,7 @@ def _median(values: list[int]) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.slow
 def test_reuse_host_memory_stops_each_step_faulting_its_memory_in_again():
     reused = _step_faults("reuse")
     if not reused["took_effect"]:

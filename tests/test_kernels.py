@@ -1,4 +1,4 @@
-"""The hand-written backward passes of fused.py against autodiff of the plain formulas."""
+"""The kernels (minids_jax/kernels/) against autodiff of the plain formulas they replace."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +7,11 @@ import optax
 import pytest
 from flax import nnx
 
-from minids_jax import fused, trainer
+from minids_jax import loss
+from minids_jax.kernels import attention as fused
+from minids_jax.kernels.head_loss import head_cross_entropy
 from minids_jax.model import MiniDeepSeek
-from tests.conftest import small_model_config
+from tests.factories import small_model_config
 
 
 def _qkv(batch=2, queries=37, sources=37, heads=3, head_dim=8, seed=0):
@@ -87,7 +89,7 @@ def test_head_cross_entropy_matches_autodiff_of_optax(chunk):
         return 2.5 * jnp.sum(losses * weights)
 
     def fused_loss(x, kernel):
-        return 2.5 * fused.head_cross_entropy(x, kernel, targets, weights, chunk)
+        return 2.5 * head_cross_entropy(x, kernel, targets, weights, chunk)
 
     value, grads = jax.value_and_grad(fused_loss, argnums=(0, 1))(x, kernel)
     ref_value, ref_grads = jax.value_and_grad(reference, argnums=(0, 1))(x, kernel)
@@ -109,24 +111,22 @@ def test_model_loss_equals_cross_entropy_of_the_models_logits():
              "weights": jnp.ones((2, cfg.max_seq_len)).at[1, :5].set(0.0)}
 
     def unfused(model):
-        logits, _ = model(batch["inputs"])
-        return trainer.cross_entropy(logits, batch["targets"], batch["weights"])
+        logits = model(batch["inputs"]).logits_BxLxV
+        return loss.cross_entropy(logits, batch["targets"], batch["weights"])
 
-    value, grads = nnx.jit(nnx.value_and_grad(lambda m: trainer.model_loss(m, batch)[0]))(model)
+    value, grads = nnx.jit(nnx.value_and_grad(lambda m: loss.model_loss(m, batch, chunk=5)[0]))(model)
     ref_value, ref_grads = nnx.jit(nnx.value_and_grad(unfused))(model)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for grad, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(grad, ref, atol=1e-5)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="chunk sizes are per platform")
 def test_loss_chunks_count_each_devices_share_of_the_batch():
-    """Rows per chunk per device on a CPU: a batch split 8 ways has 8x longer chunks."""
-    assert trainer.loss_chunk(8, 256, vocab=8192) == 32
-    assert trainer.loss_chunk(8, 256, vocab=32768) == 32  # at least 256 rows
-    assert trainer.loss_chunk(8, 256, vocab=2048) == 128  # about 2M logits
-    assert trainer.loss_chunk(1, 100, vocab=8192) == 100  # never longer than the sequence
-    mesh = jax.sharding.AbstractMesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules([("batch", "data")]):
-        assert trainer.loss_chunk(8, 256, vocab=8192) == 256
-        assert trainer.loss_chunk(64, 256, vocab=8192) == 32
+    """Positions per chunk of one device's rows: on a CPU about 2M logits and at least 256 rows;
+    elsewhere the whole sequence."""
+    assert loss.loss_chunk(8, 256, vocab=8192, platform="cpu") == 32
+    assert loss.loss_chunk(8, 256, vocab=32768, platform="cpu") == 32  # at least 256 rows
+    assert loss.loss_chunk(8, 256, vocab=2048, platform="cpu") == 128  # about 2M logits
+    assert loss.loss_chunk(1, 100, vocab=8192, platform="cpu") == 100  # at most the sequence
+    assert loss.loss_chunk(1, 256, vocab=8192, platform="cpu") == 256  # a batch split 8 ways
+    assert loss.loss_chunk(8, 4096, vocab=32768, platform="gpu") == 4096

@@ -117,15 +117,14 @@ def reuse_host_memory(cfg: DevicesConfig | None = None) -> bool:
 
     With `cfg`, only if `cfg.reuse_host_memory` asks for it (train.py, the benchmarks).
 
-    XLA's CPU runtime allocates each step's temporaries as one block (139 MB for
-    configs/tiny.py) and frees it when the step ends. glibc serves blocks that large with a
-    fresh mmap and unmaps them on free, so every step page-faults all of its working memory
-    in again: 34,000 minor faults a step at tiny, 12-15% of its time on a 2-core CPU. One
-    arena (XLA's worker threads would otherwise get arenas that must mmap large blocks), no
-    mmap, and no trimming keep the memory of the first step for every later one; the
-    process's resident memory then stays at its peak instead of falling between steps.
-    Only threads that have not yet allocated join the one arena: call before importing jax.
-    Does nothing (False) off Linux or on another C library (musl, macOS).
+    XLA's CPU runtime allocates each step's temporaries as one block and frees it when the
+    step ends; glibc serves blocks that large with a fresh mmap and unmaps them on free, so
+    every step would page-fault all of its working memory in again (docs/performance.md has
+    the cost). One arena (XLA's worker threads would otherwise get arenas that must mmap large
+    blocks), no mmap and no trimming keep the memory of the first step for every later one;
+    the process's resident memory then stays at its peak. Only threads that have not yet
+    allocated join the one arena: call before importing jax. Does nothing (False) off Linux
+    or on another C library (musl, macOS).
     """
     if cfg is not None and not cfg.reuse_host_memory:
         return False

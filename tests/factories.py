@@ -1,0 +1,43 @@
+"""Tiny configs shared by the tests (and by mesh_worker.py, which must not import jax first).
+
+`tiny_config(**groups)` is the one small run every trainer test starts from: one MHLA layer (its
+three attentions share MHA's projection code) holds every kind of parameter (latents,
+attention, router, experts, norms) at the smallest compile time. Tests override what they
+need, group by group: `tiny_config(model=dict(n_layers=2), optim=dict(total_steps=3))`.
+"""
+
+from __future__ import annotations
+
+from minids_jax import config as config_lib
+
+TINY_STEPS = 6  # one compile of the train step serves every run of this length
+
+TINY = dict(
+    model=dict(vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=2, latent_k=4,
+               mlp_mult=2, n_experts=2, attn_pattern=("mhla",)),
+    optim=dict(warmup_steps=1, total_steps=TINY_STEPS),
+    train=dict(batch_size=4, log_every=1, eval_batches=1),
+    data=dict(cache_dir=""),
+    checkpoint=dict(every=3),
+)
+
+
+def tiny_config(**groups) -> config_lib.Config:
+    merged = {name: dict(values) for name, values in TINY.items()}
+    for group, values in groups.items():
+        merged.setdefault(group, {}).update(values)
+    return config_lib.from_config_dict(merged)
+
+
+def small_model_config(**overrides) -> config_lib.ModelConfig:
+    """Layer tests: two layers (MHA, MHLA), four experts."""
+    fields = dict(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, latent_k=4,
+                  mlp_mult=2, n_experts=4, top_k=1, attn_pattern=("mha", "mhla"))
+    return config_lib.ModelConfig(**{**fields, **overrides})
+
+
+def compute_config(platform: str = "cpu", **overrides) -> config_lib.ComputeConfig:
+    """A compute config with concrete kernels, as a trainer resolves it on `platform`."""
+    from minids_jax import kernels
+
+    return kernels.resolve(config_lib.ComputeConfig(**overrides), platform)
