@@ -6,9 +6,10 @@
 
 Each layer runs on the config's batch (random activations of the model's width), jitted, with
 the gradient of its parameters and input; the figure is the best of `--iters` calls. The
-head + loss line is the trainer's fused loss (fused.head_cross_entropy); `--kernels` and
-`--dispatches` compare attention kernels and MoE dispatches side by side, and `--vs_seed`
-times the PyTorch original's layers at the same sizes (benchmarks/seed_layers.py).
+head + loss line is the trainer's fused loss (minids_jax/kernels/head_loss.py); `--kernels` and
+`--dispatches` compare attention kernels and MoE dispatches side by side (`auto` and `dropless`
+name the platform's own, shown after a colon), and `--vs_original` times the PyTorch original's
+layers at the same sizes (benchmarks/original_layers.py).
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import seed_environment  # noqa: E402  (benchmarks/timing.py, beside this file)
+from timing import original_environment  # noqa: E402  (benchmarks/timing.py, beside this file)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _ITERS = flags.DEFINE_integer("iters", 7, "Timed calls per layer (the best is reported).")
-_KERNELS = flags.DEFINE_list("kernels", None, "Attention kernels, e.g. fused,dot_product_attention.")
-_DISPATCHES = flags.DEFINE_list("dispatches", None, "MoE dispatches, e.g. dropless,capacity.")
-_VS_SEED = flags.DEFINE_string("vs_seed", None, "Path to the PyTorch seed script to compare.")
-_SEED_PYTHON = flags.DEFINE_string("seed_python", sys.executable, "Python that has torch.")
+_KERNELS = flags.DEFINE_list("kernels", None,
+                             "Attention kernels, e.g. fused,dot_product_attention (default: the "
+                             "config's).")
+_DISPATCHES = flags.DEFINE_list("dispatches", None,
+                                "MoE dispatches, e.g. dropless,capacity (default: the config's).")
+_VS_ORIGINAL = flags.DEFINE_string("vs_original", None,
+                                   "Path to the PyTorch original's script, to compare.")
+_ORIGINAL_PYTHON = flags.DEFINE_string("original_python", sys.executable,
+                                       "Python that has torch, for --vs_original.")
 
 
 def time_grad(module, loss_fn, x, iters: int) -> float:
@@ -53,21 +59,34 @@ def time_grad(module, loss_fn, x, iters: int) -> float:
 def main(argv):
     del argv
     from minids_jax import config as config_lib
-    from minids_jax import devices
+    from minids_jax import startup
 
     config = config_lib.from_config_dict(_CONFIG.value)
-    devices.reuse_host_memory(config.devices)  # as train.py does, before the backend starts
+    startup.reuse_host_memory(config.devices)  # as train.py does, before the backend starts
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from minids_jax import fused, optim, trainer
-    from minids_jax.attention import MHA, MHLA
+    from minids_jax import kernels, optim
+    from minids_jax.attention import MHA
+    from minids_jax.kernels.head_loss import head_cross_entropy
+    from minids_jax.loss import loss_chunk
+    from minids_jax.mhla import MHLA
     from minids_jax.model import MiniDeepSeek
     from minids_jax.moe import MoE
 
     cfg, batch = config.model, config.train.batch_size
+    platform = kernels.mesh_platform()
+
+    def resolved(**changes):
+        """The config's compute with `changes`, its kernel names made concrete for `platform`."""
+        return kernels.resolve(dataclasses.replace(config.compute, **changes), platform)
+
+    def named(asked: str, runs: str) -> str:
+        """A kernel's label: the name asked for, and what it runs where that differs."""
+        return asked if asked == runs else f"{asked}: {runs}"
+
     keys = jax.random.split(jax.random.key(0), 2)
     x_BxLxD = jax.random.normal(keys[0], (batch, cfg.max_seq_len, cfg.d_model))
     targets_BxL = jax.random.randint(keys[1], x_BxLxD.shape[:2], 0, cfg.vocab_size)
@@ -82,18 +101,19 @@ def main(argv):
               flush=True)
 
     with nnx.use_eager_sharding(False):
-        for kernel in _KERNELS.value or [cfg.attention_kernel]:
-            kernel_cfg = dataclasses.replace(cfg, attention_kernel=kernel)
+        for kernel in _KERNELS.value or [config.compute.attention_kernel]:
+            compute = resolved(attention_kernel=kernel)
             for cls in (MHA, MHLA):
-                report(f"{cls.__name__} ({kernel})", cls(kernel_cfg, rngs=nnx.Rngs(0)),
-                       lambda m, x: sum_of_squares(m(x, positions_BxL)))
-        for dispatch in _DISPATCHES.value or [cfg.moe_dispatch]:
-            moe_cfg = dataclasses.replace(cfg, moe_dispatch=dispatch)
-            report(f"MoE ({dispatch})", MoE(moe_cfg, rngs=nnx.Rngs(0)),
-                   lambda m, x: sum_of_squares(m(x)[0]))
-        model = MiniDeepSeek(cfg, rngs=nnx.Rngs(0))
-        chunk = trainer.loss_chunk(*targets_BxL.shape, cfg.vocab_size)
-        report("head + loss (fused)", model.head, lambda m, x: fused.head_cross_entropy(
+                report(f"{cls.__name__} ({named(kernel, compute.attention_kernel)})",
+                       cls(cfg, compute, rngs=nnx.Rngs(0)),
+                       lambda m, x: sum_of_squares(m(x, positions_BxL)[0]))
+        for dispatch in _DISPATCHES.value or [config.compute.moe_dispatch]:
+            compute = resolved(moe_dispatch=dispatch)
+            report(f"MoE ({named(dispatch, compute.moe_dispatch)})",
+                   MoE(cfg, compute, rngs=nnx.Rngs(0)), lambda m, x: sum_of_squares(m(x)[0]))
+        model = MiniDeepSeek(cfg, resolved(), rngs=nnx.Rngs(0))
+        chunk = loss_chunk(*targets_BxL.shape, cfg.vocab_size, platform)
+        report("head + loss (fused)", model.head, lambda m, x: head_cross_entropy(
             x, m.kernel[...], targets_BxL, weights_BxL, chunk))
         report("head + loss (logits, then optax)", model.head, lambda m, x: jnp.sum(
             optax.softmax_cross_entropy_with_integer_labels(m(x), targets_BxL)))
@@ -114,13 +134,13 @@ def main(argv):
             state = jax.block_until_ready(update(state, grads))
             times.append(time.perf_counter() - start)
         print(f"{'AdamW update (whole model)':40s} {np.min(times) * 1e3:8.1f} ms")
-    if _VS_SEED.value:
-        seed_layers = Path(__file__).with_name("seed_layers.py")
+    if _VS_ORIGINAL.value:
+        original_layers = Path(__file__).with_name("original_layers.py")
         result = subprocess.run(
-            [_SEED_PYTHON.value, str(seed_layers), _VS_SEED.value, str(_ITERS.value)],
-            env=seed_environment(config), capture_output=True, text=True)
+            [_ORIGINAL_PYTHON.value, str(original_layers), _VS_ORIGINAL.value, str(_ITERS.value)],
+            env=original_environment(config), capture_output=True, text=True)
         print(result.stdout.rstrip() if result.returncode == 0 else
-              f"seed run failed (does {_SEED_PYTHON.value} have torch?):\n"
+              f"original run failed (does {_ORIGINAL_PYTHON.value} have torch?):\n"
               f"{result.stderr[-1500:]}")
 
 

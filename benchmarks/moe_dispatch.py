@@ -10,16 +10,17 @@ of one token through one expert, so a top-1 MoE that runs only the chosen expert
 one that runs every expert on every token is ~n_experts x. The cases are timed in turn over
 several rounds and each keeps its best time, so that other load on a shared machine (which
 only ever slows a run) counts as little as possible. `dropless` is `blocked` on CPU and
-`ragged` elsewhere (minids_jax/moe.py).
+`ragged` elsewhere (`minids_jax.kernels.resolve`). `--window_rows` runs the blocked dispatch
+with the given window sizes (its `window_sizes=`) in place of the ones it picks itself.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +31,7 @@ _MLP_MULT = flags.DEFINE_integer("mlp_mult", 4, "Hidden width = mlp_mult x d_mod
 _TOP_K = flags.DEFINE_integer("top_k", 1, "Experts per token.")
 _EXPERTS = flags.DEFINE_list("experts", ["1", "2", "8"], "Expert counts.")
 _DISPATCHES = flags.DEFINE_list("dispatches", ["ragged", "blocked", "capacity", "dense"],
-                                "Dispatches (model.moe_dispatch values).")
+                                "Dispatches (compute.moe_dispatch values).")
 _WINDOW_ROWS = flags.DEFINE_list("window_rows", [],
                                  "Blocked dispatch only: LARGEST:SMALLEST window sizes (powers "
                                  "of two) to try instead of the default ones; 256:256 is "
@@ -42,21 +43,24 @@ _ITERS = flags.DEFINE_integer("iters", 3, "Calls per timing.")
 
 def main(argv):
     del argv
-    from minids_jax import devices
+    from minids_jax import startup
 
-    devices.reuse_host_memory()  # as train.py does, before the backend starts
+    startup.reuse_host_memory()  # as train.py does, before the backend starts
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from minids_jax import moe as moe_lib
-    from minids_jax.config import ModelConfig
+    from minids_jax import kernels
+    from minids_jax.config import ComputeConfig, ModelConfig
+    from minids_jax.kernels.moe_windows import halving_sizes, window_rows
     from minids_jax.layers import swiglu
+    from minids_jax.moe import MoE
 
     nnx.use_eager_sharding(False)
     d, tokens, dtype = _D_MODEL.value, _TOKENS.value, jnp.dtype(_DTYPE.value)
     hidden = _MLP_MULT.value * d
     x = jax.random.normal(jax.random.key(0), (1, tokens, d), dtype)
+    platform = kernels.mesh_platform()
 
     keys = jax.random.split(jax.random.key(1), 3)
     plain_weights = tuple(jax.random.normal(k, s) * s[0] ** -0.5
@@ -66,29 +70,34 @@ def main(argv):
             jnp.float32) ** 2), argnums=(0, 1)))
     cases = {"plain SwiGLU": (plain, (plain_weights, x))}
     for n_experts in map(int, _EXPERTS.value):
+        cfg = ModelConfig(d_model=d, mlp_mult=_MLP_MULT.value, n_experts=n_experts,
+                          top_k=min(_TOP_K.value, n_experts), max_seq_len=tokens, latent_k=1,
+                          n_heads=1)
         for dispatch in _DISPATCHES.value:
-            cfg = ModelConfig(d_model=d, mlp_mult=_MLP_MULT.value, n_experts=n_experts,
-                              top_k=min(_TOP_K.value, n_experts), moe_dispatch=dispatch,
-                              max_seq_len=tokens, latent_k=1, n_heads=1, dtype=_DTYPE.value)
-            layer = moe_lib.MoE(cfg, rngs=nnx.Rngs(0))
+            compute = kernels.resolve(ComputeConfig(dtype=_DTYPE.value, moe_dispatch=dispatch),
+                                      platform)
+            kernel = compute.moe_dispatch  # `dropless`: the platform's exact dispatch
+            layer = MoE(cfg, compute, rngs=nnx.Rngs(0))
             graph, state = nnx.split(layer)
-            kernel = moe_lib.resolve_dispatch(dispatch, jax.sharding.get_abstract_mesh())
             choices = [None]
             if kernel == "blocked" and _WINDOW_ROWS.value:
-                choices = [moe_lib.halving_sizes(*map(int, pair.split(":")))
+                choices = [halving_sizes(*map(int, pair.split(":")))
                            for pair in _WINDOW_ROWS.value]
+                own = window_rows(tokens * cfg.top_k, n_experts)  # what the layer picks
+                check = jax.jit(lambda x: (layer(x)[0], with_windows(layer, x, own)))
+                if not np.allclose(*map(np.asarray, check(x)), rtol=1e-3, atol=1e-3):
+                    raise RuntimeError("with_windows no longer computes what MoE does")
             for sizes in choices:
                 def loss(state, x, sizes=sizes, graph=graph):
-                    with _window_rows(moe_lib, sizes):
-                        out = nnx.merge(graph, state)(x)[0]
+                    moe = nnx.merge(graph, state)
+                    out = moe(x)[0] if sizes is None else with_windows(moe, x, sizes)
                     return jnp.sum(out.astype(jnp.float32) ** 2)
-                default_sizes = moe_lib.window_rows(tokens * cfg.top_k, n_experts)
                 label = f"E={n_experts} {dispatch}"
                 if dispatch != kernel:
                     label += f" ({kernel})"
                 if kernel == "blocked":
-                    sizes = sizes or default_sizes
-                    label += f" windows={sizes[0]}..{sizes[-1]}"
+                    shown = sizes or window_rows(tokens * cfg.top_k, n_experts)
+                    label += f" windows={shown[0]}..{shown[-1]}"
                 cases[label] = (jax.jit(jax.grad(loss, argnums=(0, 1))), (state, x))
 
     print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {tokens} tokens, "
@@ -110,16 +119,20 @@ def main(argv):
         print(f"| {label} | {seconds * 1e3:.1f} | {seconds / base:.2f} |")
 
 
-@contextlib.contextmanager
-def _window_rows(moe_lib, sizes):
-    """While tracing: the blocked dispatch uses windows of `sizes` rows (None: its default)."""
-    default = moe_lib.window_rows
-    if sizes is not None:
-        moe_lib.window_rows = lambda assignments, n_experts: sizes
-    try:
-        yield
-    finally:
-        moe_lib.window_rows = default
+def with_windows(layer, x_BxLxD, sizes: tuple[int, ...]):
+    """What `layer(x_BxLxD)[0]` computes off a mesh, with the blocked dispatch's windows of
+    `sizes` rows: the layer's routing and experts, `moe_dispatch.blocked(window_sizes=sizes)`,
+    the routing weights. (The balancing loss is left out: no output here depends on it.)"""
+    import jax.numpy as jnp
+
+    from minids_jax.moe_dispatch import blocked
+
+    batch, length, d = x_BxLxD.shape
+    _, weight_TxK, expert_TxK = layer.route(x_BxLxD.reshape(-1, d))
+    y_BxLxKxD, _ = blocked(x_BxLxD, expert_TxK.reshape(batch, length, -1), layer.experts(),
+                           window_sizes=sizes)
+    weight_BxLxK = weight_TxK.reshape(batch, length, -1).astype(y_BxLxKxD.dtype)
+    return jnp.einsum("blkd,blk->bld", y_BxLxKxD, weight_BxLxK)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,16 @@
     python benchmarks/sharding.py --config configs/tiny.py --cpu_devices 8 \
         --layout data=-1 --layout fsdp=-1 --layout data=2,fsdp=2,tensor=2
     # the GPUs of this machine:
-    python benchmarks/sharding.py --config configs/mini.py --config.model.dtype=bfloat16 \
+    python benchmarks/sharding.py --config configs/mini.py --config.compute.dtype=bfloat16 \
         --layout data=-1 --layout fsdp=-1
 
 Each layout starts from data=fsdp=tensor=expert=1 and sets the named axes (-1: the devices
 left over; without a -1, the first product-of-sizes devices, so `--layout data=1` is the
-one-device baseline). Per device, from the compiled train step's `memory_analysis()`: arguments (model
-and optimizer state plus this device's batch rows; donated, so the output reuses them) and
-temporaries (activations, gradients, gathered weights). Simulated CPU devices share the
-host's cores, so their tokens/s measure overhead, not scaling; the memory figures are exact.
+one-device baseline). Per device, from the compiled train step's `memory_analysis()`:
+arguments (model and optimizer state plus this device's batch rows; donated, so the output
+reuses them) and temporaries (activations, gradients, gathered weights). Simulated CPU devices
+share the host's cores, so their tokens/s measure overhead, not scaling; the memory figures are
+exact.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def measure(config, steps: int) -> dict:
     devices = None if -1 in sizes.values() else jax.devices()[:math.prod(sizes.values())]
     run = trainer.Trainer(config, devices=devices)
     first_device = jax.local_devices()[0]
-    state_bytes = sum(shard.data.nbytes for leaf in jax.tree.leaves(run.train_state.state)
+    state_bytes = sum(shard.data.nbytes for leaf in jax.tree.leaves(run.state)
                       for shard in leaf.addressable_shards if shard.device == first_device)
     timing = time_train_step(run, steps)
     memory = timing.compiled.memory_analysis()
@@ -81,18 +82,18 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}")
     from minids_jax import config as config_lib
-    from minids_jax import devices
+    from minids_jax import startup
 
     base = _CONFIG.value
     if not _CPU_DEVICES.value:
-        devices.select_gpus(config_lib.from_config_dict(base).devices)
+        startup.select_gpus(config_lib.from_config_dict(base).devices)
 
     import jax
 
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind} | "
           f"model d={base.model.d_model} layers={base.model.n_layers} "
           f"experts={base.model.n_experts} | batch {base.train.batch_size} x "
-          f"{base.model.max_seq_len} | {base.model.dtype}", flush=True)
+          f"{base.model.max_seq_len} | {base.compute.dtype}", flush=True)
     header = (f"{'mesh':<24} {'tok/s':>10} {'tok/s/dev':>10} {'step ms':>8} {'state MiB':>10} "
               f"{'args MiB':>9} {'temp MiB':>9} {'compile s':>9}")
     print(header)

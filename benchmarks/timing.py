@@ -19,24 +19,25 @@ class StepTiming:
     metrics: dict  # of the last step
 
 
-class StepTimer:
-    """Compiles the train step of `run` (a `trainer.Trainer`) and warms it up with two steps;
-    `time(steps)` then times that many more, each call continuing from the last."""
+class CompiledStepTimer:
+    """Compiles the train step of `run` (a `trainer.Trainer`) ahead of time and warms it up with
+    two steps; `time(steps)` then times that many more, each call continuing from the last.
+    (`reporting.StepTimer` is the trainer's: tokens/s over the steps between log lines.)"""
 
     def __init__(self, run):
         self.run = run
         start = time.perf_counter()
-        self.compiled = run.train_step.lower(run.train_state.state, run.batch(0)).compile()
+        self.compiled = run.train_step.lower(run.state, run.batch(0)).compile()
         self.compile_s = time.perf_counter() - start
         self.next_step = 0
         self.metrics = self._advance(2)
 
     def _advance(self, steps: int) -> dict:
-        state = self.run.train_state.state
+        state = self.run.state
         for step in range(self.next_step, self.next_step + steps):
             state, metrics = self.compiled(state, self.run.batch(step))
         jax.block_until_ready(metrics)
-        self.run.train_state.state, self.next_step = state, self.next_step + steps
+        self.run.state, self.next_step = state, self.next_step + steps
         return metrics
 
     def time(self, steps: int) -> float:
@@ -52,13 +53,13 @@ class StepTimer:
 
 def time_train_step(run, steps: int) -> StepTiming:
     """`run` is a `trainer.Trainer`; its state is advanced by 2 + `steps` steps."""
-    timer = StepTimer(run)
+    timer = CompiledStepTimer(run)
     step_s = timer.time(steps)
     return StepTiming(timer.compiled, timer.compile_s, step_s, timer.tokens_per_s(step_s),
                       timer.metrics)
 
 
-def seed_environment(config, **extra: str) -> dict[str, str]:
+def original_environment(config, **extra: str) -> dict[str, str]:
     """Environment that runs the PyTorch original on the CPU at the config's sizes (its batch is
     per process; it runs as one process, so that is the same global batch)."""
     m = config.model
