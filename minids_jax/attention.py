@@ -20,7 +20,7 @@ from flax import nnx
 
 from minids_jax.config import ComputeConfig, ModelConfig
 from minids_jax.kernels import attention as attention_kernels
-from minids_jax.layers import RMSNorm, apply_rope, linear
+from minids_jax.layers import apply_rope, linear
 
 
 def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *, kernel: str,

@@ -403,7 +403,8 @@ def upgrade(saved: Mapping[str, Any]) -> Config:
     return from_config_dict(groups)
 
 
-def _fields(config: Config, policy: str):
+def fields_of(config: Config, policy: str):
+    """(group.field, value) of every field of `policy`, in declaration order."""
     for group in GROUPS:
         values = getattr(config, group)
         for field in dataclasses.fields(values):
@@ -414,7 +415,7 @@ def _fields(config: Config, policy: str):
 def changes(saved: Config, current: Config, policy: str) -> list[str]:
     """'group.field: checkpoint X, this run Y' for each field of `policy` that differs."""
     return [f"{name}: checkpoint {old!r}, this run {new!r}"
-            for (name, old), (_, new) in zip(_fields(saved, policy), _fields(current, policy))
+            for (name, old), (_, new) in zip(fields_of(saved, policy), fields_of(current, policy))
             if old != new]
 
 

@@ -22,7 +22,7 @@ from minids_jax.corpus import (  # noqa: F401 (re-exported)
 from minids_jax.instructions import (  # noqa: F401 (re-exported)
     Example, fit_examples, format_prompt, held_out, read_instructions, tokenize_examples)
 from minids_jax.sources import (  # noqa: F401 (re-exported)
-    InstructionSource, RandomSource, TokenizedExamples, TokenSource, WindowSource, _as_batch)
+    InstructionSource, RandomSource, TokenizedExamples, TokenSource, WindowSource, as_batch)
 from minids_jax.tokenization import (  # noqa: F401 (re-exported)
     BPE_MIN_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, token_dtype)
 

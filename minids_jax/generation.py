@@ -108,7 +108,7 @@ class Generator:
             moe_dispatch = own if own != "capacity" else kernels.exact_dispatch(
                 kernels.mesh_platform())
         self.graphdef, self.state = nnx.split(model)
-        self._prefill, self._step = _compiled(self.graphdef, moe_dispatch)
+        self.prefill_fn, self.step_fn = _compiled(self.graphdef, moe_dispatch)
 
     def check_prompt(self, prompt_BxP: np.ndarray) -> np.ndarray:
         prompt_BxP = np.asarray(prompt_BxP, dtype=np.int32)
@@ -132,7 +132,7 @@ class Generator:
     def _prefill_window(self, window_BxT: np.ndarray, key, n: int, sampling):
         padded_BxL = np.zeros((window_BxT.shape[0], self.cfg.max_seq_len), np.int32)
         padded_BxL[:, :window_BxT.shape[1]] = window_BxT
-        return self._prefill(self.state, padded_BxL, np.int32(window_BxT.shape[1]), key,
+        return self.prefill_fn(self.state, padded_BxL, np.int32(window_BxT.shape[1]), key,
                              np.int32(n), sampling)
 
     def stream(self, prompt_BxP, max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -153,7 +153,7 @@ class Generator:
                 window_BxT = window_BxT[:, -keep:] if n else window_BxT
                 token_B, logits_BxV, cache = self._prefill_window(window_BxT, key, n, params)
             else:  # the newest token goes to slot T - 1 of the window
-                token_B, logits_BxV, cache = self._step(self.state, cache, window_BxT[:, -1],
+                token_B, logits_BxV, cache = self.step_fn(self.state, cache, window_BxT[:, -1],
                                                         key, np.int32(n), params)
             token_B = np.asarray(token_B)
             window_BxT = np.concatenate([window_BxT, token_B[:, None]], axis=1)

@@ -21,7 +21,6 @@ from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec as P
 
-from minids_jax import kernels
 from minids_jax.config import ComputeConfig, ModelConfig
 from minids_jax.layers import linear
 from minids_jax.moe_dispatch import DISPATCHES, Experts
@@ -70,7 +69,7 @@ class MoE(nnx.Module):
     """`moe(x_BxLxD) -> (y_BxLxD, MoEStats)`, with the dispatch it was built with."""
 
     def __init__(self, cfg: ModelConfig, compute: ComputeConfig, *, rngs: nnx.Rngs):
-        if not kernels.is_resolved(compute):
+        if compute.moe_dispatch not in DISPATCHES:
             raise ValueError(f"compute.moe_dispatch={compute.moe_dispatch!r}: resolve it for "
                              f"a platform first (minids_jax.kernels.resolve).")
         self.cfg, self.dtype = cfg, jnp.dtype(compute.dtype)

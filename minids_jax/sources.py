@@ -47,7 +47,7 @@ def _row_range(batch_size: int, rows: slice) -> range:
     return r
 
 
-def _as_batch(rows_RxL1: np.ndarray, weights_RxL1: np.ndarray | None = None):
+def as_batch(rows_RxL1: np.ndarray, weights_RxL1: np.ndarray | None = None):
     rows_RxL1 = np.asarray(rows_RxL1, np.int32)
     weights_RxL = (np.ones(rows_RxL1[:, 1:].shape, np.float32) if weights_RxL1 is None
                    else np.asarray(weights_RxL1[:, 1:], np.float32))
@@ -64,7 +64,7 @@ class RandomSource:
         r = _row_range(batch_size, rows)
         l1 = self.seq_len + 1
         tokens = _uniform(self.seed, split, step, r.start * l1, len(r) * l1, self.vocab_size)
-        return _as_batch(tokens.reshape(len(r), l1))
+        return as_batch(tokens.reshape(len(r), l1))
 
 
 class WindowSource:
@@ -85,7 +85,7 @@ class WindowSource:
     def batch(self, step, batch_size, rows=slice(None), split="train"):
         tokens, r = self.splits[split], _row_range(batch_size, rows)
         starts = _uniform(self.seed, split, step, r.start, len(r), len(tokens) - self.seq_len)
-        return _as_batch(np.stack([tokens[s:s + self.seq_len + 1] for s in starts]))
+        return as_batch(np.stack([tokens[s:s + self.seq_len + 1] for s in starts]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,4 +171,4 @@ class InstructionSource:
                 tokens_RxL1[out, at:at + end - start] = examples.tokens[start:end]
                 weights_RxL1[out, at + examples.prompt_lens[i]:at + end - start] = 1.0
                 at += end - start
-        return _as_batch(tokens_RxL1, weights_RxL1)
+        return as_batch(tokens_RxL1, weights_RxL1)

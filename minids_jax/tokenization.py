@@ -89,7 +89,7 @@ class BpeTokenizer:
         """Encodes in parallel; long texts are cut where it cannot change the tokens."""
         pieces, owners = [], []
         for owner, text in enumerate(texts):
-            for piece in _safe_chunks(text):
+            for piece in safe_chunks(text):
                 pieces.append(piece)
                 owners.append(owner)
         encoded = self.hf.encode_batch_fast(pieces, add_special_tokens=False)
@@ -107,7 +107,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def _safe_chunks(text: str) -> Iterator[str]:
+def safe_chunks(text: str) -> Iterator[str]:
     """Pieces of about _CHUNK_CHARS, cut after a newline with non-space on both sides.
 
     The byte-level pre-tokenizer makes such a newline a pre-token of its own, so encoding the pieces

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
-import time
 from typing import Any
 
 import jax

@@ -61,7 +61,7 @@ def test_every_field_has_a_doc_and_a_policy():
             assert field.metadata["policy"] in (config_lib.ARCHITECTURE, config_lib.NOTED,
                                                 config_lib.QUIET)
     # The architecture is exactly the model group: what the parameters are.
-    architecture = [name for name, _ in config_lib._fields(config_lib.Config(),
+    architecture = [name for name, _ in config_lib.fields_of(config_lib.Config(),
                                                            config_lib.ARCHITECTURE)]
     assert architecture == [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]
 

@@ -88,9 +88,9 @@ def test_a_model_trained_with_capacity_dispatch_decodes_exactly(model, full_forw
 
 def test_decode_step_does_not_recompile_across_positions(generator):
     list(generator.stream(np.arange(10).reshape(2, 5), 6, GREEDY))
-    compiled = generator._step._cache_size(), generator._prefill._cache_size()
+    compiled = generator.step_fn._cache_size(), generator.prefill_fn._cache_size()
     list(generator.stream(np.arange(4).reshape(2, 2), 9, generation.Sampling(0.7, 5, 0.9)))
-    assert (generator._step._cache_size(), generator._prefill._cache_size()) == compiled == (1, 1)
+    assert (generator.step_fn._cache_size(), generator.prefill_fn._cache_size()) == compiled == (1, 1)
 
 
 def test_sampling_is_reproducible_with_a_seed(generator):

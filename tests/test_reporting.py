@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax import config as config_lib
 from minids_jax import flops, plot, reporting, trainer
 from minids_jax.config import ModelConfig
 from minids_jax.model import MiniDeepSeek

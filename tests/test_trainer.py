@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_loss_scores_logits_at_t_against_token_t_plus_1():
     tokens = np.arange(10, dtype=np.int32)[None] % 7
-    batch = data._as_batch(tokens)
+    batch = data.as_batch(tokens)
     np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
     vocab = 7
     # A model that is certain of the next token scores ~0; one certain of the token after is bad.
@@ -55,7 +55,7 @@ def test_tiny_model_overfits_a_repeating_sequence():
         def batch(self, step, batch_size, rows=slice(None), split="train"):
             starts = np.random.default_rng(step).integers(0, len(pattern), batch_size)
             windows = np.stack([np.resize(np.roll(pattern, -s), 17) for s in starts])
-            return data._as_batch(windows[rows])
+            return data.as_batch(windows[rows])
 
     run = trainer.Trainer(config)
     run.source = Repeating()

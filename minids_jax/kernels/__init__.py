@@ -38,6 +38,3 @@ def resolve(compute: ComputeConfig, platform: str) -> ComputeConfig:
         dispatch = exact_dispatch(platform)
     return dataclasses.replace(compute, attention_kernel=attention, moe_dispatch=dispatch)
 
-
-def is_resolved(compute: ComputeConfig) -> bool:
-    return compute.attention_kernel != "auto" and compute.moe_dispatch != "dropless"
