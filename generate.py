@@ -11,12 +11,15 @@ prompt. --temperature 0 decodes greedily.
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from minids_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json).",
                                required=True)
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue; empty starts a new document.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.",
+                                      lower_bound=1)
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 50, "Sample among the k likeliest tokens; 0: all.")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus: the likeliest tokens up to this mass.")
@@ -49,11 +52,12 @@ def main(argv):
     del argv
     import minids_jax
     from minids_jax import data, generation
+    from minids_jax.errors import UserError
 
     try:
         sampling = generation.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     except ValueError as error:
-        sys.exit(f"error: --{error}")
+        raise UserError(f"--{error}") from error
     model, config = minids_jax.load(_WORKDIR.value, step=_STEP.value)
     tokenizer = data.load_tokenizer(config, _WORKDIR.value)
     prompt = generation.prompt_tokens(tokenizer, _PROMPT.value, _INSTRUCTION.value, _INPUT.value)
@@ -63,7 +67,7 @@ def main(argv):
     try:
         generator.check_prompt(prompt)
     except ValueError as error:  # a prompt too long for the context, or foreign token ids
-        sys.exit(f"error: {error}")
+        raise UserError(str(error)) from error
     stream = TextStream(tokenizer)
     sys.stdout.write(shown)
     sys.stdout.flush()
@@ -82,4 +86,4 @@ def main(argv):
           f"{rate:.1f} tokens/s once compiled]", file=sys.stderr)
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

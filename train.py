@@ -10,19 +10,19 @@ started: all must precede any backend.
 
 import socket
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Path to a config file.")
+from minids_jax import cli
+
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 
 
 def main(argv):
     del argv
-    from minids_jax import config as config_lib
     from minids_jax import startup
 
-    config = config_lib.from_config_dict(_CONFIG.value)
+    config = cli.config_from_flag(_CONFIG)
     startup.reuse_host_memory(config.devices)
     gpus = startup.select_gpus(config.devices)
     visible = f"CUDA_VISIBLE_DEVICES={gpus.visible}: " if gpus.visible else ""
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

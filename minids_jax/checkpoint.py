@@ -5,16 +5,19 @@ A run's checkpoints live in `<workdir>/checkpoints/<step>/`, one orbax item per 
   model/      the model's NNX state (parameters and any other model variables), a nested dict
   optimizer/  the optimizer's NNX state: the update count `step` and the AdamW moments
   config/     the run's full config as JSON
-  meta/       step, seed, loss, device count and mesh at save time, library versions (JSON)
+  meta/       step, seed, loss, device count and mesh at save time, library versions, and
+              a checksum of every array of model/ and optimizer/ (integrity.py) (JSON)
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so only
-whole checkpoints count. Restoring builds a target of `jax.ShapeDtypeStruct`s carrying the
-shardings of the CURRENT mesh, so a checkpoint written under any mesh restores onto any device
-count. Saving during a run is `checkpointer.py`'s.
+whole checkpoints count; every restore and `load` also checks the arrays against their
+checksums, so a damaged file is an error, not wrong weights. Restoring builds a target of
+`jax.ShapeDtypeStruct`s carrying the shardings of the CURRENT mesh, so a checkpoint written
+under any mesh restores onto any device count. Saving during a run is `checkpointer.py`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -27,29 +30,44 @@ from etils import epath
 from flax import nnx
 
 from minids_jax import config as config_lib
-from minids_jax import kernels, sharding
+from minids_jax import integrity, kernels, sharding
 from minids_jax.config import Config, MeshConfig
+from minids_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"  # under the workdir
 CORRUPT = "corrupt_checkpoints"  # unreadable checkpoints are moved here (with fallback=True)
 ITEMS = ("model", "optimizer", "config", "meta")
 
 
-def _drop_orbax_info(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+    """Keeps orbax's warnings and errors, without its INFO chatter or its tracebacks: every
+    exception it logs also reaches the caller here, which reports it in one line."""
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+        return True
+    if record.levelno < logging.WARNING or record.exc_info:
+        return False
+    message = record.getMessage().strip().splitlines()
+    record.msg, record.args = (message[0][:300] if message else ""), ()
+    return True
 
 
-# orbax logs dozens of INFO lines per save through absl, which train.py shows at INFO; keep its
-# warnings and errors only.
-absl_logging.get_absl_logger().addFilter(_drop_orbax_info)
+# orbax logs dozens of INFO lines per save through absl, which train.py shows at INFO.
+absl_logging.get_absl_logger().addFilter(_quiet_orbax)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit this run; the message says which."""
 
 
 class UnreadableCheckpointError(CheckpointError):
-    """A checkpoint's files are truncated or corrupted."""
+    """A checkpoint's files are truncated, or its arrays fail their checksums."""
+
+    def __init__(self, step_dir: epath.Path, problem: str):
+        self.step_dir, self.problem = step_dir, problem
+        super().__init__(
+            f"checkpoint {step_dir} {problem}. Set --config.checkpoint.fallback=True to resume "
+            f"from the newest checkpoint that verifies (the bad one is moved to "
+            f"{step_dir.parent.parent / CORRUPT}), or delete {step_dir}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +107,8 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Pat
             raise CheckpointError(f"{path} is the checkpoint of step {path.name}, not of step "
                                   f"{step}; pass its parent directory to choose another step.")
         return path.parent, int(path.name)
-    steps = read_only_manager(path).all_steps()
+    with read_only_manager(path) as manager:
+        steps = manager.all_steps()
     if not steps:
         raise CheckpointError(
             f"no complete checkpoint under {path}; pass a workdir that a run with "
@@ -106,8 +125,8 @@ def read_config(path: str | os.PathLike, step: int | None = None) -> Config:
     """The full config saved with a checkpoint (see `resolve` for `path` and `step`)."""
     directory, step = resolve(path, step)
     try:
-        restored = read_only_manager(directory).restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        with read_only_manager(directory) as manager:
+            restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     except Exception as error:  # orbax and tensorstore raise many kinds
         raise unreadable(directory / str(step), error) from error
     return config_lib.upgrade(restored["config"])
@@ -124,16 +143,16 @@ def load_params(path: str | os.PathLike, step: int | None = None) -> dict[str, A
     Works on any machine, whatever mesh the checkpoint was written under.
     """
     directory, step = resolve(path, step)
-    manager = read_only_manager(directory)
     try:
         metadata = ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / "model").tree
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            model=ocp.args.PyTreeRestore(restore_args=restore_args)))
-    except CheckpointError:
-        raise
+        with read_only_manager(directory) as manager:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                model=ocp.args.PyTreeRestore(restore_args=restore_args),
+                meta=ocp.args.JsonRestore()))
     except Exception as error:  # orbax and tensorstore raise many kinds
         raise unreadable(directory / str(step), error) from error
+    verify(directory / str(step), restored["meta"], model=restored["model"])
     return restored["model"]
 
 
@@ -173,23 +192,44 @@ def restore_target(tree):
 def unreadable(step_dir: epath.Path, error: Exception) -> UnreadableCheckpointError:
     message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
     return UnreadableCheckpointError(
-        f"checkpoint {step_dir} is unreadable ({type(error).__name__}: {message}). It may be "
-        f"truncated or corrupted. Set --config.checkpoint.fallback=True to resume from the "
-        f"previous complete checkpoint (the bad one is moved to "
-        f"{step_dir.parent.parent / CORRUPT}), or delete {step_dir}.")
+        step_dir, f"is unreadable ({type(error).__name__}: {message}); it may be truncated")
 
 
-def restore_items(directory: epath.Path, step: int, manager=None, **targets) -> dict[str, Any]:
-    """Restores the named items (pure-dict targets of ShapeDtypeStructs) plus config and meta."""
-    manager = manager or read_only_manager(directory)
+def verify(step_dir: epath.Path, meta: dict, **trees) -> bool:
+    """Checks restored arrays against the checksums saved in `meta`: raises
+    UnreadableCheckpointError naming the first ones that differ; False if the checkpoint has
+    no checksums (an older version wrote it), True if every array matched."""
+    saved = meta.get("checksums")
+    if saved is None:
+        return False
+    for item, tree in trees.items():
+        bad = integrity.mismatches(tree, saved.get(item, {}))
+        if bad:
+            more = f" and {len(bad) - 2} more" if len(bad) > 2 else ""
+            raise UnreadableCheckpointError(
+                step_dir, f"is damaged: {item} array(s) {', '.join(bad[:2])}{more} differ from "
+                          f"the checksums saved with them")
+    return True
+
+
+def restore_items(directory: epath.Path, step: int, manager=None,
+                  **targets) -> dict[str, Any]:
+    """Restores the named items (pure-dict targets of ShapeDtypeStructs) plus config and meta,
+    and verifies the arrays' checksums (`restored["verified"]`: False for a checkpoint saved
+    without them)."""
     args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            **args, config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        with contextlib.ExitStack() as stack:
+            if manager is None:
+                manager = stack.enter_context(read_only_manager(directory))
+            restored = dict(manager.restore(step, args=ocp.args.Composite(
+                **args, config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())))
         if restored["meta"]["step"] != step:
             raise ValueError(f"its metadata says step {restored['meta']['step']}")
     except Exception as error:  # orbax and tensorstore raise many kinds
         raise unreadable(directory / str(step), error) from error
+    restored["verified"] = verify(directory / str(step), restored["meta"],
+                                  **{name: restored[name] for name in targets})
     return restored
 
 

@@ -8,8 +8,10 @@ accelerator. Use it as a context manager, so pending saves finish on every way o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -20,8 +22,10 @@ from flax import nnx
 
 from minids_jax import checkpoint as ckpt
 from minids_jax import config as config_lib
+from minids_jax import integrity
 from minids_jax.checkpoint import CheckpointError, UnreadableCheckpointError
-from minids_jax.config import Config
+from minids_jax.config import Config, ConfigError
+from minids_jax.errors import UserError
 from minids_jax.steps import TrainState
 
 
@@ -45,28 +49,58 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class SaveFailedError(UserError):
+    """A checkpoint could not be written (a full disk, a quota, a lost mount)."""
+
+
 class Checkpointer:
-    """With `workdir=None` nothing is saved or restored."""
+    """With `workdir=None` nothing is saved or restored. Orbax's manager is made on first use
+    (after the trainer holds the workdir's lock: it deletes the temporary directories of
+    killed saves) and closed on leaving the `with` block, however it is left."""
 
     def __init__(self, config: Config, workdir, log: Callable[[str], None] = print):
         self.config, self.cfg, self.log = config, config.checkpoint, log
         self.workdir = None if workdir is None else ckpt.absolute_path(workdir)
-        self.last_saved_step: int | None = None
-        self.manager = None
-        if self.workdir is not None:
-            self.directory = ckpt.checkpoints_dir(self.workdir)
-            self.manager = ocp.CheckpointManager(
+        self.directory = None if workdir is None else ckpt.checkpoints_dir(self.workdir)
+        self.last_saved_step: int | None = None  # the newest save started (or restored)
+        self.verified_step: int | None = None  # restored, and matched its checksums
+        self._pending: int | None = None  # the step an asynchronous save is writing
+        self._manager = None
+
+    @property
+    def manager(self) -> ocp.CheckpointManager | None:
+        if self._manager is None and self.workdir is not None:
+            self._manager = ocp.CheckpointManager(
                 self.directory, item_names=ckpt.ITEMS, options=ocp.CheckpointManagerOptions(
                     preservation_policy=ocp.checkpoint_managers.LatestN(self.cfg.max_to_keep),
                     enable_async_checkpointing=self.cfg.async_save,
                     cleanup_tmp_directories=True,  # leftovers of a save that was killed midway
                     create=True))
+        return self._manager
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.wait()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            else:  # already failing: finish what can be finished, report the first error
+                try:
+                    self.wait()
+                except SaveFailedError as error:
+                    self.log(f"error: {error}")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Closes orbax's manager (its threads); a later use makes a new one."""
+        if self._manager is not None:
+            manager, self._manager = self._manager, None
+            try:
+                manager.close()
+            except Exception:  # a failed save was already reported by wait()
+                pass
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -103,17 +137,28 @@ class Checkpointer:
             except UnreadableCheckpointError as error:
                 if not self.cfg.fallback:
                     raise
-                self.log(f"WARNING: {error.args[0].split(' It may')[0]}; falling back to the "
-                         f"previous checkpoint (checkpoint.fallback=True).")
+                self.log(f"WARNING: checkpoint {error.step_dir} {error.problem}; falling back "
+                         f"to the previous checkpoint (checkpoint.fallback=True).")
                 self._move_aside(step)
         else:
             raise CheckpointError(
-                f"no checkpoint in {self.directory} was readable; all were moved to "
+                f"no checkpoint in {self.directory} verified; all were moved to "
                 f"{self.workdir / ckpt.CORRUPT}. Run again to start from scratch in this "
                 f"workdir.")
+        total = self.config.optim.total_steps
+        if step > total:
+            raise ConfigError(
+                f"the checkpoint {self.step_dir(step)} is at step {step}, past "
+                f"optim.total_steps={total}; raise --config.optim.total_steps above {step} to "
+                f"train further, or use a new --workdir to start again.")
         for name, part in state._asdict().items():
             nnx.replace_by_pure_dict(part, restored[name])  # in place
         self.last_saved_step = step
+        if restored["verified"]:
+            self.verified_step = step
+        else:
+            self.log(f"note: {self.step_dir(step)} has no checksums (an older version saved "
+                     f"it), so its arrays could not be verified.")
         self.log(f"resumed from {self.step_dir(step)} at step {step}")
         return step
 
@@ -148,23 +193,80 @@ class Checkpointer:
         self.log(f"initialized the parameters from {directory / str(step)} (step {step}); "
                  f"the optimizer starts fresh at step 0")
 
+    def latest_description(self) -> str:
+        """What the newest checkpoint is known to be, for messages about stopping."""
+        step = self.last_saved_step
+        if step is None:
+            return "no checkpoint was written"
+        if step == self.verified_step:
+            return f"the latest checkpoint (step {step}) matched its checksums when restored"
+        return (f"the latest checkpoint is step {step}, saved from finite values (its "
+                f"checksums are verified when a run resumes from it)")
+
     def save(self, step: int, state: TrainState, loss: float | None = None) -> None:
-        """Starts an asynchronous save of `state` as `step` (once per step)."""
+        """Starts an asynchronous save of `state` as `step` (once per step). Raises
+        SaveFailedError if this save, or the previous one, could not be written."""
         if self.manager is None or step == self.last_saved_step:
             return
+        self.poll()
+        model, optimizer = nnx.to_pure_dict(state.model), nnx.to_pure_dict(state.optimizer)
         mesh = jax.tree.leaves(state)[0].sharding.mesh
         meta = dict(step=step, seed=self.config.train.seed, loss=loss,
                     process_count=jax.process_count(), device_count=jax.device_count(),
                     mesh={name: int(size) for name, size in mesh.shape.items()},
-                    versions=_library_versions(), time=time.time())
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(nnx.to_pure_dict(state.model)),
-            optimizer=ocp.args.StandardSave(nnx.to_pure_dict(state.optimizer)),
-            config=ocp.args.JsonSave(json.loads(self.config.to_json())),
-            meta=ocp.args.JsonSave(meta)))
+                    versions=_library_versions(), time=time.time(),
+                    checksums={"model": integrity.checksums(model),
+                               "optimizer": integrity.checksums(optimizer)})
+        try:
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
+                config=ocp.args.JsonSave(json.loads(self.config.to_json())),
+                meta=ocp.args.JsonSave(meta)))
+        except Exception as error:  # orbax, tensorstore and the OS raise many kinds
+            raise self._failed(step, error) from error
         self.last_saved_step = step
+        self._pending = step if self.cfg.async_save else None
+
+    def poll(self) -> None:
+        """Raises SaveFailedError if a background save has failed since the last call; never
+        waits for one still running (cheap enough to call every step)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        """Blocks until pending saves are on disk."""
-        if self.manager is not None:
-            self.manager.wait_until_finished()
+        """Blocks until pending saves are on disk; raises SaveFailedError if one failed."""
+        if self._manager is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # the background save's own error
+            raise self._failed(step, error) from error
+
+    def _failed(self, step: int | None, error: Exception) -> SaveFailedError:
+        """The one line that reports a failed save: where, why, the free space, and what is
+        left to resume from."""
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        if "No space left on device" in str(error) or getattr(error, "errno", 0) == errno.ENOSPC:
+            reason = "no space left on device"
+        try:
+            free = f"{shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        complete = sorted(s for s in _complete_steps(self.directory) if s != step)
+        kept = (f"the last complete checkpoint is {self.step_dir(complete[-1])}" if complete
+                else "no complete checkpoint is left")
+        self.last_saved_step = complete[-1] if complete else None
+        return SaveFailedError(
+            f"saving the checkpoint of step {step} to {self.directory} failed "
+            f"({type(error).__name__}: {reason}); {free}. The run stopped; {kept}. Free some "
+            f"space (or lower checkpoint.max_to_keep) and run the same command to resume.")
+
+
+def _complete_steps(directory: epath.Path) -> list[int]:
+    """Steps with a finished checkpoint (orbax renames a save's directory to its step when it
+    is complete)."""
+    try:
+        return [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    except OSError:
+        return []

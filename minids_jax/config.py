@@ -8,7 +8,7 @@ field declares, in its metadata, a one-line doc, its checks and what a change on
   noted         changes the run's course (it will not match an uninterrupted one): logged
   quiet         bookkeeping (logging, mesh, more steps): changed silently
 `python -m minids_jax.config` prints the reference (docs/configuration.md). This module
-imports nothing of the project.
+imports nothing of the project but its error base.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import json
 import logging
 import sys
 from typing import Any, Mapping
+
+from minids_jax.errors import UserError
 
 ARCHITECTURE, NOTED, QUIET = "architecture", "noted", "quiet"
 ATTENTION_KINDS = ("mha", "mhla")
@@ -34,7 +36,7 @@ MOVED = {"model.dtype": "compute.dtype", "model.attention_kernel": "compute.atte
          "model.aux_loss_coef": "train.aux_loss_coef"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 

@@ -19,10 +19,12 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
+from minids_jax.errors import UserError
+
 CACHE_VERSION = 1  # bump when the cached layout or the tokenization recipe changes
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing, empty or malformed; the message names it and the fix."""
 
 

@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         print(plot_losses(args.workdir, args.out))
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing run, an unwritable --out
         parser.exit(1, f"error: {error}\n")
 
 

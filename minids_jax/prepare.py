@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from minids_jax import cli
 from minids_jax import data as data_lib
-from minids_jax import config as config_lib
+from minids_jax import workdir as workdir_lib
 from minids_jax.config import Config, ConfigError
 from minids_jax.tokenization import TOKENIZER_FILE, write_atomic
 
@@ -34,13 +33,12 @@ def prepare(config: Config, out: str) -> dict:
         raise ConfigError(
             f"prepare tokenizes text corpora, but data.source={data.source!r}; set data.source to "
             f"'builtin' or 'text' (instruction data is tokenized and cached when training starts).")
-    out_dir = pathlib.Path(out).expanduser()
+    out_dir = workdir_lib.writable_directory(out, "--out")  # before the corpus is read
     corpus = data_lib.read_corpus(data)
     # Never reuse a tokenizer.json left in `out`: it may belong to another corpus.
     tokenizer = data_lib.load_tokenizer(config, None, (corpus.documents, corpus.digest))
     tokens = data_lib.corpus_tokens(corpus, tokenizer, data.cache_dir)
     dtype = data_lib.token_dtype(tokenizer.vocab_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"dtype": dtype.name, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
             "pad_id": tokenizer.PAD, "bos_id": tokenizer.BOS, "eos_id": tokenizer.EOS,
             "num_tokens": {}, "max_token": {}, "source": data.source, "path": data.path,
@@ -62,20 +60,20 @@ def prepare(config: Config, out: str) -> dict:
 
 def main() -> None:
     # Flags are defined here, not at import, so importing `prepare` defines no global flags.
-    config_flag = config_flags.DEFINE_config_file("config", "configs/tiny.py", "A config file.")
+    config_flag = cli.define_config_flag()
     out_flag = flags.DEFINE_string("out", None, "Directory for train.bin, val.bin, meta.json.",
                                    required=True)
 
     def run(argv):
         del argv
         out = out_flag.value
-        meta = prepare(config_lib.from_config_dict(config_flag.value), out)
+        meta = prepare(cli.config_from_flag(config_flag), out)
         counts = meta["num_tokens"]
         print(f"{out}: train.bin {counts['train.bin']:,} + val.bin {counts['val.bin']:,} "
               f"{meta['dtype']} tokens ({meta['tokenizer']} tokenizer, {meta['vocab_size']} ids); "
               f"train with --config.data.source=tokens --config.data.path={out}", flush=True)
 
-    app.run(run)
+    cli.run(run)
 
 
 if __name__ == "__main__":

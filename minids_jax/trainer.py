@@ -16,28 +16,31 @@ import jax
 import numpy as np
 from flax import nnx
 
+from minids_jax import checkpoint as ckpt
 from minids_jax import data as data_lib
 from minids_jax import flops, kernels, reporting, sharding, steps
+from minids_jax import workdir as workdir_lib
 from minids_jax.checkpointer import Checkpointer
 from minids_jax.config import Config
+from minids_jax.errors import UserError
+from minids_jax.workdir import WorkdirLock
 from minids_jax.loss import loss_chunk
 from minids_jax.model import MiniDeepSeek, count_params
 from minids_jax.preemption import StopGuard
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss or gradient became NaN or infinite; the run stopped without saving that state."""
 
 
-def check_finite(step: int, metrics: dict[str, Any], last_saved: int | None) -> float:
+def check_finite(step: int, metrics: dict[str, Any], kept: str) -> float:
     """Returns the step's loss; raises NonFiniteLossError if it or the gradient norm is not
-    finite (a finite loss with an infinite gradient already broke the parameters)."""
+    finite (a finite loss with an infinite gradient already broke the parameters). `kept`
+    says what the latest checkpoint is known to be."""
     loss = float(np.asarray(jax.device_get(metrics["loss"])))
     grad_norm = float(np.asarray(jax.device_get(metrics.get("grad_norm", 0.0))))
     if np.isfinite(loss) and np.isfinite(grad_norm):
         return loss
-    kept = (f"the latest checkpoint (step {last_saved}) is intact" if last_saved is not None
-            else "no checkpoint was written")
     raise NonFiniteLossError(
         f"the loss became {loss} (gradient norm {grad_norm}) at step {step}; the run stopped "
         f"without saving this state, and {kept}. Lower optim.lr, raise optim.warmup_steps or "
@@ -50,6 +53,9 @@ class Trainer:
     def __init__(self, config: Config, workdir: str | None = None, devices=None):
         self.config, self.workdir = config, workdir
         self.stopped_by: int | None = None  # the signal that stopped training early, if any
+        self.lock = hold_workdir(workdir)  # first: refused or unwritable before any compile
+        if config.checkpoint.init_from:
+            ckpt.resolve(config.checkpoint.init_from)  # a wrong path fails now, not later
         self.mesh = sharding.make_mesh(config.mesh, devices)
         sharding.check_layout(config, self.mesh)
         self.compute = kernels.resolve(config.compute, kernels.mesh_platform(self.mesh))
@@ -71,6 +77,17 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.reporter: reporting.Reporter | None = None  # made by train()
         self.checkpointer = Checkpointer(config, workdir, log=self.log)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Lets go of the workdir (a later Trainer in this process may take it anyway)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def log(self, message: str) -> None:
         if self.reporter is not None:  # keeps lines above the progress bar
@@ -95,7 +112,11 @@ class Trainer:
         """Runs to optim.total_steps, resuming from the workdir's latest checkpoint; returns the
         logged metrics. On SIGTERM/SIGINT it saves and returns early (`self.stopped_by`)."""
         with StopGuard() as guard, self.checkpointer:  # pending saves finish on any way out
-            self.checkpointer.restore_or_initialize(self.state)
+            step = self.checkpointer.restore_or_initialize(self.state)
+            if step and step == self.config.optim.total_steps:
+                self.log(f"the run in {self.workdir} is complete (step {step} = "
+                         f"optim.total_steps); raise --config.optim.total_steps to train further.")
+                return []
             self.reporter = make_reporter(self.config, self.workdir, self.mesh, self.state.step)
             try:
                 return self._loop(guard)
@@ -121,11 +142,12 @@ class Trainer:
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
                 self._log_eval(done, history)
             if unchecked is not None:
-                check_finite(*unchecked, checkpointer.last_saved_step)
+                check_finite(*unchecked, checkpointer.latest_description())
+            checkpointer.poll()  # a failed background save stops the run here
             unchecked = (done, metrics)
             stop = guard.requested()
             if stop or done == total or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-                loss = check_finite(*unchecked, checkpointer.last_saved_step)
+                loss = check_finite(*unchecked, checkpointer.latest_description())
                 unchecked = None
                 checkpointer.save(done, self.state, loss)
             if stop:
@@ -167,9 +189,32 @@ def make_reporter(cfg: Config, workdir, mesh, start_step: int) -> reporting.Repo
     return reporter
 
 
+def hold_workdir(workdir) -> WorkdirLock | None:
+    """Checks that `workdir` is a writable directory and locks it for this run (process 0
+    locks for the whole job; every process fails if it cannot)."""
+    if workdir is None or workdir_lib.is_remote(workdir):
+        return None
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir_lib.writable_directory(workdir))
+            lock.acquire()
+        except UserError as caught:
+            error = caught
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if failed and error is None:
+            error = workdir_lib.WorkdirError(f"process 0 could not take the workdir {workdir}; "
+                                             f"see its error.")
+    if error is not None:
+        raise error
+    return lock
+
+
 def run(config: Config, workdir: str | None = None) -> list[dict[str, Any]]:
-    trainer = Trainer(config, workdir)
-    history = trainer.train()
+    with Trainer(config, workdir) as trainer:
+        history = trainer.train()
     if trainer.stopped_by is not None:  # saved after SIGTERM/SIGINT: exit as the signal would
         raise SystemExit(128 + trainer.stopped_by)
     return history

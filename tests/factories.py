@@ -8,7 +8,12 @@ need, group by group: `tiny_config(model=dict(n_layers=2), optim=dict(total_step
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 from minids_jax import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 TINY_STEPS = 6  # one compile of the train step serves every run of this length
 
@@ -41,3 +46,23 @@ def compute_config(platform: str = "cpu", **overrides) -> config_lib.ComputeConf
     from minids_jax import kernels
 
     return kernels.resolve(config_lib.ComputeConfig(**overrides), platform)
+
+
+def subprocess_env(compile_cache, devices=1):
+    """The environment of a subprocess run: CPU, this repository importable, the session's
+    compilation cache, `devices` simulated CPU devices."""
+    import jax
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=compile_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    # Same numerics as this process (conftest.py may raise the matmul precision), so results
+    # compare bit for bit and compiled programs are shared through the cache.
+    precision = jax.config.jax_default_matmul_precision
+    if precision is not None:
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = str(precision)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env

@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -24,7 +25,7 @@ import minids_jax
 from minids_jax import checkpoint, checkpointer
 from minids_jax import config as config_lib
 from minids_jax import trainer as trainer_lib
-from tests.factories import TINY_STEPS, tiny_config
+from tests.factories import TINY_STEPS, subprocess_env, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = TINY_STEPS
@@ -159,33 +160,63 @@ def test_allowed_changes_resume(straight, tmp_path):
     assert trainer.checkpointer.restore_or_initialize(trainer.state) == TOTAL
 
 
-def corrupt_latest(workdir) -> pathlib.Path:
-    """Truncates the largest data file of the latest checkpoint's parameters."""
-    step_dir = checkpoint.checkpoints_dir(workdir) / str(max(saved_steps(workdir)))
-    files = [p for p in pathlib.Path(step_dir / "model").rglob("*") if p.is_file()]
-    victim = max(files, key=lambda p: p.stat().st_size)
+def latest_step_dir(workdir) -> pathlib.Path:
+    return pathlib.Path(checkpoint.checkpoints_dir(workdir) / str(max(saved_steps(workdir))))
+
+
+def largest_parameter_file(step_dir: pathlib.Path) -> pathlib.Path:
+    files = [p for p in (step_dir / "model").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def truncate(step_dir: pathlib.Path) -> None:
+    victim = largest_parameter_file(step_dir)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
-    return pathlib.Path(step_dir)
+
+
+def scribble(step_dir: pathlib.Path) -> None:
+    """4 KiB of garbage in the middle of a data file, its size unchanged."""
+    victim = largest_parameter_file(step_dir)
+    with open(victim, "r+b") as file:
+        file.seek(victim.stat().st_size // 2)
+        file.write(np.random.default_rng(0).bytes(4096))
+
+
+def rewrite_one_weight(step_dir: pathlib.Path) -> None:
+    """A well-formed parameters item with one changed number: only a checksum can tell."""
+    params = minids_jax.load_params(step_dir)
+    params["embed"]["embedding"][0, 0] += 1.0
+    shutil.rmtree(step_dir / "model")
+    with ocp.PyTreeCheckpointer() as writer:
+        writer.save(step_dir / "model", params)
 
 
 # A failed orbax read abandons its other reads' coroutines; they are reported when collected.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_corrupted_checkpoint_error_and_fallback(straight, tmp_path):
+@pytest.mark.parametrize("damage", [truncate, scribble, rewrite_one_weight])
+def test_damaged_checkpoint_error_and_fallback(straight, tmp_path, damage):
     trainer, _, workdir = straight
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
-    bad = corrupt_latest(tmp_path)
+    bad = latest_step_dir(tmp_path)
+    damage(bad)
 
     fresh = trainer_lib.Trainer(tiny_config(), str(tmp_path))
-    with pytest.raises(checkpoint.CheckpointError) as error:
+    with pytest.raises(checkpoint.UnreadableCheckpointError) as error:
         fresh.checkpointer.restore_or_initialize(fresh.state)
-    assert str(bad) in str(error.value) and "fallback=True" in str(error.value)
-    with pytest.raises(checkpoint.CheckpointError, match=str(bad)):
-        minids_jax.load_params(tmp_path)
+    message = str(error.value)
+    assert str(bad) in message and "fallback=True" in message
+    if damage is rewrite_one_weight:
+        assert "is damaged: model array(s) embed/embedding differ from the checksums" in message
+    for load in (minids_jax.load_params, minids_jax.load):
+        with pytest.raises(checkpoint.UnreadableCheckpointError, match=str(bad)):
+            load(tmp_path)
+    del error
 
     falling_back = trainer_lib.Trainer(tiny_config(checkpoint=dict(fallback=True)), str(tmp_path))
     assert falling_back.checkpointer.restore_or_initialize(falling_back.state) == 3
     assert saved_steps(tmp_path) == [3]  # the bad one moved aside, so step 6 can be saved again
     assert len(list((tmp_path / checkpoint.CORRUPT).iterdir())) == 1
+    assert "(step 3) matched its checksums" in falling_back.checkpointer.latest_description()
     falling_back.train()
     assert saved_steps(tmp_path) == [3, 6]
     assert_states_equal(falling_back.state, trainer.state)
@@ -219,7 +250,8 @@ def test_nan_loss_stops_without_saving(tmp_path):
     trainer.train_step = poisoned
     with pytest.raises(trainer_lib.NonFiniteLossError, match="at step 3") as error:
         trainer.train()
-    assert "latest checkpoint (step 2) is intact" in str(error.value)
+    assert "latest checkpoint is step 2, saved from finite values" in str(error.value)
+    assert "intact" not in str(error.value)
     assert saved_steps(tmp_path) == [1, 2]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(minids_jax.load_params(tmp_path)))
 
@@ -305,22 +337,6 @@ RUNNER = textwrap.dedent("""
     steps.make_train_step = slow_make_train_step
     trainer.run(config, sys.argv[2])
 """)
-
-
-def subprocess_env(compile_cache, devices=1):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1",
-               JAX_COMPILATION_CACHE_DIR=compile_cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-    # Same numerics as this process (conftest.py may raise the matmul precision), so results
-    # compare bit for bit and compiled programs are shared through the cache.
-    precision = jax.config.jax_default_matmul_precision
-    if precision is not None:
-        env["JAX_DEFAULT_MATMUL_PRECISION"] = str(precision)
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
 
 
 def start_run(tmp_path, config, workdir, compile_cache, delay):
@@ -453,14 +469,19 @@ def test_fsdp8_checkpoint_restores_on_one_device(tmp_path, compile_cache):
     assert_states_equal(resumed.state.model, nnx.state(model))
 
 
-def test_notebook_cells_run(straight, monkeypatch):
+def test_notebook_cells_run(straight, monkeypatch, tmp_path):
+    """Run as Jupyter runs it: in notebooks/, with the README's runs/tiny one level up."""
     _, _, workdir = straight
     import matplotlib
     matplotlib.use("Agg")
     notebook = json.loads((REPO / "notebooks" / "restore.ipynb").read_text())
     cells = ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"]
     assert len(cells) >= 4
-    monkeypatch.setenv("MINIDS_WORKDIR", str(workdir))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny").symlink_to(workdir)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    monkeypatch.delenv("MINIDS_WORKDIR", raising=False)
     namespace: dict = {"__name__": "__main__"}
     for source in cells:
         exec(compile(source, "restore.ipynb", "exec"), namespace)

@@ -1,0 +1,164 @@
+"""What every entry point shares: the config file flag and its overrides, and user errors
+printed as one `error: ...` line.
+
+    _CONFIG = cli.define_config_flag()
+    def main(argv): config = cli.config_from_flag(_CONFIG); ...
+    if __name__ == "__main__": cli.run(main)
+
+A `UserError` (a bad config, path, data file or checkpoint, a workdir in use, a full disk)
+exits with status 2 and no traceback; Ctrl-C exits with 130; anything else is a bug and keeps
+its traceback. The config file and the names of `--config.GROUP.FIELD=VALUE` overrides are
+checked before absl and ml_collections parse them, so that their mistakes read like the
+project's own errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import re
+import sys
+import traceback
+from typing import Callable
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from minids_jax import config as config_lib
+from minids_jax.errors import UserError
+
+DEFAULT_CONFIG = "configs/tiny.py"
+_config_flag_names: list[str] = []
+
+
+def define_config_flag(name: str = "config", default: str = DEFAULT_CONFIG):
+    """`--config PATH` (a Python file with `get_config()`) and its `--config.G.F=V` overrides."""
+    _config_flag_names.append(name)
+    return config_flags.DEFINE_config_file(name, default, "A config file (a Python file "
+                                           "defining get_config()).")
+
+
+def config_from_flag(flag) -> config_lib.Config:
+    """The validated Config of a flag made by `define_config_flag`."""
+    try:
+        value = flag.value
+    except (OSError, AttributeError, KeyError, TypeError, ValueError) as error:
+        raise config_lib.ConfigError(f"--{flag.name}: {error}") from error
+    return config_lib.from_config_dict(value)
+
+
+def check_config_file(path: str) -> None:
+    """Raises ConfigError naming `path` if it is missing, does not compile, fails to import or
+    has no get_config()."""
+    shown = os.path.abspath(path)
+    if not os.path.isfile(path):
+        near = sorted(p for p in _siblings(path) if p.endswith(".py"))
+        hint = f" Config files there: {', '.join(near)}." if near else ""
+        raise config_lib.ConfigError(f"config file {shown} does not exist; pass --config with "
+                                     f"the path of a config file such as {DEFAULT_CONFIG}.{hint}")
+    try:
+        spec = importlib.util.spec_from_file_location("_minids_config_check", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise config_lib.ConfigError(
+            f"config file {shown} has a syntax error at line {error.lineno}: {error.msg}; fix "
+            f"the file.") from error
+    except Exception as error:  # the config file's own code failed: show where, briefly
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        raise config_lib.ConfigError(
+            f"config file {shown} failed to load: {type(error).__name__}: {error} (at "
+            f"{where.filename}:{where.lineno}); fix the file, and run from the repository root "
+            f"if it imports other configs.") from error
+    if not callable(getattr(module, "get_config", None)):
+        raise config_lib.ConfigError(f"config file {shown} defines no get_config() function; "
+                                     f"add one that returns the config (see {DEFAULT_CONFIG}).")
+
+
+def _siblings(path: str) -> list[str]:
+    directory = os.path.dirname(path) or "."
+    return os.listdir(directory) if os.path.isdir(directory) else []
+
+
+def check_override(flag_name: str, field_path: str) -> None:
+    """Raises ConfigError unless `field_path` (e.g. 'model.d_model') names a config field."""
+    group, _, field = field_path.partition(".")
+    if group not in config_lib.GROUPS:
+        raise config_lib.ConfigError(
+            f"--{flag_name}.{field_path}: there is no config group {group!r}"
+            f"{_did_you_mean(group, config_lib.GROUPS)}; the groups are "
+            f"{', '.join(config_lib.GROUPS)}.")
+    names = [f.name for f in dataclasses.fields(config_lib.GROUPS[group])]
+    if field not in names:
+        moved = config_lib.MOVED.get(field_path)
+        hint = (f"; it is now --{flag_name}.{moved}" if moved else
+                f"{_did_you_mean(field, names)}; the fields of {group!r} are {', '.join(names)}")
+        raise config_lib.ConfigError(f"--{flag_name}.{field_path}: {group} has no field "
+                                     f"{field!r}{hint} (docs/configuration.md).")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_config_arguments(argv: list[str]) -> None:
+    """Checks the config files and override names of `argv` (before absl parses it)."""
+    for name in _config_flag_names:
+        path = flags.FLAGS[name].default
+        for i, arg in enumerate(argv):
+            if arg == f"--{name}" and i + 1 < len(argv):
+                path = argv[i + 1]
+            elif arg.startswith(f"--{name}="):
+                path = arg.split("=", 1)[1]
+            match = re.match(rf"--(?:no)?{name}\.([^=]+)", arg)
+            if match:
+                check_override(name, match.group(1))
+        check_config_file(path)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with its errors and the config checks as `error:` lines."""
+    try:
+        check_config_arguments(argv[1:])
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _exit(f"{error}. See --helpshort for the flags.", 2)
+    except UserError as error:
+        _exit(str(error), error.exit_code)
+
+
+def _exit(message: str, code: int):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _drop_abandoned_callbacks(unraisable) -> None:
+    """When one write or read of an orbax save or restore fails, orbax leaves its event loop
+    and tensorstore's other pending operations then call back into the closed loop, each
+    printing a traceback. The failure itself is reported once, by whoever saw it first."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`absl.app.run(main)`, with a UserError or Ctrl-C ending it in one line."""
+    sys.unraisablehook = _drop_abandoned_callbacks
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except UserError as error:
+            _exit(str(error), error.exit_code)
+        except KeyboardInterrupt:
+            _exit("interrupted; stopped without saving the current step (checkpoints already "
+                  "written are kept).", 130)
+
+    app.run(guarded, flags_parser=parse_flags)
