@@ -8,9 +8,9 @@ accelerator. Use it as a context manager, so pending saves finish on every way o
 
 from __future__ import annotations
 
-import errno
 import json
 import os
+import re
 import shutil
 import time
 from typing import Callable
@@ -208,7 +208,7 @@ class Checkpointer:
         SaveFailedError if this save, or the previous one, could not be written."""
         if self.manager is None or step == self.last_saved_step:
             return
-        self.poll()
+        self.wait()  # orbax's save would wait for the previous one too; this names its step
         model, optimizer = nnx.to_pure_dict(state.model), nnx.to_pure_dict(state.optimizer)
         mesh = jax.tree.leaves(state)[0].sharding.mesh
         meta = dict(step=step, seed=self.config.train.seed, loss=loss,
@@ -246,21 +246,25 @@ class Checkpointer:
     def _failed(self, step: int | None, error: Exception) -> SaveFailedError:
         """The one line that reports a failed save: where, why, the free space, and what is
         left to resume from."""
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        if "No space left on device" in str(error) or getattr(error, "errno", 0) == errno.ENOSPC:
-            reason = "no space left on device"
+        # tensorstore reports the OS error inside a long message: "... [os_error_code='28']"
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        if code or isinstance(error, OSError) and error.errno:
+            reason = os.strerror(int(code.group(1)) if code else error.errno)
+        else:
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         try:
             free = f"{shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free there"
         except OSError:
             free = "free space unknown"
         complete = sorted(s for s in _complete_steps(self.directory) if s != step)
-        kept = (f"the last complete checkpoint is {self.step_dir(complete[-1])}" if complete
-                else "no complete checkpoint is left")
         self.last_saved_step = complete[-1] if complete else None
+        kept = (f"the last complete checkpoint is {self.step_dir(complete[-1])}. Free some "
+                f"space (or lower checkpoint.max_to_keep) and run the same command to resume "
+                f"from it." if complete else "no checkpoint was completed. Free some space and "
+                f"run the same command again.")
         return SaveFailedError(
-            f"saving the checkpoint of step {step} to {self.directory} failed "
-            f"({type(error).__name__}: {reason}); {free}. The run stopped; {kept}. Free some "
-            f"space (or lower checkpoint.max_to_keep) and run the same command to resume.")
+            f"saving the checkpoint of step {step} to {self.directory} failed ({reason}); "
+            f"{free}. The run stopped; {kept}")
 
 
 def _complete_steps(directory: epath.Path) -> list[int]:
