@@ -190,9 +190,14 @@ def restore_target(tree):
 
 
 def unreadable(step_dir: epath.Path, error: Exception) -> UnreadableCheckpointError:
+    for _ in range(10):  # orbax wraps tensorstore's error, which says what failed
+        cause = error.__cause__ or error.__context__
+        if cause is None:
+            break
+        error = cause
     message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
     return UnreadableCheckpointError(
-        step_dir, f"is unreadable ({type(error).__name__}: {message}); it may be truncated")
+        step_dir, f"is unreadable, its files truncated or corrupted ({message})")
 
 
 def verify(step_dir: epath.Path, meta: dict, **trees) -> bool:

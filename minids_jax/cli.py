@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -132,6 +133,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _exit(message: str, code: int):
     print(f"error: {message}", file=sys.stderr, flush=True)
+    # Writes that orbax abandoned on a failure are collected at exit, and asyncio logs each
+    # one with a traceback; the failure was just reported.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.exit(code)
 
 

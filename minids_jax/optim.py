@@ -23,7 +23,8 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
     if cfg.warmup_steps == 0:
         joined = lambda count: decay(count + 1)
     else:
-        warmup = optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps - 1)
+        warmup = (optax.constant_schedule(cfg.lr) if cfg.warmup_steps == 1 else  # (no log line)
+                  optax.linear_schedule(cfg.lr / cfg.warmup_steps, cfg.lr, cfg.warmup_steps - 1))
         joined = optax.join_schedules([warmup, decay], boundaries=[cfg.warmup_steps - 1])
     # float32 interpolation can land a hair below zero at the last step
     return lambda count: jnp.maximum(joined(count), 0.0)

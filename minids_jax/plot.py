@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     try:
         print(plot_losses(args.workdir, args.out))
     except (OSError, ValueError) as error:  # a missing run, an unwritable --out
-        parser.exit(1, f"error: {error}\n")
+        parser.exit(2, f"error: {error}\n")
 
 
 if __name__ == "__main__":

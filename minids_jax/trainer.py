@@ -44,7 +44,7 @@ def check_finite(step: int, metrics: dict[str, Any], kept: str) -> float:
     raise NonFiniteLossError(
         f"the loss became {loss} (gradient norm {grad_norm}) at step {step}; the run stopped "
         f"without saving this state, and {kept}. Lower optim.lr, raise optim.warmup_steps or "
-        f"set optim.clip_norm, then resume from the checkpoint.")
+        f"set optim.clip_norm, then {'run again' if kept.startswith('no ') else 'resume'}.")
 
 
 class Trainer:

@@ -61,7 +61,7 @@ def writable_directory(path, what: str = "--workdir") -> pathlib.Path:
 
 def _holder_record() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
-            "command": shlex.join(sys.argv)}
+            "command": shlex.join([os.path.basename(sys.executable), *sys.argv])}
 
 
 def _describe(record: dict) -> str:

@@ -1,0 +1,257 @@
+"""Runs the entry points on bad inputs and faults, and prints what a user sees as a markdown
+table (docs/errors.md):
+
+    JAX_PLATFORMS=cpu python scripts/bad_inputs.py > docs/errors.md
+
+Each case is a real command in a fresh temporary directory; the table gives its exit status and
+the last line it printed. A case whose output holds a traceback is marked, since that is a bug.
+Takes a few minutes on a CPU (it trains one tiny run to have checkpoints to damage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.factories import tiny_config  # noqa: E402  (the tests' tiny run, 29k parameters)
+
+CONFIG_FROM_JSON = """
+import json, ml_collections
+def get_config():
+    return ml_collections.ConfigDict(json.loads(open({path!r}).read()))
+"""
+SLOW_TRAIN = """
+import runpy, sys, time
+from minids_jax import steps
+make_train_step = steps.make_train_step
+def slow(*args, **kwargs):
+    step = make_train_step(*args, **kwargs)
+    return lambda state, batch: (time.sleep(2), step(state, batch))[1]
+steps.make_train_step = slow
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+HOLDER = ("import sys, time; from minids_jax.workdir import WorkdirLock; lock = WorkdirLock("
+          "sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)")
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+class Cases:
+    def __init__(self, scratch: pathlib.Path):
+        self.scratch, self.rows, self.count = scratch, [], 0
+
+    def config(self, **groups) -> str:
+        """A config file holding tiny_config(**groups)."""
+        self.count += 1
+        data = self.scratch / f"config{self.count}.json"
+        data.write_text(tiny_config(**groups).to_json())
+        path = self.scratch / f"config{self.count}.py"
+        path.write_text(CONFIG_FROM_JSON.format(path=str(data)))
+        return str(path)
+
+    def path(self, name: str) -> pathlib.Path:
+        return self.scratch / name
+
+    def run(self, what: str, args: list[str], shown: str | None = None, **kwargs):
+        result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
+                                **{"env": ENV, **kwargs})
+        self.record(what, shown or " ".join(args[1:]), result.returncode,
+                    result.stdout + result.stderr)
+        return result
+
+    def record(self, what: str, command: str, status: int, output: str) -> None:
+        lines = [line for line in output.strip().splitlines() if line.strip()
+                 and (status != 0 or not line[:1] in "IW" or not line[1:5].isdigit())]
+        last = lines[-1] if lines else ""
+        if "Traceback" in output or "Exception ignored" in output:
+            last = f"TRACEBACK: {last}"
+        command = command.replace(str(self.scratch), "/tmp/x").replace(sys.executable, "python")
+        last = last.replace(str(self.scratch), "/tmp/x")
+        self.rows.append((what, command, status, last))
+        print(f"{status:4} {what}", file=sys.stderr, flush=True)
+
+    def train(self, what: str, *flags: str, config: str | None = None, **kwargs):
+        return self.run(what, [sys.executable, "train.py", "--config",
+                               config or "configs/tiny.py", *flags], **kwargs)
+
+    def table(self) -> str:
+        def cell(text) -> str:
+            return str(text).replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| input or fault | command | exit | the last line the user sees |",
+                 "|---|---|---|---|"]
+        lines += [f"| {cell(w)} | `{cell(c)}` | {s} | {cell(last)} |"
+                  for w, c, s, last in self.rows]
+        return "\n".join(lines)
+
+
+def config_cases(c: Cases) -> None:
+    c.train("missing config file", config="configs/nope.py")
+    c.path("broken.py").write_text("def get_config(:\n")
+    c.train("config file with a syntax error", config=str(c.path("broken.py")))
+    c.path("empty.py").write_text("x = 1\n")
+    c.train("config file without get_config()", config=str(c.path("empty.py")))
+    c.train("typo in an override's field", "--config.model.d_modle=128")
+    c.train("typo in an override's group", "--config.modle.d_model=128")
+    c.train("a field that moved to another group", "--config.model.dtype=bfloat16")
+    c.train("a value of the wrong type", "--config.model.d_model=wide")
+    c.train("a value out of range", "--config.optim.lr=-1")
+    c.train("a value not among the choices", "--config.compute.dtype=float8")
+    c.train("heads that do not divide the width", "--config.model.n_heads=3")
+    c.train("vocabulary too small for text", "--config.model.vocab_size=100")
+    c.train("unknown flag", "--wrkdir=runs/x")
+    c.train("a mesh larger than the machine", "--config.mesh.data=3", config=c.config())
+    c.train("more GPUs than the machine has", "--config.devices.num_gpus=4", config=c.config())
+    c.train("batch not divisible by the mesh", "--config.train.batch_size=3",
+            "--config.mesh.data=2", config=c.config(),
+            env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+
+
+def path_and_data_cases(c: Cases) -> None:
+    config = c.config()
+    c.path("a_file").write_text("")
+    c.train("workdir is a regular file", "--workdir", str(c.path("a_file")), config=config)
+    readonly = c.path("readonly")
+    readonly.mkdir()
+    script = (f"mount -t tmpfs tmpfs {readonly} && mount -o remount,ro {readonly} && exec "
+              f"{sys.executable} train.py --config {config} --workdir {readonly}/run")
+    c.run("workdir on a read-only filesystem", ["unshare", "-rm", "sh", "-c", script],
+          shown=f"train.py --config ... --workdir /tmp/x/readonly/run")
+    text = ["--config.data.source=text"]
+    c.train("data.path does not exist", *text, f"--config.data.path={c.path('missing.txt')}")
+    c.path("empty_dir").mkdir()
+    (c.path("empty_dir") / "a.txt").write_text("")
+    c.train("an empty corpus", *text, f"--config.data.path={c.path('empty_dir')}")
+    c.path("bad.jsonl").write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": \n')
+    c.train("malformed jsonl", "--config.data.source=jsonl",
+            f"--config.data.path={c.path('bad.jsonl')}")
+    c.train("a tokens directory without token files", "--config.data.source=tokens",
+            f"--config.data.path={c.path('empty_dir')}")
+    c.run("prepare: --out is a file", [sys.executable, "-m", "minids_jax.prepare", "--config",
+                                       "configs/tiny.py", "--out", str(c.path("a_file"))])
+    c.run("prepare: a source it cannot tokenize", [
+        sys.executable, "-m", "minids_jax.prepare", "--config", "configs/tiny.py",
+        "--config.data.source=random", "--out", str(c.path("out"))])
+    c.run("plot: not a run", [sys.executable, "-m", "minids_jax.plot", str(c.path("empty_dir"))])
+
+
+def checkpoint_cases(c: Cases) -> None:
+    config, run = c.config(), c.path("run")
+    c.train("(a good run, to damage below)", "--workdir", str(run), config=config)
+
+    def copy(name: str) -> pathlib.Path:
+        shutil.copytree(run, c.path(name))
+        return c.path(name)
+
+    c.train("resume with another architecture", "--workdir", str(copy("arch")),
+            config=c.config(model=dict(d_model=64)))
+    c.train("resume past optim.total_steps", "--workdir", str(copy("past")),
+            config=c.config(optim=dict(total_steps=3)))
+    c.train("resume a run that is complete", "--workdir", str(copy("done")), config=config)
+    c.train("init_from does not exist", "--workdir", str(c.path("new")),
+            f"--config.checkpoint.init_from={c.path('nothing')}", config=config)
+    c.train("init_from with another architecture", "--workdir", str(c.path("new2")),
+            f"--config.checkpoint.init_from={run}", config=c.config(model=dict(n_layers=2)))
+    for name, damage in (("truncated", truncate), ("scribbled", scribble)):
+        damaged = copy(name)
+        damage(damaged / "checkpoints" / "6")
+        c.train(f"a {name} checkpoint: resume", "--workdir", str(damaged),
+                config=c.config(optim=dict(total_steps=9)))
+        c.run(f"a {name} checkpoint: generate", [
+            sys.executable, "generate.py", "--workdir", str(damaged), "--max_new_tokens", "4"])
+    fallback = copy("fallback")
+    scribble(fallback / "checkpoints" / "6")
+    c.train("a scribbled checkpoint with fallback=True (trains on)", "--workdir",
+            str(fallback), "--config.checkpoint.fallback=True",
+            config=c.config(optim=dict(total_steps=9)))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, text=True)
+    holder.stdout.readline()
+    c.train("a second run on a workdir in use", "--workdir", str(run), config=config)
+    holder.kill()
+    holder.wait()
+    c.train("a NaN loss (lr 1e9)", "--workdir", str(c.path("nan")), "--config.optim.lr=1e9",
+            config=config)
+    generate = [sys.executable, "generate.py", "--workdir"]
+    c.run("generate: no such workdir", [*generate, str(c.path("nothing"))])
+    c.run("generate: --max_new_tokens -5", [*generate, str(run), "--max_new_tokens", "-5"])
+    c.run("generate: --temperature -1", [*generate, str(run), "--temperature", "-1"])
+    c.run("generate: --step 999", [*generate, str(run), "--step", "999"])
+    c.run("generate: a prompt longer than the context", [*generate, str(run), "--prompt",
+                                                         "x" * 40])
+
+
+def fault_cases(c: Cases) -> None:
+    config = c.config(checkpoint=dict(every=2))
+    disk = c.path("full/checkpoints")
+    disk.mkdir(parents=True)
+    script = (f"mount -t tmpfs -o size=1400k tmpfs {disk} && exec {sys.executable} train.py "
+              f"--config {config} --workdir {disk.parent}")
+    c.run("disk full at the third save (a 1.4 MB filesystem)", ["unshare", "-rm", "sh", "-c",
+                                                               script],
+          shown="train.py --config ... --workdir /tmp/x/full")
+    c.path("slow_train.py").write_text(SLOW_TRAIN.format(train=str(REPO / "train.py")))
+    process = subprocess.Popen(
+        [sys.executable, str(c.path("slow_train.py")), "--config",
+         c.config(optim=dict(total_steps=50)), "--workdir", str(c.path("ctrl_c"))], cwd=REPO,
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "step 1/50" in line:
+            import signal
+            import time
+            time.sleep(0.5)
+            process.send_signal(signal.SIGINT)
+        if "SIGINT received" in line:
+            process.send_signal(signal.SIGINT)
+    process.wait()
+    c.record("Ctrl-C twice", "train.py ... then Ctrl-C, Ctrl-C", process.returncode,
+             "".join(lines))
+
+
+def truncate(step_dir: pathlib.Path) -> None:
+    victim = max((p for p in (step_dir / "model").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+
+
+def scribble(step_dir: pathlib.Path) -> None:
+    victim = max((p for p in (step_dir / "model").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as file:
+        file.seek(victim.stat().st_size // 2)
+        file.write(os.urandom(4096))
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        cases = Cases(pathlib.Path(scratch))
+        for group in (config_cases, path_and_data_cases, checkpoint_cases, fault_cases):
+            group(cases)
+        table = cases.table()
+    print(textwrap.dedent("""\
+        # What a mistake looks like
+
+        Every command ends a user's mistake or a fault of the machine with one `error: ...`
+        line that names the problem and the fix, and exit status 2 (130 after Ctrl-C); a
+        traceback means a bug, so please report it. Each row below is a real run, made by
+        `JAX_PLATFORMS=cpu python scripts/bad_inputs.py > docs/errors.md`; `/tmp/x` is its
+        scratch directory. The run that trains on after a damaged checkpoint and the one that
+        finds its run complete exit 0 by design.
+        """))
+    print(table)
+    print(json.dumps({"cases": len(cases.rows)}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
