@@ -140,11 +140,15 @@ def _exit(message: str, code: int):
 
 
 def _drop_abandoned_callbacks(unraisable) -> None:
-    """When one write or read of an orbax save or restore fails, orbax leaves its event loop
-    and tensorstore's other pending operations then call back into the closed loop, each
-    printing a traceback. The failure itself is reported once, by whoever saw it first."""
-    error = unraisable.exc_value
+    """When one read or write of an orbax restore or save fails, orbax leaves its event loop
+    with the other reads and writes still pending: each then prints a traceback when it calls
+    back into the closed loop or is collected. The failure itself is reported once, by whoever
+    saw it first (a fallback to an older checkpoint goes on training)."""
+    error, source = unraisable.exc_value, unraisable.object
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    code = getattr(source, "cr_code", None)  # a coroutine
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
         return
     _previous_unraisablehook(unraisable)
 

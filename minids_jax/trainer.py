@@ -126,8 +126,9 @@ class Trainer:
     def _loop(self, guard: StopGuard) -> list[dict[str, Any]]:
         cfg, checkpointer = self.config, self.checkpointer
         total, log_every = cfg.optim.total_steps, cfg.train.log_every
-        self.log(f"model: {count_params(self.model()):,} parameters | devices: {self.mesh.devices.size} "
-                 f"in {jax.process_count()} process(es) | mesh: {dict(self.mesh.shape)}")
+        self.log(f"model: {count_params(self.model()):,} parameters | devices: "
+                 f"{self.mesh.devices.size} in {jax.process_count()} process(es) | mesh: "
+                 f"{dict(self.mesh.shape)}")
         history: list[dict[str, Any]] = []
         timer = reporting.StepTimer(cfg.train.batch_size * cfg.model.max_seq_len,
                                     self.mesh.devices.size)

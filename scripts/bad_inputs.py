@@ -22,24 +22,9 @@ import textwrap
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.factories import tiny_config  # noqa: E402  (the tests' tiny run, 29k parameters)
+# The tests' tiny run (29k parameters), config files holding it, and a train.py with slow steps.
+from tests.factories import SLOW_TRAIN, config_file, tiny_config  # noqa: E402
 
-CONFIG_FROM_JSON = """
-import json, ml_collections
-def get_config():
-    return ml_collections.ConfigDict(json.loads(open({path!r}).read()))
-"""
-SLOW_TRAIN = """
-import runpy, sys, time
-from minids_jax import steps
-make_train_step = steps.make_train_step
-def slow(*args, **kwargs):
-    step = make_train_step(*args, **kwargs)
-    return lambda state, batch: (time.sleep(2), step(state, batch))[1]
-steps.make_train_step = slow
-sys.argv = ["train.py", *sys.argv[1:]]
-runpy.run_path({train!r}, run_name="__main__")
-"""
 HOLDER = ("import sys, time; from minids_jax.workdir import WorkdirLock; lock = WorkdirLock("
           "sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -52,11 +37,7 @@ class Cases:
     def config(self, **groups) -> str:
         """A config file holding tiny_config(**groups)."""
         self.count += 1
-        data = self.scratch / f"config{self.count}.json"
-        data.write_text(tiny_config(**groups).to_json())
-        path = self.scratch / f"config{self.count}.py"
-        path.write_text(CONFIG_FROM_JSON.format(path=str(data)))
-        return str(path)
+        return config_file(self.scratch, tiny_config(**groups), f"config{self.count}.py")
 
     def path(self, name: str) -> pathlib.Path:
         return self.scratch / name

@@ -66,3 +66,33 @@ def subprocess_env(compile_cache, devices=1):
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
+
+
+CONFIG_FROM_JSON = """
+import json, ml_collections
+def get_config():
+    return ml_collections.ConfigDict(json.loads(open({path!r}).read()))
+"""
+
+# train.py with each step 2 seconds longer: signals then land mid-step, at a known point.
+SLOW_TRAIN = """
+import runpy, sys, time
+from minids_jax import steps
+make_train_step = steps.make_train_step
+def slow(*args, **kwargs):
+    step = make_train_step(*args, **kwargs)
+    return lambda state, batch: (time.sleep(2), step(state, batch))[1]
+steps.make_train_step = slow
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def config_file(directory, config=None, name="run_config.py") -> str:
+    """A config file (what train.py's --config takes) holding `config` (default: the tiny
+    one), in `directory`."""
+    directory = pathlib.Path(directory)
+    data = directory / f"{name}.json"
+    data.write_text((config or tiny_config()).to_json())
+    (directory / name).write_text(CONFIG_FROM_JSON.format(path=str(data)))
+    return str(directory / name)

@@ -11,22 +11,7 @@ import sys
 
 import pytest
 
-from tests.factories import REPO, subprocess_env, tiny_config
-
-CONFIG_FROM_JSON = """
-import json, ml_collections
-def get_config():
-    return ml_collections.ConfigDict(json.loads(open({path!r}).read()))
-"""
-
-
-def config_file(tmp_path, config=None, name="run_config.py"):
-    """A config file (what `--config` takes) holding `config` (default: the tiny one)."""
-    (tmp_path / "config.json").write_text((config or tiny_config()).to_json())
-    path = tmp_path / name
-    path.write_text(CONFIG_FROM_JSON.format(path=str(tmp_path / "config.json")))
-    return str(path)
-
+from tests.factories import REPO, config_file, subprocess_env, tiny_config
 
 def run_command(args, env=None, timeout=240, **kwargs):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
@@ -102,7 +87,8 @@ def test_data_and_checkpoint_mistakes(tmp_path):
 def test_generate_refuses_bad_sampling_flags(trained_run):
     _, _, workdir = trained_run
     assert_user_error(run_command(["generate.py", "--workdir", str(workdir),
-                                   "--max_new_tokens", "-5"]), "max_new_tokens", "not a positive integer")
+                                   "--max_new_tokens", "-5"]),
+                      "max_new_tokens", "not a positive integer")
     assert_user_error(run_command(["generate.py", "--workdir", str(workdir),
                                    "--temperature", "-1"]), "temperature")
     assert_user_error(run_command(["generate.py", "--workdir", str(workdir), "--step", "999"]),

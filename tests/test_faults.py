@@ -16,9 +16,9 @@ import pytest
 
 from minids_jax import checkpoint
 from minids_jax.workdir import LOCK_FILE, WorkdirError, WorkdirLock, writable_directory
-from tests.factories import REPO, subprocess_env, tiny_config
+from tests.factories import REPO, SLOW_TRAIN, config_file, subprocess_env, tiny_config
 from tests.test_checkpoint import read_until
-from tests.test_errors import assert_user_error, config_file, run_command
+from tests.test_errors import assert_user_error, run_command
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -139,17 +139,7 @@ def test_a_failed_save_stops_the_run_at_that_save(tmp_path, fault):
 
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     runner = tmp_path / "slow_train.py"
-    runner.write_text(textwrap.dedent(f"""
-        import runpy, sys, time
-        from minids_jax import steps
-        make_train_step = steps.make_train_step
-        def slow(*args, **kwargs):
-            step = make_train_step(*args, **kwargs)
-            return lambda state, batch: (time.sleep(2), step(state, batch))[1]
-        steps.make_train_step = slow
-        sys.argv = ["train.py", *sys.argv[1:]]
-        runpy.run_path({str(REPO / "train.py")!r}, run_name="__main__")
-    """))
+    runner.write_text(SLOW_TRAIN.format(train=str(REPO / "train.py")))
     config = config_file(tmp_path, tiny_config(optim=dict(total_steps=50)))
     process = subprocess.Popen([sys.executable, str(runner), "--config", config, "--workdir",
                                 str(tmp_path / "run")], cwd=REPO, env=subprocess_env(""),
