@@ -20,7 +20,8 @@ from flax import nnx
 
 from minids_jax.config import ComputeConfig, ModelConfig
 from minids_jax.kernels import attention as attention_kernels
-from minids_jax.layers import apply_rope, linear
+from minids_jax.layers import linear
+from minids_jax.rotary import Rope, softmax_mscale
 
 
 def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *, kernel: str,
@@ -40,8 +41,13 @@ def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *, kernel: str,
         return attention_kernels.softmax_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh,
                                                    mask_BxQxS)
     mask_Bx1xQxS = None if mask_BxQxS is None else mask_BxQxS[:, None]
+    # It needs values as wide as the keys (MLA's are not): pad them with zeros, then cut.
+    value_dims, key_dims = v_BxSxHxDh.shape[-1], k_BxSxHxDh.shape[-1]
+    if value_dims < key_dims:
+        v_BxSxHxDh = jnp.pad(v_BxSxHxDh, [(0, 0)] * 3 + [(0, key_dims - value_dims)])
     attended_BxQxHxDh = jax.nn.dot_product_attention(
-        q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask=mask_Bx1xQxS, is_causal=is_causal)
+        q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask=mask_Bx1xQxS,
+        is_causal=is_causal)[..., :value_dims]
     if mask_BxQxS is not None:
         sees_any_BxQx1x1 = jnp.any(mask_BxQxS, axis=-1)[:, :, None, None]
         attended_BxQxHxDh = jnp.where(sees_any_BxQx1x1, attended_BxQxHxDh, 0)
@@ -79,6 +85,7 @@ class AttentionProjections(nnx.Module):
         if self.kernel not in ("fused", "dot_product_attention"):
             raise ValueError(f"compute.attention_kernel={self.kernel!r}: resolve it for a "
                              f"platform first (minids_jax.kernels.resolve).")
+        self.rope, self.query_scale = Rope.of(cfg, cfg.head_dim), softmax_mscale(cfg)
         make = dict(rngs=rngs, dtype=compute.dtype, param_dtype=cfg.param_dtype)
         self.q = linear(cfg.d_model, cfg.d_model, ("embed", "heads"), **make)
         self.k = linear(cfg.d_model, cfg.d_model, ("embed", "heads"), **make)
@@ -90,15 +97,15 @@ class AttentionProjections(nnx.Module):
 
     def keys_values(self, sources_BxSxD: jax.Array, source_pos_BxS: jax.Array) -> KeysValues:
         """RoPE'd keys and values [B, S, H, Dh]: what a cache stores per source."""
-        k_BxSxHxDh = apply_rope(self.heads(self.k(sources_BxSxD)), source_pos_BxS,
-                                self.cfg.rope_theta)
+        k_BxSxHxDh = self.rope(self.heads(self.k(sources_BxSxD)), source_pos_BxS)
         return KeysValues(k_BxSxHxDh, self.heads(self.v(sources_BxSxD)))
 
     def attend(self, queries_BxQxD, query_pos_BxQ, keys_values: KeysValues, *,
                mask_BxQxS: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
         """RoPE'd multi-head attention of the queries over projected keys and values."""
-        q_BxQxHxDh = apply_rope(self.heads(self.q(queries_BxQxD)), query_pos_BxQ,
-                                self.cfg.rope_theta)
+        q_BxQxHxDh = self.rope(self.heads(self.q(queries_BxQxD)), query_pos_BxQ)
+        if self.query_scale != 1.0:  # YaRN's softmax correction
+            q_BxQxHxDh = q_BxQxHxDh * self.query_scale
         attended_BxQxHxDh = multi_head_attention(q_BxQxHxDh, *keys_values, kernel=self.kernel,
                                                  mask_BxQxS=mask_BxQxS, is_causal=is_causal)
         return self.out(attended_BxQxHxDh.reshape(queries_BxQxD.shape))

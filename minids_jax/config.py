@@ -22,7 +22,7 @@ from typing import Any, Mapping
 from minids_jax.errors import UserError
 
 ARCHITECTURE, NOTED, QUIET = "architecture", "noted", "quiet"
-ATTENTION_KINDS = ("mha", "mhla")
+ATTENTION_KINDS = ("mha", "mhla", "mla")
 ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention")
 MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -110,8 +110,29 @@ class ModelConfig(Group):
     n_experts: int = option(2, "experts per MoE layer", ARCHITECTURE, low=1)
     top_k: int = option(1, "experts per token", ARCHITECTURE, low=1)
     attn_pattern: tuple = option(("mha", "mhla"), "layer i uses attn_pattern[i % len]: "
-                                 "'mha' or 'mhla'", ARCHITECTURE)
+                                 "'mha', 'mhla' or 'mla' (DeepSeek-V3's)", ARCHITECTURE)
+    q_lora_rank: int = option(0, "MLA: rank of the query's low-rank projection; 0: one "
+                              "direct projection", ARCHITECTURE, low=0)
+    kv_lora_rank: int = option(64, "MLA: rank of the cached key-value latent", ARCHITECTURE,
+                               low=1)
+    qk_nope_head_dim: int = option(32, "MLA: per-head query/key dims without RoPE",
+                                   ARCHITECTURE, low=1)
+    qk_rope_head_dim: int = option(16, "MLA: query/key dims with RoPE (the key's are shared "
+                                   "by all heads); even", ARCHITECTURE, low=2)
+    v_head_dim: int = option(32, "MLA: per-head value dims", ARCHITECTURE, low=1)
     rope_theta: float = option(10000.0, "RoPE base", ARCHITECTURE, above=0)
+    rope_yarn_factor: float = option(1.0, "YaRN context extension factor of every RoPE; 1: "
+                                     "plain RoPE", ARCHITECTURE, low=1.0)
+    rope_original_max_len: int = option(4096, "YaRN: the context the RoPE was trained for",
+                                        ARCHITECTURE, low=1)
+    rope_beta_fast: float = option(32.0, "YaRN: rotations above which a frequency is kept",
+                                   ARCHITECTURE, above=0)
+    rope_beta_slow: float = option(1.0, "YaRN: rotations below which a frequency is divided "
+                                   "by the factor", ARCHITECTURE, above=0)
+    rope_mscale: float = option(1.0, "YaRN: mscale of the cos/sin amplitude", ARCHITECTURE,
+                                low=0)
+    rope_mscale_all_dim: float = option(0.0, "YaRN: mscale of the softmax scale (DeepSeek-V3: "
+                                        "1.0); 0: none", ARCHITECTURE, low=0)
     norm_eps: float = option(1e-5, "RMSNorm epsilon", ARCHITECTURE, above=0)
     param_dtype: str = option("float32", "dtype the parameters are stored in", ARCHITECTURE,
                               choices=DTYPES)
@@ -130,6 +151,11 @@ class ModelConfig(Group):
         for kind in self.attn_pattern:
             check(kind in ATTENTION_KINDS, f"model.attn_pattern has unknown attention kind "
                                            f"{kind!r}; choose from {ATTENTION_KINDS}.")
+        check("mla" not in self.attn_pattern or self.qk_rope_head_dim % 2 == 0,
+              f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE turns pairs).")
+        check(self.rope_beta_fast > self.rope_beta_slow,
+              f"model.rope_beta_fast={self.rope_beta_fast} must exceed model.rope_beta_slow="
+              f"{self.rope_beta_slow}.")
         check("mhla" not in self.attn_pattern or self.max_seq_len % self.latent_k == 0,
               f"model.max_seq_len={self.max_seq_len} is not divisible by model.latent_k="
               f"{self.latent_k}: each latent summarizes an equal segment; choose latent_k among "
@@ -253,6 +279,7 @@ DEFAULT_AXIS_RULES = (
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("norm", None),
+    ("lora", None),  # MLA's latent ranks: small, kept whole
 )
 
 

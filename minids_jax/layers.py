@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm, rotary position embedding, SwiGLU, and a sharded Linear.
+"""Building blocks: RMSNorm, SwiGLU, and a sharded Linear (RoPE is rotary.py's).
 
 Shapes: B batch, L length, D model width, H heads, Dh head width, F expert hidden width.
 """
@@ -8,8 +8,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from minids_jax.kernels.rope import rotate_pairs
 
 
 class RMSNorm(nnx.Module):
@@ -33,23 +31,6 @@ def linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], *, rngs: 
     return nnx.Linear(
         d_in, d_out, use_bias=False, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
         kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes), rngs=rngs)
-
-
-def rope_angles(positions_BxL: jax.Array, head_dim: int, theta: float) -> jax.Array:
-    """Rotation angles [B, L, Dh/2]: pair i turns by position * theta^(-2i/Dh)."""
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    return positions_BxL.astype(jnp.float32)[..., None] * inv_freq
-
-
-def apply_rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-    """Rotates the interleaved pairs (x[2i], x[2i+1]) of each head by its position's angle, and
-    returns them as halves, as the original does: out[i] and out[Dh/2 + i] are pair i rotated.
-
-    Applied to q and k (never v) after the per-head projection, so q.k depends only on the
-    distance between the two positions (the same reordering of both leaves q.k unchanged).
-    """
-    angles_BxLx1xP = rope_angles(positions_BxL, x_BxLxHxDh.shape[-1], theta)[:, :, None, :]
-    return rotate_pairs(x_BxLxHxDh, jnp.cos(angles_BxLx1xP), jnp.sin(angles_BxLx1xP))
 
 
 def swiglu(x_TxD: jax.Array, w1_DxF: jax.Array, w2_DxF: jax.Array, w3_FxD: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""MiniDeepSeek: pre-norm blocks of (MHA | MHLA) attention and a mixture of SwiGLU experts.
+"""MiniDeepSeek: pre-norm blocks of (MHA | MHLA | MLA) attention and a mixture of SwiGLU experts.
 
 One forward serves training and decoding: without a cache it runs whole sequences; with the
 cache of `init_cache` it continues a sequence (a prompt from slot 0, then a token at a time)
@@ -20,9 +20,10 @@ from minids_jax.attention import MHA
 from minids_jax.config import ComputeConfig, ModelConfig
 from minids_jax.layers import RMSNorm, linear
 from minids_jax.mhla import MHLA
+from minids_jax.mla import MLA
 from minids_jax.moe import MoE, MoEStats
 
-ATTENTION_CLASSES = {"mha": MHA, "mhla": MHLA}
+ATTENTION_CLASSES = {"mha": MHA, "mhla": MHLA, "mla": MLA}
 
 
 class Block(nnx.Module):

@@ -17,9 +17,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 TINY_STEPS = 6  # one compile of the train step serves every run of this length
 
+# MLA's dims at test size (used by "mla" layers only): latent 16, head dims 8 + 4, values 6.
+MLA_DIMS = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+
 TINY = dict(
     model=dict(vocab_size=64, max_seq_len=16, d_model=32, n_layers=1, n_heads=2, latent_k=4,
-               mlp_mult=2, n_experts=2, attn_pattern=("mhla",)),
+               mlp_mult=2, n_experts=2, attn_pattern=("mhla",), **MLA_DIMS),
     optim=dict(warmup_steps=1, total_steps=TINY_STEPS),
     train=dict(batch_size=4, log_every=1, eval_batches=1),
     data=dict(cache_dir=""),
@@ -37,7 +40,7 @@ def tiny_config(**groups) -> config_lib.Config:
 def small_model_config(**overrides) -> config_lib.ModelConfig:
     """Layer tests: two layers (MHA, MHLA), four experts."""
     fields = dict(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, latent_k=4,
-                  mlp_mult=2, n_experts=4, top_k=1, attn_pattern=("mha", "mhla"))
+                  mlp_mult=2, n_experts=4, top_k=1, attn_pattern=("mha", "mhla"), **MLA_DIMS)
     return config_lib.ModelConfig(**{**fields, **overrides})
 
 

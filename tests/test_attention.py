@@ -5,8 +5,8 @@ import pytest
 from flax import nnx
 
 from minids_jax.attention import MHA
-from minids_jax.layers import apply_rope
 from minids_jax.mhla import MHLA
+from minids_jax.mla import MLA
 from tests.factories import compute_config, small_model_config
 
 
@@ -20,8 +20,8 @@ def test_mha_equals_naive_softmax_attention(model_cfg):
     mha = MHA(model_cfg, compute_config(), rngs=nnx.Rngs(0))
     x, positions = _inputs(model_cfg)
     proj, dh = mha.attention, model_cfg.head_dim
-    q = apply_rope(proj.heads(proj.q(x)), positions, model_cfg.rope_theta)
-    k = apply_rope(proj.heads(proj.k(x)), positions, model_cfg.rope_theta)
+    q = proj.rope(proj.heads(proj.q(x)), positions)
+    k = proj.rope(proj.heads(proj.k(x)), positions)
     v = proj.heads(proj.v(x))
     q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
     scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
@@ -34,7 +34,7 @@ def test_mha_equals_naive_softmax_attention(model_cfg):
     np.testing.assert_allclose(mha(x, positions)[0], expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [MHA, MHLA])
+@pytest.mark.parametrize("cls", [MHA, MHLA, MLA])
 def test_attention_is_causal(cls):
     cfg = small_model_config()
     layer = cls(cfg, compute_config(), rngs=nnx.Rngs(0))
@@ -73,7 +73,7 @@ def test_mhla_latents_summarize_their_segments():
     np.testing.assert_array_equal(influence[:7], 0.0)
 
 
-@pytest.mark.parametrize("cls", [MHA, MHLA])
+@pytest.mark.parametrize("cls", [MHA, MHLA, MLA])
 def test_attention_kernels_agree(cls):
     """The CPU kernel (kernels/attention.py) and jax.nn.dot_product_attention: same outputs
     and gradients."""

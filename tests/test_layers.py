@@ -2,7 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minids_jax.layers import RMSNorm, apply_rope
+from minids_jax.layers import RMSNorm
+from minids_jax.rotary import Rope
 
 
 def test_rmsnorm_matches_formula():
@@ -19,8 +20,8 @@ def test_rope_scores_depend_only_on_relative_position():
     k = jax.random.normal(jax.random.key(2), (1, 1, 2, 16))
 
     def score(q_pos, k_pos):
-        q_rot = apply_rope(q, jnp.array([[q_pos]]), 10000.0)
-        k_rot = apply_rope(k, jnp.array([[k_pos]]), 10000.0)
+        q_rot = Rope.plain(q.shape[-1])(q, jnp.array([[q_pos]]))
+        k_rot = Rope.plain(k.shape[-1])(k, jnp.array([[k_pos]]))
         return jnp.sum(q_rot * k_rot, axis=-1)
 
     np.testing.assert_allclose(score(7, 3), score(107, 103), rtol=1e-4, atol=1e-5)
@@ -32,7 +33,7 @@ def test_rope_scores_depend_only_on_relative_position():
 def test_rope_rotates_interleaved_pairs_and_keeps_norms():
     x = jax.random.normal(jax.random.key(3), (1, 5, 1, 8))
     positions = jnp.arange(5)[None]
-    rotated = apply_rope(x, positions, 10000.0)
+    rotated = Rope.plain(x.shape[-1])(x, positions)
     # Input pair i is (x[2i], x[2i+1]); it comes out as (out[i], out[4 + i]).
     np.testing.assert_allclose(jnp.hypot(rotated[..., :4], rotated[..., 4:]),
                                jnp.hypot(x[..., 0::2], x[..., 1::2]), rtol=1e-5)
@@ -54,7 +55,7 @@ def test_rope_gradient_is_the_inverse_rotation():
         rotated = (x[..., 0::2] + 1j * x[..., 1::2]) * turn
         return jnp.concatenate([rotated.real, rotated.imag], axis=-1)
 
-    np.testing.assert_allclose(apply_rope(x, positions, 10000.0), reference(x), atol=1e-5)
-    grad = jax.grad(lambda x: jnp.sum(apply_rope(x, positions, 10000.0) * probe))(x)
+    np.testing.assert_allclose(Rope.plain(x.shape[-1])(x, positions), reference(x), atol=1e-5)
+    grad = jax.grad(lambda x: jnp.sum(Rope.plain(x.shape[-1])(x, positions) * probe))(x)
     expected = jax.grad(lambda x: jnp.sum(reference(x) * probe))(x)
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5)

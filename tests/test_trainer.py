@@ -45,8 +45,9 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     np.testing.assert_array_equal(rows["inputs"], a["inputs"][2:6])
 
 
-def test_tiny_model_overfits_a_repeating_sequence():
-    config = tiny_config(model=dict(n_layers=2, attn_pattern=("mha", "mhla")),
+@pytest.mark.parametrize("pattern", [("mha", "mhla"), ("mla",)])
+def test_tiny_model_overfits_a_repeating_sequence(pattern):
+    config = tiny_config(model=dict(n_layers=2, attn_pattern=pattern),
                          optim=dict(lr=1e-2, warmup_steps=5, total_steps=80, weight_decay=0.0),
                          train=dict(log_every=80))
     pattern = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], np.int32)
