@@ -73,6 +73,7 @@ def main(argv):
     from minids_jax.kernels.head_loss import head_cross_entropy
     from minids_jax.loss import loss_chunk
     from minids_jax.mhla import MHLA
+    from minids_jax.mla import MLA
     from minids_jax.model import MiniDeepSeek
     from minids_jax.moe import MoE
 
@@ -103,7 +104,7 @@ def main(argv):
     with nnx.use_eager_sharding(False):
         for kernel in _KERNELS.value or [config.compute.attention_kernel]:
             compute = resolved(attention_kernel=kernel)
-            for cls in (MHA, MHLA):
+            for cls in (MHA, MHLA, MLA):
                 report(f"{cls.__name__} ({named(kernel, compute.attention_kernel)})",
                        cls(cfg, compute, rngs=nnx.Rngs(0)),
                        lambda m, x: sum_of_squares(m(x, positions_BxL)[0]))

@@ -279,7 +279,7 @@ DEFAULT_AXIS_RULES = (
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("norm", None),
-    ("lora", None),  # MLA's latent ranks: small, kept whole
+    ("lora", "fsdp"),  # MLA's latent rank, the input side of its up-projections
 )
 
 

@@ -39,9 +39,21 @@ def flops_breakdown(cfg: ModelConfig) -> dict[str, float]:
     parts = dict.fromkeys(("attention_projections", "attention_scores", "experts", "router",
                            "head"), 0.0)
     for layer in range(cfg.n_layers):
-        if cfg.attention_kind(layer) == "mha":
+        kind = cfg.attention_kind(layer)
+        if kind == "mha":
             parts["attention_projections"] += 2 * 4 * d * d  # q, k, v, out
             parts["attention_scores"] += 2 * 2 * d * (length + 1) / 2  # q.k and p.v, causal
+        elif kind == "mla":
+            heads, query_dims = cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+            rank = cfg.kv_lora_rank
+            query = (d * cfg.q_lora_rank + cfg.q_lora_rank * heads * query_dims
+                     if cfg.q_lora_rank else d * heads * query_dims)
+            parts["attention_projections"] += 2 * (
+                query + d * (rank + cfg.qk_rope_head_dim)  # q; kv_down
+                + rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kv_up
+                + heads * cfg.v_head_dim * d)  # out
+            parts["attention_scores"] += 2 * heads * (query_dims + cfg.v_head_dim) * (
+                length + 1) / 2
         else:
             segment = length // k_lat
             ends_K = (np.arange(k_lat) + 1) * segment

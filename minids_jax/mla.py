@@ -45,16 +45,18 @@ class MLA(nnx.Module):
         heads, d_model = cfg.n_heads, cfg.d_model
         self.dn, self.dr, self.dv, self.rank = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                                 cfg.v_head_dim, cfg.kv_lora_rank)
+        # Down-projections split D over fsdp; up-projections split their rank over fsdp ("lora")
+        # and the heads over tensor, so every matrix is split under FSDP.
         make = dict(rngs=rngs, dtype=compute.dtype, param_dtype=cfg.param_dtype)
         norm = dict(eps=LATENT_NORM_EPS, dtype=compute.dtype, param_dtype=cfg.param_dtype)
         query_dims = heads * (self.dn + self.dr)
         if cfg.q_lora_rank:
-            self.q_down = linear(d_model, cfg.q_lora_rank, ("embed", "lora"), **make)
+            self.q_down = linear(d_model, cfg.q_lora_rank, ("embed", None), **make)
             self.q_norm = RMSNorm(cfg.q_lora_rank, **norm)
             self.q_up = linear(cfg.q_lora_rank, query_dims, ("lora", "heads"), **make)
         else:
             self.q = linear(d_model, query_dims, ("embed", "heads"), **make)
-        self.kv_down = linear(d_model, self.rank + self.dr, ("embed", "lora"), **make)
+        self.kv_down = linear(d_model, self.rank + self.dr, ("embed", None), **make)
         self.kv_norm = RMSNorm(self.rank, **norm)
         self.kv_up = linear(self.rank, heads * (self.dn + self.dv), ("lora", "heads"), **make)
         self.out = linear(heads * self.dv, d_model, ("heads", "embed"), **make)

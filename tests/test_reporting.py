@@ -175,10 +175,12 @@ def flops_model_config(**overrides) -> ModelConfig:
                                         latent_k=8, n_experts=1, mlp_mult=4), **overrides})
 
 
-def test_matmul_flops_are_twice_the_parameters_a_token_uses():
-    # MHA only, one expert: every parameter but the embedding and norm scales is one matmul
+@pytest.mark.parametrize("overrides", [dict(attn_pattern=("mha",)),
+                                       dict(attn_pattern=("mla",), q_lora_rank=32)])
+def test_matmul_flops_are_twice_the_parameters_a_token_uses(overrides):
+    # MHA or MLA, one expert: every parameter but the embedding and norm scales is one matmul
     # weight that each token passes through exactly once.
-    cfg = flops_model_config(attn_pattern=("mha",))
+    cfg = flops_model_config(**overrides)
     model = nnx.eval_shape(lambda: MiniDeepSeek(cfg, rngs=nnx.Rngs(0)))  # shapes only
     params = nnx.state(model, nnx.Param)
     matmul_params = sum(x.size for path, x in nnx.to_flat_state(params)
@@ -196,7 +198,7 @@ def test_flops_count_active_experts_only():
         3 * flops.forward_flops_per_token(flops_model_config()))
 
 
-@pytest.mark.parametrize("pattern", [("mha",), ("mhla",)])
+@pytest.mark.parametrize("pattern", [("mha",), ("mhla",), ("mla",)])
 def test_flops_agree_with_the_compiler_count(pattern):
     """XLA also counts elementwise work and the masked-out half of attention, so it may exceed
     the analytic count by a little, never fall short of it."""
