@@ -24,6 +24,7 @@ from minids_jax.errors import UserError
 ARCHITECTURE, NOTED, QUIET = "architecture", "noted", "quiet"
 ATTENTION_KINDS = ("mha", "mhla", "mla")
 ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention")
+ROUTER_SCORINGS = ("softmax", "sigmoid")
 MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("random", "builtin", "text", "jsonl", "json", "tokens")
@@ -109,6 +110,25 @@ class ModelConfig(Group):
     mlp_mult: int = option(4, "expert hidden width = mlp_mult * d_model", ARCHITECTURE, low=1)
     n_experts: int = option(2, "experts per MoE layer", ARCHITECTURE, low=1)
     top_k: int = option(1, "experts per token", ARCHITECTURE, low=1)
+    router_scoring: str = option("softmax", "routing scores: 'softmax' (the original's) or "
+                                 "'sigmoid' (DeepSeek-V3's, with a selection bias)",
+                                 ARCHITECTURE, choices=ROUTER_SCORINGS)
+    n_group: int = option(1, "expert groups; each token picks experts from topk_group of them",
+                          ARCHITECTURE, low=1)
+    topk_group: int = option(1, "groups kept per token (a group scores the sum of its top 2)",
+                             ARCHITECTURE, low=1)
+    norm_topk_prob: bool = option(True, "with top_k > 1, divide the chosen weights by their sum",
+                                  ARCHITECTURE)
+    routed_scaling_factor: float = option(1.0, "multiplies the routed experts' weights",
+                                          ARCHITECTURE, above=0)
+    n_shared_experts: int = option(0, "always-on experts of moe_hidden_dim each, beside the "
+                                   "routed ones", ARCHITECTURE, low=0)
+    moe_hidden_dim: int = option(0, "hidden width of each routed (and shared) expert; 0: "
+                                 "mlp_mult * d_model", ARCHITECTURE, low=0)
+    first_k_dense: int = option(0, "the first k layers have a dense SwiGLU instead of an MoE",
+                                ARCHITECTURE, low=0)
+    dense_hidden_dim: int = option(0, "hidden width of those dense SwiGLUs; 0: mlp_mult * "
+                                   "d_model", ARCHITECTURE, low=0)
     attn_pattern: tuple = option(("mha", "mhla"), "layer i uses attn_pattern[i % len]: "
                                  "'mha', 'mhla' or 'mla' (DeepSeek-V3's)", ARCHITECTURE)
     q_lora_rank: int = option(0, "MLA: rank of the query's low-rank projection; 0: one "
@@ -147,6 +167,16 @@ class ModelConfig(Group):
         check(self.top_k <= self.n_experts,
               f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}; "
               f"set top_k <= n_experts.")
+        experts, groups = self.n_experts, self.n_group
+        check(experts % groups == 0 and (groups == 1 or experts // groups >= 2),
+              f"model.n_group={groups} must divide model.n_experts={experts} into groups of at "
+              f"least 2 experts (a group scores the sum of its top 2).")
+        check(self.topk_group <= groups and self.top_k <= self.topk_group * (experts // groups),
+              f"model.topk_group={self.topk_group} must be <= model.n_group={groups}, and its "
+              f"groups must hold model.top_k={self.top_k} experts.")
+        check(self.first_k_dense < self.n_layers,
+              f"model.first_k_dense={self.first_k_dense} leaves no MoE layer among "
+              f"model.n_layers={self.n_layers}; lower it.")
         check(len(self.attn_pattern) > 0, "model.attn_pattern is empty; use e.g. ('mha', 'mhla').")
         for kind in self.attn_pattern:
             check(kind in ATTENTION_KINDS, f"model.attn_pattern has unknown attention kind "
@@ -168,6 +198,17 @@ class ModelConfig(Group):
     @property
     def hidden_dim(self) -> int:
         return self.mlp_mult * self.d_model
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        return self.moe_hidden_dim or self.hidden_dim
+
+    @property
+    def dense_mlp_dim(self) -> int:
+        return self.dense_hidden_dim or self.hidden_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense
 
     def attention_kind(self, layer: int) -> str:
         return self.attn_pattern[layer % len(self.attn_pattern)]

@@ -64,7 +64,12 @@ def flops_breakdown(cfg: ModelConfig) -> dict[str, float]:
             self_keys = k_lat * (k_lat + 1) / 2  # latent j attends to latents <= j
             write_keys = np.sum((np.arange(length) + 1) // segment)  # position i: e_j <= i+1
             parts["attention_scores"] += 2 * 2 * d * (read_keys + self_keys + write_keys) / length
-        parts["experts"] += cfg.top_k * 3 * 2 * d * cfg.hidden_dim  # w1, w2, w3 of each expert
+        if not cfg.is_moe_layer(layer):
+            parts["experts"] += 3 * 2 * d * cfg.dense_mlp_dim  # the dense SwiGLU
+            continue
+        # w1, w2, w3 of each routed expert a token goes to, and of the shared ones
+        active = cfg.top_k + cfg.n_shared_experts
+        parts["experts"] += active * 3 * 2 * d * cfg.expert_hidden_dim
         parts["router"] += 2 * d * cfg.n_experts
     parts["head"] = 2 * d * cfg.vocab_size
     return {name: float(value) for name, value in parts.items()}

@@ -36,3 +36,18 @@ def linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], *, rngs: 
 def swiglu(x_TxD: jax.Array, w1_DxF: jax.Array, w2_DxF: jax.Array, w3_FxD: jax.Array) -> jax.Array:
     """The original's SwiGLU expert: w3(silu(w1 x) * w2 x)."""
     return (jax.nn.silu(x_TxD @ w1_DxF) * (x_TxD @ w2_DxF)) @ w3_FxD
+
+
+class MLP(nnx.Module):
+    """A dense SwiGLU, w3(silu(w1 x) * w2 x): DeepSeek-V3's first dense layers and its shared
+    experts (HF gate_proj = w1, up_proj = w2, down_proj = w3, transposed)."""
+
+    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, dtype: str,
+                 param_dtype: str):
+        make = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.w1 = linear(d_model, hidden, ("embed", "mlp"), **make)
+        self.w2 = linear(d_model, hidden, ("embed", "mlp"), **make)
+        self.w3 = linear(hidden, d_model, ("mlp", "embed"), **make)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        return self.w3(jax.nn.silu(self.w1(x_BxLxD)) * self.w2(x_BxLxD))

@@ -18,7 +18,7 @@ from flax import nnx
 from minids_jax import kernels
 from minids_jax.attention import MHA
 from minids_jax.config import ComputeConfig, ModelConfig
-from minids_jax.layers import RMSNorm, linear
+from minids_jax.layers import MLP, RMSNorm, linear
 from minids_jax.mhla import MHLA
 from minids_jax.mla import MLA
 from minids_jax.moe import MoE, MoEStats
@@ -27,7 +27,7 @@ ATTENTION_CLASSES = {"mha": MHA, "mhla": MHLA, "mla": MLA}
 
 
 class Block(nnx.Module):
-    """x = x + attn(norm1(x)); x = x + moe(norm2(x))."""
+    """x = x + attn(norm1(x)); x = x + moe(norm2(x)) (a dense `mlp` in the first_k_dense)."""
 
     def __init__(self, cfg: ModelConfig, compute: ComputeConfig, layer: int, *,
                  rngs: nnx.Rngs):
@@ -35,11 +35,18 @@ class Block(nnx.Module):
         self.norm1 = RMSNorm(cfg.d_model, **norm)
         self.attn = ATTENTION_CLASSES[cfg.attention_kind(layer)](cfg, compute, rngs=rngs)
         self.norm2 = RMSNorm(cfg.d_model, **norm)
-        self.moe = MoE(cfg, compute, rngs=rngs)
+        if cfg.is_moe_layer(layer):
+            self.moe = MoE(cfg, compute, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.dense_mlp_dim, rngs=rngs, dtype=compute.dtype,
+                           param_dtype=cfg.param_dtype)
 
     def __call__(self, x_BxLxD, positions_BxL, cache=None, moe_dispatch: str | None = None):
+        """(x, MoEStats or None for a dense layer, cache)."""
         attended_BxLxD, cache = self.attn(self.norm1(x_BxLxD), positions_BxL, cache)
         x_BxLxD = x_BxLxD + attended_BxLxD
+        if not hasattr(self, "moe"):
+            return x_BxLxD + self.mlp(self.norm2(x_BxLxD)), None, cache
         moe_out_BxLxD, stats = self.moe(self.norm2(x_BxLxD), moe_dispatch)
         return x_BxLxD + moe_out_BxLxD, stats, cache
 
@@ -53,8 +60,8 @@ class Output(NamedTuple):
 class MiniDeepSeek(nnx.Module):
     """The language model: `model(tokens_BxL, positions_BxL=None, cache=None) -> Output`.
 
-    `aux` holds `aux_loss` (balancing loss averaged over layers), `expert_load_NxE` (share of
-    assignments per expert in each layer) and `dropped_fraction`. `compute` names concrete
+    `aux` holds `aux_loss` (balancing loss averaged over the MoE layers), `expert_load_NxE`
+    (share of assignments per expert in each of the N MoE layers) and `dropped_fraction`. `compute` names concrete
     kernels (see `kernels.resolve`); by default, those of JAX's default backend. Parameters
     carry logical axis names; whoever builds the model under a mesh places them (sharding.py).
     """
@@ -104,7 +111,8 @@ class MiniDeepSeek(nnx.Module):
             x_BxLxD, stats, layer_cache = block(x_BxLxD, positions_BxL,
                                                 None if cache is None else cache[i],
                                                 moe_dispatch)
-            all_stats.append(stats)
+            if stats is not None:
+                all_stats.append(stats)
             if cache is not None:
                 new_cache.append(layer_cache)
         aux = {

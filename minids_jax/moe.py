@@ -1,7 +1,11 @@
-"""Mixture of SwiGLU experts with a learned top-k router and Switch load balancing.
+"""Mixture of SwiGLU experts with a learned top-k router and Switch load balancing, and
+DeepSeekMoE's shared experts and biased sigmoid routing (routing.py).
 
 The router picks each token's top-k experts; `moe_dispatch.py` computes their outputs (all
-dispatches agree when nothing is dropped), weighted here by the routing weights. Under a mesh
+dispatches agree when nothing is dropped), weighted here by the routing weights; shared experts,
+if any, add a dense SwiGLU of every token. With sigmoid routing each layer keeps a per-expert
+selection bias: a `RouterBias` variable, model state that is not a parameter (no gradient, no
+weight decay, no optimizer moments), saved and restored with the model. Under a mesh
 whose batch axes are split (data parallel, FSDP), routing and dispatch run per device on its own
 tokens (`shard_map` over those axes): left to the compiler, the global top-k and sort would
 gather every token onto every device and repeat the expert work there.
@@ -21,9 +25,14 @@ from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec as P
 
+from minids_jax import routing
 from minids_jax.config import ComputeConfig, ModelConfig
-from minids_jax.layers import linear
+from minids_jax.layers import MLP, linear
 from minids_jax.moe_dispatch import DISPATCHES, Experts
+
+
+class RouterBias(nnx.Variable):
+    """DeepSeek-V3's per-expert selection bias (HF `e_score_correction_bias`)."""
 
 
 class MoEStats(NamedTuple):
@@ -74,7 +83,7 @@ class MoE(nnx.Module):
                              f"a platform first (minids_jax.kernels.resolve).")
         self.cfg, self.dtype = cfg, jnp.dtype(compute.dtype)
         self.dispatch, self.capacity_factor = compute.moe_dispatch, compute.capacity_factor
-        d, f, e = cfg.d_model, cfg.hidden_dim, cfg.n_experts
+        d, f, e = cfg.d_model, cfg.expert_hidden_dim, cfg.n_experts
         # The router stays float32: routing decisions are sensitive to rounding.
         self.gate = linear(d, e, ("embed", None), rngs=rngs, dtype="float32",
                            param_dtype=cfg.param_dtype)
@@ -86,21 +95,19 @@ class MoE(nnx.Module):
                             out_sharding=("expert", "embed", "mlp"))
         self.w3 = nnx.Param(init(rngs.params(), (e, f, d), param_dtype),
                             out_sharding=("expert", "mlp", "embed"))
+        self.bias = (RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,))
+                     if cfg.router_scoring == "sigmoid" else None)
+        self.shared = (MLP(d, cfg.n_shared_experts * f, rngs=rngs, dtype=compute.dtype,
+                           param_dtype=cfg.param_dtype) if cfg.n_shared_experts else None)
 
-    def route(self, x_TxD: jax.Array, gate_DxE: jax.Array | None = None):
-        """Top-k experts per token and their weights (the softmax probabilities themselves).
-
-        With k=1 the weight is p_e itself, never renormalized to 1, so the router gets a
-        gradient through the expert output. With k>1 the k weights are renormalized to sum to
-        1 (Mixtral style); their ratios still carry the gradient.
-        """
+    def route(self, x_TxD: jax.Array, gate_DxE: jax.Array | None = None,
+              bias_E: jax.Array | None = None) -> routing.Routing:
+        """Each token's top-k experts and their weights (routing.py), in float32."""
         x_TxD = x_TxD.astype(jnp.float32)
         logits_TxE = self.gate(x_TxD) if gate_DxE is None else x_TxD @ gate_DxE
-        probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
-        weight_TxK, expert_TxK = jax.lax.top_k(probs_TxE, self.cfg.top_k)
-        if self.cfg.top_k > 1:
-            weight_TxK = weight_TxK / jnp.sum(weight_TxK, axis=-1, keepdims=True)
-        return probs_TxE, weight_TxK, expert_TxK
+        if bias_E is None and self.bias is not None:
+            bias_E = self.bias[...]
+        return routing.route(logits_TxE, bias_E, self.cfg)
 
     def experts(self) -> Experts:
         return Experts(*(w[...].astype(self.dtype) for w in (self.w1, self.w2, self.w3)))
@@ -109,24 +116,30 @@ class MoE(nnx.Module):
         """`dispatch` overrides the built-in one (decoding asks for an exact one)."""
         dispatch = DISPATCHES[dispatch or self.dispatch]
         gate_DxE = self.gate.kernel[...].astype(jnp.float32)
+        bias_E = (jnp.zeros((self.cfg.n_experts,), jnp.float32) if self.bias is None
+                  else jax.lax.stop_gradient(self.bias[...]))
+        shared_BxLxD = 0.0 if self.shared is None else self.shared(x_BxLxD)
         mesh, axes = local_batch_axes()
         if not axes:
-            return self._forward(x_BxLxD, gate_DxE, self.experts(), dispatch)
+            y_BxLxD, stats = self._forward(x_BxLxD, gate_DxE, bias_E, self.experts(), dispatch)
+            return y_BxLxD + shared_BxLxD, stats
         # Each device routes and dispatches its own tokens; weights enter whole over `axes`
         # (under FSDP that is the usual all-gather, and the gradient's reduce-scatter).
         tokens, replicated = P(axes), P()
-        return jax.shard_map(
+        y_BxLxD, stats = jax.shard_map(
             functools.partial(self._forward, dispatch=dispatch, axis_names=axes), mesh=mesh,
-            in_specs=(tokens, replicated, replicated),
+            in_specs=(tokens, replicated, replicated, replicated),
             out_specs=(tokens, MoEStats(replicated, replicated, replicated)),
-            axis_names=set(axes), check_vma=False)(x_BxLxD, gate_DxE, self.experts())
+            axis_names=set(axes), check_vma=False)(x_BxLxD, gate_DxE, bias_E, self.experts())
+        return y_BxLxD + shared_BxLxD, stats
 
-    def _forward(self, x_BxLxD, gate_DxE, experts: Experts, dispatch,
+    def _forward(self, x_BxLxD, gate_DxE, bias_E, experts: Experts, dispatch,
                  axis_names: tuple[str, ...] = ()):
         batch, length, d = x_BxLxD.shape
-        probs_TxE, weight_TxK, expert_TxK = self.route(x_BxLxD.reshape(-1, d), gate_DxE)
-        aux_loss, load_E = switch_balancing_loss(probs_TxE, expert_TxK, self.cfg.n_experts,
-                                                 axis_names)
+        routed = self.route(x_BxLxD.reshape(-1, d), gate_DxE, bias_E)
+        weight_TxK, expert_TxK = routed.weight_TxK, routed.expert_TxK
+        aux_loss, load_E = switch_balancing_loss(routing.balance_probabilities(routed),
+                                                 expert_TxK, self.cfg.n_experts, axis_names)
         y_BxLxKxD, dropped = dispatch(x_BxLxD, expert_TxK.reshape(batch, length, -1), experts,
                                       self.capacity_factor)
         if axis_names:

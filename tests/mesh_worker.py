@@ -24,13 +24,15 @@ def _start_jax(n_devices: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-# The tests' tiny run with an MHLA and an MLA layer, 4 experts top-2 and float32 throughout. A large AdamW eps: the first
+# The tests' tiny run with an MHLA and an MLA layer, DeepSeekMoE (4 sigmoid-routed experts
+# top-2 in 2 groups, a shared expert) and float32 throughout. A large AdamW eps: the first
 # Adam step is g / (|g| + eps), i.e. sign(g) for a small eps, which turns last-bit differences in
 # near-zero gradients (summation order differs between meshes) into full lr-sized differences;
 # eps=1e-3 keeps the update a smooth function of the gradient, so equal gradients give equal
 # parameters to float32 precision.
 WORKER = dict(
-    model=dict(n_layers=2, attn_pattern=("mhla", "mla"), n_heads=4, n_experts=4, top_k=2),
+    model=dict(n_layers=2, attn_pattern=("mhla", "mla"), n_heads=4, n_experts=4, top_k=2,
+               router_scoring="sigmoid", n_group=2, topk_group=2, n_shared_experts=1),
     compute=dict(dtype="float32"),
     optim=dict(lr=1e-2, warmup_steps=0, total_steps=3, eps=1e-3),
     train=dict(batch_size=8),

@@ -18,9 +18,11 @@ from minids_jax.model import MiniDeepSeek
 from tests.factories import compute_config, small_model_config
 
 CONTEXT = 16
-# MHA, MHLA and MLA layers; 4 latents of 4 positions each, so prompts cross segment ends.
+# MHA, MHLA and MLA layers; 4 latents of 4 positions each, so prompts cross segment ends;
+# DeepSeekMoE's sigmoid routing and a shared expert.
 CFG = small_model_config(vocab_size=61, max_seq_len=CONTEXT, n_heads=2, mlp_mult=4, n_experts=3,
-                         top_k=2, n_layers=3, attn_pattern=("mha", "mhla", "mla"))
+                         top_k=2, n_layers=3, attn_pattern=("mha", "mhla", "mla"),
+                         router_scoring="sigmoid", n_shared_experts=1)
 GREEDY = generation.Sampling(temperature=0.0)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

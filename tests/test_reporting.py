@@ -198,11 +198,21 @@ def test_flops_count_active_experts_only():
         3 * flops.forward_flops_per_token(flops_model_config()))
 
 
-@pytest.mark.parametrize("pattern", [("mha",), ("mhla",), ("mla",)])
-def test_flops_agree_with_the_compiler_count(pattern):
+DEEPSEEK_MOE = dict(attn_pattern=("mla",), router_scoring="sigmoid", n_experts=4, n_group=2,
+                    topk_group=1, top_k=2, n_shared_experts=1, moe_hidden_dim=128,
+                    first_k_dense=1, dense_hidden_dim=384)
+
+
+@pytest.mark.parametrize("overrides", [dict(attn_pattern=("mha",)), dict(attn_pattern=("mhla",)),
+                                       dict(attn_pattern=("mla",)), DEEPSEEK_MOE],
+                         ids=["mha", "mhla", "mla", "deepseek_moe"])
+def test_flops_agree_with_the_compiler_count(overrides):
     """XLA also counts elementwise work and the masked-out half of attention, so it may exceed
-    the analytic count by a little, never fall short of it."""
-    cfg = flops_model_config(attn_pattern=pattern)
+    the analytic count by a little, never fall short of it. (With several experts, the dense
+    dispatch computes every one: the count then is for n_experts active ones.)"""
+    cfg = flops_model_config(**overrides)
+    if cfg.n_experts > 1:  # the dense dispatch runs all experts for every token
+        cfg = flops_model_config(**{**overrides, "top_k": cfg.n_experts, "topk_group": cfg.n_group})
     dense = compute_config(moe_dispatch="dense")  # every expert = the active one here
     graphdef, state = nnx.split(MiniDeepSeek(cfg, dense, rngs=nnx.Rngs(0)))
     forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])

@@ -45,9 +45,15 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     np.testing.assert_array_equal(rows["inputs"], a["inputs"][2:6])
 
 
-@pytest.mark.parametrize("pattern", [("mha", "mhla"), ("mla",)])
-def test_tiny_model_overfits_a_repeating_sequence(pattern):
-    config = tiny_config(model=dict(n_layers=2, attn_pattern=pattern),
+DEEPSEEK_V3_LIKE = dict(attn_pattern=("mla",), router_scoring="sigmoid", n_experts=4,
+                        n_group=2, topk_group=1, top_k=2, n_shared_experts=1, first_k_dense=1)
+
+
+@pytest.mark.parametrize("architecture", [dict(attn_pattern=("mha", "mhla")),
+                                          dict(attn_pattern=("mla",)), DEEPSEEK_V3_LIKE],
+                         ids=["original", "mla", "deepseek_v3_like"])
+def test_tiny_model_overfits_a_repeating_sequence(architecture):
+    config = tiny_config(model=dict(n_layers=2, **architecture),
                          optim=dict(lr=1e-2, warmup_steps=5, total_steps=80, weight_decay=0.0),
                          train=dict(log_every=80))
     pattern = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], np.int32)
