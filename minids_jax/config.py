@@ -264,6 +264,11 @@ class TrainConfig(Group):
                              low=1)
     seed: int = option(42, "initialization and batch order")
     aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss", low=0)
+    sequence_aux_loss_coef: float = option(0.0, "weight of DeepSeek-V3's sequence-wise "
+                                           "balance loss (the paper: 1e-4)", low=0)
+    router_bias_rate: float = option(0.001, "aux-loss-free balancing of sigmoid routers: "
+                                     "each step every bias moves this much toward balance; "
+                                     "0 freezes them", low=0)
     log_every: int = option(50, "steps between logged lines", QUIET, low=1)
     eval_every: int = option(0, "steps between evaluations; 0: only at the end", QUIET, low=0)
     eval_batches: int = option(4, "held-out batches per evaluation", QUIET, low=1)

@@ -44,7 +44,8 @@ def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int):
 
 
 def total_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
-               aux_loss_coef: float):
+               aux_loss_coef: float, sequence_aux_loss_coef: float = 0.0):
     """The loss the optimizer minimizes, and (cross-entropy, aux) for the metrics."""
     ce, aux = model_loss(model, batch, chunk)
-    return ce + aux_loss_coef * aux["aux_loss"], (ce, aux)
+    balance = aux_loss_coef * aux["aux_loss"] + sequence_aux_loss_coef * aux["sequence_aux_loss"]
+    return ce + balance, (ce, aux)

@@ -119,6 +119,7 @@ class MiniDeepSeek(nnx.Module):
             "aux_loss": jnp.mean(jnp.stack([s.aux_loss for s in all_stats])),
             "expert_load_NxE": jnp.stack([s.load_E for s in all_stats]),
             "dropped_fraction": jnp.mean(jnp.stack([s.dropped_fraction for s in all_stats])),
+            "sequence_aux_loss": jnp.mean(jnp.stack([s.sequence_loss for s in all_stats])),
         }
         return self.final_norm(x_BxLxD), aux, new_cache
 

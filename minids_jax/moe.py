@@ -39,6 +39,18 @@ class MoEStats(NamedTuple):
     aux_loss: jax.Array  # scalar, Switch balancing loss, 1.0 at perfectly uniform routing
     load_E: jax.Array  # fraction of assignments routed to each expert (sums to 1)
     dropped_fraction: jax.Array  # scalar, assignments dropped for lack of capacity
+    sequence_loss: jax.Array  # scalar, DeepSeek-V3's sequence-wise balance loss (1 if uniform)
+
+
+def sequence_balancing_loss(probs_BxLxE: jax.Array, expert_BxLxK: jax.Array, n_experts: int,
+                            axis_names: tuple[str, ...] = ()):
+    """sum_e f_e P_e per sequence, averaged over sequences (DeepSeek-V3, eq. 17-20): f_e =
+    E / (K L) * assignments to e in the sequence, P_e = the mean normalized score of e."""
+    length, top_k = expert_BxLxK.shape[1:]
+    counts_BxE = jnp.sum(jax.nn.one_hot(expert_BxLxK, n_experts, dtype=jnp.float32), (1, 2))
+    f_BxE = counts_BxE * n_experts / (top_k * length)
+    loss = jnp.mean(jnp.sum(f_BxE * jnp.mean(probs_BxLxE, axis=1), axis=-1))
+    return jax.lax.pmean(loss, axis_names) if axis_names else loss
 
 
 def switch_balancing_loss(probs_TxE: jax.Array, expert_TxK: jax.Array, n_experts: int,
@@ -129,7 +141,7 @@ class MoE(nnx.Module):
         y_BxLxD, stats = jax.shard_map(
             functools.partial(self._forward, dispatch=dispatch, axis_names=axes), mesh=mesh,
             in_specs=(tokens, replicated, replicated, replicated),
-            out_specs=(tokens, MoEStats(replicated, replicated, replicated)),
+            out_specs=(tokens, MoEStats(replicated, replicated, replicated, replicated)),
             axis_names=set(axes), check_vma=False)(x_BxLxD, gate_DxE, bias_E, self.experts())
         return y_BxLxD + shared_BxLxD, stats
 
@@ -138,12 +150,16 @@ class MoE(nnx.Module):
         batch, length, d = x_BxLxD.shape
         routed = self.route(x_BxLxD.reshape(-1, d), gate_DxE, bias_E)
         weight_TxK, expert_TxK = routed.weight_TxK, routed.expert_TxK
-        aux_loss, load_E = switch_balancing_loss(routing.balance_probabilities(routed),
-                                                 expert_TxK, self.cfg.n_experts, axis_names)
+        probs_TxE = routing.balance_probabilities(routed)
+        aux_loss, load_E = switch_balancing_loss(probs_TxE, expert_TxK, self.cfg.n_experts,
+                                                 axis_names)
+        sequence_loss = sequence_balancing_loss(
+            probs_TxE.reshape(batch, length, -1), expert_TxK.reshape(batch, length, -1),
+            self.cfg.n_experts, axis_names)
         y_BxLxKxD, dropped = dispatch(x_BxLxD, expert_TxK.reshape(batch, length, -1), experts,
                                       self.capacity_factor)
         if axis_names:
             dropped = jax.lax.pmean(dropped, axis_names)
         weight_BxLxK = weight_TxK.reshape(batch, length, -1).astype(y_BxLxKxD.dtype)
         y_BxLxD = jnp.einsum("blkd,blk->bld", y_BxLxKxD, weight_BxLxK)
-        return y_BxLxD, MoEStats(aux_loss, load_E, dropped)
+        return y_BxLxD, MoEStats(aux_loss, load_E, dropped, sequence_loss)

@@ -71,6 +71,10 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
             load_E = value.mean(axis=0)
             out.update({f"expert_load/{e}": float(x) for e, x in enumerate(load_E[:64])})
             out["expert_load/max"], out["expert_load/min"] = float(value.max()), float(value.min())
+            # Each layer's busiest over its idlest expert: 1 is perfect balance.
+            imbalance_N = value.max(axis=-1) / np.maximum(value.min(axis=-1), 1e-9)
+            out.update({f"expert_load/imbalance_layer{n}": float(x)
+                        for n, x in enumerate(imbalance_N)})
         elif value.size == 1 and np.issubdtype(value.dtype, np.number) and name != "step":
             out[name] = float(value)
     return out
@@ -209,6 +213,8 @@ class Reporter:
                     self.message(f"loss plot: {path}")
                 except ValueError:  # nothing logged yet (stopped early): no plot to draw
                     pass
+                except OSError as error:  # a full disk: say so, without hiding why the run ended
+                    self.message(f"WARNING: the loss plot could not be written ({error.strerror})")
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:

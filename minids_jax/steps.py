@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -45,7 +46,8 @@ def create_train_state(config: Config, compute: ComputeConfig, mesh):
 def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config,
                     batch_sharding, loss_chunk: int):
     lr_schedule = optim.schedule(config.optim)
-    aux_loss_coef = config.train.aux_loss_coef
+    coefs = (config.train.aux_loss_coef, config.train.sequence_aux_loss_coef)
+    bias_rate = config.train.router_bias_rate
 
     @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
     def train_step(state: TrainState, batch):
@@ -53,18 +55,34 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
         optimizer = nnx.merge(graphdefs.optimizer, state.optimizer)
         lr = lr_schedule(optimizer.step[...])
         grad_fn = nnx.value_and_grad(loss_lib.total_loss, has_aux=True)
-        (loss, (ce, aux)), grads = grad_fn(model, batch, loss_chunk, aux_loss_coef)
+        (loss, (ce, aux)), grads = grad_fn(model, batch, loss_chunk, *coefs)
         optimizer.update(model, grads)
         metrics = {
             "loss": ce, "total_loss": loss, "aux_loss": aux["aux_loss"], "lr": lr,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": optax.tree.norm(grads), "sequence_aux_loss": aux["sequence_aux_loss"],
             "expert_load": aux["expert_load_NxE"], "dropped_fraction": aux["dropped_fraction"],
+            **update_router_biases(model, aux["expert_load_NxE"], bias_rate),
         }
         # Return the state of everything mutated: model AND optimizer.
         return TrainState(nnx.state(model), nnx.state(optimizer)), metrics
 
     return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=0)
+
+
+def update_router_biases(model, load_NxE: jax.Array, rate: float) -> dict[str, jax.Array]:
+    """DeepSeek-V3's aux-loss-free balancing, after the optimizer step: each MoE layer's bias
+    moves by `rate` toward balance, bias_e += rate * sign(1/E - load_e), from this step's
+    assignment shares over the whole batch (all devices and processes: `load_NxE` is global).
+    Returns the biases' range for the metrics ({} without biases)."""
+    biases = [block.moe.bias for block in model.blocks
+              if hasattr(block, "moe") and block.moe.bias is not None]
+    if not biases:
+        return {}
+    for bias, load_E in zip(biases, load_NxE):  # the rows of load_NxE are the MoE layers
+        bias[...] = bias[...] + rate * jnp.sign(1.0 / load_E.shape[-1] - load_E)
+    values = jnp.stack([bias[...] for bias in biases])
+    return {"router_bias_min": jnp.min(values), "router_bias_max": jnp.max(values)}
 
 
 def make_eval_step(graphdefs: TrainState, shardings: TrainState, batch_sharding, axis_rules,

@@ -108,3 +108,78 @@ def test_routing_config_errors_name_the_fields(overrides):
     from minids_jax.config import ConfigError
     with pytest.raises(ConfigError, match="n_group|topk_group"):
         small_model_config(**{**V3_ROUTING, **overrides})
+
+
+def test_sequence_balance_loss_follows_the_paper():
+    """sum_e f_e P_e per sequence: 1 when every sequence spreads evenly, E when one expert
+    takes everything and holds all the probability."""
+    from minids_jax.moe import sequence_balancing_loss
+
+    experts, length = 4, 8
+    even_BxLxK = jnp.tile(jnp.arange(experts), (1, length // experts))[..., None]
+    uniform = jnp.full((1, length, experts), 1 / experts)
+    assert float(sequence_balancing_loss(uniform, even_BxLxK, experts)) == pytest.approx(1.0)
+    one_BxLxK = jnp.zeros((1, length, 1), jnp.int32)
+    all_on_one = jax.nn.one_hot(jnp.zeros((1, length), jnp.int32), experts)
+    assert float(sequence_balancing_loss(all_on_one, one_BxLxK, experts)) == pytest.approx(4.0)
+
+
+def skewed_trainer(tmp_path=None, **train):
+    """A v3-like tiny run whose router starts badly skewed towards expert 0 (its bias is 0.5
+    ahead, where sigmoid scores differ by about 0.1), with the learning rate near zero so
+    that only the bias update can fix it."""
+    from minids_jax import trainer as trainer_lib
+    from tests.factories import tiny_config
+
+    config = tiny_config(model=dict(n_experts=4, top_k=1, router_scoring="sigmoid",
+                                    n_shared_experts=1),
+                         optim=dict(lr=1e-9, warmup_steps=0, total_steps=60),
+                         train=dict(log_every=10, eval_batches=1, **train))
+    run = trainer_lib.Trainer(config, None if tmp_path is None else str(tmp_path))
+    bias = run.state.model["blocks"][0]["moe"]["bias"]
+    bias[...] = bias[...].at[0].set(0.5)
+    return run
+
+
+def test_the_bias_update_balances_a_skewed_router():
+    frozen = skewed_trainer(router_bias_rate=0.0).train()
+    moving = skewed_trainer(router_bias_rate=0.02).train()
+    first = lambda h: [r for r in h if "expert_load" in r][0]  # noqa: E731
+    last = lambda h: [r for r in h if "expert_load" in r][-1]  # noqa: E731
+    assert np.max(first(frozen)["expert_load"]) > 0.95  # expert 0 takes the tokens at first
+    assert np.max(first(moving)["expert_load"]) > 0.6  # (after ten corrections, most of them)
+    assert np.max(last(frozen)["expert_load"]) > 0.8  # and keeps them without the update
+    assert np.max(last(moving)["expert_load"]) < 0.45  # the bias spread them
+    assert last(moving)["router_bias_max"] < 0.5 and last(moving)["router_bias_min"] > 0.0
+    assert (last(frozen)["router_bias_max"], last(frozen)["router_bias_min"]) == (0.5, 0.0)
+
+
+def test_resume_after_bias_updates_is_exact(tmp_path):
+    from minids_jax import checkpoint
+
+    straight = skewed_trainer(tmp_path / "straight", router_bias_rate=0.01)
+    straight.train()
+    first_half = skewed_trainer(tmp_path / "resumed", router_bias_rate=0.01)
+    first_half.train_step = _stop_after(first_half.train_step, 25)
+    with pytest.raises(KeyboardInterrupt):
+        first_half.train()
+    resumed = skewed_trainer(tmp_path / "resumed", router_bias_rate=0.01)
+    resumed.train()
+    assert checkpoint.resolve(tmp_path / "resumed")[1] == 60
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(straight.state.model)),
+                    jax.tree.leaves(nnx.to_pure_dict(resumed.state.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    biases = nnx.to_pure_dict(resumed.state.model)["blocks"][0]["moe"]["bias"]
+    assert np.abs(np.asarray(biases)).max() > 0
+
+
+def _stop_after(step_fn, steps):
+    calls = []
+
+    def step(state, batch):
+        calls.append(1)
+        if len(calls) > steps:
+            raise KeyboardInterrupt  # a crash after `steps` steps
+        return step_fn(state, batch)
+
+    return step
