@@ -129,6 +129,8 @@ class ModelConfig(Group):
                                 ARCHITECTURE, low=0)
     dense_hidden_dim: int = option(0, "hidden width of those dense SwiGLUs; 0: mlp_mult * "
                                    "d_model", ARCHITECTURE, low=0)
+    mtp_depth: int = option(0, "multi-token prediction modules: module k also predicts the "
+                            "token k+1 ahead (DeepSeek-V3: 1)", ARCHITECTURE, low=0)
     attn_pattern: tuple = option(("mha", "mhla"), "layer i uses attn_pattern[i % len]: "
                                  "'mha', 'mhla' or 'mla' (DeepSeek-V3's)", ARCHITECTURE)
     q_lora_rank: int = option(0, "MLA: rank of the query's low-rank projection; 0: one "
@@ -266,6 +268,8 @@ class TrainConfig(Group):
     aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss", low=0)
     sequence_aux_loss_coef: float = option(0.0, "weight of DeepSeek-V3's sequence-wise "
                                            "balance loss (the paper: 1e-4)", low=0)
+    mtp_loss_coef: float = option(0.3, "weight of the mean multi-token-prediction loss "
+                                  "(with model.mtp_depth > 0)", low=0)
     router_bias_rate: float = option(0.001, "aux-loss-free balancing of sigmoid routers: "
                                      "each step every bias moves this much toward balance; "
                                      "0 freezes them", low=0)

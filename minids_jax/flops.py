@@ -34,45 +34,56 @@ PEAK_BF16_FLOPS = {
 
 
 def flops_breakdown(cfg: ModelConfig) -> dict[str, float]:
-    """Forward FLOPs per token of a full max_seq_len sequence, by part, summed over layers."""
-    d, length, k_lat = cfg.d_model, cfg.max_seq_len, cfg.latent_k
+    """Forward FLOPs per token of a full max_seq_len sequence, by part, summed over layers;
+    `mtp` is the multi-token-prediction modules' whole work (projection, block, head)."""
+    d = cfg.d_model
     parts = dict.fromkeys(("attention_projections", "attention_scores", "experts", "router",
-                           "head"), 0.0)
+                           "head", "mtp"), 0.0)
     for layer in range(cfg.n_layers):
-        kind = cfg.attention_kind(layer)
-        if kind == "mha":
-            parts["attention_projections"] += 2 * 4 * d * d  # q, k, v, out
-            parts["attention_scores"] += 2 * 2 * d * (length + 1) / 2  # q.k and p.v, causal
-        elif kind == "mla":
-            heads, query_dims = cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-            rank = cfg.kv_lora_rank
-            query = (d * cfg.q_lora_rank + cfg.q_lora_rank * heads * query_dims
-                     if cfg.q_lora_rank else d * heads * query_dims)
-            parts["attention_projections"] += 2 * (
-                query + d * (rank + cfg.qk_rope_head_dim)  # q; kv_down
-                + rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kv_up
-                + heads * cfg.v_head_dim * d)  # out
-            parts["attention_scores"] += 2 * heads * (query_dims + cfg.v_head_dim) * (
-                length + 1) / 2
-        else:
-            segment = length // k_lat
-            ends_K = (np.arange(k_lat) + 1) * segment
-            # Per token: read k, v and write q, out. Per latent: read q, out; latent-self
-            # q, k, v, out; write k, v.
-            parts["attention_projections"] += 2 * d * d * (4 + 8 * k_lat / length)
-            read_keys = ends_K.sum()  # latent j reads positions < e_j
-            self_keys = k_lat * (k_lat + 1) / 2  # latent j attends to latents <= j
-            write_keys = np.sum((np.arange(length) + 1) // segment)  # position i: e_j <= i+1
-            parts["attention_scores"] += 2 * 2 * d * (read_keys + self_keys + write_keys) / length
-        if not cfg.is_moe_layer(layer):
-            parts["experts"] += 3 * 2 * d * cfg.dense_mlp_dim  # the dense SwiGLU
-            continue
-        # w1, w2, w3 of each routed expert a token goes to, and of the shared ones
-        active = cfg.top_k + cfg.n_shared_experts
-        parts["experts"] += active * 3 * 2 * d * cfg.expert_hidden_dim
-        parts["router"] += 2 * d * cfg.n_experts
+        _add_layer(cfg, layer, parts)
     parts["head"] = 2 * d * cfg.vocab_size
+    for depth in range(1, cfg.mtp_depth + 1):
+        module = dict.fromkeys(parts, 0.0)
+        _add_layer(cfg, cfg.n_layers + depth - 1, module)
+        parts["mtp"] += sum(module.values()) + 2 * (2 * d) * d + parts["head"]  # + proj, head
     return {name: float(value) for name, value in parts.items()}
+
+
+def _add_layer(cfg: ModelConfig, layer: int, parts: dict[str, float]) -> None:
+    """Adds one block's forward FLOPs per token to `parts`."""
+    d, length, k_lat = cfg.d_model, cfg.max_seq_len, cfg.latent_k
+    kind = cfg.attention_kind(layer)
+    if kind == "mha":
+        parts["attention_projections"] += 2 * 4 * d * d  # q, k, v, out
+        parts["attention_scores"] += 2 * 2 * d * (length + 1) / 2  # q.k and p.v, causal
+    elif kind == "mla":
+        heads, query_dims = cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        rank = cfg.kv_lora_rank
+        query = (d * cfg.q_lora_rank + cfg.q_lora_rank * heads * query_dims
+                 if cfg.q_lora_rank else d * heads * query_dims)
+        parts["attention_projections"] += 2 * (
+            query + d * (rank + cfg.qk_rope_head_dim)  # q; kv_down
+            + rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kv_up
+            + heads * cfg.v_head_dim * d)  # out
+        parts["attention_scores"] += 2 * heads * (query_dims + cfg.v_head_dim) * (
+            length + 1) / 2
+    else:
+        segment = length // k_lat
+        ends_K = (np.arange(k_lat) + 1) * segment
+        # Per token: read k, v and write q, out. Per latent: read q, out; latent-self
+        # q, k, v, out; write k, v.
+        parts["attention_projections"] += 2 * d * d * (4 + 8 * k_lat / length)
+        read_keys = ends_K.sum()  # latent j reads positions < e_j
+        self_keys = k_lat * (k_lat + 1) / 2  # latent j attends to latents <= j
+        write_keys = np.sum((np.arange(length) + 1) // segment)  # position i: e_j <= i+1
+        parts["attention_scores"] += 2 * 2 * d * (read_keys + self_keys + write_keys) / length
+    if not cfg.is_moe_layer(layer):
+        parts["experts"] += 3 * 2 * d * cfg.dense_mlp_dim  # the dense SwiGLU
+        return
+    # w1, w2, w3 of each routed expert a token goes to, and of the shared ones
+    active = cfg.top_k + cfg.n_shared_experts
+    parts["experts"] += active * 3 * 2 * d * cfg.expert_hidden_dim
+    parts["router"] += 2 * d * cfg.n_experts
 
 
 def forward_flops_per_token(cfg: ModelConfig) -> float:

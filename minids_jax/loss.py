@@ -1,5 +1,5 @@
 """The training loss: next-token cross-entropy in float32 over weighted positions, plus the
-MoE balancing term.
+MoE balancing terms and the multi-token-prediction loss.
 
 `targets` are already the next tokens (see sources.py): logits at t score targets[t], with no
 further shift here. `model_loss` fuses the head into the cross-entropy (kernels/head_loss.py),
@@ -17,6 +17,7 @@ import optax
 
 from minids_jax.kernels.head_loss import head_cross_entropy
 from minids_jax.model import MiniDeepSeek
+from minids_jax.mtp import shift_left
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array):
@@ -34,18 +35,39 @@ def loss_chunk(device_batch: int, length: int, vocab: int, platform: str) -> int
     return max(1, min(length, rows // max(1, device_batch)))
 
 
-def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int):
-    """`cross_entropy(model(inputs).logits, targets, weights)` and aux, the head fused in."""
-    hidden_BxLxD, aux, _ = model.hidden(batch["inputs"])
+def _head_loss(model: MiniDeepSeek, features_BxLxD, targets_BxL, weights_BxL, chunk: int):
+    kernel_DxV = model.head.kernel[...].astype(features_BxLxD.dtype)
+    loss_sum = head_cross_entropy(features_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk)
+    return loss_sum / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+
+
+def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
+               with_mtp: bool = True):
+    """`cross_entropy(model(inputs).logits, targets, weights)` and aux, the head fused in.
+
+    With multi-token prediction (and `with_mtp`), aux["mtp_loss"] is the mean over the
+    modules of module k's loss: its features at i score targets[i + k] (the token k + 1
+    ahead), weighted by weights[i + k], and nothing where i + k runs past the window.
+    """
+    trunk_BxLxD, aux, _ = model.trunk(batch["inputs"])
     weights_BxL = batch["weights"].astype(jnp.float32)
-    kernel_DxV = model.head.kernel[...].astype(hidden_BxLxD.dtype)
-    loss_sum = head_cross_entropy(hidden_BxLxD, kernel_DxV, batch["targets"], weights_BxL, chunk)
-    return loss_sum / jnp.maximum(jnp.sum(weights_BxL), 1.0), aux
+    ce = _head_loss(model, model.final_norm(trunk_BxLxD), batch["targets"], weights_BxL, chunk)
+    if model.mtp is not None and with_mtp:
+        positions_BxL = jnp.broadcast_to(jnp.arange(trunk_BxLxD.shape[1]), weights_BxL.shape)
+        hidden_BxLxD, losses = trunk_BxLxD, []
+        for k, module in enumerate(model.mtp, start=1):
+            ahead_BxLxD = model.embed(shift_left(batch["inputs"], k))
+            hidden_BxLxD, features_BxLxD = module(hidden_BxLxD, ahead_BxLxD, positions_BxL)
+            losses.append(_head_loss(model, features_BxLxD, shift_left(batch["targets"], k),
+                                     shift_left(weights_BxL, k), chunk))
+        aux = {**aux, "mtp_loss": jnp.mean(jnp.stack(losses))}
+    return ce, aux
 
 
 def total_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
-               aux_loss_coef: float, sequence_aux_loss_coef: float = 0.0):
+               aux_loss_coef: float, sequence_aux_loss_coef: float = 0.0,
+               mtp_loss_coef: float = 0.0):
     """The loss the optimizer minimizes, and (cross-entropy, aux) for the metrics."""
     ce, aux = model_loss(model, batch, chunk)
     balance = aux_loss_coef * aux["aux_loss"] + sequence_aux_loss_coef * aux["sequence_aux_loss"]
-    return ce + balance, (ce, aux)
+    return ce + balance + mtp_loss_coef * aux.get("mtp_loss", 0.0), (ce, aux)

@@ -22,6 +22,7 @@ from minids_jax.layers import MLP, RMSNorm, linear
 from minids_jax.mhla import MHLA
 from minids_jax.mla import MLA
 from minids_jax.moe import MoE, MoEStats
+from minids_jax.mtp import MTPModule
 
 ATTENTION_CLASSES = {"mha": MHA, "mhla": MHLA, "mla": MLA}
 
@@ -82,6 +83,9 @@ class MiniDeepSeek(nnx.Module):
                                       param_dtype=cfg.param_dtype)
             self.head = linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
                                dtype=compute.dtype, param_dtype=cfg.param_dtype)
+            # Last, so the main parameters of a seed do not depend on mtp_depth; None: no state.
+            self.mtp = nnx.List([MTPModule(cfg, compute, k, rngs=rngs)
+                                 for k in range(1, cfg.mtp_depth + 1)]) if cfg.mtp_depth else None
 
     def init_cache(self, batch: int, max_len: int | None = None) -> list:
         """Empty per-layer caches for decoding up to `max_len` (default model.max_seq_len)."""
@@ -97,9 +101,17 @@ class MiniDeepSeek(nnx.Module):
 
     def hidden(self, tokens_BxL, positions_BxL=None, cache=None, *,
                moe_dispatch: str | None = None) -> tuple[jax.Array, dict, Any]:
-        """(features, aux, cache): the final-normed features the head reads: `__call__` without the head (the loss
-        applies the head itself, in chunks). Positions default to the cache's next slots.
-        `moe_dispatch` overrides the MoE's own (decoding asks for an exact one)."""
+        features_BxLxD, aux, cache = self.trunk(tokens_BxL, positions_BxL, cache,
+                                                moe_dispatch=moe_dispatch)
+        return self.final_norm(features_BxLxD), aux, cache
+
+    def trunk(self, tokens_BxL, positions_BxL=None, cache=None, *,
+              moe_dispatch: str | None = None) -> tuple[jax.Array, dict, Any]:
+        """(last block's output, aux, cache): `hidden` before the final norm, which is what
+        the multi-token-prediction modules read. `hidden` gives the final-normed features the
+        head reads: `__call__` without the head (the loss applies the head itself, in chunks).
+        Positions default to the cache's next slots. `moe_dispatch` overrides the MoE's own
+        (decoding asks for an exact one)."""
         if positions_BxL is None:
             start = 0 if cache is None else cache[0].index
             positions_BxL = jnp.broadcast_to(start + jnp.arange(tokens_BxL.shape[1]),
@@ -121,7 +133,7 @@ class MiniDeepSeek(nnx.Module):
             "dropped_fraction": jnp.mean(jnp.stack([s.dropped_fraction for s in all_stats])),
             "sequence_aux_loss": jnp.mean(jnp.stack([s.sequence_loss for s in all_stats])),
         }
-        return self.final_norm(x_BxLxD), aux, new_cache
+        return x_BxLxD, aux, new_cache
 
 
 def count_params(model: nnx.Module) -> int:

@@ -46,7 +46,8 @@ def create_train_state(config: Config, compute: ComputeConfig, mesh):
 def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config,
                     batch_sharding, loss_chunk: int):
     lr_schedule = optim.schedule(config.optim)
-    coefs = (config.train.aux_loss_coef, config.train.sequence_aux_loss_coef)
+    coefs = (config.train.aux_loss_coef, config.train.sequence_aux_loss_coef,
+             config.train.mtp_loss_coef)
     bias_rate = config.train.router_bias_rate
 
     @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
@@ -62,6 +63,7 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
             "grad_norm": optax.tree.norm(grads), "sequence_aux_loss": aux["sequence_aux_loss"],
             "expert_load": aux["expert_load_NxE"], "dropped_fraction": aux["dropped_fraction"],
             **update_router_biases(model, aux["expert_load_NxE"], bias_rate),
+            **({"mtp_loss": aux["mtp_loss"]} if "mtp_loss" in aux else {}),
         }
         # Return the state of everything mutated: model AND optimizer.
         return TrainState(nnx.state(model), nnx.state(optimizer)), metrics
@@ -89,6 +91,7 @@ def make_eval_step(graphdefs: TrainState, shardings: TrainState, batch_sharding,
                    loss_chunk: int):
     @sharding.under_mesh(batch_sharding.mesh, axis_rules)
     def eval_step(model_state, batch):
-        return loss_lib.model_loss(nnx.merge(graphdefs.model, model_state), batch, loss_chunk)[0]
+        return loss_lib.model_loss(nnx.merge(graphdefs.model, model_state), batch, loss_chunk,
+                                   with_mtp=False)[0]
 
     return jax.jit(eval_step, in_shardings=(shardings.model, batch_sharding))

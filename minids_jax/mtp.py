@@ -1,0 +1,52 @@
+"""Multi-token prediction (DeepSeek-V3): sequential modules that each predict one token further.
+
+Module k (1-based) turns the previous module's hidden state h^{k-1} (the main model's last
+block output for k = 1, before the final norm) and the embedding of the token k ahead into
+
+    h^k = block_k(proj_k([embed_norm_k(embed(t_{i+k})) ; hidden_norm_k(h^{k-1}_i)]))
+
+(embedding first, as the published checkpoints' `eh_proj` expects), and scores
+head(out_norm_k(h^k_i)) against the token k+1 ahead, t_{i+k+1}. The embedding and the head are
+the main model's. Names follow the checkpoints: enorm = embed_norm, hnorm = hidden_norm,
+eh_proj = proj, shared_head.norm = out_norm. Generation never runs these modules.
+
+Shapes: B batch, L length, D model width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minids_jax.config import ComputeConfig, ModelConfig
+from minids_jax.layers import RMSNorm, linear
+
+
+class MTPModule(nnx.Module):
+    def __init__(self, cfg: ModelConfig, compute: ComputeConfig, depth: int, *,
+                 rngs: nnx.Rngs):
+        from minids_jax.model import Block  # the block type of the main model
+
+        norm = dict(eps=cfg.norm_eps, dtype=compute.dtype, param_dtype=cfg.param_dtype)
+        self.embed_norm = RMSNorm(cfg.d_model, **norm)
+        self.hidden_norm = RMSNorm(cfg.d_model, **norm)
+        self.proj = linear(2 * cfg.d_model, cfg.d_model, (None, "embed"), rngs=rngs,
+                           dtype=compute.dtype, param_dtype=cfg.param_dtype)
+        # The layers after the main ones: their attention kind continues the pattern, and
+        # they are MoE layers (first_k_dense counts main layers only).
+        self.block = Block(cfg, compute, cfg.n_layers + depth - 1, rngs=rngs)
+        self.out_norm = RMSNorm(cfg.d_model, **norm)
+
+    def __call__(self, hidden_BxLxD, ahead_embedded_BxLxD, positions_BxL):
+        """(h^k before out_norm, out_norm(h^k)) from h^{k-1} and the embeddings k ahead."""
+        joined_BxLx2D = jnp.concatenate([self.embed_norm(ahead_embedded_BxLxD),
+                                         self.hidden_norm(hidden_BxLxD)], axis=-1)
+        hidden_BxLxD, _, _ = self.block(self.proj(joined_BxLx2D), positions_BxL)
+        return hidden_BxLxD, self.out_norm(hidden_BxLxD)
+
+
+def shift_left(a_BxL: jax.Array, k: int, fill=0) -> jax.Array:
+    """a[:, i + k] at i, `fill` where i + k runs past the window."""
+    return jnp.concatenate([a_BxL[:, k:], jnp.full((a_BxL.shape[0], k), fill, a_BxL.dtype)],
+                           axis=1)

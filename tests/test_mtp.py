@@ -1,0 +1,59 @@
+"""Multi-token prediction: what each module reads and scores, and that decoding ignores it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minids_jax import loss as loss_lib
+from minids_jax.model import MiniDeepSeek
+from tests.factories import compute_config, small_model_config
+
+CFG = small_model_config(attn_pattern=("mla",), router_scoring="sigmoid", n_shared_experts=1,
+                         mtp_depth=2)
+
+
+def batch(seed=0, length=16):
+    tokens = jax.random.randint(jax.random.key(seed), (2, length + 1), 0, CFG.vocab_size)
+    weights = jnp.ones((2, length)).at[0, 5].set(0.0).at[1, 10:].set(0.0)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+
+
+def test_module_k_scores_the_token_k_plus_1_ahead_and_nothing_past_the_window():
+    model = MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(0))
+    data = batch()
+    _, aux = loss_lib.model_loss(model, data, chunk=16)
+    # By hand, on windows cut to the positions that have a token k + 1 ahead (causal, so a
+    # shorter input gives the same outputs at the positions it keeps).
+    trunk, _, _ = model.trunk(data["inputs"])
+    hidden, losses = trunk, []
+    for k, module in enumerate(model.mtp, start=1):
+        length = data["inputs"].shape[1] - k
+        positions = jnp.broadcast_to(jnp.arange(length), (2, length))
+        joined = jnp.concatenate([module.embed_norm(model.embed(data["inputs"][:, k:])),
+                                  module.hidden_norm(hidden[:, :length])], axis=-1)
+        hidden, _, _ = module.block(module.proj(joined), positions)
+        logits = model.head(module.out_norm(hidden))
+        losses.append(loss_lib.cross_entropy(logits, data["targets"][:, k:],
+                                             data["weights"][:, k:]))
+    np.testing.assert_allclose(aux["mtp_loss"], np.mean(losses), rtol=1e-5)
+    # Targets where the weight is zero do not count.
+    changed = dict(data, targets=data["targets"].at[1, 12].set((data["targets"][1, 12] + 1) %
+                                                              CFG.vocab_size))
+    np.testing.assert_allclose(loss_lib.model_loss(model, changed, 16)[1]["mtp_loss"],
+                               aux["mtp_loss"], rtol=1e-6)
+
+
+def test_the_mtp_loss_enters_the_total_and_decoding_ignores_the_modules():
+    with_mtp = MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(1))
+    without = MiniDeepSeek(small_model_config(**{**CFG.__dict__, "mtp_depth": 0}),
+                           compute_config(), rngs=nnx.Rngs(1))
+    tokens = batch()["inputs"]
+    np.testing.assert_array_equal(with_mtp(tokens).logits_BxLxV, without(tokens).logits_BxLxV)
+    data = batch()
+    total, (ce, aux) = loss_lib.total_loss(with_mtp, data, 16, 0.0, 0.0, 0.5)
+    np.testing.assert_allclose(total, ce + 0.5 * aux["mtp_loss"], rtol=1e-6)
+    grads = nnx.grad(lambda m: loss_lib.total_loss(m, data, 16, 0.0, 0.0, 0.5)[0])(with_mtp)
+    assert float(jnp.abs(grads.mtp[1].proj.kernel[...]).sum()) > 0  # the deepest module learns
