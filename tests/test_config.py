@@ -96,3 +96,32 @@ def test_the_configuration_reference_is_generated_from_the_metadata():
     assert "| `aux_loss_coef` | `0.01` | noted |" in reference
     assert (ROOT / "docs" / "configuration.md").read_text() == reference, (
         "docs/configuration.md is stale: python -m minids_jax.config > docs/configuration.md")
+
+
+def test_the_deepseek_v3_config_has_the_published_parameter_counts():
+    """671.03B in the main model (the reference's meta-device count) and the MTP module apart,
+    from abstract shapes only."""
+    import jax
+    from flax import nnx
+
+    from configs import deepseek_v3
+    from minids_jax.model import MiniDeepSeek
+
+    cfg = config_lib.from_config_dict(deepseek_v3.get_config()).model
+    model = nnx.eval_shape(lambda: MiniDeepSeek(cfg, rngs=nnx.Rngs(0)))
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(nnx.state(tree, nnx.Param)))  # noqa: E731
+    mtp = count(model.mtp)
+    assert round((count(model) - mtp) / 1e9, 2) == 671.03
+    assert 11.4e9 < mtp < 11.7e9  # one MoE block and its 2D -> D projection
+    layer = model.blocks[10].attn
+    assert layer.kv_up.kernel.shape == (512, 128 * (128 + 128))
+    assert layer.kv_down.kernel.shape == (7168, 512 + 64)
+
+
+@pytest.mark.parametrize("name", ["v3_tiny", "v3_mini"])
+def test_the_deepseek_v3_configs_build(name):
+    import importlib
+
+    cfg = config_lib.from_config_dict(importlib.import_module(f"configs.{name}").get_config())
+    assert cfg.model.attn_pattern == ("mla",) and cfg.model.router_scoring == "sigmoid"
+    assert cfg.model.mtp_depth == 1 and cfg.model.first_k_dense == 1
