@@ -125,3 +125,25 @@ def test_the_deepseek_v3_configs_build(name):
     cfg = config_lib.from_config_dict(importlib.import_module(f"configs.{name}").get_config())
     assert cfg.model.attn_pattern == ("mla",) and cfg.model.router_scoring == "sigmoid"
     assert cfg.model.mtp_depth == 1 and cfg.model.first_k_dense == 1
+
+
+def test_inspect_prints_the_published_counts_and_splits_memory_over_fsdp():
+    import subprocess
+    import sys
+
+    from configs import v3_tiny
+    from minids_jax import inspect
+
+    result = subprocess.run([sys.executable, "-m", "minids_jax.inspect", "--config",
+                             "configs/deepseek_v3.py"], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).resolve().parents[1], timeout=300,
+                            env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert "671.03B in the main model (+ 11.61B in 1 MTP module(s))" in result.stdout
+    assert "active per token:    37.5" in result.stdout  # the paper: 37B
+    config = config_lib.from_config_dict(v3_tiny.get_config())
+    one = inspect.sizes(config, 1)
+    fsdp8 = inspect.sizes(dataclasses.replace(config, mesh=dataclasses.replace(
+        config.mesh, data=1, fsdp=8)), 8)
+    assert one["bytes_per_device"] == 12 * (one["parameters"] + one["mtp_parameters"])
+    assert one["bytes_per_device"] / 8 < fsdp8["bytes_per_device"] < one["bytes_per_device"] / 7

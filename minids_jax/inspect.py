@@ -1,0 +1,85 @@
+"""Sizes of a config without allocating it: parameters, active parameters, FLOPs, memory.
+
+    python -m minids_jax.inspect --config configs/deepseek_v3.py
+    python -m minids_jax.inspect --config configs/v3_mini.py --devices 8 \
+        --config.mesh.data=1 --config.mesh.fsdp=8
+
+Everything comes from abstract shapes (`nnx.eval_shape`) and the mesh's logical-axis rules: the
+total and per-token active parameter counts (routed experts count top_k / n_experts; the MTP
+modules apart), the training FLOPs per token (flops.py), and the bytes per device of the
+parameters and the AdamW state (two moments of each parameter) under the configured mesh on
+`--devices` devices.
+"""
+
+from __future__ import annotations
+
+import math
+
+from absl import flags
+
+from minids_jax import cli
+
+GB = 1e9
+
+
+def sizes(config, n_devices: int) -> dict:
+    """The figures `inspect` prints, as numbers."""
+    import jax
+    from flax import nnx
+
+    from minids_jax import flops, sharding
+    from minids_jax.model import MiniDeepSeek
+
+    cfg = config.model
+    with nnx.logical_axis_rules(config.mesh.axis_rules), nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: MiniDeepSeek(cfg, rngs=nnx.Rngs(0)))
+        params = nnx.state(model, nnx.Param)
+        specs = nnx.get_partition_spec(params)
+    mesh_sizes = sharding.resolve_axis_sizes(config.mesh, n_devices)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = active = mtp = 0
+    device_bytes = 0.0
+    for (path, leaf), spec in zip(leaves, jax.tree.leaves(
+            specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+        name = jax.tree_util.keystr(path)
+        size = math.prod(leaf.shape)
+        routed = "['moe']['w" in name  # the routed experts' [E, ...] weights
+        share = cfg.top_k / cfg.n_experts if routed else 1.0
+        if "['mtp']" in name:
+            mtp += size
+        else:
+            total += size
+            active += size * share
+        ways = 1
+        for axes in spec:
+            axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+            ways *= math.prod(mesh_sizes[a] for a in axes)
+        device_bytes += 3 * size * leaf.dtype.itemsize / ways  # the parameter and two moments
+    return {"parameters": total, "active_per_token": active, "mtp_parameters": mtp,
+            "train_flops_per_token": flops.train_flops_per_token(cfg),
+            "mesh": mesh_sizes, "bytes_per_device": device_bytes}
+
+
+def main() -> None:
+    config_flag = cli.define_config_flag()
+    devices_flag = flags.DEFINE_integer("devices", 1, "Devices the mesh spans.", lower_bound=1)
+
+    def run(argv):
+        del argv
+        config = cli.config_from_flag(config_flag)
+        figures = sizes(config, devices_flag.value)
+        print(f"parameters:          {figures['parameters'] / GB:,.2f}B in the main model "
+              f"(+ {figures['mtp_parameters'] / GB:,.2f}B in {config.model.mtp_depth} MTP "
+              f"module(s))")
+        print(f"active per token:    {figures['active_per_token'] / GB:,.2f}B")
+        print(f"training FLOPs:      {figures['train_flops_per_token'] / GB:,.1f} GFLOPs per "
+              f"token")
+        print(f"mesh:                {figures['mesh']} on {devices_flag.value} device(s)")
+        print(f"per device:          {figures['bytes_per_device'] / GB:,.2f} GB of parameters "
+              f"and AdamW moments ({config.model.param_dtype})")
+
+    cli.run(run)
+
+
+if __name__ == "__main__":
+    main()
