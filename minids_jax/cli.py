@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from typing import Callable
 
 from absl import app, flags
@@ -133,9 +134,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _exit(message: str, code: int):
     print(f"error: {message}", file=sys.stderr, flush=True)
-    # Writes that orbax abandoned on a failure are collected at exit, and asyncio logs each
-    # one with a traceback; the failure was just reported.
+    # Writes that orbax abandoned on a failure are collected at exit: asyncio logs each one
+    # with a traceback, and Python warns of each coroutine never awaited. The failure was
+    # just reported.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
     sys.exit(code)
 
 
