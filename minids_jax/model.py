@@ -101,6 +101,8 @@ class MiniDeepSeek(nnx.Module):
 
     def hidden(self, tokens_BxL, positions_BxL=None, cache=None, *,
                moe_dispatch: str | None = None) -> tuple[jax.Array, dict, Any]:
+        """(features, aux, cache): the final-normed features the head reads, i.e. `__call__`
+        without the head (the loss applies the head itself, in chunks)."""
         features_BxLxD, aux, cache = self.trunk(tokens_BxL, positions_BxL, cache,
                                                 moe_dispatch=moe_dispatch)
         return self.final_norm(features_BxLxD), aux, cache
@@ -108,10 +110,8 @@ class MiniDeepSeek(nnx.Module):
     def trunk(self, tokens_BxL, positions_BxL=None, cache=None, *,
               moe_dispatch: str | None = None) -> tuple[jax.Array, dict, Any]:
         """(last block's output, aux, cache): `hidden` before the final norm, which is what
-        the multi-token-prediction modules read. `hidden` gives the final-normed features the
-        head reads: `__call__` without the head (the loss applies the head itself, in chunks).
-        Positions default to the cache's next slots. `moe_dispatch` overrides the MoE's own
-        (decoding asks for an exact one)."""
+        the multi-token-prediction modules read. Positions default to the cache's next slots.
+        `moe_dispatch` overrides the MoE's own (decoding asks for an exact one)."""
         if positions_BxL is None:
             start = 0 if cache is None else cache[0].index
             positions_BxL = jnp.broadcast_to(start + jnp.arange(tokens_BxL.shape[1]),
