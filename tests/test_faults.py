@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -97,9 +96,12 @@ def test_writable_directory_names_the_problem(tmp_path):
     assert writable_directory(tmp_path / "new" / "run").is_dir()
 
 
-def _limit_file_size():  # runs in the child: writes past 100 kB fail with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+# Runs the command after it with writes past 100 kB failing with EFBIG. (A wrapper that
+# exec()s, not a preexec_fn: forking this multithreaded process could deadlock.)
+LIMIT_FILE_SIZE = ("import os, resource, signal, sys; "
+                   "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+                   "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 def _can_mount_tmpfs(tmp_path) -> bool:
@@ -127,9 +129,9 @@ def test_a_failed_save_stops_the_run_at_that_save(tmp_path, fault):
                                 capture_output=True, env=subprocess_env(""), timeout=240)
         failed, reason = 6, "No space left on device"  # two ~600 kB checkpoints fit
     else:
-        result = subprocess.run(command, cwd=REPO, text=True, capture_output=True,
-                                env=subprocess_env(""), timeout=240,
-                                preexec_fn=_limit_file_size)
+        result = subprocess.run([sys.executable, "-c", LIMIT_FILE_SIZE, *command], cwd=REPO,
+                                text=True, capture_output=True, env=subprocess_env(""),
+                                timeout=240)
         failed, reason = None, "File too large"  # the first save with a file over 100 kB
     last = assert_user_error(result, "saving the checkpoint of step", reason, "MiB free there")
     step = int(re.search(r"saving the checkpoint of step (\d+) to", last).group(1))
