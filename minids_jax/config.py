@@ -7,8 +7,9 @@ field declares, in its metadata, a one-line doc, its checks and what a change on
   architecture  the parameters' shapes or the function they compute: must match the checkpoint
   noted         changes the run's course (it will not match an uninterrupted one): logged
   quiet         bookkeeping (logging, mesh, more steps): changed silently
-`python -m minids_jax.config` prints the reference (docs/configuration.md). This module
-imports nothing of the project but its error base.
+`python -m minids_jax.config` prints the reference (docs/configuration.md). The field machinery
+is config_schema.py's and the `model` group model_config.py's; both are re-exported here.
+This module imports nothing else of the project.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import logging
 import sys
 from typing import Any, Mapping
 
-from minids_jax.errors import UserError
+from minids_jax import config_schema
+from minids_jax.config_schema import (  # noqa: F401  (re-exported: config.check, ...)
+    ARCHITECTURE, NOTED, QUIET, ConfigError, Group, check, option)
+from minids_jax.model_config import (  # noqa: F401
+    ATTENTION_KINDS, DTYPES, ROUTER_SCORINGS, ModelConfig)
 
-ARCHITECTURE, NOTED, QUIET = "architecture", "noted", "quiet"
-ATTENTION_KINDS = ("mha", "mhla", "mla")
 ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention")
-ROUTER_SCORINGS = ("softmax", "sigmoid")
 MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
-DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("random", "builtin", "text", "jsonl", "json", "tokens")
 SOURCES_WITH_PATH = ("text", "jsonl", "json", "tokens")
 MIN_TEXT_VOCAB = 259  # the tokenizers' 256 byte symbols plus PAD, BOS and EOS
@@ -35,185 +36,6 @@ MOVED = {"model.dtype": "compute.dtype", "model.attention_kernel": "compute.atte
          "model.moe_dispatch": "compute.moe_dispatch",
          "model.capacity_factor": "compute.capacity_factor",
          "model.aux_loss_coef": "train.aux_loss_coef"}
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def option(default, doc: str, policy: str = NOTED, *, choices: tuple | None = None,
-           low: float | None = None, above: float | None = None, below: float | None = None):
-    """A config field: default, one-line doc, resume policy, and its checks (value in
-    `choices`; value >= low, > above, < below)."""
-    return dataclasses.field(default=default, metadata=dict(
-        doc=doc, policy=policy, choices=choices, low=low, above=above, below=below))
-
-
-def _check_field(group: str, field: dataclasses.Field, value):
-    """The value converted to the default's type, or a ConfigError naming the field."""
-    name, meta, kind = f"{group}.{field.name}", field.metadata, type(field.default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is tuple and isinstance(value, list):
-        value = tuple(value)
-    what = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
-            tuple: "a tuple"}[kind]
-    check(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)),
-          f"{name} must be {what}, got {value!r}.")
-    if meta["choices"] is not None:
-        check(value in meta["choices"],
-              f"{name}={value!r} is unknown; choose from {meta['choices']}.")
-    if meta["low"] is not None:
-        bound = "a positive integer" if meta["low"] == 1 and kind is int else f">= {meta['low']}"
-        check(value >= meta["low"], f"{name} must be {bound}, got {value!r}.")
-    if meta["above"] is not None:
-        check(value > meta["above"], f"{name} must be > {meta['above']}, got {value!r}.")
-    if meta["below"] is not None:
-        check(value < meta["below"], f"{name} must be < {meta['below']}, got {value!r}.")
-    return value
-
-
-class Group:
-    """Base of the config groups: checks every field from its metadata, then `validate()`."""
-
-    NAME = ""
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name,
-                               _check_field(self.NAME, field, getattr(self, field.name)))
-        self.validate()
-
-    def validate(self) -> None:
-        """Checks that involve several fields."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig(Group):
-    """The architecture: what the parameters are and the function they compute."""
-
-    NAME = "model"
-    vocab_size: int = option(32000, "vocabulary size (the byte tokenizer needs 259)",
-                             ARCHITECTURE, low=1)
-    max_seq_len: int = option(1024, "context length; MHLA's segments are fixed by it",
-                              ARCHITECTURE, low=1)
-    d_model: int = option(1024, "model width", ARCHITECTURE, low=1)
-    n_layers: int = option(6, "blocks", ARCHITECTURE, low=1)
-    n_heads: int = option(16, "attention heads; must divide d_model", ARCHITECTURE, low=1)
-    latent_k: int = option(64, "learned latents of the MHLA layers; must divide max_seq_len",
-                           ARCHITECTURE, low=1)
-    mlp_mult: int = option(4, "expert hidden width = mlp_mult * d_model", ARCHITECTURE, low=1)
-    n_experts: int = option(2, "experts per MoE layer", ARCHITECTURE, low=1)
-    top_k: int = option(1, "experts per token", ARCHITECTURE, low=1)
-    router_scoring: str = option("softmax", "routing scores: 'softmax' (the original's) or "
-                                 "'sigmoid' (DeepSeek-V3's, with a selection bias)",
-                                 ARCHITECTURE, choices=ROUTER_SCORINGS)
-    n_group: int = option(1, "expert groups; each token picks experts from topk_group of them",
-                          ARCHITECTURE, low=1)
-    topk_group: int = option(1, "groups kept per token (a group scores the sum of its top 2)",
-                             ARCHITECTURE, low=1)
-    norm_topk_prob: bool = option(True, "with top_k > 1, divide the chosen weights by their sum",
-                                  ARCHITECTURE)
-    routed_scaling_factor: float = option(1.0, "multiplies the routed experts' weights",
-                                          ARCHITECTURE, above=0)
-    n_shared_experts: int = option(0, "always-on experts of moe_hidden_dim each, beside the "
-                                   "routed ones", ARCHITECTURE, low=0)
-    moe_hidden_dim: int = option(0, "hidden width of each routed (and shared) expert; 0: "
-                                 "mlp_mult * d_model", ARCHITECTURE, low=0)
-    first_k_dense: int = option(0, "the first k layers have a dense SwiGLU instead of an MoE",
-                                ARCHITECTURE, low=0)
-    dense_hidden_dim: int = option(0, "hidden width of those dense SwiGLUs; 0: mlp_mult * "
-                                   "d_model", ARCHITECTURE, low=0)
-    mtp_depth: int = option(0, "multi-token prediction modules: module k also predicts the "
-                            "token k+1 ahead (DeepSeek-V3: 1)", ARCHITECTURE, low=0)
-    attn_pattern: tuple = option(("mha", "mhla"), "layer i uses attn_pattern[i % len]: "
-                                 "'mha', 'mhla' or 'mla' (DeepSeek-V3's)", ARCHITECTURE)
-    q_lora_rank: int = option(0, "MLA: rank of the query's low-rank projection; 0: one "
-                              "direct projection", ARCHITECTURE, low=0)
-    kv_lora_rank: int = option(64, "MLA: rank of the cached key-value latent", ARCHITECTURE,
-                               low=1)
-    qk_nope_head_dim: int = option(32, "MLA: per-head query/key dims without RoPE",
-                                   ARCHITECTURE, low=1)
-    qk_rope_head_dim: int = option(16, "MLA: query/key dims with RoPE (the key's are shared "
-                                   "by all heads); even", ARCHITECTURE, low=2)
-    v_head_dim: int = option(32, "MLA: per-head value dims", ARCHITECTURE, low=1)
-    rope_theta: float = option(10000.0, "RoPE base", ARCHITECTURE, above=0)
-    rope_yarn_factor: float = option(1.0, "YaRN context extension factor of every RoPE; 1: "
-                                     "plain RoPE", ARCHITECTURE, low=1.0)
-    rope_original_max_len: int = option(4096, "YaRN: the context the RoPE was trained for",
-                                        ARCHITECTURE, low=1)
-    rope_beta_fast: float = option(32.0, "YaRN: rotations above which a frequency is kept",
-                                   ARCHITECTURE, above=0)
-    rope_beta_slow: float = option(1.0, "YaRN: rotations below which a frequency is divided "
-                                   "by the factor", ARCHITECTURE, above=0)
-    rope_mscale: float = option(1.0, "YaRN: mscale of the cos/sin amplitude", ARCHITECTURE,
-                                low=0)
-    rope_mscale_all_dim: float = option(0.0, "YaRN: mscale of the softmax scale (DeepSeek-V3: "
-                                        "1.0); 0: none", ARCHITECTURE, low=0)
-    norm_eps: float = option(1e-5, "RMSNorm epsilon", ARCHITECTURE, above=0)
-    param_dtype: str = option("float32", "dtype the parameters are stored in", ARCHITECTURE,
-                              choices=DTYPES)
-
-    def validate(self):
-        check(self.d_model % self.n_heads == 0,
-              f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-              f"choose n_heads among the divisors of d_model.")
-        check(self.head_dim % 2 == 0,
-              f"head dim d_model/n_heads = {self.head_dim} must be even for rotary embeddings; "
-              f"change model.d_model or model.n_heads.")
-        check(self.top_k <= self.n_experts,
-              f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}; "
-              f"set top_k <= n_experts.")
-        experts, groups = self.n_experts, self.n_group
-        check(experts % groups == 0 and (groups == 1 or experts // groups >= 2),
-              f"model.n_group={groups} must divide model.n_experts={experts} into groups of at "
-              f"least 2 experts (a group scores the sum of its top 2).")
-        check(self.topk_group <= groups and self.top_k <= self.topk_group * (experts // groups),
-              f"model.topk_group={self.topk_group} must be <= model.n_group={groups}, and its "
-              f"groups must hold model.top_k={self.top_k} experts.")
-        check(self.first_k_dense < self.n_layers,
-              f"model.first_k_dense={self.first_k_dense} leaves no MoE layer among "
-              f"model.n_layers={self.n_layers}; lower it.")
-        check(len(self.attn_pattern) > 0, "model.attn_pattern is empty; use e.g. ('mha', 'mhla').")
-        for kind in self.attn_pattern:
-            check(kind in ATTENTION_KINDS, f"model.attn_pattern has unknown attention kind "
-                                           f"{kind!r}; choose from {ATTENTION_KINDS}.")
-        check("mla" not in self.attn_pattern or self.qk_rope_head_dim % 2 == 0,
-              f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE turns pairs).")
-        check(self.rope_beta_fast > self.rope_beta_slow,
-              f"model.rope_beta_fast={self.rope_beta_fast} must exceed model.rope_beta_slow="
-              f"{self.rope_beta_slow}.")
-        check("mhla" not in self.attn_pattern or self.max_seq_len % self.latent_k == 0,
-              f"model.max_seq_len={self.max_seq_len} is not divisible by model.latent_k="
-              f"{self.latent_k}: each latent summarizes an equal segment; choose latent_k among "
-              f"the divisors of max_seq_len.")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.mlp_mult * self.d_model
-
-    @property
-    def expert_hidden_dim(self) -> int:
-        return self.moe_hidden_dim or self.hidden_dim
-
-    @property
-    def dense_mlp_dim(self) -> int:
-        return self.dense_hidden_dim or self.hidden_dim
-
-    def is_moe_layer(self, layer: int) -> bool:
-        return layer >= self.first_k_dense
-
-    def attention_kind(self, layer: int) -> str:
-        return self.attn_pattern[layer % len(self.attn_pattern)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,19 +321,8 @@ def changes(saved: Config, current: Config, policy: str) -> list[str]:
 
 
 def reference_markdown() -> str:
-    """The field reference, one table per group, from the dataclasses' metadata."""
-    lines = ["# Configuration reference", "",
-             "Generated by `python -m minids_jax.config` from `minids_jax/config.py`; the "
-             "policy says what a change means when resuming (architecture: must match the "
-             "checkpoint; noted: logged; quiet: silent). Override any field with "
-             "`--config.GROUP.FIELD=VALUE`."]
-    for group, cls in GROUPS.items():
-        lines += ["", f"## {group}", "", cls.__doc__.strip(), "",
-                  "| field | default | policy | meaning |", "|---|---|---|---|"]
-        for field in dataclasses.fields(cls):
-            lines.append(f"| `{field.name}` | `{field.default!r}` | {field.metadata['policy']} "
-                         f"| {field.metadata['doc'].replace('|', '/')} |")
-    return "\n".join(lines) + "\n"
+    """The field reference, one table per group (docs/configuration.md)."""
+    return config_schema.reference_markdown(GROUPS)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""The `model` group: the architecture, which a checkpoint's must match (config.py holds the
+other groups). The original's fields, then DeepSeek-V3's (MLA, YaRN, DeepSeekMoE, MTP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from minids_jax.config_schema import ARCHITECTURE, Group, check, option
+
+ATTENTION_KINDS = ("mha", "mhla", "mla")
+ROUTER_SCORINGS = ("softmax", "sigmoid")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Group):
+    """The architecture: what the parameters are and the function they compute."""
+
+    NAME = "model"
+    vocab_size: int = option(32000, "vocabulary size (the byte tokenizer needs 259)",
+                             ARCHITECTURE, low=1)
+    max_seq_len: int = option(1024, "context length; MHLA's segments are fixed by it",
+                              ARCHITECTURE, low=1)
+    d_model: int = option(1024, "model width", ARCHITECTURE, low=1)
+    n_layers: int = option(6, "blocks", ARCHITECTURE, low=1)
+    n_heads: int = option(16, "attention heads; must divide d_model", ARCHITECTURE, low=1)
+    latent_k: int = option(64, "learned latents of the MHLA layers; must divide max_seq_len",
+                           ARCHITECTURE, low=1)
+    mlp_mult: int = option(4, "expert hidden width = mlp_mult * d_model", ARCHITECTURE, low=1)
+    n_experts: int = option(2, "experts per MoE layer", ARCHITECTURE, low=1)
+    top_k: int = option(1, "experts per token", ARCHITECTURE, low=1)
+    router_scoring: str = option("softmax", "routing scores: 'softmax' (the original's) or "
+                                 "'sigmoid' (DeepSeek-V3's, with a selection bias)",
+                                 ARCHITECTURE, choices=ROUTER_SCORINGS)
+    n_group: int = option(1, "expert groups; each token picks experts from topk_group of them",
+                          ARCHITECTURE, low=1)
+    topk_group: int = option(1, "groups kept per token (a group scores the sum of its top 2)",
+                             ARCHITECTURE, low=1)
+    norm_topk_prob: bool = option(True, "with top_k > 1, divide the chosen weights by their sum",
+                                  ARCHITECTURE)
+    routed_scaling_factor: float = option(1.0, "multiplies the routed experts' weights",
+                                          ARCHITECTURE, above=0)
+    n_shared_experts: int = option(0, "always-on experts of moe_hidden_dim each, beside the "
+                                   "routed ones", ARCHITECTURE, low=0)
+    moe_hidden_dim: int = option(0, "hidden width of each routed (and shared) expert; 0: "
+                                 "mlp_mult * d_model", ARCHITECTURE, low=0)
+    first_k_dense: int = option(0, "the first k layers have a dense SwiGLU instead of an MoE",
+                                ARCHITECTURE, low=0)
+    dense_hidden_dim: int = option(0, "hidden width of those dense SwiGLUs; 0: mlp_mult * "
+                                   "d_model", ARCHITECTURE, low=0)
+    mtp_depth: int = option(0, "multi-token prediction modules: module k also predicts the "
+                            "token k+1 ahead (DeepSeek-V3: 1)", ARCHITECTURE, low=0)
+    attn_pattern: tuple = option(("mha", "mhla"), "layer i uses attn_pattern[i % len]: "
+                                 "'mha', 'mhla' or 'mla' (DeepSeek-V3's)", ARCHITECTURE)
+    q_lora_rank: int = option(0, "MLA: rank of the query's low-rank projection; 0: one "
+                              "direct projection", ARCHITECTURE, low=0)
+    kv_lora_rank: int = option(64, "MLA: rank of the cached key-value latent", ARCHITECTURE,
+                               low=1)
+    qk_nope_head_dim: int = option(32, "MLA: per-head query/key dims without RoPE",
+                                   ARCHITECTURE, low=1)
+    qk_rope_head_dim: int = option(16, "MLA: query/key dims with RoPE (the key's are shared "
+                                   "by all heads); even", ARCHITECTURE, low=2)
+    v_head_dim: int = option(32, "MLA: per-head value dims", ARCHITECTURE, low=1)
+    rope_theta: float = option(10000.0, "RoPE base", ARCHITECTURE, above=0)
+    rope_yarn_factor: float = option(1.0, "YaRN context extension factor of every RoPE; 1: "
+                                     "plain RoPE", ARCHITECTURE, low=1.0)
+    rope_original_max_len: int = option(4096, "YaRN: the context the RoPE was trained for",
+                                        ARCHITECTURE, low=1)
+    rope_beta_fast: float = option(32.0, "YaRN: rotations above which a frequency is kept",
+                                   ARCHITECTURE, above=0)
+    rope_beta_slow: float = option(1.0, "YaRN: rotations below which a frequency is divided "
+                                   "by the factor", ARCHITECTURE, above=0)
+    rope_mscale: float = option(1.0, "YaRN: mscale of the cos/sin amplitude", ARCHITECTURE,
+                                low=0)
+    rope_mscale_all_dim: float = option(0.0, "YaRN: mscale of the softmax scale (DeepSeek-V3: "
+                                        "1.0); 0: none", ARCHITECTURE, low=0)
+    norm_eps: float = option(1e-5, "RMSNorm epsilon", ARCHITECTURE, above=0)
+    param_dtype: str = option("float32", "dtype the parameters are stored in", ARCHITECTURE,
+                              choices=DTYPES)
+
+    def validate(self):
+        check(self.d_model % self.n_heads == 0,
+              f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+              f"choose n_heads among the divisors of d_model.")
+        check(self.head_dim % 2 == 0,
+              f"head dim d_model/n_heads = {self.head_dim} must be even for rotary embeddings; "
+              f"change model.d_model or model.n_heads.")
+        check(self.top_k <= self.n_experts,
+              f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}; "
+              f"set top_k <= n_experts.")
+        experts, groups = self.n_experts, self.n_group
+        check(experts % groups == 0 and (groups == 1 or experts // groups >= 2),
+              f"model.n_group={groups} must divide model.n_experts={experts} into groups of at "
+              f"least 2 experts (a group scores the sum of its top 2).")
+        check(self.topk_group <= groups and self.top_k <= self.topk_group * (experts // groups),
+              f"model.topk_group={self.topk_group} must be <= model.n_group={groups}, and its "
+              f"groups must hold model.top_k={self.top_k} experts.")
+        check(self.first_k_dense < self.n_layers,
+              f"model.first_k_dense={self.first_k_dense} leaves no MoE layer among "
+              f"model.n_layers={self.n_layers}; lower it.")
+        check(len(self.attn_pattern) > 0, "model.attn_pattern is empty; use e.g. ('mha', 'mhla').")
+        for kind in self.attn_pattern:
+            check(kind in ATTENTION_KINDS, f"model.attn_pattern has unknown attention kind "
+                                           f"{kind!r}; choose from {ATTENTION_KINDS}.")
+        check("mla" not in self.attn_pattern or self.qk_rope_head_dim % 2 == 0,
+              f"model.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE turns pairs).")
+        check(self.rope_beta_fast > self.rope_beta_slow,
+              f"model.rope_beta_fast={self.rope_beta_fast} must exceed model.rope_beta_slow="
+              f"{self.rope_beta_slow}.")
+        check("mhla" not in self.attn_pattern or self.max_seq_len % self.latent_k == 0,
+              f"model.max_seq_len={self.max_seq_len} is not divisible by model.latent_k="
+              f"{self.latent_k}: each latent summarizes an equal segment; choose latent_k among "
+              f"the divisors of max_seq_len.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_mult * self.d_model
+
+    @property
+    def expert_hidden_dim(self) -> int:
+        return self.moe_hidden_dim or self.hidden_dim
+
+    @property
+    def dense_mlp_dim(self) -> int:
+        return self.dense_hidden_dim or self.hidden_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense
+
+    def attention_kind(self, layer: int) -> str:
+        return self.attn_pattern[layer % len(self.attn_pattern)]
