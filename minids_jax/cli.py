@@ -32,12 +32,18 @@ from minids_jax import config as config_lib
 from minids_jax.errors import UserError
 
 DEFAULT_CONFIG = "configs/tiny.py"
-_config_flag_names: list[str] = []
+_config_flags: dict[str, str] = {}  # flag name -> its default path
 
 
 def define_config_flag(name: str = "config", default: str = DEFAULT_CONFIG):
     """`--config PATH` (a Python file with `get_config()`) and its `--config.G.F=V` overrides."""
-    _config_flag_names.append(name)
+    _config_flags[name] = default
+    # ml_collections loads the default file, and applies the overrides in sys.argv, as soon as
+    # the flag is defined: check them first.
+    try:
+        check_config_arguments(sys.argv[1:])
+    except UserError as error:
+        _exit(str(error), error.exit_code)
     return config_flags.DEFINE_config_file(name, default, "A config file (a Python file "
                                            "defining get_config()).")
 
@@ -108,8 +114,7 @@ def _did_you_mean(word: str, choices) -> str:
 
 def check_config_arguments(argv: list[str]) -> None:
     """Checks the config files and override names of `argv` (before absl parses it)."""
-    for name in _config_flag_names:
-        path = flags.FLAGS[name].default
+    for name, path in _config_flags.items():
         for i, arg in enumerate(argv):
             if arg == f"--{name}" and i + 1 < len(argv):
                 path = argv[i + 1]
@@ -122,9 +127,9 @@ def check_config_arguments(argv: list[str]) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with its errors and the config checks as `error:` lines."""
+    """absl's flag parsing, with its errors as `error:` lines (the config file and overrides
+    were checked when their flag was defined)."""
     try:
-        check_config_arguments(argv[1:])
         return flags.FLAGS(argv)
     except flags.Error as error:
         _exit(f"{error}. See --helpshort for the flags.", 2)

@@ -55,6 +55,13 @@ def test_flag_mistakes(override, fragments):
                       *fragments)
 
 
+def test_flag_mistakes_without_a_config_flag():
+    """The default config file is checked as a given one is."""
+    assert_user_error(run_command(["train.py", "--config.model.d_modle=128"]),
+                      "did you mean 'd_model'")
+    assert_user_error(run_command(["-m", "minids_jax.inspect", "--devices", "0"]), "devices")
+
+
 def test_workdir_mistakes_come_before_the_model(tmp_path):
     config = config_file(tmp_path)
     a_file = tmp_path / "a_file"
