@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from minids_jax.kernels.head_loss import head_cross_entropy
-from minids_jax.model import MiniDeepSeek
+from minids_jax.model import MiniDeepSeek, with_more_moe_layers
 from minids_jax.mtp import shift_left
 
 
@@ -47,20 +47,23 @@ def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
 
     With multi-token prediction (and `with_mtp`), aux["mtp_loss"] is the mean over the
     modules of module k's loss: its features at i score targets[i + k] (the token k + 1
-    ahead), weighted by weights[i + k], and nothing where i + k runs past the window.
+    ahead), weighted by weights[i + k], and nothing where i + k runs past the window; the
+    modules' MoE layers join the balancing statistics (the last rows of expert_load_NxE).
     """
     trunk_BxLxD, aux, _ = model.trunk(batch["inputs"])
     weights_BxL = batch["weights"].astype(jnp.float32)
     ce = _head_loss(model, model.final_norm(trunk_BxLxD), batch["targets"], weights_BxL, chunk)
     if model.mtp is not None and with_mtp:
         positions_BxL = jnp.broadcast_to(jnp.arange(trunk_BxLxD.shape[1]), weights_BxL.shape)
-        hidden_BxLxD, losses = trunk_BxLxD, []
+        hidden_BxLxD, losses, mtp_stats = trunk_BxLxD, [], []
         for k, module in enumerate(model.mtp, start=1):
             ahead_BxLxD = model.embed(shift_left(batch["inputs"], k))
-            hidden_BxLxD, features_BxLxD = module(hidden_BxLxD, ahead_BxLxD, positions_BxL)
+            hidden_BxLxD, features_BxLxD, stats = module(hidden_BxLxD, ahead_BxLxD,
+                                                         positions_BxL)
             losses.append(_head_loss(model, features_BxLxD, shift_left(batch["targets"], k),
                                      shift_left(weights_BxL, k), chunk))
-        aux = {**aux, "mtp_loss": jnp.mean(jnp.stack(losses))}
+            mtp_stats.append(stats)
+        aux = {**with_more_moe_layers(aux, mtp_stats), "mtp_loss": jnp.mean(jnp.stack(losses))}
     return ce, aux
 
 

@@ -127,13 +127,29 @@ class MiniDeepSeek(nnx.Module):
                 all_stats.append(stats)
             if cache is not None:
                 new_cache.append(layer_cache)
-        aux = {
-            "aux_loss": jnp.mean(jnp.stack([s.aux_loss for s in all_stats])),
-            "expert_load_NxE": jnp.stack([s.load_E for s in all_stats]),
-            "dropped_fraction": jnp.mean(jnp.stack([s.dropped_fraction for s in all_stats])),
-            "sequence_aux_loss": jnp.mean(jnp.stack([s.sequence_loss for s in all_stats])),
-        }
-        return x_BxLxD, aux, new_cache
+        return x_BxLxD, moe_aux(all_stats), new_cache
+
+
+def moe_aux(stats: list[MoEStats]) -> dict[str, jax.Array]:
+    """The MoE layers' statistics as `Output.aux` holds them: balancing losses and dropped
+    share averaged over the layers, and each layer's expert load (a row of expert_load_NxE)."""
+    return {
+        "aux_loss": jnp.mean(jnp.stack([s.aux_loss for s in stats])),
+        "expert_load_NxE": jnp.stack([s.load_E for s in stats]),
+        "dropped_fraction": jnp.mean(jnp.stack([s.dropped_fraction for s in stats])),
+        "sequence_aux_loss": jnp.mean(jnp.stack([s.sequence_loss for s in stats])),
+    }
+
+
+def with_more_moe_layers(aux: dict[str, jax.Array], stats: list[MoEStats]) -> dict:
+    """`aux` of N MoE layers extended by the layers of `stats` (the MTP modules' blocks): the
+    means cover all of them, and their loads follow as the last rows of expert_load_NxE."""
+    n_before, more = aux["expert_load_NxE"].shape[0], moe_aux(stats)
+    weights = (n_before / (n_before + len(stats)), len(stats) / (n_before + len(stats)))
+    merged = {key: weights[0] * aux[key] + weights[1] * more[key]
+              for key in ("aux_loss", "dropped_fraction", "sequence_aux_loss")}
+    return {**aux, **merged, "expert_load_NxE": jnp.concatenate(
+        [aux["expert_load_NxE"], more["expert_load_NxE"]])}
 
 
 def count_params(model: nnx.Module) -> int:

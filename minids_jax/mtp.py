@@ -39,11 +39,12 @@ class MTPModule(nnx.Module):
         self.out_norm = RMSNorm(cfg.d_model, **norm)
 
     def __call__(self, hidden_BxLxD, ahead_embedded_BxLxD, positions_BxL):
-        """(h^k before out_norm, out_norm(h^k)) from h^{k-1} and the embeddings k ahead."""
+        """(h^k before out_norm, out_norm(h^k), the block's MoEStats) from h^{k-1} and the
+        embeddings k ahead."""
         joined_BxLx2D = jnp.concatenate([self.embed_norm(ahead_embedded_BxLxD),
                                          self.hidden_norm(hidden_BxLxD)], axis=-1)
-        hidden_BxLxD, _, _ = self.block(self.proj(joined_BxLx2D), positions_BxL)
-        return hidden_BxLxD, self.out_norm(hidden_BxLxD)
+        hidden_BxLxD, stats, _ = self.block(self.proj(joined_BxLx2D), positions_BxL)
+        return hidden_BxLxD, self.out_norm(hidden_BxLxD), stats
 
 
 def shift_left(a_BxL: jax.Array, k: int, fill=0) -> jax.Array:

@@ -74,14 +74,17 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
 
 def update_router_biases(model, load_NxE: jax.Array, rate: float) -> dict[str, jax.Array]:
     """DeepSeek-V3's aux-loss-free balancing, after the optimizer step: each MoE layer's bias
-    moves by `rate` toward balance, bias_e += rate * sign(1/E - load_e), from this step's
-    assignment shares over the whole batch (all devices and processes: `load_NxE` is global).
-    Returns the biases' range for the metrics ({} without biases)."""
-    biases = [block.moe.bias for block in model.blocks
+    (the MTP modules' too) moves by `rate` toward balance, bias_e += rate * sign(1/E - load_e),
+    from this step's assignment shares over the whole batch (all devices and processes:
+    `load_NxE` is global). Returns the biases' range for the metrics ({} without biases)."""
+    blocks = list(model.blocks) + [module.block for module in model.mtp or ()]
+    biases = [block.moe.bias for block in blocks
               if hasattr(block, "moe") and block.moe.bias is not None]
     if not biases:
         return {}
-    for bias, load_E in zip(biases, load_NxE):  # the rows of load_NxE are the MoE layers
+    # The rows of load_NxE are the MoE layers, the MTP modules' last (loss.model_loss).
+    assert len(biases) == load_NxE.shape[0], (len(biases), load_NxE.shape)
+    for bias, load_E in zip(biases, load_NxE):
         bias[...] = bias[...] + rate * jnp.sign(1.0 / load_E.shape[-1] - load_E)
     values = jnp.stack([bias[...] for bias in biases])
     return {"router_bias_min": jnp.min(values), "router_bias_max": jnp.max(values)}

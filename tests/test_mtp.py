@@ -57,3 +57,19 @@ def test_the_mtp_loss_enters_the_total_and_decoding_ignores_the_modules():
     np.testing.assert_allclose(total, ce + 0.5 * aux["mtp_loss"], rtol=1e-6)
     grads = nnx.grad(lambda m: loss_lib.total_loss(m, data, 16, 0.0, 0.0, 0.5)[0])(with_mtp)
     assert float(jnp.abs(grads.mtp[1].proj.kernel[...]).sum()) > 0  # the deepest module learns
+
+
+def test_the_modules_moe_layers_are_balanced_like_the_main_ones():
+    from minids_jax.steps import update_router_biases
+
+    model = MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(2))
+    _, aux = loss_lib.model_loss(model, batch(), chunk=16)
+    _, main_aux, _ = model.trunk(batch()["inputs"])
+    load_NxE = aux["expert_load_NxE"]
+    assert load_NxE.shape[0] == main_aux["expert_load_NxE"].shape[0] + CFG.mtp_depth
+    np.testing.assert_array_equal(load_NxE[:-CFG.mtp_depth], main_aux["expert_load_NxE"])
+    before = [np.asarray(module.block.moe.bias[...]) for module in model.mtp]
+    update_router_biases(model, load_NxE, rate=0.01)
+    for k, module in enumerate(model.mtp):
+        expected = before[k] + 0.01 * np.sign(1 / CFG.n_experts - load_NxE[-CFG.mtp_depth + k])
+        np.testing.assert_allclose(module.block.moe.bias[...], expected, rtol=1e-6)
