@@ -132,7 +132,8 @@ class Checkpointer:
                 if targets is None:  # only once the config fits
                     targets = {name: ckpt.restore_target(nnx.to_pure_dict(part))
                                for name, part in state._asdict().items()}
-                restored = ckpt.restore_items(self.directory, step, self.manager, **targets)
+                restored = ckpt.restore_items(self.directory, step, self.manager,
+                                              **self._present(targets, step))
                 break
             except UnreadableCheckpointError as error:
                 if not self.cfg.fallback:
@@ -152,7 +153,11 @@ class Checkpointer:
                 f"optim.total_steps={total}; raise --config.optim.total_steps above {step} to "
                 f"train further, or use a new --workdir to start again.")
         for name, part in state._asdict().items():
-            nnx.replace_by_pure_dict(part, restored[name])  # in place
+            if name in restored:
+                nnx.replace_by_pure_dict(part, restored[name])  # in place
+            else:
+                self.log(f"{self.step_dir(step)} holds no {name} state (an imported model): "
+                         f"the {name} starts fresh, as at step 0")
         self.last_saved_step = step
         if restored["verified"]:
             self.verified_step = step
@@ -161,6 +166,13 @@ class Checkpointer:
                      f"it), so its arrays could not be verified.")
         self.log(f"resumed from {self.step_dir(step)} at step {step}")
         return step
+
+    def _present(self, targets: dict, step: int) -> dict:
+        """The items of `targets` to restore: all, except that a checkpoint of step 0 written
+        without optimizer state (`save_model`: an imported model) has only the model."""
+        if step == 0 and not (self.step_dir(step) / "optimizer").exists():
+            return {name: target for name, target in targets.items() if name != "optimizer"}
+        return targets
 
     def _check_config(self, step: int) -> None:
         saved = ckpt.read_config(self.directory, step)
@@ -274,3 +286,27 @@ def _complete_steps(directory: epath.Path) -> list[int]:
         return [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
     except OSError:
         return []
+
+
+def save_model(workdir, config: Config, model: dict, **meta) -> None:
+    """Writes `workdir`'s checkpoint of step 0 holding the model's pure-dict state only, with
+    `meta` added to its metadata: an imported model. A run resuming it creates the optimizer
+    state fresh, which at step 0 is exactly what it would restore."""
+    directory = ckpt.checkpoints_dir(workdir)
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    with ocp.CheckpointManager(directory, item_names=ckpt.ITEMS, options=options) as manager:
+        if manager.all_steps():
+            raise CheckpointError(f"{directory} already holds checkpoints; import into a new "
+                                  f"workdir.")
+        mesh = getattr(jax.tree.leaves(model)[0].sharding, "mesh", None)
+        meta = dict(step=0, seed=config.train.seed, loss=None,
+                    process_count=jax.process_count(), device_count=jax.device_count(),
+                    mesh={name: int(size) for name, size in getattr(mesh, "shape", {}).items()},
+                    versions=_library_versions(), time=time.time(),
+                    checksums={"model": integrity.checksums(model)}, **meta)
+        manager.save(0, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model),
+            config=ocp.args.JsonSave(json.loads(config.to_json())), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+    if jax.process_index() == 0:
+        _write_atomically(ckpt.absolute_path(workdir) / "config.json", config.to_json())

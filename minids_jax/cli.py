@@ -35,7 +35,7 @@ DEFAULT_CONFIG = "configs/tiny.py"
 _config_flags: dict[str, str] = {}  # flag name -> its default path
 
 
-def define_config_flag(name: str = "config", default: str = DEFAULT_CONFIG):
+def define_config_flag(name: str = "config", default: str | None = DEFAULT_CONFIG):
     """`--config PATH` (a Python file with `get_config()`) and its `--config.G.F=V` overrides."""
     _config_flags[name] = default
     # ml_collections loads the default file, and applies the overrides in sys.argv, as soon as
@@ -123,7 +123,8 @@ def check_config_arguments(argv: list[str]) -> None:
             match = re.match(rf"--(?:no)?{name}\.([^=]+)", arg)
             if match:
                 check_override(name, match.group(1))
-        check_config_file(path)
+        if path is not None:  # a config flag without a default may be left out
+            check_config_file(path)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

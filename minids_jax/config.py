@@ -114,7 +114,8 @@ class DataConfig(Group):
     path: str = option("", "text: file, dir or glob; jsonl/json: instruction file; tokens: "
                        ".bin file or dir")
     tokenizer: str = option("byte", "byte | bpe (trained on the corpus, model.vocab_size "
-                            "tokens)", choices=("byte", "bpe"))
+                            "tokens) | hf (an imported model's, in the workdir or "
+                            "checkpoint.init_from's)", choices=("byte", "bpe", "hf"))
     val_fraction: float = option(0.02, "held-out tail of a corpus, or share of examples",
                                  above=0, below=0.5)
     max_bytes: int = option(0, "builtin/text: read at most this many bytes (0: all)", low=0)
@@ -238,7 +239,8 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
-        check(self.data.source == "random" or self.model.vocab_size >= MIN_TEXT_VOCAB,
+        check(self.data.source == "random" or self.data.tokenizer == "hf"
+              or self.model.vocab_size >= MIN_TEXT_VOCAB,
               f"model.vocab_size={self.model.vocab_size} is smaller than the {MIN_TEXT_VOCAB} "
               f"tokens the {self.data.tokenizer} tokenizer needs (256 bytes + PAD, BOS, EOS); "
               f"set model.vocab_size >= {MIN_TEXT_VOCAB}.")

@@ -24,9 +24,10 @@ from minids_jax.instructions import (  # noqa: F401 (re-exported)
 from minids_jax.sources import (  # noqa: F401 (re-exported)
     InstructionSource, RandomSource, TokenizedExamples, TokenSource, WindowSource, as_batch)
 from minids_jax.tokenization import (  # noqa: F401 (re-exported)
-    BPE_MIN_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, token_dtype)
+    BPE_MIN_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, HFTokenizer,
+    token_dtype, write_atomic)
 
-Tokenizer = ByteTokenizer | BpeTokenizer
+Tokenizer = ByteTokenizer | BpeTokenizer | HFTokenizer
 META_FILE = "meta.json"  # beside token .bin files: dtype, tokenizer, counts (see prepare.py)
 INSTRUCTION_SOURCES = ("jsonl", "json")
 _ENCODE_BATCH_CHARS = 8 << 20  # encode this much text per call: bounds the tokenizer's memory
@@ -172,6 +173,8 @@ def load_tokenizer(config: Config, workdir: str | None = None, _corpus=None) -> 
                 f"were made with the {made_with!r} tokenizer (see its {META_FILE}); set "
                 f"data.tokenizer={made_with!r}.")
     saved = pathlib.Path(workdir) / TOKENIZER_FILE if workdir else None
+    if data.tokenizer == "hf":
+        return _imported_tokenizer(config, workdir)
     if data.tokenizer == "byte":
         if saved is not None and saved.is_file():
             raise ConfigError(
@@ -197,6 +200,33 @@ def load_tokenizer(config: Config, workdir: str | None = None, _corpus=None) -> 
             f"{tokenizer.vocab_size} (or use a fresh workdir to train a smaller tokenizer).")
     if saved is not None and not saved.is_file():
         tokenizer.save(saved)
+    return tokenizer
+
+
+def _imported_tokenizer(config: Config, workdir: str | None) -> HFTokenizer:
+    """The Hugging Face tokenizer of the workdir, else of checkpoint.init_from's run (then
+    copied into the workdir, so the run keeps it)."""
+    places = [pathlib.Path(workdir)] if workdir else []
+    if config.checkpoint.init_from:
+        origin = pathlib.Path(config.checkpoint.init_from).expanduser()
+        places += [origin, origin.parent, origin.parent.parent]  # a workdir or a step's dir
+    found = next((place for place in places if (place / TOKENIZER_FILE).is_file()), None)
+    if found is None:
+        raise ConfigError(
+            f"data.tokenizer='hf' uses the tokenizer.json of an imported model, but none is in "
+            f"{' or '.join(str(p) for p in places) or 'the workdir (none given)'}; import the "
+            f"model with `python -m minids_jax.hf import`, or use data.tokenizer='byte'/'bpe'.")
+    try:
+        tokenizer = HFTokenizer(found)
+    except (ValueError, OSError, json.JSONDecodeError) as error:  # tokenizers: ValueError
+        raise DataError(f"the tokenizer in {found} cannot be read: {error}") from error
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(f"the tokenizer in {found} has {tokenizer.vocab_size} tokens but "
+                          f"model.vocab_size={config.model.vocab_size}.")
+    if workdir and found != pathlib.Path(workdir):
+        for name in (TOKENIZER_FILE, HFTokenizer.CONFIG_FILE):
+            if (found / name).is_file():
+                write_atomic(pathlib.Path(workdir) / name, (found / name).read_bytes())
     return tokenizer
 
 

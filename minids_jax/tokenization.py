@@ -1,6 +1,7 @@
-"""Tokenizers: UTF-8 bytes (the default, nothing to train) and byte-level BPE trained locally.
+"""Tokenizers: UTF-8 bytes (the default, nothing to train), byte-level BPE trained locally, and
+an imported model's Hugging Face tokenizer.
 
-Both turn a str into an int32 token array and back, and expose `kind`, `vocab_size`, the special
+Each turns a str into an int32 token array and back, and expose `kind`, `vocab_size`, the special
 ids `PAD`, `BOS`, `EOS`, and a `fingerprint` that changes whenever the mapping does (it keys the
 token caches). BPE is the Hugging Face `tokenizers` implementation: byte-level (every string
 encodes, no unknown token) with the GPT-2 pre-tokenization.
@@ -9,6 +10,7 @@ encodes, no unknown token) with the GPT-2 pre-tokenization.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -97,6 +99,46 @@ class BpeTokenizer:
         for owner, encoding in zip(owners, encoded):
             out[owner].append(np.asarray(encoding.ids, np.int32))
         return [np.concatenate(parts) if parts else np.zeros(0, np.int32) for parts in out]
+
+    def decode(self, tokens) -> str:
+        return self.hf.decode([int(t) for t in tokens], skip_special_tokens=True)
+
+
+class HFTokenizer:
+    """An imported model's Hugging Face tokenizer: its `tokenizer.json`, with the BOS/EOS/PAD
+    tokens and chat template of its `tokenizer_config.json` (PAD falls back to EOS)."""
+
+    kind = "hf"
+    CONFIG_FILE = "tokenizer_config.json"
+
+    def __init__(self, directory: str | os.PathLike):
+        directory = pathlib.Path(directory)
+        self.hf = tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        config_path = directory / self.CONFIG_FILE
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.chat_template = config.get("chat_template")
+        ids = {}
+        for name in ("bos", "eos", "pad"):
+            token = config.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            ids[name] = None if token is None else self.hf.token_to_id(token)
+        if ids["eos"] is None:
+            raise ValueError(f"{config_path} names no eos_token that {directory / TOKENIZER_FILE} "
+                             f"knows; generation and the data need one.")
+        self.EOS = ids["eos"]
+        self.BOS = self.EOS if ids["bos"] is None else ids["bos"]
+        self.PAD = self.EOS if ids["pad"] is None else ids["pad"]
+        self.vocab_size = self.hf.get_vocab_size()
+        digest = hashlib.sha256(self.hf.to_str().encode())
+        digest.update(json.dumps([ids, self.chat_template]).encode())
+        self.fingerprint = "hf-" + digest.hexdigest()[:20]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, np.int32)
+                for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, tokens) -> str:
         return self.hf.decode([int(t) for t in tokens], skip_special_tokens=True)

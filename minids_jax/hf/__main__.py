@@ -1,0 +1,69 @@
+"""Hugging Face DeepSeek-V3 checkpoints in and out (docs/huggingface.md).
+
+    python -m minids_jax.hf import HF_DIR --workdir WD [--config C] [--nomtp]
+    python -m minids_jax.hf export --workdir WD --out OUT [--step N] [--dtype bfloat16|float32] [--nomtp]
+
+`import` writes WD as a run at step 0 of the model in HF_DIR (config.json, *.safetensors,
+tokenizer files): load it with `minids_jax.load(WD)`, generate from it, train it with
+`python train.py --config WD/config.py --workdir WD`, or start another run from it with
+`--config.checkpoint.init_from=WD`. `--config` gives the rest of that run's config (mesh,
+training, data); its model group is replaced by the imported one. `export` writes OUT for
+`transformers.AutoModelForCausalLM.from_pretrained(OUT)` and vLLM.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import flags
+
+from minids_jax import cli
+
+_CONFIG = cli.define_config_flag(default=None)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (import: a new one).")
+_OUT = flags.DEFINE_string("out", None, "export: the directory to write.")
+_STEP = flags.DEFINE_integer("step", None, "export: the checkpoint's step (default: latest).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                           "export: the dtype of the written weights.")
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest tensor file; "
+                                   "past it the weights are sharded with an index.")
+_MTP = flags.DEFINE_bool("mtp", True, "Import/export the MTP layers when there are some.")
+USAGE = ("usage: python -m minids_jax.hf import HF_DIR --workdir WD | python -m minids_jax.hf "
+         "export --workdir WD --out OUT")
+
+
+def main(argv: list[str]) -> None:
+    from minids_jax import config as config_lib
+    from minids_jax.workdir import WorkdirLock, writable_directory
+
+    command, *rest = argv[1:] or [""]
+    if command not in ("import", "export") or len(rest) != (command == "import"):
+        raise cli.UserError(f"{' '.join(argv[1:]) or 'no command'}: {USAGE}")
+    if not _WORKDIR.value:
+        raise cli.UserError(f"--workdir is required; {USAGE}")
+    from minids_jax.hf import convert
+
+    started = time.perf_counter()
+    if command == "import":
+        config = (config_lib.Config() if _CONFIG.value is None
+                  else cli.config_from_flag(_CONFIG))
+        workdir = writable_directory(_WORKDIR.value, "--workdir")
+        with WorkdirLock(workdir):
+            run_config = convert.import_dir(rest[0], workdir, config, with_mtp=_MTP.value)
+        from minids_jax import inspect
+
+        sizes = inspect.sizes(run_config, 1)
+        print(f"imported {rest[0]} into {workdir} ({sizes['parameters'] / 1e6:,.1f}M parameters, "
+              f"{time.perf_counter() - started:.1f} s); train it with: python train.py "
+              f"--config {workdir}/config.py --workdir {workdir}")
+        return
+    if not _OUT.value:
+        raise cli.UserError(f"export needs --out; {USAGE}")
+    out = writable_directory(_OUT.value, "--out")
+    convert.export_run(_WORKDIR.value, out, step=_STEP.value, dtype=_DTYPE.value,
+                       max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30), with_mtp=_MTP.value)
+    print(f"exported in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    cli.run(main)

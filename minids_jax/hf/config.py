@@ -1,0 +1,140 @@
+"""A Hugging Face DeepSeek-V3 `config.json` <-> the `model` group, field by field.
+
+Every field the published models use maps to one of ours (docs/huggingface.md has the table);
+a value we cannot honour is an error that names it, never a silent difference. The other way,
+a model this format cannot express (MHA/MHLA layers, softmax routing) is an error naming the
+fields to change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minids_jax.errors import UserError
+from minids_jax.model_config import ModelConfig
+
+MODEL_TYPE = "deepseek_v3"
+ARCHITECTURE = "DeepseekV3ForCausalLM"
+
+# (ours, theirs) for the fields that are the same number under another name.
+RENAMED = (
+    ("vocab_size", "vocab_size"), ("d_model", "hidden_size"), ("n_layers", "num_hidden_layers"),
+    ("n_heads", "num_attention_heads"), ("n_experts", "n_routed_experts"),
+    ("top_k", "num_experts_per_tok"), ("n_group", "n_group"), ("topk_group", "topk_group"),
+    ("norm_topk_prob", "norm_topk_prob"), ("routed_scaling_factor", "routed_scaling_factor"),
+    ("n_shared_experts", "n_shared_experts"), ("moe_hidden_dim", "moe_intermediate_size"),
+    ("first_k_dense", "first_k_dense_replace"), ("dense_hidden_dim", "intermediate_size"),
+    ("kv_lora_rank", "kv_lora_rank"), ("qk_nope_head_dim", "qk_nope_head_dim"),
+    ("qk_rope_head_dim", "qk_rope_head_dim"), ("v_head_dim", "v_head_dim"),
+    ("max_seq_len", "max_position_embeddings"), ("norm_eps", "rms_norm_eps"),
+)
+YARN = (("rope_yarn_factor", "factor"), ("rope_original_max_len",
+                                          "original_max_position_embeddings"),
+        ("rope_beta_fast", "beta_fast"), ("rope_beta_slow", "beta_slow"),
+        ("rope_mscale", "mscale"), ("rope_mscale_all_dim", "mscale_all_dim"))
+# HF's defaults for YaRN fields a config may leave out (modeling_rope_utils).
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+
+
+class HFFormatError(UserError):
+    """A Hugging Face directory or config this project cannot read, or a model it cannot
+    write in that format."""
+
+
+def inexpressible(cfg: ModelConfig) -> list[str]:
+    """What keeps `cfg` out of the DeepSeek-V3 format, one fix per entry ([] if nothing)."""
+    problems = []
+    if set(cfg.attn_pattern) != {"mla"}:
+        problems.append(f"model.attn_pattern={cfg.attn_pattern}: DeepSeek-V3 has MLA layers "
+                        f"only; use ('mla',)")
+    if cfg.router_scoring != "sigmoid":
+        problems.append(f"model.router_scoring={cfg.router_scoring!r}: DeepSeek-V3 routes by "
+                        f"sigmoid scores; use 'sigmoid'")
+    return problems
+
+
+def to_hf(cfg: ModelConfig, *, dtype: str = "float32",
+          special_ids: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """The `config.json` of `cfg` for transformers (DeepseekV3Config) and vLLM."""
+    problems = inexpressible(cfg)
+    if problems:
+        raise HFFormatError("this model cannot be written as a DeepSeek-V3 checkpoint: "
+                            + "; ".join(problems) + ".")
+    hf: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
+    for ours, theirs in RENAMED:
+        hf[theirs] = getattr(cfg, ours)
+    hf.update(
+        intermediate_size=cfg.dense_mlp_dim, moe_intermediate_size=cfg.expert_hidden_dim,
+        num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
+        hidden_act="silu", attention_bias=False, attention_dropout=0.0,
+        tie_word_embeddings=False, rope_interleave=True, rope_theta=cfg.rope_theta,
+        rope_scaling=None, num_nextn_predict_layers=cfg.mtp_depth,
+        # Fields transformers ignores but the official code and vLLM read.
+        scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1,
+        torch_dtype=dtype, use_cache=True, initializer_range=0.02)
+    if cfg.rope_yarn_factor > 1:
+        hf["rope_scaling"] = {"type": "yarn", **{theirs: getattr(cfg, ours)
+                                                 for ours, theirs in YARN}}
+    for name, value in (special_ids or {}).items():
+        hf[f"{name}_token_id"] = value
+    return hf
+
+
+def from_hf(hf: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The `model` fields of a DeepSeek-V3 `config.json` (read from `origin`, for errors)."""
+    def fail(message: str):
+        raise HFFormatError(f"{origin}: {message}")
+
+    if hf.get("model_type") != MODEL_TYPE:
+        fail(f"model_type is {hf.get('model_type')!r}; only DeepSeek-V3-family models "
+             f"(model_type {MODEL_TYPE!r}) can be imported.")
+    missing = [theirs for _, theirs in RENAMED if theirs not in hf]
+    if missing:
+        fail(f"lacks the fields {missing}; is it a complete DeepSeek-V3 config?")
+    fields = {ours: hf[theirs] for ours, theirs in RENAMED}
+    # What the format allows but the model here does not compute: refuse, naming the field.
+    refused = {
+        "num_key_value_heads": (hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                                hf["num_attention_heads"]),
+        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (hf.get("attention_bias", False), False),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", False), False),
+        "rope_interleave": (hf.get("rope_interleave", True), True),
+        "scoring_func": (hf.get("scoring_func", "sigmoid"), "sigmoid"),
+        "topk_method": (hf.get("topk_method", "noaux_tc"), "noaux_tc"),
+        "moe_layer_freq": (hf.get("moe_layer_freq", 1), 1),
+    }
+    for name, (value, supported) in refused.items():
+        if value != supported:
+            fail(f"{name}={value!r} is not supported (only {supported!r}).")
+    fields.update(
+        attn_pattern=("mla",), router_scoring="sigmoid", q_lora_rank=hf.get("q_lora_rank") or 0,
+        mtp_depth=int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0),
+        **rope_fields(hf, fail))
+    fields["routed_scaling_factor"] = float(fields["routed_scaling_factor"])
+    fields["norm_eps"] = float(fields["norm_eps"])
+    return fields
+
+
+def rope_fields(hf: dict[str, Any], fail) -> dict[str, Any]:
+    """Ours from the legacy `rope_theta` + `rope_scaling`, or v5's `rope_parameters`."""
+    scaling = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(scaling.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if kind == "default":
+        return {"rope_theta": theta, "rope_yarn_factor": 1.0}
+    if kind != "yarn":
+        fail(f"rope type {kind!r} is not supported (only 'default' and 'yarn').")
+    if not scaling.pop("truncate", True):
+        fail("YaRN with truncate=false is not supported.")
+    unknown = sorted(set(scaling) - {theirs for _, theirs in YARN})
+    if unknown:
+        fail(f"the YaRN fields {unknown} are not supported.")
+    values = {**YARN_DEFAULTS, **scaling}
+    if "factor" not in values or "original_max_position_embeddings" not in values:
+        fail("YaRN rope scaling needs 'factor' and 'original_max_position_embeddings'.")
+    fields = {ours: int(values[theirs]) if ours == "rope_original_max_len"
+              else float(values[theirs]) for ours, theirs in YARN}
+    if fields["rope_yarn_factor"] < 1:
+        fail(f"a YaRN factor of {fields['rope_yarn_factor']} (< 1) is not supported.")
+    return {"rope_theta": theta, **fields}
