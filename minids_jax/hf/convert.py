@@ -128,6 +128,10 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
     from minids_jax import checkpointer
 
     hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), pathlib.Path(workdir).expanduser()
+    saved = workdir / "checkpoints"
+    if saved.is_dir() and any(path.name.isdigit() for path in saved.iterdir()):
+        raise checkpointer.CheckpointError(f"{saved} already holds checkpoints; import into a "
+                                           f"new --workdir.")
     hf = read_hf_config(hf_dir)
     origin = str(hf_dir / "config.json")
     fields = hf_config.from_hf(hf, origin)

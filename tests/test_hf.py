@@ -1,0 +1,163 @@
+"""Hugging Face DeepSeek-V3 checkpoints: export then import is bitwise, the layout and config
+mappings, and clear errors for directories that cannot be imported or models that cannot be
+exported. (test_hf_fixture.py compares against transformers' numbers.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from minids_jax import checkpoint, checkpointer
+from minids_jax.errors import UserError
+from minids_jax.hf import config as hf_config
+from minids_jax.hf import convert, weights
+from minids_jax.hf.files import TensorFiles
+from minids_jax.model import MiniDeepSeek
+from tests.factories import tiny_config
+
+V3_MODEL = dict(attn_pattern=("mla",), n_layers=3, n_heads=2, n_experts=4, top_k=2,
+                router_scoring="sigmoid", n_group=2, topk_group=1, n_shared_experts=1,
+                moe_hidden_dim=16, first_k_dense=1, dense_hidden_dim=24, mtp_depth=1,
+                q_lora_rank=12, rope_yarn_factor=4.0, rope_original_max_len=8,
+                rope_mscale_all_dim=1.0)
+
+
+def saved_run(workdir: pathlib.Path, **model) -> dict:
+    """A run directory holding a random model whose norms and router biases are not their
+    initial values (a mapping that mixes them up shows); returns its flat parameters."""
+    config = tiny_config(model={**V3_MODEL, **model})
+    state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, rngs=nnx.Rngs(0))))
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    state = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 * jax.random.normal(next(keys), x.shape)
+        if str(path[-1].key) in ("scale", "bias") else x, state)
+    checkpointer.save_model(workdir, config, state)
+    return convert.flat_paths(state)
+
+
+def test_export_then_import_is_bitwise(tmp_path):
+    params = saved_run(tmp_path / "run")
+    convert.export_run(tmp_path / "run", tmp_path / "hf", dtype="float32", log=lambda _: None)
+    files = TensorFiles(tmp_path / "hf")
+    assert files.shape("model.layers.1.mlp.experts.3.down_proj.weight") == (32, 16)  # [D, F]
+    assert files.shape("model.layers.3.eh_proj.weight") == (32, 64)  # the MTP layer's
+    assert "model.layers.3.shared_head.head.weight" in files  # as the hub files have it
+    config = convert.import_dir(tmp_path / "hf", tmp_path / "back", tiny_config(),
+                                log=lambda _: None)
+    # Equal in every field the format has (MHLA's latent_k, say, is not one).
+    assert hf_config.to_hf(config.model) == hf_config.to_hf(tiny_config(model=V3_MODEL).model)
+    back = convert.flat_paths(checkpoint.load_params(tmp_path / "back"))
+    assert back.keys() == params.keys()
+    for path, array in params.items():
+        np.testing.assert_array_equal(back[path], array, err_msg=str(path))
+
+
+def test_large_exports_are_sharded_with_an_index(tmp_path):
+    saved_run(tmp_path / "run", mtp_depth=0)
+    written = convert.export_run(tmp_path / "run", tmp_path / "hf", dtype="bfloat16",
+                                 max_shard_bytes=20_000, log=lambda _: None)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all(name in written for name in shards)
+    files = TensorFiles(tmp_path / "hf")
+    assert str(files["model.layers.0.self_attn.o_proj.weight"].dtype) == "bfloat16"
+    # The router stays float32, as transformers keeps it.
+    assert files["model.layers.1.mlp.gate.weight"].dtype == np.float32
+    convert.import_dir(tmp_path / "hf", tmp_path / "back", tiny_config(), log=lambda _: None)
+
+
+def test_fused_expert_tensors_load_like_per_expert_ones(tmp_path):
+    from safetensors.numpy import save_file
+
+    params = saved_run(tmp_path / "run", mtp_depth=0)
+    convert.export_run(tmp_path / "run", tmp_path / "hf", dtype="float32", log=lambda _: None)
+    files = TensorFiles(tmp_path / "hf")
+    tensors = {name: np.array(files[name]) for name in files.names()}
+    for layer in (1, 2):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        experts = [[tensors.pop(f"{prefix}{e}.{part}.weight") for e in range(4)]
+                   for part in ("gate_proj", "up_proj", "down_proj")]
+        tensors[prefix + "gate_up_proj"] = np.stack(
+            [np.concatenate([g, u]) for g, u in zip(experts[0], experts[1])])  # [E, 2F, D]
+        tensors[prefix + "down_proj"] = np.stack(experts[2])  # [E, D, F]
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
+    convert.import_dir(tmp_path / "hf", tmp_path / "back", tiny_config(), log=lambda _: None)
+    back = convert.flat_paths(checkpoint.load_params(tmp_path / "back"))
+    for path, array in params.items():
+        np.testing.assert_array_equal(back[path], array, err_msg=str(path))
+
+
+def test_fp8_blocks_dequantize_with_their_own_scale():
+    weight = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    scale = np.array([[1.0, 10.0], [100.0, 1000.0]], np.float32)  # blocks of 4 x 2
+    expected = weight * np.array([[1, 1, 10]] * 4 + [[100, 100, 1000]])
+    np.testing.assert_array_equal(weights.dequantize(weight, scale, (4, 2)), expected)
+
+
+def test_models_outside_the_format_are_refused_by_name(tmp_path):
+    config = tiny_config()  # the original's MHLA layers and softmax routing
+    with pytest.raises(hf_config.HFFormatError, match=r"attn_pattern.*router_scoring"):
+        hf_config.to_hf(config.model)
+
+
+def exported(tmp_path) -> pathlib.Path:
+    saved_run(tmp_path / "run", mtp_depth=0)
+    convert.export_run(tmp_path / "run", tmp_path / "hf", dtype="float32", log=lambda _: None)
+    return tmp_path / "hf"
+
+
+def edit_config(directory: pathlib.Path, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: (d / "config.json").unlink(), r"has no config.json"),
+    (lambda d: edit_config(d, model_type="llama"), r"model_type is 'llama'"),
+    (lambda d: edit_config(d, hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
+    (lambda d: edit_config(d, num_key_value_heads=1), r"num_key_value_heads=1"),
+    (lambda d: edit_config(d, rope_scaling={"type": "linear", "factor": 2.0}),
+     r"rope type 'linear'"),
+    (lambda d: edit_config(d, n_group=3), r"n_group=3 must divide"),
+    (lambda d: edit_config(d, moe_intermediate_size=8),
+     r"experts.0.gate_proj.weight has shape \(16, 32\) but config.json implies \(8, 32\)"),
+    (lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:-100]), r"is truncated"),
+    (lambda d: (d / "model.safetensors").unlink(), r"has no \*.safetensors files"),
+    (lambda d: (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "model-2.safetensors"}})),
+     r"names tensor files that are not in"),
+    (lambda d: edit_config(d, num_hidden_layers=2), r"tensors this model would not use"),
+])
+def test_directories_that_cannot_be_imported_say_why(tmp_path, breakage, message):
+    directory = exported(tmp_path)
+    breakage(directory)
+    with pytest.raises(UserError, match=message):
+        convert.import_dir(directory, tmp_path / "back", tiny_config(), log=lambda _: None)
+    assert not (tmp_path / "back" / "checkpoints").exists()  # nothing half-written
+
+
+def test_an_imported_run_trains_resumes_and_starts_others(tmp_path):
+    from minids_jax.trainer import Trainer
+
+    directory = exported(tmp_path)
+    base = tiny_config(optim=dict(total_steps=2), checkpoint=dict(every=1))
+    workdir = tmp_path / "imported"
+    config = convert.import_dir(directory, workdir, base, log=lambda _: None)
+    assert (workdir / "config.py").is_file()
+    imported = convert.flat_paths(checkpoint.load_params(workdir))
+    history = Trainer(config, str(workdir)).train()  # resumes step 0: a fresh optimizer
+    assert np.isfinite([r["loss"] for r in history if "loss" in r][-1])
+    trained = convert.flat_paths(checkpoint.load_params(workdir))
+    assert not np.array_equal(trained[("head", "kernel")], imported[("head", "kernel")])
+    other = dataclasses.replace(config, checkpoint=dataclasses.replace(
+        config.checkpoint, init_from=str(workdir)))
+    history = Trainer(other, str(tmp_path / "other")).train()
+    assert np.isfinite([r["loss"] for r in history if "loss" in r][-1])
