@@ -245,7 +245,9 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
     cfg = config.model if with_mtp else dataclasses.replace(config.model, mtp_depth=0)
     tokenizer = data.load_tokenizer(config, str(workdir)) if config.data.tokenizer != "bpe" \
         else data.BpeTokenizer.load(pathlib.Path(workdir) / data.TOKENIZER_FILE)
-    special = {"bos": tokenizer.BOS, "eos": tokenizer.EOS, "pad": tokenizer.PAD}
+    # (A run on random tokens may have a vocabulary without the byte tokenizer's specials.)
+    special = {name: token if token < cfg.vocab_size else None for name, token in
+               (("bos", tokenizer.BOS), ("eos", tokenizer.EOS), ("pad", tokenizer.PAD))}
     hf = hf_config.to_hf(cfg, dtype=dtype, special_ids=special)  # raises if inexpressible
     out = pathlib.Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -266,8 +268,8 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
 
     written = save(tensors(), out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    generation = {"bos_token_id": tokenizer.BOS, "eos_token_id": tokenizer.EOS,
-                  "pad_token_id": tokenizer.PAD, "do_sample": False}
+    generation = {f"{name}_token_id": token for name, token in special.items()}
+    generation["do_sample"] = False
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     written += ["config.json", "generation_config.json"]
     written += _export_tokenizer(config, pathlib.Path(workdir), out, tokenizer)

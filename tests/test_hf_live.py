@@ -1,0 +1,89 @@
+"""Against transformers live (skipped unless torch and transformers are importable: the `hf`
+extra): its random DeepseekV3ForCausalLM models imported here give its logits and greedy
+tokens, and a model trained here, exported, gives ours in transformers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import minids_jax  # noqa: E402
+from minids_jax.generation import Sampling, generate  # noqa: E402
+from minids_jax.hf import convert  # noqa: E402
+from tests.factories import tiny_config  # noqa: E402
+
+HF_TINY = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1,
+    n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+    first_k_dense_replace=1, norm_topk_prob=True, kv_lora_rank=16, q_lora_rank=24,
+    qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+    rms_norm_eps=1e-6, num_mtp_layers=0, initializer_range=0.2, tie_word_embeddings=False)
+
+
+def hf_model(seed: int, **changes):
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV3Config(**{**HF_TINY, **changes})
+    model = transformers.DeepseekV3ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.add_(0.1 * torch.randn_like(tensor))
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0.0, 0.1)
+    model.set_experts_implementation("eager")
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def assert_close_logits(ours, theirs):
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(ours / scale, theirs / scale, atol=1e-4)
+
+
+@pytest.mark.parametrize("changes", [
+    {},  # low-rank query, group-limited routing
+    {"q_lora_rank": None, "n_group": 1, "topk_group": 1},  # one q_proj, no groups
+    {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                      "mscale": 1.0, "mscale_all_dim": 1.0}},
+])
+def test_transformers_models_import_with_their_logits_and_greedy_tokens(tmp_path, changes):
+    model = hf_model(0, **changes)
+    model.save_pretrained(tmp_path / "hf")
+    convert.import_dir(tmp_path / "hf", tmp_path / "run", tiny_config(), log=lambda _: None)
+    ours, _ = minids_jax.load(tmp_path / "run")
+    tokens = np.random.RandomState(0).randint(0, HF_TINY["vocab_size"], (2, 20)).astype(np.int32)
+    assert_close_logits(np.asarray(ours(tokens).logits_BxLxV), hf_logits(model, tokens))
+    prompt = tokens[:1, :5]
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor(prompt, dtype=torch.long), do_sample=False,
+                                max_new_tokens=8, min_new_tokens=8).numpy()[:, 5:]
+    np.testing.assert_array_equal(generate(ours, prompt, 8, Sampling(temperature=0.0)), theirs)
+
+
+def test_a_model_trained_here_exports_to_transformers_with_our_logits(tmp_path):
+    from minids_jax.trainer import Trainer
+    from tests.test_hf import V3_MODEL
+
+    config = tiny_config(model=dict(V3_MODEL, mtp_depth=0), optim=dict(total_steps=3),
+                         checkpoint=dict(every=3))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                   router_bias_rate=0.05))
+    Trainer(config, str(tmp_path / "run")).train()
+    ours, _ = minids_jax.load(tmp_path / "run")
+    assert np.abs(np.asarray(ours.blocks[1].moe.bias[...])).max() > 0  # the biases moved
+    convert.export_run(tmp_path / "run", tmp_path / "hf", dtype="float32", log=lambda _: None)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    theirs.set_experts_implementation("eager")
+    tokens = np.random.RandomState(1).randint(0, 64, (2, 16)).astype(np.int32)
+    assert_close_logits(np.asarray(ours(tokens).logits_BxLxV), hf_logits(theirs, tokens))
