@@ -161,7 +161,7 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
     placed = {}
     for tensor in weights.layout(model_cfg):
         target = targets[tensor.path]
-        array = reader.ours(tensor, target.shape).astype(target.dtype)
+        array = reader.ours(tensor, target.shape).astype(target.dtype, copy=False)
         placed[tensor.path] = jax.make_array_from_callback(
             target.shape, target.sharding, lambda index, a=array: a[index])
         del array

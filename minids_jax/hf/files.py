@@ -40,7 +40,6 @@ class TensorFiles:
     def __init__(self, directory: pathlib.Path):
         self.directory = directory
         self._where: dict[str, tuple[pathlib.Path, dict]] = {}
-        self._maps: dict[pathlib.Path, np.memmap] = {}
         for path in self._files():
             for name, entry in _header(path).items():
                 if name != "__metadata__":
@@ -75,14 +74,15 @@ class TensorFiles:
         return tuple(self._where[name][1]["shape"])
 
     def __getitem__(self, name: str) -> np.ndarray:
-        """The tensor as a read-only view of its file (no copy)."""
+        """The tensor as a read-only map of its bytes in the file (no copy). The map closes
+        when the array is dropped, so the pages read do not stay resident."""
         path, entry = self._where[name]
-        if path not in self._maps:
-            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
         start, end = entry["data_offsets"]
-        offset = _data_start(path)
         dtype = np.dtype(DTYPES[entry["dtype"]])
-        return self._maps[path][offset + start:offset + end].view(dtype).reshape(entry["shape"])
+        if end == start:
+            return np.zeros(entry["shape"], dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=_data_start(path) + start,
+                         shape=tuple(entry["shape"]))
 
 
 def _data_start(path: pathlib.Path) -> int:
