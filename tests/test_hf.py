@@ -161,3 +161,27 @@ def test_an_imported_run_trains_resumes_and_starts_others(tmp_path):
         config.checkpoint, init_from=str(workdir)))
     history = Trainer(other, str(tmp_path / "other")).train()
     assert np.isfinite([r["loss"] for r in history if "loss" in r][-1])
+
+
+@pytest.mark.slow
+def test_the_command_line_reports_mistakes_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.factories import REPO, subprocess_env
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "minids_jax.hf", *args], cwd=REPO,
+                              env=subprocess_env(str(tmp_path / "cache")), capture_output=True,
+                              text=True, timeout=300)
+
+    for args, message in [
+        (("import", str(tmp_path / "absent"), "--workdir", str(tmp_path / "w")),
+         "is not a directory"),
+        (("export", "--workdir", str(tmp_path / "w")), "export needs --out"),
+        (("convert", "x"), "usage: python -m minids_jax.hf import"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

@@ -1,6 +1,6 @@
 """Hugging Face DeepSeek-V3 checkpoints in and out (docs/huggingface.md).
 
-    python -m minids_jax.hf import HF_DIR --workdir WD [--config C] [--nomtp]
+    python -m minids_jax.hf import HF_DIR --workdir WD [--config C] [--max_seq_len N] [--nomtp]
     python -m minids_jax.hf export --workdir WD --out OUT [--step N] [--dtype bfloat16|float32] [--nomtp]
 
 `import` writes WD as a run at step 0 of the model in HF_DIR (config.json, *.safetensors,
@@ -27,6 +27,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                            "export: the dtype of the written weights.")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest tensor file; "
                                    "past it the weights are sharded with an index.")
+_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "import: the run's context and "
+                                    "training window (default: max_position_embeddings).")
 _MTP = flags.DEFINE_bool("mtp", True, "Import/export the MTP layers when there are some.")
 USAGE = ("usage: python -m minids_jax.hf import HF_DIR --workdir WD | python -m minids_jax.hf "
          "export --workdir WD --out OUT")
@@ -49,7 +51,8 @@ def main(argv: list[str]) -> None:
                   else cli.config_from_flag(_CONFIG))
         workdir = writable_directory(_WORKDIR.value, "--workdir")
         with WorkdirLock(workdir):
-            run_config = convert.import_dir(rest[0], workdir, config, with_mtp=_MTP.value)
+            run_config = convert.import_dir(rest[0], workdir, config, with_mtp=_MTP.value,
+                                            max_seq_len=_MAX_SEQ_LEN.value)
         from minids_jax import inspect
 
         sizes = inspect.sizes(run_config, 1)

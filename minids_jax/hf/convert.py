@@ -121,10 +121,13 @@ def flat_paths(tree: dict) -> dict[tuple[str, ...], Any]:
 
 
 def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: Config, *,
-               with_mtp: bool = True, log: Callable[[str], None] = print) -> Config:
+               with_mtp: bool = True, max_seq_len: int | None = None,
+               log: Callable[[str], None] = print) -> Config:
     """Writes `workdir` as a run of the model in `hf_dir`: an orbax checkpoint at step 0, the
     tokenizer files, and a `config.py` to train or resume it with. `config` gives everything
-    but the architecture (mesh, training, data); returns the run's Config."""
+    but the architecture (mesh, training, data); returns the run's Config. `max_seq_len`
+    (default: `max_position_embeddings`) is the run's context and training window: the
+    function at the positions below it is the same."""
     from minids_jax import checkpointer
 
     hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), pathlib.Path(workdir).expanduser()
@@ -145,6 +148,8 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
         log(f"config.json has num_nextn_predict_layers={fields['mtp_depth']} but the files hold "
             f"no MTP weights ({mtp_first}): imported without multi-token prediction")
         fields["mtp_depth"] = 0
+    if max_seq_len:
+        fields["max_seq_len"] = max_seq_len
     model_cfg = _checked(ModelConfig, fields, origin, param_dtype=config.model.param_dtype)
     tokenizer_present = (hf_dir / "tokenizer.json").is_file()
     data = (dataclasses.replace(config.data, tokenizer="hf") if tokenizer_present else
