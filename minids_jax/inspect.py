@@ -60,6 +60,11 @@ def sizes(config, n_devices: int) -> dict:
             "mesh": mesh_sizes, "bytes_per_device": device_bytes}
 
 
+def count(n: int) -> str:
+    """2 decimals in the largest unit of B (1e9) and M (1e6) that the count reaches."""
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.2f}M"
+
+
 def main() -> None:
     config_flag = cli.define_config_flag()
     devices_flag = flags.DEFINE_integer("devices", 1, "Devices the mesh spans.", lower_bound=1)
@@ -68,10 +73,10 @@ def main() -> None:
         del argv
         config = cli.config_from_flag(config_flag)
         figures = sizes(config, devices_flag.value)
-        print(f"parameters:          {figures['parameters'] / GB:,.2f}B in the main model "
-              f"(+ {figures['mtp_parameters'] / GB:,.2f}B in {config.model.mtp_depth} MTP "
+        print(f"parameters:          {count(figures['parameters'])} in the main model "
+              f"(+ {count(figures['mtp_parameters'])} in {config.model.mtp_depth} MTP "
               f"module(s))")
-        print(f"active per token:    {figures['active_per_token'] / GB:,.2f}B")
+        print(f"active per token:    {count(figures['active_per_token'])}")
         print(f"training FLOPs:      {figures['train_flops_per_token'] / GB:,.1f} GFLOPs per "
               f"token")
         print(f"mesh:                {figures['mesh']} on {devices_flag.value} device(s)")
