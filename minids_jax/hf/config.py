@@ -120,7 +120,8 @@ def rope_fields(hf: dict[str, Any], fail) -> dict[str, Any]:
     """Ours from the legacy `rope_theta` + `rope_scaling`, or v5's `rope_parameters`."""
     scaling = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(scaling.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    legacy_kind = scaling.pop("type", None)  # v5 writes both names
+    kind = scaling.pop("rope_type", None) or legacy_kind or "default"
     if kind == "default":
         return {"rope_theta": theta, "rope_yarn_factor": 1.0}
     if kind != "yarn":

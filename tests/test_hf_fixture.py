@@ -1,0 +1,80 @@
+"""A random tiny DeepseekV3ForCausalLM made by transformers (tests/fixtures/hf_tiny, by
+scripts/make_hf_fixture.py: group-limited routing with non-zero correction biases, a dense first
+layer, YaRN, an MTP layer), and its FP8 copy: imported here, they give the logits, greedy tokens
+and MTP logits transformers computed. Needs neither torch nor transformers."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import minids_jax
+from minids_jax.generation import Sampling, generate
+from minids_jax.hf import convert
+from minids_jax.mtp import shift_left
+from minids_jax.tokenization import HFTokenizer
+from tests.factories import REPO, tiny_config
+
+FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny"
+FIXTURE_FP8 = REPO / "tests" / "fixtures" / "hf_tiny_fp8"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dict(np.load(FIXTURE / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("imported")
+    convert.import_dir(FIXTURE, workdir, tiny_config(), log=lambda _: None)
+    return (workdir, *minids_jax.load(workdir))
+
+
+def assert_close_logits(ours, theirs):
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(ours / scale, theirs / scale, atol=1e-4)
+
+
+def test_imported_logits_and_greedy_tokens_are_transformers(imported, reference):
+    _, model, config = imported
+    assert config.model.mtp_depth == 1 and config.model.rope_yarn_factor > 1
+    assert float(jnp.abs(model.blocks[1].moe.bias[...]).max()) > 0  # the correction bias
+    logits = np.asarray(model(reference["tokens"]).logits_BxLxV)
+    assert_close_logits(logits, reference["logits"])
+    prompt = reference["prompt"]
+    new = generate(model, prompt, reference["greedy"].shape[1] - prompt.shape[1],
+                   Sampling(temperature=0.0))
+    np.testing.assert_array_equal(new, reference["greedy"][:, prompt.shape[1]:])
+
+
+def test_the_mtp_layer_gives_transformers_mtp_logits(imported, reference):
+    _, model, _ = imported
+    tokens = jnp.asarray(reference["tokens"])
+    trunk, _, _ = model.trunk(tokens)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    _, features, _ = model.mtp[0](trunk, model.embed(shift_left(tokens, 1)), positions)
+    mtp_logits = np.asarray(model.head(features))[:, :-1]  # positions with a token ahead
+    assert_close_logits(mtp_logits, reference["mtp_logits"])
+
+
+def test_the_fp8_copy_imports_to_the_same_weights(imported, tmp_path):
+    # The fixture's float32 weights are the FP8 ones dequantized: the same numbers.
+    convert.import_dir(FIXTURE_FP8, tmp_path / "fp8", tiny_config(), log=lambda _: None)
+    fp8 = convert.flat_paths(minids_jax.load_params(tmp_path / "fp8"))
+    plain = convert.flat_paths(minids_jax.load_params(imported[0]))
+    assert fp8.keys() == plain.keys()
+    for path, array in plain.items():
+        np.testing.assert_array_equal(fp8[path], array, err_msg=str(path))
+
+
+def test_the_tokenizer_comes_with_its_specials_and_chat_template(imported):
+    _, _, config = imported
+    assert config.data.tokenizer == "hf"
+    tokenizer = HFTokenizer(FIXTURE)
+    hf = __import__("json").loads((FIXTURE / "config.json").read_text())
+    assert (tokenizer.BOS, tokenizer.EOS) == (hf["bos_token_id"], hf["eos_token_id"])
+    assert "<｜Assistant｜>" in tokenizer.chat_template
+    text = "The quick brown fox."
+    assert tokenizer.decode(tokenizer.encode(text)) == text
