@@ -56,8 +56,8 @@ def main(argv: list[str]) -> None:
         from minids_jax import inspect
 
         sizes = inspect.sizes(run_config, 1)
-        print(f"imported {rest[0]} into {workdir} ({sizes['parameters'] / 1e6:,.1f}M parameters, "
-              f"{time.perf_counter() - started:.1f} s); train it with: python train.py "
+        print(f"imported {rest[0]} into {workdir} ({inspect.count(sizes['parameters'])} "
+              f"parameters, {time.perf_counter() - started:.1f} s); train it with: python train.py "
               f"--config {workdir}/config.py --workdir {workdir}")
         return
     if not _OUT.value:
