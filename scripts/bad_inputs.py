@@ -171,6 +171,39 @@ def checkpoint_cases(c: Cases) -> None:
                                                          "x" * 40])
 
 
+def hf_cases(c: Cases) -> None:
+    hf = [sys.executable, "-m", "minids_jax.hf"]
+    fixture = REPO / "tests" / "fixtures" / "hf_tiny"
+
+    def broken(name: str, change) -> str:
+        shutil.copytree(fixture, c.path(name))
+        change(c.path(name))
+        return str(c.path(name))
+
+    def edit(**fields):
+        def change(directory: pathlib.Path):
+            config = json.loads((directory / "config.json").read_text())
+            (directory / "config.json").write_text(json.dumps({**config, **fields}))
+        return change
+
+    def cut(directory: pathlib.Path):
+        data = (directory / "model.safetensors").read_bytes()
+        (directory / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+    for what, directory in (
+            ("hf import: no config.json", broken("no_config", lambda d: (d / "config.json")
+                                                  .unlink())),
+            ("hf import: another model_type", broken("llama", edit(model_type="llama"))),
+            ("hf import: a field the model cannot honour",
+             broken("bias", edit(attention_bias=True))),
+            ("hf import: a truncated tensor file", broken("cut", cut)),
+            ("hf import: a tensor of the wrong shape",
+             broken("shape", edit(moe_intermediate_size=16)))):
+        c.run(what, [*hf, "import", directory, "--workdir", str(c.path("imported"))])
+    c.run("hf export: a model the format cannot express (MHLA)",
+          [*hf, "export", "--workdir", str(c.path("run")), "--out", str(c.path("exported"))])
+
+
 def fault_cases(c: Cases) -> None:
     config = c.config(checkpoint=dict(every=2))
     disk = c.path("full/checkpoints")
@@ -217,7 +250,8 @@ def scribble(step_dir: pathlib.Path) -> None:
 def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         cases = Cases(pathlib.Path(scratch))
-        for group in (config_cases, path_and_data_cases, checkpoint_cases, fault_cases):
+        for group in (config_cases, path_and_data_cases, checkpoint_cases, hf_cases,
+                      fault_cases):
             group(cases)
         table = cases.table()
     print(textwrap.dedent("""\
