@@ -12,11 +12,12 @@ _LAZY = {
     "CheckpointError": "minids_jax.checkpoint",
     "load": "minids_jax.checkpoint",
     "load_params": "minids_jax.checkpoint",
+    "merge_lora": "minids_jax.lora",
     "read_config": "minids_jax.checkpoint",
 }
 
 __all__ = ["CheckpointError", "Config", "ConfigError", "ModelConfig", "MiniDeepSeek", "load",
-           "load_params", "read_config"]
+           "load_params", "merge_lora", "read_config"]
 
 
 def __getattr__(name):

@@ -172,9 +172,16 @@ def load(path: str | os.PathLike, step: int | None = None, *,
     if mesh is None:
         mesh = sharding.make_mesh(MeshConfig(data=-1, axis_rules=config.mesh.axis_rules))
     compute = kernels.resolve(config.compute, kernels.mesh_platform(mesh))
+    def build():
+        model = MiniDeepSeek(config.model, compute, rngs=nnx.Rngs(0))
+        if config.lora.rank:  # the adapted model (lora.merge_lora merges it)
+            from minids_jax import lora
+
+            lora.add_adapters(model, config.lora, nnx.Rngs(0))
+        return model
+
     with nnx.logical_axis_rules(config.mesh.axis_rules):
-        graphdef, abstract_state = nnx.get_abstract_model(
-            lambda: MiniDeepSeek(config.model, compute, rngs=nnx.Rngs(0)), mesh)
+        graphdef, abstract_state = nnx.get_abstract_model(build, mesh)
     restored = restore_items(directory, step, model=nnx.to_pure_dict(abstract_state))
     nnx.replace_by_pure_dict(abstract_state, restored["model"])
     return nnx.merge(graphdef, abstract_state), config
@@ -238,8 +245,13 @@ def restore_items(directory: epath.Path, step: int, manager=None,
     return restored
 
 
-def require_same_architecture(saved: Config, current: Config, what: str, fix: str) -> None:
-    differences = config_lib.changes(saved, current, config_lib.ARCHITECTURE)
+def require_same_architecture(saved: Config, current: Config, what: str, fix: str,
+                              groups: tuple[str, ...] | None = None) -> None:
+    """Raises CheckpointError naming the architecture fields (of `groups`, default all) that
+    differ."""
+    differences = [change for change in config_lib.changes(saved, current,
+                                                           config_lib.ARCHITECTURE)
+                   if groups is None or change.split(".")[0] in groups]
     if differences:
         raise CheckpointError(f"{what} has a different model architecture than this run: "
                               f"{'; '.join(differences)}. {fix}")

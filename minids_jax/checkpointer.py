@@ -22,7 +22,7 @@ from flax import nnx
 
 from minids_jax import checkpoint as ckpt
 from minids_jax import config as config_lib
-from minids_jax import integrity
+from minids_jax import integrity, lora
 from minids_jax.checkpoint import CheckpointError, UnreadableCheckpointError
 from minids_jax.config import Config, ConfigError
 from minids_jax.errors import UserError
@@ -196,11 +196,17 @@ class Checkpointer:
     def _init_from(self, state: TrainState) -> None:
         directory, step = ckpt.resolve(self.cfg.init_from)
         saved = ckpt.read_config(directory, step)
+        # The base model must match; adapters (lora) are this run's own and start fresh.
         ckpt.require_same_architecture(saved, self.config,
                                        f"checkpoint.init_from={self.cfg.init_from}",
-                                       "Set the model fields to the checkpoint's values.")
-        target = ckpt.restore_target(nnx.to_pure_dict(state.model))
-        restored = ckpt.restore_items(directory, step, model=target)
+                                       "Set the model fields to the checkpoint's values.",
+                                       groups=("model",))
+        base = lora.without_adapters(nnx.to_pure_dict(state.model))
+        if saved.lora.rank:  # a LoRA run's model: its adapters merged into the base
+            raise CheckpointError(
+                f"checkpoint.init_from={self.cfg.init_from} is a LoRA run; export it merged "
+                f"(python -m minids_jax.hf export) and import that, or resume it instead.")
+        restored = ckpt.restore_items(directory, step, model=ckpt.restore_target(base))
         nnx.replace_by_pure_dict(state.model, restored["model"])  # in place
         self.log(f"initialized the parameters from {directory / str(step)} (step {step}); "
                  f"the optimizer starts fresh at step 0")

@@ -24,7 +24,7 @@ from minids_jax import config_schema
 from minids_jax.config_schema import (  # noqa: F401  (re-exported: config.check, ...)
     ARCHITECTURE, NOTED, QUIET, ConfigError, Group, check, option)
 from minids_jax.model_config import (  # noqa: F401
-    ATTENTION_KINDS, DTYPES, ROUTER_SCORINGS, ModelConfig)
+    ATTENTION_KINDS, DTYPES, ROUTER_SCORINGS, LoRAConfig, ModelConfig)
 
 ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention")
 MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
@@ -230,6 +230,7 @@ class CheckpointConfig(Group):
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -25,12 +25,37 @@ class RMSNorm(nnx.Module):
         return (x_f32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
+class Linear(nnx.Module):
+    """y = x @ kernel, bias-free, the kernel [in, out] carrying logical axis names; with
+    adapters (lora.py) also + scale * (x @ lora_a) @ lora_b."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *,
+                 rngs: nnx.Rngs, dtype: str, param_dtype: str):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.dtype(param_dtype)))
+        self.dtype, self.axes = jnp.dtype(dtype), axes
+        self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)  # adapters (lora.py)
+        self.lora_scale = 0.0
+
+    def weight(self) -> jax.Array:
+        """The kernel the layer applies: with adapters, kernel + scale * lora_a @ lora_b."""
+        if self.lora_a is None:
+            return self.kernel[...]
+        delta = (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32))
+        return (self.kernel[...] + self.lora_scale * delta).astype(self.kernel.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.lora_a is None:
+            return y
+        low_rank = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        return y + self.lora_scale * low_rank
+
+
 def linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
-           dtype: str, param_dtype: str) -> nnx.Linear:
-    """A bias-free Linear whose kernel carries logical axis names for sharding."""
-    return nnx.Linear(
-        d_in, d_out, use_bias=False, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
-        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes), rngs=rngs)
+           dtype: str, param_dtype: str) -> Linear:
+    return Linear(d_in, d_out, axes, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
 def swiglu(x_TxD: jax.Array, w1_DxF: jax.Array, w2_DxF: jax.Array, w3_FxD: jax.Array) -> jax.Array:

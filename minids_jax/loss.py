@@ -36,7 +36,7 @@ def loss_chunk(device_batch: int, length: int, vocab: int, platform: str) -> int
 
 
 def _head_loss(model: MiniDeepSeek, features_BxLxD, targets_BxL, weights_BxL, chunk: int):
-    kernel_DxV = model.head.kernel[...].astype(features_BxLxD.dtype)
+    kernel_DxV = model.head.weight().astype(features_BxLxD.dtype)
     loss_sum = head_cross_entropy(features_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk)
     return loss_sum / jnp.maximum(jnp.sum(weights_BxL), 1.0)
 

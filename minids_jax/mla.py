@@ -109,7 +109,7 @@ class MLA(nnx.Module):
 
     def _up_weights(self) -> tuple[jax.Array, jax.Array]:
         """kv_up's kernel as W_UK [R, H, Dn] and W_UV [R, H, Dv]."""
-        kernel_RxHD = self.kv_up.kernel[...].astype(self.kv_up.dtype)
+        kernel_RxHD = self.kv_up.weight().astype(self.kv_up.dtype)
         kernel_RxHxDnv = kernel_RxHD.reshape(self.rank, self.cfg.n_heads, self.dn + self.dv)
         return kernel_RxHxDnv[..., :self.dn], kernel_RxHxDnv[..., self.dn:]
 

@@ -134,3 +134,23 @@ class ModelConfig(Group):
 
     def attention_kind(self, layer: int) -> str:
         return self.attn_pattern[layer % len(self.attn_pattern)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(Group):
+    """Low-rank adapters on chosen projections, the rest frozen (minids_jax/lora.py)."""
+
+    NAME = "lora"
+    rank: int = option(0, "adapter rank; 0: no adapters (every parameter trains)", ARCHITECTURE,
+                       low=0)
+    alpha: float = option(16.0, "adapters are scaled by alpha / rank (PEFT's lora_alpha)",
+                          ARCHITECTURE, above=0)
+    targets: tuple = option(("attn.*",), "projections that get adapters: names like 'q_up' or "
+                            "'attn.*', 'mlp.*' (dense), 'shared.*', 'moe.w1' (routed experts, "
+                            "one adapter each), 'head', or fnmatch patterns on the path",
+                            ARCHITECTURE)
+    train_norms: bool = option(False, "also train the RMSNorm gains", ARCHITECTURE)
+
+    def validate(self):
+        check(len(self.targets) > 0 or not self.rank,
+              "lora.targets is empty; name the projections to adapt, e.g. ('attn.*',).")

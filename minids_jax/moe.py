@@ -107,6 +107,11 @@ class MoE(nnx.Module):
                             out_sharding=("expert", "embed", "mlp"))
         self.w3 = nnx.Param(init(rngs.params(), (e, f, d), param_dtype),
                             out_sharding=("expert", "mlp", "embed"))
+        # Adapters of w1, w2, w3 (lora.py): [E, in, R] and [E, R, out], or None.
+        for name in ("w1", "w2", "w3"):
+            setattr(self, f"{name}_lora_a", nnx.data(None))
+            setattr(self, f"{name}_lora_b", nnx.data(None))
+        self.lora_scale = 0.0
         self.bias = (RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,))
                      if cfg.router_scoring == "sigmoid" else None)
         self.shared = (MLP(d, cfg.n_shared_experts * f, rngs=rngs, dtype=compute.dtype,
@@ -121,8 +126,20 @@ class MoE(nnx.Module):
             bias_E = self.bias[...]
         return routing.route(logits_TxE, bias_E, self.cfg)
 
+    def expert_weight(self, name: str) -> jax.Array:
+        """Expert weight `name` ('w1', 'w2', 'w3'), its adapters merged in if it has some
+        (the dispatches take whole weights; the merge costs E * in * out * rank, far below the
+        tokens' work)."""
+        weight, a, b = (getattr(self, name), getattr(self, f"{name}_lora_a"),
+                        getattr(self, f"{name}_lora_b"))
+        if a is None:
+            return weight[...]
+        delta = jnp.einsum("edr,erf->edf", a[...].astype(jnp.float32), b[...].astype(jnp.float32))
+        return (weight[...] + self.lora_scale * delta).astype(weight.dtype)
+
     def experts(self) -> Experts:
-        return Experts(*(w[...].astype(self.dtype) for w in (self.w1, self.w2, self.w3)))
+        return Experts(*(self.expert_weight(name).astype(self.dtype)
+                         for name in ("w1", "w2", "w3")))
 
     def __call__(self, x_BxLxD: jax.Array, dispatch: str | None = None):
         """`dispatch` overrides the built-in one (decoding asks for an exact one)."""

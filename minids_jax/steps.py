@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from minids_jax import loss as loss_lib
-from minids_jax import optim, sharding
+from minids_jax import lora, optim, sharding
 from minids_jax.config import ComputeConfig, Config
 from minids_jax.model import MiniDeepSeek
 
@@ -32,8 +32,14 @@ class TrainState(NamedTuple):
 
 
 def build_model_and_optimizer(config: Config, compute: ComputeConfig):
-    model = MiniDeepSeek(config.model, compute, rngs=nnx.Rngs(config.train.seed))
-    return model, nnx.Optimizer(model, optim.adamw(config.optim), wrt=nnx.Param)
+    """The model (with adapters if lora.rank) and an optimizer of what trains: every
+    parameter, or with adapters only them (lora.trainable)."""
+    rngs = nnx.Rngs(config.train.seed)
+    model = MiniDeepSeek(config.model, compute, rngs=rngs)
+    if config.lora.rank:
+        lora.add_adapters(model, config.lora, rngs)
+    return model, nnx.Optimizer(model, optim.adamw(config.optim),
+                                wrt=lora.trainable(config.lora))
 
 
 def create_train_state(config: Config, compute: ComputeConfig, mesh):
@@ -48,14 +54,18 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
     lr_schedule = optim.schedule(config.optim)
     coefs = (config.train.aux_loss_coef, config.train.sequence_aux_loss_coef,
              config.train.mtp_loss_coef)
-    bias_rate = config.train.router_bias_rate
+    # Adapters leave the base model as it is, its routers' balancing biases included.
+    bias_rate = 0.0 if config.lora.rank else config.train.router_bias_rate
+    trainable = lora.trainable(config.lora)
 
     @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
     def train_step(state: TrainState, batch):
         model = nnx.merge(graphdefs.model, state.model)
         optimizer = nnx.merge(graphdefs.optimizer, state.optimizer)
         lr = lr_schedule(optimizer.step[...])
-        grad_fn = nnx.value_and_grad(loss_lib.total_loss, has_aux=True)
+        # Gradients of what trains only: a frozen base costs no gradient memory or work.
+        grad_fn = nnx.value_and_grad(loss_lib.total_loss, has_aux=True,
+                                     argnums=nnx.DiffState(0, trainable))
         (loss, (ce, aux)), grads = grad_fn(model, batch, loss_chunk, *coefs)
         optimizer.update(model, grads)
         metrics = {

@@ -87,3 +87,21 @@ def test_a_model_trained_here_exports_to_transformers_with_our_logits(tmp_path):
     theirs.set_experts_implementation("eager")
     tokens = np.random.RandomState(1).randint(0, 64, (2, 16)).astype(np.int32)
     assert_close_logits(np.asarray(ours(tokens).logits_BxLxV), hf_logits(theirs, tokens))
+
+
+def test_the_peft_adapter_loads_in_peft_onto_the_exported_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    from tests.test_lora import saved_lora_run
+
+    base, run = saved_lora_run(tmp_path)
+    convert.export_run(base, tmp_path / "hf_base", dtype="float32", log=lambda _: None)
+    convert.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base")
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
+    theirs.base_model.model.set_experts_implementation("eager")
+    ours, _ = minids_jax.load(run)
+    tokens = np.random.RandomState(2).randint(0, 64, (2, 16)).astype(np.int32)
+    base_logits = np.asarray(minids_jax.load(base)[0](tokens).logits_BxLxV)
+    adapted = np.asarray(ours(tokens).logits_BxLxV)
+    assert np.abs(adapted - base_logits).max() > 1e-2  # the adapters matter
+    assert_close_logits(adapted, hf_logits(theirs, tokens))

@@ -1,14 +1,16 @@
 """Hugging Face DeepSeek-V3 checkpoints in and out (docs/huggingface.md).
 
     python -m minids_jax.hf import HF_DIR --workdir WD [--config C] [--max_seq_len N] [--nomtp]
-    python -m minids_jax.hf export --workdir WD --out OUT [--step N] [--dtype bfloat16|float32] [--nomtp]
+    python -m minids_jax.hf export --workdir WD --out OUT [--step N] [--dtype bfloat16|float32]
+        [--nomtp] [--adapter_only]
 
 `import` writes WD as a run at step 0 of the model in HF_DIR (config.json, *.safetensors,
 tokenizer files): load it with `minids_jax.load(WD)`, generate from it, train it with
 `python train.py --config WD/config.py --workdir WD`, or start another run from it with
 `--config.checkpoint.init_from=WD`. `--config` gives the rest of that run's config (mesh,
 training, data); its model group is replaced by the imported one. `export` writes OUT for
-`transformers.AutoModelForCausalLM.from_pretrained(OUT)` and vLLM.
+`transformers.AutoModelForCausalLM.from_pretrained(OUT)` and vLLM (a LoRA run merged, or with
+`--adapter_only` its adapters for `peft.PeftModel.from_pretrained`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest ten
                                    "past it the weights are sharded with an index.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "import: the run's context and "
                                     "training window (default: max_position_embeddings).")
+_ADAPTER_ONLY = flags.DEFINE_bool("adapter_only", False, "export of a LoRA run: write its "
+                                  "adapters as a PEFT adapter instead of the merged model.")
 _MTP = flags.DEFINE_bool("mtp", True, "Import/export the MTP layers when there are some.")
 USAGE = ("usage: python -m minids_jax.hf import HF_DIR --workdir WD | python -m minids_jax.hf "
          "export --workdir WD --out OUT")
@@ -63,6 +67,9 @@ def main(argv: list[str]) -> None:
     if not _OUT.value:
         raise cli.UserError(f"export needs --out; {USAGE}")
     out = writable_directory(_OUT.value, "--out")
+    if _ADAPTER_ONLY.value:
+        convert.export_adapter(_WORKDIR.value, out, step=_STEP.value)
+        return
     convert.export_run(_WORKDIR.value, out, step=_STEP.value, dtype=_DTYPE.value,
                        max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30), with_mtp=_MTP.value)
     print(f"exported in {time.perf_counter() - started:.1f} s")

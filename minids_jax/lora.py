@@ -1,0 +1,168 @@
+"""LoRA: low-rank adapters on chosen projections of a built model; everything else frozen.
+
+    adapted = add_adapters(model, config.lora, rngs)   # names of the projections adapted
+    trainable(config.lora)                             # the nnx filter of what trains
+    merge_lora(model)                                  # a copy without adapters, merged in
+
+A projection is a `layers.Linear` (attention, dense and shared MLPs, the head, the MTP
+projections) or one of an MoE layer's routed expert weights `w1`, `w2`, `w3` ([E, in, out]:
+an adapter per expert, with the expert axis leading, so expert parallelism splits them too).
+Its path names it, e.g. `blocks.3.attn.q_up`, `blocks.1.moe.w1`, `blocks.1.moe.shared.w2`,
+`mtp.0.block.attn.out`. A target matches a path equal to it or ending in `.target`, or matching
+it as an fnmatch pattern (also after any prefix): `q_up`, `attn.*`, `moe.w1`, `blocks.0.*`.
+The router gate and the embedding are never adapted. `lora_b` starts at zero, so an adapted
+model computes exactly its base at first; the adapter adds `alpha / rank * x @ lora_a @
+lora_b` (PEFT's scaling).
+
+Shapes: D in, F out, R rank, E experts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import jax.numpy as jnp
+from flax import nnx
+
+from minids_jax.config import ConfigError, LoRAConfig
+from minids_jax.layers import Linear
+from minids_jax.moe import MoE
+
+EXPERT_WEIGHTS = ("w1", "w2", "w3")
+NEVER_ADAPTED = ("gate",)  # the router: adapting it would move routing, not features
+
+
+def projections(model: nnx.Module) -> dict[str, tuple[nnx.Module, str | None]]:
+    """{path: (module, expert weight name or None)} of every projection that can be adapted."""
+    out = {}
+    for path, module in nnx.iter_modules(model):
+        name = ".".join(str(key) for key in path)
+        if isinstance(module, Linear) and path and path[-1] not in NEVER_ADAPTED:
+            out[name] = (module, None)
+        elif isinstance(module, MoE):
+            out.update({f"{name}.{weight}": (module, weight) for weight in EXPERT_WEIGHTS})
+    return out
+
+
+def matches(path: str, target: str) -> bool:
+    return fnmatch.fnmatchcase(path, target) or fnmatch.fnmatchcase(path, f"*.{target}")
+
+
+def short_names(paths) -> list[str]:
+    """The distinct kinds of projection, without layer numbers: what a target may name."""
+    kinds = set()
+    for path in paths:
+        parts = [part for part in path.split(".") if not part.isdigit()]
+        kinds.add(".".join(parts[1:] if parts[0] == "blocks" else parts))
+    return sorted(kinds)
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a state key names an adapter (`lora_a`, `w1_lora_b`, ...)."""
+    return name.endswith(("lora_a", "lora_b"))
+
+
+def without_adapters(tree: dict) -> dict:
+    """A nested state dict without its adapters: the base model's state."""
+    return {key: without_adapters(value) if isinstance(value, dict) else value
+            for key, value in tree.items() if not is_adapter(str(key))}
+
+
+def merged_params(params: dict, cfg: LoRAConfig) -> dict:
+    """A nested dict of numpy parameters (load_params) with its adapters merged into their
+    weights and removed: the base layout, computing the adapted model."""
+    import numpy as np
+
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out[key] = merged_params(value, cfg)
+        elif not is_adapter(str(key)):
+            out[key] = value
+    for key, value in params.items():
+        prefix = "" if key == "kernel" else f"{key}_"
+        a, b = params.get(f"{prefix}lora_a"), params.get(f"{prefix}lora_b")
+        if a is not None and not isinstance(value, dict) and not is_adapter(str(key)):
+            delta = np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))
+            out[key] = (np.asarray(value, np.float32) + cfg.alpha / cfg.rank * delta
+                        ).astype(np.asarray(value).dtype)
+    return out
+
+
+def add_adapters(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str]:
+    """Adds adapters of `cfg.rank` to the projections `cfg.targets` match; returns their
+    paths. A target that matches nothing, or a rank above a projection's smaller side, is a
+    ConfigError naming the projections there are."""
+    found = projections(model)
+    unmatched = [t for t in cfg.targets if not any(matches(path, t) for path in found)]
+    if unmatched:
+        raise ConfigError(
+            f"lora.targets {unmatched} match no projection of this model; the projections are "
+            f"{', '.join(short_names(found))} (e.g. 'attn.*' for all attention projections, "
+            f"'moe.w1' for the routed experts' first weights).")
+    chosen = [path for path in found if any(matches(path, t) for t in cfg.targets)]
+    for path in chosen:  # all checked before any is changed
+        module, weight = found[path]
+        shape = (module.kernel if weight is None else getattr(module, weight)).shape[-2:]
+        if cfg.rank > min(shape):
+            raise ConfigError(f"lora.rank={cfg.rank} exceeds the smaller side of {path} "
+                              f"{tuple(shape)}; lower lora.rank or leave {path} out of "
+                              f"lora.targets.")
+    with nnx.use_eager_sharding(False):  # placed by whoever builds the model (as its params)
+        for path in chosen:
+            module, weight = found[path]
+            if weight is None:
+                _adapt_linear(module, cfg, rngs)
+            else:
+                _adapt_experts(module, weight, cfg, rngs)
+    return chosen
+
+
+def _pair(shape_a, shape_b, axes_a, axes_b, rngs: nnx.Rngs, dtype):
+    init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1)
+    a = nnx.LoRAParam(init(rngs.params(), shape_a, dtype), out_sharding=axes_a)
+    b = nnx.LoRAParam(jnp.zeros(shape_b, dtype), out_sharding=axes_b)
+    return a, b
+
+
+def _adapt_linear(module: Linear, cfg: LoRAConfig, rngs: nnx.Rngs) -> None:
+    d_in, d_out = module.kernel.shape
+    axis_in, axis_out = module.axes
+    module.lora_a, module.lora_b = _pair((d_in, cfg.rank), (cfg.rank, d_out), (axis_in, None),
+                                         (None, axis_out), rngs, module.kernel.dtype)
+    module.lora_scale = cfg.alpha / cfg.rank
+
+
+def _adapt_experts(module: MoE, weight: str, cfg: LoRAConfig, rngs: nnx.Rngs) -> None:
+    experts, d_in, d_out = getattr(module, weight).shape
+    axes = {"w1": ("embed", "mlp"), "w2": ("embed", "mlp"), "w3": ("mlp", "embed")}[weight]
+    a, b = _pair((experts, d_in, cfg.rank), (experts, cfg.rank, d_out),
+                 ("expert", axes[0], None), ("expert", None, axes[1]), rngs,
+                 getattr(module, weight).dtype)
+    setattr(module, f"{weight}_lora_a", a)
+    setattr(module, f"{weight}_lora_b", b)
+    module.lora_scale = cfg.alpha / cfg.rank
+
+
+def trainable(cfg: LoRAConfig):
+    """What an optimizer updates: everything without adapters; with them, the adapters (and
+    the norm gains with `train_norms`)."""
+    if not cfg.rank:
+        return nnx.Param
+    if cfg.train_norms:
+        return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("scale")))
+    return nnx.LoRAParam
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` with every adapter merged into its weight and removed."""
+    model = nnx.clone(model)
+    for path, (module, weight) in projections(model).items():
+        if weight is None and module.lora_a is not None:
+            module.kernel[...] = module.weight()
+            module.lora_a = module.lora_b = None
+        elif weight is not None and getattr(module, f"{weight}_lora_a") is not None:
+            getattr(module, weight)[...] = module.expert_weight(weight)
+            setattr(module, f"{weight}_lora_a", None)
+            setattr(module, f"{weight}_lora_b", None)
+    return model

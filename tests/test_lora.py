@@ -1,0 +1,151 @@
+"""LoRA: adapters start as the base model, train while the base stays bitwise frozen, hold the
+only optimizer state, merge into the weights, export merged, and refuse bad targets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import minids_jax
+from minids_jax import checkpoint, checkpointer, lora
+from minids_jax.config import ConfigError
+from minids_jax.hf import convert
+from minids_jax.model import MiniDeepSeek
+from minids_jax.trainer import Trainer
+from tests.factories import tiny_config
+from tests.test_hf import V3_MODEL
+
+EVERY_KIND = ("attn.*", "mlp.*", "shared.*", "moe.w1", "moe.w3", "head")
+
+
+def adapted(rank=2, targets=EVERY_KIND, seed=0):
+    config = tiny_config(model=V3_MODEL, lora=dict(rank=rank, targets=targets))
+    model = MiniDeepSeek(config.model, rngs=nnx.Rngs(seed))
+    base = nnx.clone(model)
+    names = lora.add_adapters(model, config.lora, nnx.Rngs(1))
+    return config, base, model, names
+
+
+def assert_close(ours, expected):
+    """Equal to float32 rounding: merging reassociates x @ W + s * (x @ A) @ B."""
+    scale = np.abs(np.asarray(expected)).max()
+    np.testing.assert_allclose(np.asarray(ours) / scale, np.asarray(expected) / scale, atol=3e-5)
+
+
+def tokens(seed=0):
+    return np.random.RandomState(seed).randint(0, 64, (2, 16)).astype(np.int32)
+
+
+def test_fresh_adapters_compute_the_base_model_exactly():
+    _, base, model, names = adapted()
+    assert "blocks.1.moe.w1" in names and "blocks.0.mlp.w2" in names and "head" in names
+    assert "mtp.0.block.attn.q_up" in names  # the MTP module's attention is attention too
+    np.testing.assert_array_equal(model(tokens()).logits_BxLxV, base(tokens()).logits_BxLxV)
+
+
+def test_merged_adapters_compute_the_adapted_model():
+    _, _, model, _ = adapted()
+    keys = iter(jax.random.split(jax.random.key(2), 200))
+    for variable in jax.tree.leaves(nnx.state(model, nnx.LoRAParam),
+                                    is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        variable[...] = 0.3 * jax.random.normal(next(keys), variable.shape)
+    merged = lora.merge_lora(model)
+    assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
+    adapted_logits = np.asarray(model(tokens()).logits_BxLxV)
+    assert not np.allclose(adapted_logits, 0)
+    assert_close(merged(tokens()).logits_BxLxV, adapted_logits)
+
+
+@pytest.mark.parametrize("targets, message", [
+    (("q_proj",), r"match no projection.*attn\.q_up"),
+    (("moe.gate",), r"match no projection"),  # the router is never adapted
+])
+def test_targets_that_match_nothing_list_the_projections(targets, message):
+    with pytest.raises(ConfigError, match=message):
+        adapted(targets=targets)
+
+
+def test_a_rank_above_a_projection_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"lora.rank=20 exceeds .* blocks.0.attn.kv_up"):
+        adapted(rank=20)
+
+
+def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path):
+    config = tiny_config(model=dict(V3_MODEL, mtp_depth=0), optim=dict(total_steps=4, lr=1e-2),
+                         checkpoint=dict(every=4))
+    state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, rngs=nnx.Rngs(3))))
+    checkpointer.save_model(tmp_path / "base", config, state)
+    tuned = dataclasses.replace(
+        config, lora=dataclasses.replace(config.lora, rank=2, targets=EVERY_KIND),
+        checkpoint=dataclasses.replace(config.checkpoint, init_from=str(tmp_path / "base")))
+    run = Trainer(tuned, str(tmp_path / "lora"))
+    optimizer_values = sum(x.size for x in jax.tree.leaves(run.state.optimizer))
+    adapter_values = sum(x.size for x in jax.tree.leaves(nnx.state(
+        nnx.merge(run.graphdefs.model, run.state.model), nnx.LoRAParam)))
+    assert optimizer_values < 2 * adapter_values + 10  # moments of the adapters only
+    history = run.train()
+    losses = [r["loss"] for r in history if "loss" in r]
+    assert losses[-1] < losses[0]
+    saved = convert.flat_paths(checkpoint.load_params(tmp_path / "lora"))
+    for path, array in convert.flat_paths(state).items():  # the base, bitwise unchanged
+        np.testing.assert_array_equal(saved[path], array, err_msg=str(path))
+    model, _ = minids_jax.load(tmp_path / "lora")  # the adapted model
+    assert jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+    convert.export_run(tmp_path / "lora", tmp_path / "hf", dtype="float32", log=lambda _: None)
+    convert.import_dir(tmp_path / "hf", tmp_path / "merged", tiny_config(), log=lambda _: None)
+    merged, _ = minids_jax.load(tmp_path / "merged")
+    assert_close(merged(tokens()).logits_BxLxV, model(tokens()).logits_BxLxV)
+
+
+def saved_lora_run(tmp_path, targets=("attn.*", "head")):
+    """(base workdir, LoRA workdir): a random DeepSeek-V3-format base and a LoRA run on it whose
+    adapters are random (as after training)."""
+    config = tiny_config(model=dict(V3_MODEL, mtp_depth=0))
+    model = MiniDeepSeek(config.model, rngs=nnx.Rngs(4))
+    checkpointer.save_model(tmp_path / "base", config, nnx.to_pure_dict(nnx.state(model)))
+    tuned = dataclasses.replace(
+        config, lora=dataclasses.replace(config.lora, rank=2, alpha=4.0, targets=targets),
+        checkpoint=dataclasses.replace(config.checkpoint, init_from=str(tmp_path / "base")))
+    lora.add_adapters(model, tuned.lora, nnx.Rngs(5))
+    keys = iter(jax.random.split(jax.random.key(6), 200))
+    for variable in jax.tree.leaves(nnx.state(model, nnx.LoRAParam),
+                                    is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        variable[...] = 0.2 * jax.random.normal(next(keys), variable.shape)
+    checkpointer.save_model(tmp_path / "lora", tuned, nnx.to_pure_dict(nnx.state(model)))
+    return tmp_path / "base", tmp_path / "lora"
+
+
+def test_the_peft_adapter_has_peft_names_shapes_and_scaling(tmp_path):
+    import json
+
+    from minids_jax.hf.files import TensorFiles
+
+    _, run = saved_lora_run(tmp_path)
+    convert.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["peft_type"], adapter["r"], adapter["lora_alpha"]) == ("LORA", 2, 4.0)
+    assert {"model.layers.0.self_attn.q_a_proj", "model.layers.2.self_attn.o_proj",
+            "lm_head"} <= set(adapter["target_modules"])
+    files = TensorFiles(tmp_path / "adapter")
+    prefix = "base_model.model.model.layers.0.self_attn.kv_b_proj"
+    assert files.shape(f"{prefix}.lora_A.weight") == (2, 16)  # [rank, in]
+    assert files.shape(f"{prefix}.lora_B.weight") == (2 * (8 + 6), 2)  # [out, rank]
+    params = convert.flat_paths(checkpoint.load_params(run))
+    np.testing.assert_array_equal(files[f"{prefix}.lora_B.weight"],
+                                  params[("blocks", "0", "attn", "kv_up", "lora_b")].T)
+
+
+@pytest.mark.parametrize("targets, message", [
+    (("moe.w1",), r"routed experts' adapters .* export the merged model"),
+    (("shared.*",), r"MLPs' adapters .* would not load in peft"),
+])
+def test_adapters_peft_cannot_load_are_refused(tmp_path, targets, message):
+    from minids_jax.errors import UserError
+
+    _, run = saved_lora_run(tmp_path, targets=targets)
+    with pytest.raises(UserError, match=message):
+        convert.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
