@@ -11,15 +11,26 @@ divided by a peak measured here: the best of several square matmuls in the compu
 (`flops.measure_matmul_flops`). `--dispatches` times one train step per MoE dispatch.
 With `--vs_original`, the PyTorch original runs as a subprocess at the same sizes (its batch is
 per process; here there is one process, so the same global batch), timed over the same number
-of steps after two warm-ups, in `--repeats` rounds that alternate with minids_jax's.
+of steps after two warm-ups, in `--repeats` rounds that alternate with minids_jax's. With
+`--vs_hf` (a DeepSeek-V3-format model, e.g. configs/v3_tiny.py), so does transformers'
+DeepseekV3ForCausalLM (benchmarks/hf_peer.py, run by `--hf_python`, a Python with torch and
+transformers; OMP_WAIT_POLICY=PASSIVE keeps torch from spinning on a shared machine).
+transformers' forward has no MTP module, so with model.mtp_depth > 0 minids_jax is also
+timed at mtp_depth=0, and both are compared.
+
+    python benchmarks/throughput.py --config configs/v3_tiny.py --vs_hf --hf_python PYTHON
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,22 +48,80 @@ _VS_ORIGINAL = flags.DEFINE_string("vs_original", None,
                                    "Path to the PyTorch original's script, to compare.")
 _ORIGINAL_PYTHON = flags.DEFINE_string("original_python", sys.executable,
                                        "Python that has torch, for --vs_original.")
+_VS_HF = flags.DEFINE_bool("vs_hf", False, "Also train transformers' DeepseekV3ForCausalLM "
+                            "at the same sizes (benchmarks/hf_peer.py).")
+_HF_PYTHON = flags.DEFINE_string("hf_python", sys.executable,
+                                 "Python that has torch and transformers, for --vs_hf.")
 _PEAK_SIZE = flags.DEFINE_integer("peak_matmul_size", 2048, "Square matmul size for the peak.")
 _DISPATCHES = flags.DEFINE_list("dispatches", None,
                                 "MoE dispatches to compare, e.g. dropless,capacity,dense "
                                 "(default: the config's).")
 
 
-def benchmark_original(config, steps: int, script: str, python: str) -> float | None:
-    """The original's tokens/s at the config's sizes, timed over `steps` steps after two
-    warm-up steps."""
-    env = original_environment(config, MINIDS_TOTAL_STEP=str(steps + 2), MINIDS_WARMUP="1")
-    result = subprocess.run([python, script], env=env, capture_output=True, text=True)
+def peer_tokens_per_s(name: str, argv: list[str], env: dict) -> float | None:
+    """The `tokens_per_sec X` a peer's run prints (None, with its error, if it fails); its
+    other lines that start with `hf ` are passed on once."""
+    try:
+        result = subprocess.run(argv, env=env, capture_output=True, text=True)
+    except OSError as error:
+        print(f"{name} run failed: cannot run {argv[0]} ({error})")
+        return None
     found = re.search(r"tokens_per_sec ([\d.]+)", result.stdout)
     if result.returncode or not found:
-        print(f"original run failed (does {python} have torch?):\n{result.stderr[-1500:]}")
+        lines = result.stderr.strip().splitlines()
+        if lines and lines[-1].startswith("hf_peer: "):  # its one-line error: no torch, ...
+            print(f"{name} run failed: {lines[-1][len('hf_peer: '):]}")
+        else:
+            print(f"{name} run failed (does {argv[0]} have torch?):\n{result.stderr[-1500:]}")
         return None
+    for line in result.stdout.splitlines():
+        if line.startswith("hf parameters") and name not in _REPORTED:
+            _REPORTED.add(name)
+            print(f"{name}: {line[len('hf '):]}", flush=True)
     return float(found.group(1))
+
+
+_REPORTED: set[str] = set()
+
+
+def original_argv(config, steps: int):
+    """The original's command and environment at the config's sizes: `steps` timed steps
+    after two warm-ups."""
+    env = original_environment(config, MINIDS_TOTAL_STEP=str(steps + 2), MINIDS_WARMUP="1")
+    return [_ORIGINAL_PYTHON.value, _VS_ORIGINAL.value], env
+
+
+def hf_argv(config, steps: int, config_json: str):
+    """benchmarks/hf_peer.py's command and environment: the config's batch and optimizer."""
+    o = config.optim
+    argv = [_HF_PYTHON.value, str(Path(__file__).with_name("hf_peer.py")), config_json,
+            "--batch", str(config.train.batch_size), "--steps", str(steps), "--lr", str(o.lr),
+            "--weight_decay", str(o.weight_decay), "--betas", str(o.b1), str(o.b2),
+            "--eps", str(o.eps), "--clip_norm", str(o.clip_norm)]
+    # Idle OpenMP threads sleep instead of spinning, which on a shared machine steals cores.
+    return argv, dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+
+
+def hf_peer(config, steps: int):
+    """(argv, env) of the transformers peer, or None (with the reason printed) if the model
+    has no DeepSeek-V3 form."""
+    from minids_jax.hf.config import HFFormatError, to_hf
+    from minids_jax.inspect import sizes
+
+    try:
+        hf_config = to_hf(config.model)
+    except HFFormatError as error:
+        print(f"--vs_hf skipped: {error}")
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="hf_peer_",
+                                     delete=False) as f:
+        json.dump(hf_config, f)
+    atexit.register(os.unlink, f.name)
+    counted = sizes(config, 1)
+    print(f"minids_jax: parameters {counted['parameters']} in the main model (+ "
+          f"{counted['mtp_parameters']} in {config.model.mtp_depth} MTP module(s); "
+          f"transformers' forward has no MTP module, so it trains none)")
+    return hf_argv(config, steps, f.name)
 
 
 def main(argv):
@@ -69,47 +138,62 @@ def main(argv):
     m, compute = config.model, config.compute
     print(f"model: d_model {m.d_model}, layers {m.n_layers} {m.attn_pattern}, heads {m.n_heads}, "
           f"seq {m.max_seq_len}, vocab {m.vocab_size}, experts {m.n_experts} top-{m.top_k} "
-          f"({compute.moe_dispatch}), batch {config.train.batch_size}, dtype {compute.dtype}")
-    timers = {}
+          f"({compute.moe_dispatch}), mtp_depth {m.mtp_depth}, batch {config.train.batch_size}, "
+          f"dtype {compute.dtype}")
+    # Against transformers, which trains no MTP module, also time the run without one.
+    mtp_depths = [m.mtp_depth] + ([0] if _VS_HF.value and m.mtp_depth else [])
+    timers, labels = {}, {}
     for dispatch in _DISPATCHES.value or [compute.moe_dispatch]:
-        variant = dataclasses.replace(
-            config, compute=dataclasses.replace(compute, moe_dispatch=dispatch))
-        timers[dispatch] = CompiledStepTimer(trainer.Trainer(variant))
-    # The dispatch each name runs on this platform (`dropless`: its exact one).
-    labels = {dispatch: dispatch if timer.run.compute.moe_dispatch == dispatch
-              else f"{dispatch}: {timer.run.compute.moe_dispatch}"
-              for dispatch, timer in timers.items()}
+        for mtp_depth in mtp_depths:
+            variant = dataclasses.replace(
+                config, compute=dataclasses.replace(compute, moe_dispatch=dispatch),
+                model=dataclasses.replace(m, mtp_depth=mtp_depth))
+            timer = CompiledStepTimer(trainer.Trainer(variant))
+            # The dispatch each name runs on this platform (`dropless`: its exact one).
+            label = (dispatch if timer.run.compute.moe_dispatch == dispatch
+                     else f"{dispatch}: {timer.run.compute.moe_dispatch}")
+            if mtp_depth != m.mtp_depth:
+                label += f", mtp_depth={mtp_depth}"
+            timers[label], labels[label] = timer, label
     peak = flops.measure_matmul_flops(compute.dtype, _PEAK_SIZE.value) * jax.device_count()
-    flops_per_token = flops.train_flops_per_token(m)
-    # Rounds alternate minids_jax and the original, so that a slow spell of a shared machine
+    peers = {}
+    if _VS_ORIGINAL.value:
+        peers["original (PyTorch)"] = original_argv(config, _STEPS.value)
+    if _VS_HF.value:
+        hf = hf_peer(config, _STEPS.value)
+        if hf is not None:
+            peers["transformers"] = hf
+    # Rounds alternate minids_jax and the peers, so that a slow spell of a shared machine
     # hits both; medians over the rounds, and the median of the per-round ratios.
-    step_s = {dispatch: [] for dispatch in timers}
-    original_tokens_per_s, ratios = [], {dispatch: [] for dispatch in timers}
+    step_s = {label: [] for label in timers}
+    peer_rounds = {name: [] for name in peers}
+    ratios = {(name, label): [] for name in peers for label in timers}
     for _ in range(_REPEATS.value):
-        for dispatch, timer in timers.items():
-            step_s[dispatch].append(timer.time(_STEPS.value))
-        if _VS_ORIGINAL.value:
-            original = benchmark_original(config, _STEPS.value, _VS_ORIGINAL.value,
-                                          _ORIGINAL_PYTHON.value)
-            if original is None:
+        for label, timer in timers.items():
+            step_s[label].append(timer.time(_STEPS.value))
+        for name, (peer_command, env) in peers.items():
+            tokens_per_s = peer_tokens_per_s(name, peer_command, env)
+            if tokens_per_s is None:
                 return
-            original_tokens_per_s.append(original)
-            for dispatch, timer in timers.items():
-                ratios[dispatch].append(timer.tokens_per_s(step_s[dispatch][-1]) / original)
-    for dispatch, timer in timers.items():
-        step = float(np.median(step_s[dispatch]))
+            peer_rounds[name].append(tokens_per_s)
+            for label, timer in timers.items():
+                ratios[name, label].append(timer.tokens_per_s(step_s[label][-1]) /
+                                           tokens_per_s)
+    for label, timer in timers.items():
+        step = float(np.median(step_s[label]))
         tokens_per_s = timer.tokens_per_s(step)
-        print(f"minids_jax ({labels[dispatch]}): compile {timer.compile_s:.1f} s"
-              f" | step {step * 1e3:.1f} ms (median of {len(step_s[dispatch])} x {_STEPS.value})"
+        flops_per_token = flops.train_flops_per_token(timer.run.config.model)
+        print(f"minids_jax ({labels[label]}): compile {timer.compile_s:.1f} s"
+              f" | step {step * 1e3:.1f} ms (median of {len(step_s[label])} x {_STEPS.value})"
               f" | {tokens_per_s:,.0f} tokens/s on {jax.device_count()} device(s)"
               f" | {flops_per_token / 1e6:.1f} MFLOP/token"
               f" | peak {peak / 1e9:.0f} GFLOP/s | MFU {flops_per_token * tokens_per_s / peak:.1%}")
-    if original_tokens_per_s:
-        rounds = ", ".join(f"{t:,.0f}" for t in original_tokens_per_s)
-        print(f"original (PyTorch): {np.median(original_tokens_per_s):,.0f} tokens/s "
-              f"(rounds: {rounds})")
-        for dispatch, r in ratios.items():
-            print(f"minids_jax ({labels[dispatch]}) / original: {np.median(r):.2f}x "
+    for name, rounds in peer_rounds.items():
+        print(f"{name}: {np.median(rounds):,.0f} tokens/s "
+              f"(rounds: {', '.join(f'{t:,.0f}' for t in rounds)})")
+        for label in timers:
+            r = ratios[name, label]
+            print(f"minids_jax ({labels[label]}) / {name}: {np.median(r):.2f}x "
                   f"(rounds: {', '.join(f'{x:.2f}' for x in r)})")
 
 
