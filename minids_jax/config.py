@@ -8,8 +8,7 @@ field declares, in its metadata, a one-line doc, its checks and what a change on
   noted         changes the run's course (it will not match an uninterrupted one): logged
   quiet         bookkeeping (logging, mesh, more steps): changed silently
 `python -m minids_jax.config` prints the reference (docs/configuration.md). The field machinery
-is config_schema.py's and the `model` group model_config.py's; both are re-exported here.
-This module imports nothing else of the project.
+is config_schema.py's, the `model` and `lora` groups model_config.py's (all re-exported here).
 """
 
 from __future__ import annotations
@@ -113,9 +112,8 @@ class DataConfig(Group):
                          choices=DATA_SOURCES)
     path: str = option("", "text: file, dir or glob; jsonl/json: instruction file; tokens: "
                        ".bin file or dir")
-    tokenizer: str = option("byte", "byte | bpe (trained on the corpus, model.vocab_size "
-                            "tokens) | hf (an imported model's, in the workdir or "
-                            "checkpoint.init_from's)", choices=("byte", "bpe", "hf"))
+    tokenizer: str = option("byte", "byte | bpe (trained on the corpus) | hf (an imported "
+                            "model's: the workdir's or init_from's)", choices=("byte", "bpe", "hf"))
     val_fraction: float = option(0.02, "held-out tail of a corpus, or share of examples",
                                  above=0, below=0.5)
     max_bytes: int = option(0, "builtin/text: read at most this many bytes (0: all)", low=0)
@@ -240,8 +238,8 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
-        check(self.data.source == "random" or self.data.tokenizer == "hf"
-              or self.model.vocab_size >= MIN_TEXT_VOCAB,
+        text = self.data.source != "random" and self.data.tokenizer != "hf"  # hf: its own
+        check(not text or self.model.vocab_size >= MIN_TEXT_VOCAB,
               f"model.vocab_size={self.model.vocab_size} is smaller than the {MIN_TEXT_VOCAB} "
               f"tokens the {self.data.tokenizer} tokenizer needs (256 bytes + PAD, BOS, EOS); "
               f"set model.vocab_size >= {MIN_TEXT_VOCAB}.")

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import minids_jax  # noqa: E402
 from minids_jax.generation import Sampling, generate  # noqa: E402
-from minids_jax.hf import convert  # noqa: E402
+from minids_jax.hf import adapter, convert  # noqa: E402
 from tests.factories import tiny_config  # noqa: E402
 
 HF_TINY = dict(
@@ -95,7 +95,7 @@ def test_the_peft_adapter_loads_in_peft_onto_the_exported_base(tmp_path):
 
     base, run = saved_lora_run(tmp_path)
     convert.export_run(base, tmp_path / "hf_base", dtype="float32", log=lambda _: None)
-    convert.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+    adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base")
     theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
     theirs.base_model.model.set_experts_implementation("eager")

@@ -13,7 +13,7 @@ from flax import nnx
 import minids_jax
 from minids_jax import checkpoint, checkpointer, lora
 from minids_jax.config import ConfigError
-from minids_jax.hf import convert
+from minids_jax.hf import adapter, convert
 from minids_jax.model import MiniDeepSeek
 from minids_jax.trainer import Trainer
 from tests.factories import tiny_config
@@ -125,11 +125,11 @@ def test_the_peft_adapter_has_peft_names_shapes_and_scaling(tmp_path):
     from minids_jax.hf.files import TensorFiles
 
     _, run = saved_lora_run(tmp_path)
-    convert.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
-    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert (adapter["peft_type"], adapter["r"], adapter["lora_alpha"]) == ("LORA", 2, 4.0)
+    adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (settings["peft_type"], settings["r"], settings["lora_alpha"]) == ("LORA", 2, 4.0)
     assert {"model.layers.0.self_attn.q_a_proj", "model.layers.2.self_attn.o_proj",
-            "lm_head"} <= set(adapter["target_modules"])
+            "lm_head"} <= set(settings["target_modules"])
     files = TensorFiles(tmp_path / "adapter")
     prefix = "base_model.model.model.layers.0.self_attn.kv_b_proj"
     assert files.shape(f"{prefix}.lora_A.weight") == (2, 16)  # [rank, in]
@@ -148,4 +148,4 @@ def test_adapters_peft_cannot_load_are_refused(tmp_path, targets, message):
 
     _, run = saved_lora_run(tmp_path, targets=targets)
     with pytest.raises(UserError, match=message):
-        convert.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+        adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)

@@ -68,7 +68,9 @@ def main(argv: list[str]) -> None:
         raise cli.UserError(f"export needs --out; {USAGE}")
     out = writable_directory(_OUT.value, "--out")
     if _ADAPTER_ONLY.value:
-        convert.export_adapter(_WORKDIR.value, out, step=_STEP.value)
+        from minids_jax.hf import adapter
+
+        adapter.export_adapter(_WORKDIR.value, out, step=_STEP.value)
         return
     convert.export_run(_WORKDIR.value, out, step=_STEP.value, dtype=_DTYPE.value,
                        max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30), with_mtp=_MTP.value)

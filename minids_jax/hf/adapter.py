@@ -1,0 +1,85 @@
+"""A LoRA run's adapters as a PEFT adapter (`python -m minids_jax.hf export --adapter_only`).
+
+PEFT's layout: `adapter_config.json` (r, lora_alpha, the adapted modules by their transformers
+names) and `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` [r, in]
+and `lora_B.weight` [out, r]; PEFT scales by lora_alpha / r, as lora.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Callable
+
+import numpy as np
+
+from minids_jax import lora
+from minids_jax.hf import config as hf_config
+from minids_jax.hf import weights
+from minids_jax.hf.convert import flat_paths
+
+
+def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
+                   step: int | None = None, log: Callable[[str], None] = print) -> list[str]:
+    """Writes a LoRA run's adapters as a PEFT adapter (adapter_config.json,
+    adapter_model.safetensors) for `peft.PeftModel.from_pretrained` on the base model exported
+    from `checkpoint.init_from`'s run: the attention projections' and the head's. Adapters of
+    MLPs and routed experts and trained norm gains have no form peft loads (those runs are
+    exported merged); the MTP modules' adapters are left out."""
+    from minids_jax import checkpoint
+
+    config = checkpoint.read_config(workdir, step)
+    cfg, lora_cfg = config.model, config.lora
+    hf_config.to_hf(cfg)  # raises if the base is not a DeepSeek-V3-format model
+    if not lora_cfg.rank:
+        raise hf_config.HFFormatError(f"{workdir} is not a LoRA run (lora.rank=0); export it "
+                                      f"without --adapter_only.")
+    if lora_cfg.train_norms:
+        raise hf_config.HFFormatError("lora.train_norms=True changed the norm gains, which a "
+                                      "PEFT adapter cannot hold; export the merged model.")
+    params = flat_paths(checkpoint.load_params(workdir, step))
+    adapted = sorted({path[:-1] for path in params if path[-1] in ("lora_a", "lora_b")})
+    experts = sorted(".".join(path) for path in params
+                     if lora.is_adapter(path[-1]) and path[-1] not in ("lora_a", "lora_b"))
+    if experts:
+        raise hf_config.HFFormatError(
+            f"the routed experts' adapters ({experts[0]}, ...) have no PEFT form (transformers "
+            f"fuses the experts); export the merged model, or train without 'moe.w*' targets.")
+    by_path = {tensor.path[:-1]: tensor for tensor in weights.layout(cfg)
+               if tensor.kind == weights.LINEAR}
+    mlps = sorted(".".join(path) for path in adapted if path[0] != "mtp" and by_path[path].name
+                  .endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")))
+    if mlps:
+        # peft (0.21, with transformers 5) reads target modules named gate_proj, up_proj or
+        # down_proj of a DeepSeek-V3 model as the fused routed experts: it would drop these.
+        raise hf_config.HFFormatError(
+            f"the dense and shared MLPs' adapters ({mlps[0]}, ...) would not load in peft, "
+            f"which takes gate_proj/up_proj/down_proj of DeepSeek-V3 models for the routed "
+            f"experts; export the merged model, or adapt attention and the head only.")
+    tensors, modules = {}, set()
+    for module_path in adapted:
+        if module_path[0] == "mtp":
+            log(f"skipping the adapters of {'.'.join(module_path)}: transformers' model has no "
+                f"MTP modules")
+            continue
+        module = by_path[module_path].name[:-len(".weight")]
+        modules.add(module)
+        a, b = params[module_path + ("lora_a",)], params[module_path + ("lora_b",)]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.asarray(a, np.float32).T
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.asarray(b, np.float32).T
+    out = pathlib.Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank,
+        "lora_alpha": lora_cfg.alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(modules), "fan_in_fan_out": False, "use_rslora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "base_model_name_or_path": config.checkpoint.init_from or None}
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    written = ["adapter_config.json", "adapter_model.safetensors"]
+    log(f"wrote {out}: {', '.join(written)} ({len(modules)} adapted projections)")
+    return written
