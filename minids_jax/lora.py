@@ -157,7 +157,7 @@ def trainable(cfg: LoRAConfig):
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """A copy of `model` with every adapter merged into its weight and removed."""
     model = nnx.clone(model)
-    for path, (module, weight) in projections(model).items():
+    for module, weight in projections(model).values():
         if weight is None and module.lora_a is not None:
             module.kernel[...] = module.weight()
             module.lora_a = module.lora_b = None

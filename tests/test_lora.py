@@ -60,6 +60,17 @@ def test_merged_adapters_compute_the_adapted_model():
     assert_close(merged(tokens()).logits_BxLxV, adapted_logits)
 
 
+@pytest.mark.parametrize("train_norms", [False, True])
+def test_what_trains_is_the_adapters_and_optionally_the_norm_gains(train_norms):
+    config, _, model, _ = adapted()
+    config = dataclasses.replace(config, lora=dataclasses.replace(config.lora,
+                                                                  train_norms=train_norms))
+    names = {str(path[-1]) for path, _ in nnx.to_flat_state(
+        nnx.state(model, lora.trainable(config.lora)))}
+    assert names == ({"lora_a", "lora_b", "w1_lora_a", "w1_lora_b", "w3_lora_a", "w3_lora_b"}
+                     | ({"scale"} if train_norms else set()))
+
+
 @pytest.mark.parametrize("targets, message", [
     (("q_proj",), r"match no projection.*attn\.q_up"),
     (("moe.gate",), r"match no projection"),  # the router is never adapted
