@@ -96,7 +96,7 @@ def dequantize(fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def is_quantized(name: str, tensor: torch.Tensor) -> bool:
     """The hub's FP8 set: the decoder layers' Linear weights (not the router gate, norms,
     embedding or head; the MTP layer's eh_proj and copies stay as they are too)."""
-    return (name.startswith("model.layers.") and name.endswith("proj.weight")
+    return (name.startswith("model.layers.") and name.endswith(("proj.weight", "_mqa.weight"))
             and tensor.dim() == 2 and "eh_proj" not in name)
 
 
