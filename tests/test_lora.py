@@ -4,6 +4,7 @@ only optimizer state, merge into the weights, export merged, and refuse bad targ
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -19,11 +20,13 @@ from minids_jax.trainer import Trainer
 from tests.factories import tiny_config
 from tests.test_hf import V3_MODEL
 
+SMALL = dict(V3_MODEL, n_layers=2)  # a dense layer, an MoE layer (and the MTP module's)
+
 EVERY_KIND = ("attn.*", "mlp.*", "shared.*", "moe.w1", "moe.w3", "head")
 
 
 def adapted(rank=2, targets=EVERY_KIND, seed=0):
-    config = tiny_config(model=V3_MODEL, lora=dict(rank=rank, targets=targets))
+    config = tiny_config(model=SMALL, lora=dict(rank=rank, targets=targets))
     model = MiniDeepSeek(config.model, rngs=nnx.Rngs(seed))
     base = nnx.clone(model)
     names = lora.add_adapters(model, config.lora, nnx.Rngs(1))
@@ -86,8 +89,13 @@ def test_a_rank_above_a_projection_is_refused_by_name():
 
 
 def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path):
-    config = tiny_config(model=dict(V3_MODEL, mtp_depth=0), optim=dict(total_steps=4, lr=1e-2),
-                         checkpoint=dict(every=4))
+    # A small instruction set: the byte tokenizer's vocabulary, and room for the prompt.
+    records = [{"instruction": "Reverse the word.", "input": word, "output": word[::-1]}
+               for word in ("stone", "river", "cloud", "tiger") * 8]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = tiny_config(model=dict(SMALL, mtp_depth=0, vocab_size=259, max_seq_len=80),
+                         optim=dict(total_steps=8, lr=1e-2), checkpoint=dict(every=8),
+                         data=dict(source="jsonl", path=str(tmp_path / "data.jsonl")))
     state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, rngs=nnx.Rngs(3))))
     checkpointer.save_model(tmp_path / "base", config, state)
     tuned = dataclasses.replace(
@@ -100,14 +108,15 @@ def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path):
     assert optimizer_values < 2 * adapter_values + 10  # moments of the adapters only
     history = run.train()
     losses = [r["loss"] for r in history if "loss" in r]
-    assert losses[-1] < losses[0]
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
     saved = convert.flat_paths(checkpoint.load_params(tmp_path / "lora"))
     for path, array in convert.flat_paths(state).items():  # the base, bitwise unchanged
         np.testing.assert_array_equal(saved[path], array, err_msg=str(path))
     model, _ = minids_jax.load(tmp_path / "lora")  # the adapted model
     assert jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
     convert.export_run(tmp_path / "lora", tmp_path / "hf", dtype="float32", log=lambda _: None)
-    convert.import_dir(tmp_path / "hf", tmp_path / "merged", tiny_config(), log=lambda _: None)
+    convert.import_dir(tmp_path / "hf", tmp_path / "merged", tiny_config(model=dict(
+        vocab_size=259)), log=lambda _: None)
     merged, _ = minids_jax.load(tmp_path / "merged")
     assert_close(merged(tokens()).logits_BxLxV, model(tokens()).logits_BxLxV)
 
@@ -115,7 +124,7 @@ def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path):
 def saved_lora_run(tmp_path, targets=("attn.*", "head")):
     """(base workdir, LoRA workdir): a random DeepSeek-V3-format base and a LoRA run on it whose
     adapters are random (as after training)."""
-    config = tiny_config(model=dict(V3_MODEL, mtp_depth=0))
+    config = tiny_config(model=dict(SMALL, mtp_depth=0))
     model = MiniDeepSeek(config.model, rngs=nnx.Rngs(4))
     checkpointer.save_model(tmp_path / "base", config, nnx.to_pure_dict(nnx.state(model)))
     tuned = dataclasses.replace(
@@ -131,15 +140,13 @@ def saved_lora_run(tmp_path, targets=("attn.*", "head")):
 
 
 def test_the_peft_adapter_has_peft_names_shapes_and_scaling(tmp_path):
-    import json
-
     from minids_jax.hf.files import TensorFiles
 
     _, run = saved_lora_run(tmp_path)
     adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
     settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (settings["peft_type"], settings["r"], settings["lora_alpha"]) == ("LORA", 2, 4.0)
-    assert {"model.layers.0.self_attn.q_a_proj", "model.layers.2.self_attn.o_proj",
+    assert {"model.layers.0.self_attn.q_a_proj", "model.layers.1.self_attn.o_proj",
             "lm_head"} <= set(settings["target_modules"])
     files = TensorFiles(tmp_path / "adapter")
     prefix = "base_model.model.model.layers.0.self_attn.kv_b_proj"
