@@ -218,7 +218,7 @@ def _imported_tokenizer(config: Config, workdir: str | None) -> HFTokenizer:
             f"model with `python -m minids_jax.hf import`, or use data.tokenizer='byte'/'bpe'.")
     try:
         tokenizer = HFTokenizer(found)
-    except (ValueError, OSError, json.JSONDecodeError) as error:  # tokenizers: ValueError
+    except (ValueError, OSError) as error:  # (JSONDecodeError is a ValueError)
         raise DataError(f"the tokenizer in {found} cannot be read: {error}") from error
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"the tokenizer in {found} has {tokenizer.vocab_size} tokens but "

@@ -113,7 +113,11 @@ class HFTokenizer:
 
     def __init__(self, directory: str | os.PathLike):
         directory = pathlib.Path(directory)
-        self.hf = tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        try:
+            self.hf = tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        except Exception as error:  # the library raises a bare Exception for a bad file
+            raise ValueError(f"{directory / TOKENIZER_FILE} is not a tokenizer the tokenizers "
+                             f"library reads ({str(error)[:200]})") from error
         config_path = directory / self.CONFIG_FILE
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.chat_template = config.get("chat_template")

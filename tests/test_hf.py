@@ -134,6 +134,7 @@ def edit_config(directory: pathlib.Path, **changes):
         json.dumps({"weight_map": {"lm_head.weight": "model-2.safetensors"}})),
      r"names tensor files that are not in"),
     (lambda d: edit_config(d, num_hidden_layers=2), r"tensors this model would not use"),
+    (lambda d: (d / "tokenizer.json").write_text("{not json"), r"tokenizer cannot be used"),
 ])
 def test_directories_that_cannot_be_imported_say_why(tmp_path, breakage, message):
     directory = exported(tmp_path)

@@ -152,6 +152,14 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
         fields["max_seq_len"] = max_seq_len
     model_cfg = _checked(ModelConfig, fields, origin, param_dtype=config.model.param_dtype)
     tokenizer_present = (hf_dir / "tokenizer.json").is_file()
+    if tokenizer_present:  # a tokenizer a run could not use is an error now, not at training
+        from minids_jax.tokenization import HFTokenizer
+
+        try:
+            HFTokenizer(hf_dir)
+        except (ValueError, OSError) as error:  # (JSONDecodeError is a ValueError)
+            raise hf_config.HFFormatError(f"{hf_dir}'s tokenizer cannot be used: {error}") \
+                from error
     data = (dataclasses.replace(config.data, tokenizer="hf") if tokenizer_present else
             dataclasses.replace(config.data, tokenizer="byte", source="random", path=""))
     if not tokenizer_present:
