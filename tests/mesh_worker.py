@@ -46,6 +46,11 @@ MESHES = {
 }
 
 
+# LoRA on every kind of projection: attention, shared experts, routed experts one by one.
+LORA = dict(rank=2, targets=("attn.*", "shared.*", "moe.w1"))
+LORA_MESHES = ("fsdp8", "data2_expert4")
+
+
 def tiny_config(mesh: dict, **overrides):
     from tests.factories import tiny_config as shared_tiny_config
 
@@ -70,9 +75,12 @@ def run_meshes(out_dir: str) -> None:
     from minids_jax import trainer
 
     report = {}
-    for name, mesh in {"one_device": dict(data=1), **MESHES}.items():
-        devices = jax.devices()[:1] if name == "one_device" else jax.devices()
-        run = trainer.Trainer(tiny_config(mesh), devices=devices)
+    cases = {name: (mesh, {}) for name, mesh in {"one_device": dict(data=1), **MESHES}.items()}
+    cases.update({f"lora_{name}": (mesh, dict(lora=LORA)) for name, mesh in
+                  {"one_device": dict(data=1), **{m: MESHES[m] for m in LORA_MESHES}}.items()})
+    for name, (mesh, overrides) in cases.items():
+        devices = jax.devices()[:1] if name.endswith("one_device") else jax.devices()
+        run = trainer.Trainer(tiny_config(mesh, **overrides), devices=devices)
         batch = run.batch(0)
         compiled = run.train_step.lower(run.state, batch).compile()
         memory = compiled.memory_analysis()

@@ -55,6 +55,28 @@ def test_one_step_matches_one_device(mesh_runs, mesh_name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mesh_name", mesh_worker.LORA_MESHES)
+def test_a_lora_step_matches_one_device_and_fsdp_shards_the_frozen_base(mesh_runs, mesh_name):
+    report, states = mesh_runs
+    ref, run = states["lora_one_device"], states[f"lora_{mesh_name}"]
+    np.testing.assert_allclose(report[f"lora_{mesh_name}"]["loss"],
+                               report["lora_one_device"]["loss"], rtol=1e-5)
+    assert set(run) == set(ref)
+    for path in ref:
+        np.testing.assert_allclose(run[path], ref[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    # The optimizer holds the adapters' moments only; the step moved them.
+    moments = [p for p in ref if "['mu']" in p]
+    assert moments and all("lora" in p for p in moments)
+    assert any(np.abs(ref[p]).max() > 0 for p in ref if p.endswith("lora_b']"))
+    if mesh_name == "fsdp8":  # the frozen base weights are split like a trained model's
+        shards = report["lora_fsdp8"]["shards"]
+        base = [p for p in shards if p.startswith(".model") and "lora" not in p
+                and shards[p]["spec"].count("'fsdp'") == 1]
+        assert len(base) > 10
+        assert all(shards[p]["device_size"] * 8 == shards[p]["size"] for p in base)
+
+
+@pytest.mark.slow
 def test_fsdp_holds_one_eighth_of_each_weight_and_moment(mesh_runs):
     report, _ = mesh_runs
     shards = report["fsdp8"]["shards"]
