@@ -60,8 +60,7 @@ class OptimConfig(Group):
     NAME = "optim"
     lr: float = option(3e-4, "peak learning rate", above=0)
     warmup_steps: int = option(100, "linear warm-up steps; clamped to fit a shorter run", low=0)
-    total_steps: int = option(1000, "length of the run (the learning rate decays to 0 there)",
-                              QUIET, low=1)
+    total_steps: int = option(1000, "length of the run (the lr decays to 0 there)", QUIET, low=1)
     weight_decay: float = option(0.01, "AdamW decay of every parameter but norm gains, "
                                  "embeddings, MHLA latents and biases", low=0)
     b1: float = option(0.9, "AdamW first-moment decay", low=0, below=1)
@@ -94,6 +93,7 @@ class TrainConfig(Group):
     router_bias_rate: float = option(0.001, "aux-loss-free balancing of sigmoid routers: "
                                      "each step every bias moves this much toward balance; "
                                      "0 freezes them", low=0)
+    epochs: float = option(0.0, "jsonl/json: passes over the data; sets optim.total_steps", low=0)
     log_every: int = option(50, "steps between logged lines", QUIET, low=1)
     eval_every: int = option(0, "steps between evaluations; 0: only at the end", QUIET, low=0)
     eval_batches: int = option(4, "held-out batches per evaluation", QUIET, low=1)

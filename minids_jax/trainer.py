@@ -8,6 +8,7 @@ loss or gradient was not finite.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import sys
 from typing import Any
@@ -21,7 +22,7 @@ from minids_jax import data as data_lib
 from minids_jax import flops, kernels, reporting, sharding, steps
 from minids_jax import workdir as workdir_lib
 from minids_jax.checkpointer import Checkpointer
-from minids_jax.config import Config
+from minids_jax.config import Config, ConfigError
 from minids_jax.errors import UserError
 from minids_jax.workdir import WorkdirLock
 from minids_jax.loss import loss_chunk
@@ -47,6 +48,21 @@ def check_finite(step: int, metrics: dict[str, Any], kept: str) -> float:
         f"set optim.clip_norm, then {'run again' if kept.startswith('no ') else 'resume'}.")
 
 
+def steps_for_epochs(config: Config, source, log) -> Config:
+    """`config` with optim.total_steps = train.epochs passes over the training rows (examples,
+    or packed rows), rounded up to whole steps."""
+    rows = getattr(source, "rows", {}).get("train")
+    if rows is None:
+        raise ConfigError(f"train.epochs={config.train.epochs} counts passes over instruction "
+                          f"examples, but data.source={config.data.source!r} has none; set "
+                          f"optim.total_steps instead, or use data.source='jsonl' or 'json'.")
+    steps = max(1, math.ceil(config.train.epochs * len(rows) / config.train.batch_size))
+    log(f"train.epochs={config.train.epochs:g}: {len(rows)} training rows in batches of "
+        f"{config.train.batch_size} make {steps} steps (optim.total_steps)")
+    return dataclasses.replace(config, optim=dataclasses.replace(config.optim,
+                                                                 total_steps=steps))
+
+
 class Trainer:
     """Owns the mesh, data, state and steps of one run."""
 
@@ -63,6 +79,9 @@ class Trainer:
             self.mesh, sharding.batch_spec(config.mesh.axis_rules))
         self.rows = sharding.process_rows(self.batch_sharding, config.train.batch_size)
         self.source = data_lib.make_source(config, workdir)
+        if config.train.epochs:
+            config = self.config = steps_for_epochs(
+                config, self.source, lambda line: jax.process_index() or print(line, flush=True))
         self.graphdefs, self.state, self.shardings = steps.create_train_state(
             config, self.compute, self.mesh)
         shardings = self.shardings

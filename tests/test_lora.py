@@ -167,3 +167,17 @@ def test_adapters_peft_cannot_load_are_refused(tmp_path, targets, message):
     _, run = saved_lora_run(tmp_path, targets=targets)
     with pytest.raises(UserError, match=message):
         adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+
+
+def test_epochs_set_the_steps_from_the_examples(tmp_path):
+    records = [{"instruction": "Say it.", "input": "", "output": str(i)} for i in range(50)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = tiny_config(model=dict(vocab_size=259, max_seq_len=48),
+                         data=dict(source="jsonl", path=str(tmp_path / "data.jsonl")),
+                         train=dict(epochs=2.0, batch_size=4))
+    run = Trainer(config)
+    rows = len(run.source.rows["train"])  # the examples less the held-out ones
+    assert 40 <= rows < 50
+    assert run.config.optim.total_steps == -(-2 * rows // 4)
+    with pytest.raises(ConfigError, match=r"train.epochs=2.0 counts passes over instruction"):
+        Trainer(tiny_config(train=dict(epochs=2.0)))  # random tokens have no examples
