@@ -43,6 +43,17 @@ def _library_versions() -> dict[str, str]:
             "orbax_checkpoint": ocp.__version__}
 
 
+def _meta(config: Config, step: int, loss: float | None, **items) -> dict:
+    """A checkpoint's meta item: step, seed, loss, devices and mesh, library versions, time,
+    and the checksums of the arrays of `items` (pure-dict trees)."""
+    mesh = getattr(jax.tree.leaves(items)[0].sharding, "mesh", None)
+    return dict(step=step, seed=config.train.seed, loss=loss,
+                process_count=jax.process_count(), device_count=jax.device_count(),
+                mesh={name: int(size) for name, size in getattr(mesh, "shape", {}).items()},
+                versions=_library_versions(), time=time.time(),
+                checksums={name: integrity.checksums(tree) for name, tree in items.items()})
+
+
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -228,13 +239,7 @@ class Checkpointer:
             return
         self.wait()  # orbax's save would wait for the previous one too; this names its step
         model, optimizer = nnx.to_pure_dict(state.model), nnx.to_pure_dict(state.optimizer)
-        mesh = jax.tree.leaves(state)[0].sharding.mesh
-        meta = dict(step=step, seed=self.config.train.seed, loss=loss,
-                    process_count=jax.process_count(), device_count=jax.device_count(),
-                    mesh={name: int(size) for name, size in mesh.shape.items()},
-                    versions=_library_versions(), time=time.time(),
-                    checksums={"model": integrity.checksums(model),
-                               "optimizer": integrity.checksums(optimizer)})
+        meta = _meta(self.config, step, loss, model=model, optimizer=optimizer)
         try:
             self.manager.save(step, force=True, args=ocp.args.Composite(
                 model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
@@ -304,12 +309,7 @@ def save_model(workdir, config: Config, model: dict, **meta) -> None:
         if manager.all_steps():
             raise CheckpointError(f"{directory} already holds checkpoints; import into a new "
                                   f"workdir.")
-        mesh = getattr(jax.tree.leaves(model)[0].sharding, "mesh", None)
-        meta = dict(step=0, seed=config.train.seed, loss=None,
-                    process_count=jax.process_count(), device_count=jax.device_count(),
-                    mesh={name: int(size) for name, size in getattr(mesh, "shape", {}).items()},
-                    versions=_library_versions(), time=time.time(),
-                    checksums={"model": integrity.checksums(model)}, **meta)
+        meta = {**_meta(config, 0, None, model=model), **meta}
         manager.save(0, args=ocp.args.Composite(
             model=ocp.args.StandardSave(model),
             config=ocp.args.JsonSave(json.loads(config.to_json())), meta=ocp.args.JsonSave(meta)))

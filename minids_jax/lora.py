@@ -22,7 +22,9 @@ from __future__ import annotations
 import fnmatch
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minids_jax.config import ConfigError, LoRAConfig
 from minids_jax.layers import Linear
@@ -64,29 +66,22 @@ def is_adapter(name: str) -> bool:
 
 def without_adapters(tree: dict) -> dict:
     """A nested state dict without its adapters: the base model's state."""
-    return {key: without_adapters(value) if isinstance(value, dict) else value
-            for key, value in tree.items() if not is_adapter(str(key))}
+    return unflatten_dict({path: leaf for path, leaf in flatten_dict(tree).items()
+                           if not is_adapter(str(path[-1]))})
 
 
 def merged_params(params: dict, cfg: LoRAConfig) -> dict:
     """A nested dict of numpy parameters (load_params) with its adapters merged into their
     weights and removed: the base layout, computing the adapted model."""
-    import numpy as np
-
-    out = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out[key] = merged_params(value, cfg)
-        elif not is_adapter(str(key)):
-            out[key] = value
-    for key, value in params.items():
-        prefix = "" if key == "kernel" else f"{key}_"
-        a, b = params.get(f"{prefix}lora_a"), params.get(f"{prefix}lora_b")
-        if a is not None and not isinstance(value, dict) and not is_adapter(str(key)):
-            delta = np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))
-            out[key] = (np.asarray(value, np.float32) + cfg.alpha / cfg.rank * delta
-                        ).astype(np.asarray(value).dtype)
-    return out
+    flat = flatten_dict(params)
+    for path in [p for p in flat if str(p[-1]).endswith("lora_a")]:
+        weight = str(path[-1])[:-len("_lora_a")] or "kernel"  # w1_lora_a -> w1; lora_a -> kernel
+        base = path[:-1] + (weight,)
+        a, b = flat.pop(path), flat.pop(path[:-1] + (str(path[-1])[:-1] + "b",))
+        delta = np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        flat[base] = (np.asarray(flat[base], np.float32) + cfg.alpha / cfg.rank * delta
+                      ).astype(np.asarray(flat[base]).dtype)
+    return unflatten_dict(flat)
 
 
 def add_adapters(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str]:

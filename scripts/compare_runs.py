@@ -35,7 +35,10 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {pathlib.Path(w).name: read_metrics(w) for w in args.workdirs}
+    try:
+        runs = {pathlib.Path(w).name: read_metrics(w) for w in args.workdirs}
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
     starts = {name: min(r["time"] for r in m["train"].values()) for name, m in runs.items()}
     ends = {name: max(r["time"] for split in m.values() for r in split.values()) - starts[name]
             for name, m in runs.items()}

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minids_jax import kernels, lora, sharding
 from minids_jax.config import Config, ConfigError
@@ -115,9 +116,8 @@ def _abstract_state(model_cfg: ModelConfig, config: Config, mesh) -> tuple[Any, 
 
 
 def flat_paths(tree: dict) -> dict[tuple[str, ...], Any]:
-    """A nested state dict as {key path (list indices as str): leaf}."""
-    return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    """A nested state dict as {key path: leaf}, list indices as str (as orbax restores them)."""
+    return {tuple(map(str, path)): leaf for path, leaf in flatten_dict(tree).items()}
 
 
 def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: Config, *,
@@ -186,13 +186,8 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
             f"{hf_dir} has tensors this model would not use: {unused[:4]}"
             f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}; are config.json and "
             f"the *.safetensors files one model?")
-    state = {}
-    for path, array in placed.items():
-        node = state
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = array
-    checkpointer.save_model(workdir, run_config, state, imported_from=str(hf_dir))
+    checkpointer.save_model(workdir, run_config, unflatten_dict(placed),
+                            imported_from=str(hf_dir))
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, workdir / name)
@@ -256,6 +251,7 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
 
     config = checkpoint.read_config(workdir, step)
     cfg = config.model if with_mtp else dataclasses.replace(config.model, mtp_depth=0)
+    # The run's saved BPE tokenizer as it is (load_tokenizer would train one if it were gone).
     tokenizer = data.load_tokenizer(config, str(workdir)) if config.data.tokenizer != "bpe" \
         else data.BpeTokenizer.load(pathlib.Path(workdir) / data.TOKENIZER_FILE)
     # (A run on random tokens may have a vocabulary without the byte tokenizer's specials.)
@@ -270,17 +266,19 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
     params = flat_paths(params)
     target = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
 
+    layout = weights.layout(cfg)
+
     def tensors():
-        for tensor in weights.layout(cfg):
+        for tensor in layout:
             # The router routes in float32; transformers keeps it float32 as well.
             keep_f32 = tensor.path[-1] == "bias" or tensor.path[-2:] == ("gate", "kernel")
             array = np.asarray(params[tensor.path]).astype(np.float32 if keep_f32 else target)
             yield from weights.to_hf(tensor, array)
-        by_name = {name: (tensor, params[tensor.path]) for tensor in weights.layout(cfg)
-                   for name in [tensor.name]}
+        by_name = {tensor.name: tensor for tensor in layout}
         for copy, main in weights.mtp_copies(cfg):
-            tensor, array = by_name[main]
-            yield from ((copy, a.astype(target)) for _, a in weights.to_hf(tensor, array))
+            tensor = by_name[main]
+            yield from ((copy, a.astype(target))
+                        for _, a in weights.to_hf(tensor, params[tensor.path]))
 
     written = save(tensors(), out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

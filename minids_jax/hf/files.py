@@ -39,11 +39,12 @@ class TensorFiles:
 
     def __init__(self, directory: pathlib.Path):
         self.directory = directory
-        self._where: dict[str, tuple[pathlib.Path, dict]] = {}
+        self._where: dict[str, tuple[pathlib.Path, int, dict]] = {}  # file, data start, entry
         for path in self._files():
-            for name, entry in _header(path).items():
+            header, data_start = _header(path)
+            for name, entry in header.items():
                 if name != "__metadata__":
-                    self._where[name] = (path, entry)
+                    self._where[name] = (path, data_start, entry)
 
     def _files(self) -> list[pathlib.Path]:
         index = self.directory / INDEX_FILE
@@ -71,27 +72,23 @@ class TensorFiles:
         return iter(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name][1]["shape"])
+        return tuple(self._where[name][2]["shape"])
 
     def __getitem__(self, name: str) -> np.ndarray:
         """The tensor as a read-only map of its bytes in the file (no copy). The map closes
         when the array is dropped, so the pages read do not stay resident."""
-        path, entry = self._where[name]
+        path, data_start, entry = self._where[name]
         start, end = entry["data_offsets"]
         dtype = np.dtype(DTYPES[entry["dtype"]])
         if end == start:
             return np.zeros(entry["shape"], dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=_data_start(path) + start,
+        return np.memmap(path, dtype=dtype, mode="r", offset=data_start + start,
                          shape=tuple(entry["shape"]))
 
 
-def _data_start(path: pathlib.Path) -> int:
-    with open(path, "rb") as file:
-        return 8 + struct.unpack("<Q", file.read(8))[0]
-
-
-def _header(path: pathlib.Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file's size."""
+def _header(path: pathlib.Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file, checked against the file's size, and where its
+    data starts."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as file:
@@ -113,7 +110,7 @@ def _header(path: pathlib.Path) -> dict:
     if unknown:
         raise TensorFileError(f"{path} holds tensors of dtypes {sorted(unknown)}, which are "
                               f"not supported.")
-    return header
+    return header, 8 + length
 
 
 def save(tensors: Iterable[tuple[str, np.ndarray]], out: pathlib.Path,
