@@ -39,7 +39,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # benchmarks/timing.py, beside this file
-from timing import CompiledStepTimer, original_environment  # noqa: E402
+from timing import CompiledStepTimer, describe, original_environment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after two warm-up steps).")
@@ -136,10 +136,7 @@ def main(argv):
     from minids_jax import flops, trainer
 
     m, compute = config.model, config.compute
-    print(f"model: d_model {m.d_model}, layers {m.n_layers} {m.attn_pattern}, heads {m.n_heads}, "
-          f"seq {m.max_seq_len}, vocab {m.vocab_size}, experts {m.n_experts} top-{m.top_k} "
-          f"({compute.moe_dispatch}), mtp_depth {m.mtp_depth}, batch {config.train.batch_size}, "
-          f"dtype {compute.dtype}")
+    print(describe(config))
     # Against transformers, which trains no MTP module, also time the run without one.
     mtp_depths = [m.mtp_depth] + ([0] if _VS_HF.value and m.mtp_depth else [])
     timers, labels = {}, {}

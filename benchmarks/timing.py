@@ -27,8 +27,9 @@ class CompiledStepTimer:
     def __init__(self, run):
         self.run = run
         start = time.perf_counter()
-        self.compiled = run.train_step.lower(run.state, run.batch(0)).compile()
-        self.compile_s = time.perf_counter() - start
+        self.lowered = run.train_step.lower(run.state, run.batch(0))  # for its HLO text
+        self.compiled = self.lowered.compile()
+        self.compile_s = time.perf_counter() - start  # tracing and lowering included
         self.next_step = 0
         self.metrics = self._advance(2)
 
@@ -49,6 +50,15 @@ class CompiledStepTimer:
     def tokens_per_s(self, step_s: float) -> float:
         config = self.run.config
         return config.train.batch_size * config.model.max_seq_len / step_s
+
+
+def describe(config) -> str:
+    """One line of the sizes that set a run's speed."""
+    m, compute = config.model, config.compute
+    return (f"model: d_model {m.d_model}, layers {m.n_layers} {m.attn_pattern}, heads {m.n_heads}, "
+            f"seq {m.max_seq_len}, vocab {m.vocab_size}, experts {m.n_experts} top-{m.top_k} "
+            f"({compute.moe_dispatch}), mtp_depth {m.mtp_depth}, batch "
+            f"{config.train.batch_size}, dtype {compute.dtype}")
 
 
 def time_train_step(run, steps: int) -> StepTiming:
