@@ -26,6 +26,7 @@ are not instructions and are never counted.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import sys
@@ -179,7 +180,7 @@ def measure(config, steps: int, repeats: int = 3, hlo_dir: str | None = None) ->
     loss = timer.metrics.get("loss")
     return dict(
         platform=devices[0].platform, device=devices[0].device_kind, devices=len(devices),
-        jax=jax.__version__, dtype=run.compute.dtype,
+        jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), dtype=run.compute.dtype,
         attention_kernel=run.compute.attention_kernel, moe_dispatch=run.compute.moe_dispatch,
         batch_size=config.train.batch_size, seq_len=config.model.max_seq_len,
         steps=steps, repeats=repeats, compile_s=timer.compile_s, step_s=step_s,
