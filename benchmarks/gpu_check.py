@@ -226,7 +226,7 @@ def format_table(rows: list[dict]) -> str:
                      f"{row['repeats']} x {row['steps']} steps, MFU against "
                      f"{_flop_rate(row['peak_flops_per_device'])} per device "
                      f"({row['peak_flops_source']})")
-    widths = [max(len(line[i]) for line in cells if len(line) == len(COLUMNS))
+    widths = [max(len(line[i]) for line in cells if i == 0 or len(line) == len(COLUMNS))
               for i in range(len(COLUMNS))]
     lines = []
     for line in cells:
