@@ -127,7 +127,7 @@ def _training_texts(config: Config):
     data = config.data
     if data.source in INSTRUCTION_SOURCES:
         examples, digest = read_instructions(data.path, data.source)
-        return [e.prompt + e.output for e in examples], digest
+        return [e.text for e in examples], digest
     corpus = read_corpus(data)
     return corpus.documents, corpus.digest
 
@@ -224,7 +224,7 @@ def _imported_tokenizer(config: Config, workdir: str | None) -> HFTokenizer:
         raise ConfigError(f"the tokenizer in {found} has {tokenizer.vocab_size} tokens but "
                           f"model.vocab_size={config.model.vocab_size}.")
     if workdir and found != pathlib.Path(workdir):
-        for name in (TOKENIZER_FILE, HFTokenizer.CONFIG_FILE):
+        for name in (TOKENIZER_FILE, HFTokenizer.CONFIG_FILE, HFTokenizer.TEMPLATE_FILE):
             if (found / name).is_file():
                 write_atomic(pathlib.Path(workdir) / name, (found / name).read_bytes())
     return tokenizer
@@ -244,7 +244,7 @@ def make_source(config: Config, workdir: str | None = None) -> TokenSource:
         return WindowSource(splits, model.max_seq_len, seed, f"data.path={data.path!r}")
     if data.source in INSTRUCTION_SOURCES:
         examples, digest = read_instructions(data.path, data.source)
-        texts = [e.prompt + e.output for e in examples]
+        texts = [e.text for e in examples]
         tokenizer = load_tokenizer(config, workdir, (texts, digest))
         tokenized = tokenize_examples(examples, digest, tokenizer, data.cache_dir)
         is_val = held_out(examples, data.val_fraction, data.path)

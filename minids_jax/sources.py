@@ -90,21 +90,27 @@ class WindowSource:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedExamples:
-    """Instruction examples as one flat token array: example i is tokens[starts[i]:starts[i+1]].
-
-    Each example is [BOS] prompt output [EOS]; its first `prompt_lens[i]` tokens (BOS and the
-    prompt) are not scored.
+    """Instruction and chat examples as one flat token array: example i is
+    tokens[starts[i]:starts[i+1]], and `scored` marks the tokens that count toward the loss:
+    outputs and answers, and the token ending each (not BOS, prompts, user turns, scaffolding).
+    An alpaca example is [BOS] prompt output [EOS], scored from its output on; a conversation
+    has one scored segment per assistant turn.
     """
 
     tokens: np.ndarray
     starts: np.ndarray  # [N + 1]
-    prompt_lens: np.ndarray  # [N]
+    scored: np.ndarray  # bool, one per token
 
     def __len__(self) -> int:
-        return len(self.prompt_lens)
+        return len(self.starts) - 1
 
     def length(self, i: int) -> int:
         return int(self.starts[i + 1] - self.starts[i])
+
+    def first_scored(self, i: int) -> int:
+        """How many tokens of example i come before its first scored one (its length if none)."""
+        scored = self.scored[self.starts[i]:self.starts[i + 1]]
+        return int(np.argmax(scored)) if scored.any() else len(scored)
 
 
 def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -131,7 +137,8 @@ class InstructionSource:
     Rows are fixed once; each epoch visits all of them in a fresh order drawn from (seed, split,
     epoch), so global row g of the run is row perm_e[g % n_rows] of epoch e = g // n_rows.
     In a packed row, later examples can attend to earlier ones (there is no per-example attention
-    mask); each starts with BOS, and only output tokens and EOS are scored.
+    mask); each starts with BOS (or its chat template's opening), and only the tokens each marks
+    as scored (outputs, answers, and the token ending each) are.
     """
 
     def __init__(self, splits: dict[str, TokenizedExamples], seq_len: int, seed: int, pad_id: int,
@@ -169,6 +176,6 @@ class InstructionSource:
             for i in self.rows[split][self._order(split, g // n_rows)[g % n_rows]]:
                 start, end = examples.starts[i], examples.starts[i + 1]
                 tokens_RxL1[out, at:at + end - start] = examples.tokens[start:end]
-                weights_RxL1[out, at + examples.prompt_lens[i]:at + end - start] = 1.0
+                weights_RxL1[out, at:at + end - start] = examples.scored[start:end]
                 at += end - start
         return as_batch(tokens_RxL1, weights_RxL1)

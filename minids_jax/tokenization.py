@@ -106,10 +106,12 @@ class BpeTokenizer:
 
 class HFTokenizer:
     """An imported model's Hugging Face tokenizer: its `tokenizer.json`, with the BOS/EOS/PAD
-    tokens and chat template of its `tokenizer_config.json` (PAD falls back to EOS)."""
+    tokens and chat template of its `tokenizer_config.json` (PAD falls back to EOS; the template
+    may also be a `chat_template.jinja` beside it, as newer transformers save it)."""
 
     kind = "hf"
     CONFIG_FILE = "tokenizer_config.json"
+    TEMPLATE_FILE = "chat_template.jinja"
 
     def __init__(self, directory: str | os.PathLike):
         directory = pathlib.Path(directory)
@@ -120,18 +122,31 @@ class HFTokenizer:
                              f"library reads ({str(error)[:200]})") from error
         config_path = directory / self.CONFIG_FILE
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        self.chat_template = config.get("chat_template")
-        ids = {}
-        for name in ("bos", "eos", "pad"):
-            token = config.get(f"{name}_token")
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        if not template and (directory / self.TEMPLATE_FILE).is_file():
+            template = (directory / self.TEMPLATE_FILE).read_text()
+        self.chat_template = template or None
+        # The special tokens by name, as a chat template sees them ({{ bos_token }}, ...).
+        self.special_tokens = {}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            token = config.get(name)
             token = token.get("content") if isinstance(token, dict) else token
-            ids[name] = None if token is None else self.hf.token_to_id(token)
+            if isinstance(token, str):
+                self.special_tokens[name] = token
+        ids = {name: self.hf.token_to_id(self.special_tokens[f"{name}_token"])
+               if f"{name}_token" in self.special_tokens else None
+               for name in ("bos", "eos", "pad")}
         if ids["eos"] is None:
             raise ValueError(f"{config_path} names no eos_token that {directory / TOKENIZER_FILE} "
                              f"knows; generation and the data need one.")
         self.EOS = ids["eos"]
         self.BOS = self.EOS if ids["bos"] is None else ids["bos"]
         self.PAD = self.EOS if ids["pad"] is None else ids["pad"]
+        self.special_ids = frozenset(
+            i for i, t in self.hf.get_added_tokens_decoder().items() if t.special) | {self.EOS}
         self.vocab_size = self.hf.get_vocab_size()
         digest = hashlib.sha256(self.hf.to_str().encode())
         digest.update(json.dumps([ids, self.chat_template]).encode())
