@@ -6,14 +6,21 @@
 The prompt is echoed, then the continuation streams to stdout; timings go to stderr. The
 latest checkpoint is used unless --step names another; the run's own tokenizer encodes the
 prompt. --temperature 0 decodes greedily.
+
+    python generate.py --workdir runs/chat --chat [--system "Be brief."] < turns.txt
+
+--chat holds a conversation: each line of stdin is a user turn; each answer streams to stdout
+(then a newline), the prompt laid out by the chat template the run trained with.
 """
 
+import itertools
 import sys
 import time
 
 from absl import flags
 
 from minids_jax import cli
+from minids_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json).",
                                required=True)
@@ -30,6 +37,10 @@ _INSTRUCTION = flags.DEFINE_string(
 _INPUT = flags.DEFINE_string("input", "", "With --instruction: the record's optional input.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop at the end-of-document token.")
+_CHAT = flags.DEFINE_bool(
+    "chat", False, "Converse: read user turns from stdin, one a line, until EOF; each answer "
+    "stops at the template's end-of-turn token and joins the history.")
+_SYSTEM = flags.DEFINE_string("system", None, "With --chat: the system message.")
 
 
 class TextStream:
@@ -48,11 +59,82 @@ class TextStream:
         return new
 
 
+def _timing(start: float, token_times: list[float], prompt: str = "") -> str:
+    # Token 1 comes from the prefill, token 2 from the first decode step: both compile.
+    count, rate = len(token_times), float("nan")
+    if count > 2 and token_times[-1] > token_times[1]:
+        rate = (count - 2) / (token_times[-1] - token_times[1])
+    return (f"[{prompt}{count} tokens in {time.perf_counter() - start:.1f}s | "
+            f"{rate:.1f} tokens/s once compiled]")
+
+
+def _check_chat_flags():
+    if _CHAT.value:
+        given = [f"--{name}" for name in ("prompt", "instruction", "input")
+                 if flags.FLAGS[name].present]
+        if given:
+            raise UserError(f"--chat reads the user's turns from stdin, so {' and '.join(given)} "
+                            f"cannot be given with it; drop {given[0]}, or drop --chat.")
+    elif _SYSTEM.value is not None:
+        raise UserError("--system sets the system message of a --chat conversation; add "
+                        "--chat, or drop --system.")
+
+
+def converse(generator, tokenizer, context: int, sampling) -> None:
+    """--chat: one answer per line of stdin, each prompted with the conversation so far."""
+    from minids_jax import chat
+
+    try:
+        template = chat.template_for(tokenizer)
+    except chat.TemplateError as error:
+        raise UserError(str(error)) from error
+    history = [("system", _SYSTEM.value)] if _SYSTEM.value else []
+    room = min(_MAX_NEW_TOKENS.value, context // 2)  # kept free for the answer if it can be
+    interactive = sys.stdin.isatty()
+    for turn in itertools.count():
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if not line.strip():
+            continue
+        history.append(("user", line.rstrip("\r\n")))
+        try:
+            prompt, kept = chat.fit_prompt(tokenizer, history, context, room, template)
+        except chat.ConversationTooLong as error:
+            print(f"[skipped this turn: {error}]", file=sys.stderr)
+            history.pop()
+            continue
+        except chat.TemplateError as error:
+            raise UserError(str(error)) from error
+        if len(kept) < len(history):
+            print(f"[the conversation outgrew the context of {context} tokens: left out its "
+                  f"{len(history) - len(kept)} oldest message(s)]", file=sys.stderr)
+            history = kept
+        stream, answer = TextStream(tokenizer), []
+        start, token_times = time.perf_counter(), []
+        for token_B in generator.stream(prompt, _MAX_NEW_TOKENS.value, sampling,
+                                        _SEED.value + turn, template.end_token):
+            token_times.append(time.perf_counter())
+            if int(token_B[0]) == template.end_token:
+                break
+            answer.append(int(token_B[0]))
+            sys.stdout.write(stream.push(answer[-1]))
+            sys.stdout.flush()
+        sys.stdout.write(stream.push(None, final=True) + "\n")
+        sys.stdout.flush()
+        history.append(("assistant", tokenizer.decode(answer)))
+        print(_timing(start, token_times, f"prompt {len(prompt)} tokens | "),
+              file=sys.stderr)
+
+
 def main(argv):
     del argv
+    _check_chat_flags()
     import minids_jax
     from minids_jax import data, generation
-    from minids_jax.errors import UserError
 
     try:
         sampling = generation.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
@@ -60,10 +142,11 @@ def main(argv):
         raise UserError(f"--{error}") from error
     model, config = minids_jax.load(_WORKDIR.value, step=_STEP.value)
     tokenizer = data.load_tokenizer(config, _WORKDIR.value)
+    generator = generation.Generator(model)
+    if _CHAT.value:
+        return converse(generator, tokenizer, config.model.max_seq_len, sampling)
     prompt = generation.prompt_tokens(tokenizer, _PROMPT.value, _INSTRUCTION.value, _INPUT.value)
     shown = _PROMPT.value if _INSTRUCTION.value is None else tokenizer.decode(prompt)
-
-    generator = generation.Generator(model)
     try:
         generator.check_prompt(prompt)
     except ValueError as error:  # a prompt too long for the context, or foreign token ids
@@ -78,12 +161,8 @@ def main(argv):
         sys.stdout.write(stream.push(int(token_B[0])))
         sys.stdout.flush()
     sys.stdout.write(stream.push(None, final=True) + "\n")
-    # Token 1 comes from the prefill, token 2 from the first decode step: both compile.
-    count, rate = len(token_times), float("nan")
-    if count > 2 and token_times[-1] > token_times[1]:
-        rate = (count - 2) / (token_times[-1] - token_times[1])
-    print(f"[{count} tokens in {time.perf_counter() - start:.1f}s | "
-          f"{rate:.1f} tokens/s once compiled]", file=sys.stderr)
+    print(_timing(start, token_times), file=sys.stderr)
+
 
 if __name__ == "__main__":
     cli.run(main)

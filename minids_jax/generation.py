@@ -165,13 +165,20 @@ class Generator:
 
 
 def prompt_tokens(tokenizer, text: str = "", instruction: str | None = None,
-                  input: str = "") -> np.ndarray:  # noqa: A002 (the data field's name)
+                  input: str = "",  # noqa: A002 (the data field's name)
+                  messages=None) -> np.ndarray:
     """The token ids a run's model expects before the text it should continue.
 
     With `instruction`, the prompt is laid out as instruction data is for training
-    ([BOS], then `instructions.format_prompt`), so the model answers with an `output`. Otherwise
-    `text` itself; empty text becomes EOS, which is what precedes a document in a text corpus.
+    ([BOS], then `instructions.format_prompt`), so the model answers with an `output`. With
+    `messages` ([(role, content), ...] ending with a user turn), the conversation is laid out by
+    the chat template of training (chat.py) with the generation prompt, so the model answers as
+    the assistant (`chat.fit_prompt` also drops old turns to fit a context). Otherwise `text`
+    itself; empty text becomes EOS, which is what precedes a document in a text corpus.
     """
+    if messages is not None:
+        from minids_jax import chat
+        return chat.encode(tokenizer, messages, add_generation_prompt=True)[0]
     if instruction is not None:
         from minids_jax.instructions import format_prompt
         body = np.asarray(tokenizer.encode(format_prompt(instruction, input)), np.int32)
