@@ -81,7 +81,7 @@ def tokenized(path, tokenizer, tmp_path):
 def test_both_formats_render_the_same_and_score_only_the_answers(tmp_path):
     records = [sharegpt(CONVERSATION), openai(CONVERSATION), openai(CONVERSATION[1:]),
                {"instruction": "Add the numbers.", "output": "5"}]  # alpaca beside chat
-    examples, all_examples = tokenized(write_jsonl(tmp_path / "c.jsonl", records), BYTE, tmp_path)
+    _, all_examples = tokenized(write_jsonl(tmp_path / "c.jsonl", records), BYTE, tmp_path)
     (tok0, sc0), (tok1, sc1), (tok2, sc2), (tok3, sc3) = (
         (all_examples.tokens[a:b], all_examples.scored[a:b])
         for a, b in zip(all_examples.starts[:-1], all_examples.starts[1:]))
@@ -121,6 +121,7 @@ def test_batches_weight_every_answer_of_each_conversation(tmp_path):
                              data=dict(source="jsonl", path=path, pack=pack, val_fraction=0.2,
                                        cache_dir=str(tmp_path / "cache")))
         source = data.make_source(config)
+        assert (len(source.rows["train"]) < len(source.splits["train"])) == pack
         seen = []
         for step in range(len(source.rows["train"])):  # batch size 1: one epoch
             batch = source.batch(step, 1)
@@ -160,6 +161,28 @@ def test_deepseek_v3_template_scores_the_answers_and_their_end_token(tmp_path):
     last_answer = len(with_system[0]) - 2  # "5" and EOS
     np.testing.assert_array_equal(prompt, with_system[0][:last_answer])
     assert decode(prompt).endswith("<｜User｜>Add 2 3<｜Assistant｜>")
+
+
+def test_an_imported_run_trains_on_its_template(tmp_path):
+    """data.tokenizer='hf' takes the template from checkpoint.init_from's run into the new
+    run's batches: the weighted targets are the answers and their end token."""
+    base = tmp_path / "base"
+    hf_tokenizer(base)
+    path = write_jsonl(tmp_path / "c.jsonl", [openai(CONVERSATION)] * 2 + [
+        sharegpt([("user", f"q{i}"), ("assistant", f"a{i}")]) for i in range(4)])
+    config = tiny_config(model=dict(vocab_size=300, max_seq_len=64),
+                         data=dict(source="jsonl", path=path, tokenizer="hf", val_fraction=0.2),
+                         checkpoint=dict(init_from=str(base)))
+    source = data.make_source(config, str(tmp_path / "run"))
+    tokenizer = HFTokenizer(tmp_path / "run")
+    assert tokenizer.chat_template == DEEPSEEK_V3_TEMPLATE  # copied into the run
+    decode = hf_decoder(tokenizer)
+    for step in range(len(source.rows["train"])):
+        batch = source.batch(step, 1)
+        inputs, targets, weights = (batch[k][0] for k in ("inputs", "targets", "weights"))
+        assert inputs[0] == tokenizer.BOS
+        answers = decode(targets[weights > 0])
+        assert answers in (f"Hello there{EOS}5{EOS}", *(f"a{i}{EOS}" for i in range(4)))
 
 
 def test_the_answer_starts_where_the_generation_prompt_and_the_history_part(tmp_path):
