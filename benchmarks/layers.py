@@ -118,7 +118,7 @@ def main(argv):
             x, m.kernel[...], targets_BxL, weights_BxL, chunk))
         report("head + loss (logits, then optax)", model.head, lambda m, x: jnp.sum(
             optax.softmax_cross_entropy_with_integer_labels(m(x), targets_BxL)))
-        optimizer = nnx.Optimizer(model, optim.adamw(config.optim), wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, optim.optimizer(config.optim), wrt=nnx.Param)
         graphdef, state = nnx.split((model, optimizer))
         grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
 

@@ -191,6 +191,12 @@ class Checkpointer:
             saved, self.config, f"the checkpoint {self.step_dir(step)}",
             f"Run with the checkpoint's values (see {self.workdir / 'config.json'}), or use a "
             f"new --workdir for a new model.")
+        if saved.optim.name != self.config.optim.name:  # its state is another optimizer's
+            raise CheckpointError(
+                f"the checkpoint {self.step_dir(step)} holds optim.name={saved.optim.name!r}'s "
+                f"state, and this run asks for {self.config.optim.name!r}; resume with "
+                f"--config.optim.name={saved.optim.name}, or start a new --workdir from its "
+                f"parameters with --config.checkpoint.init_from={self.workdir}.")
         changes = config_lib.changes(saved, self.config, config_lib.NOTED)
         if changes:
             self.log(f"note: resuming with changed settings (the run will not match an "

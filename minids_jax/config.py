@@ -8,7 +8,8 @@ field declares, in its metadata, a one-line doc, its checks and what a change on
   noted         changes the run's course (it will not match an uninterrupted one): logged
   quiet         bookkeeping (logging, mesh, more steps): changed silently
 `python -m minids_jax.config` prints the reference (docs/configuration.md). The field machinery
-is config_schema.py's, the `model` and `lora` groups model_config.py's (all re-exported here).
+is config_schema.py's, the `model` and `lora` groups model_config.py's, `compute`, `optim`
+and `train` train_config.py's (all re-exported here).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from minids_jax.config_schema import (  # noqa: F401  (re-exported: config.check
     ARCHITECTURE, NOTED, QUIET, ConfigError, Group, check, option)
 from minids_jax.model_config import (  # noqa: F401
     ATTENTION_KINDS, DTYPES, ROUTER_SCORINGS, LoRAConfig, ModelConfig)
+from minids_jax.train_config import (  # noqa: F401
+    ATTENTION_KERNELS, MOE_DISPATCHES, OPTIMIZERS, SCHEDULES, ComputeConfig, OptimConfig,
+    TrainConfig)
 
-ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention")
-MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
 DATA_SOURCES = ("random", "builtin", "text", "jsonl", "json", "tokens")
 SOURCES_WITH_PATH = ("text", "jsonl", "json", "tokens")
 MIN_TEXT_VOCAB = 259  # the tokenizers' 256 byte symbols plus PAD, BOS and EOS
@@ -35,72 +37,6 @@ MOVED = {"model.dtype": "compute.dtype", "model.attention_kernel": "compute.atte
          "model.moe_dispatch": "compute.moe_dispatch",
          "model.capacity_factor": "compute.capacity_factor",
          "model.aux_loss_coef": "train.aux_loss_coef"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ComputeConfig(Group):
-    """How the model is computed, never what: kernels and precision."""
-
-    NAME = "compute"
-    dtype: str = option("float32", "compute dtype; bfloat16 on GPUs", choices=DTYPES)
-    attention_kernel: str = option(
-        "auto", "auto (fused on CPU, dot_product_attention elsewhere) | fused | "
-        "dot_product_attention (cuDNN's flash kernel on GPU)", QUIET, choices=ATTENTION_KERNELS)
-    moe_dispatch: str = option(
-        "dropless", "dropless (exact: blocked on CPU, ragged elsewhere) | ragged | blocked | "
-        "capacity (drops overflow) | dense", choices=MOE_DISPATCHES)
-    capacity_factor: float = option(1.25, "expert capacity per sequence, as a multiple of an "
-                                    "even share (capacity dispatch only)", above=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig(Group):
-    """AdamW and the original's schedule: linear warm-up, then linear decay to 0."""
-
-    NAME = "optim"
-    lr: float = option(3e-4, "peak learning rate", above=0)
-    warmup_steps: int = option(100, "linear warm-up steps; clamped to fit a shorter run", low=0)
-    total_steps: int = option(1000, "length of the run (the lr decays to 0 there)", QUIET, low=1)
-    weight_decay: float = option(0.01, "AdamW decay of every parameter but norm gains, "
-                                 "embeddings, MHLA latents and biases", low=0)
-    b1: float = option(0.9, "AdamW first-moment decay", low=0, below=1)
-    b2: float = option(0.999, "AdamW second-moment decay", low=0, below=1)
-    eps: float = option(1e-8, "AdamW epsilon", above=0)
-    clip_norm: float = option(1.0, "global gradient-norm clipping; 0 disables", low=0)
-
-    def validate(self):
-        if self.warmup_steps >= self.total_steps:
-            fitted = self.total_steps - 1
-            logging.getLogger(__name__).warning(
-                "optim.warmup_steps=%d does not fit a run of optim.total_steps=%d: warming up "
-                "for %d steps instead.", self.warmup_steps, self.total_steps, fitted)
-            object.__setattr__(self, "warmup_steps", fitted)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(Group):
-    """The batch, the loss's balancing term, logging and evaluation."""
-
-    NAME = "train"
-    batch_size: int = option(8, "global: sequences per step over all devices and processes",
-                             low=1)
-    seed: int = option(42, "initialization and batch order")
-    aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss", low=0)
-    sequence_aux_loss_coef: float = option(0.0, "weight of DeepSeek-V3's sequence-wise "
-                                           "balance loss (the paper: 1e-4)", low=0)
-    mtp_loss_coef: float = option(0.3, "weight of the mean multi-token-prediction loss "
-                                  "(with model.mtp_depth > 0)", low=0)
-    router_bias_rate: float = option(0.001, "aux-loss-free balancing of sigmoid routers: "
-                                     "each step every bias moves this much toward balance; "
-                                     "0 freezes them", low=0)
-    epochs: float = option(0.0, "jsonl/json: passes over the data; sets optim.total_steps", low=0)
-    log_every: int = option(50, "steps between logged lines", QUIET, low=1)
-    eval_every: int = option(0, "steps between evaluations; 0: only at the end", QUIET, low=0)
-    eval_batches: int = option(4, "held-out batches per evaluation", QUIET, low=1)
-    peak_flops: float = option(0.0, "per-device peak FLOP/s for MFU; 0: the data sheet for "
-                               "known GPUs in bf16/fp16, else a matmul measurement", QUIET, low=0)
-    wandb: bool = option(False, "also log to Weights & Biases (if installed)", QUIET)
-    wandb_project: str = option("minids_jax", "W&B project name", QUIET)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,25 +35,40 @@ def loss_chunk(device_batch: int, length: int, vocab: int, platform: str) -> int
     return max(1, min(length, rows // max(1, device_batch)))
 
 
-def _head_loss(model: MiniDeepSeek, features_BxLxD, targets_BxL, weights_BxL, chunk: int):
+def denominators(weights_BxL: jax.Array, mtp_depth: int) -> jax.Array:
+    """[1 + mtp_depth]: the weight each loss is a mean over (the cross-entropy's, then MTP
+    module k's, whose targets are k further on). Given to `model_loss` of a part of the batch,
+    they make its losses that part's share of the whole batch's."""
+    weights_BxL = weights_BxL.astype(jnp.float32)
+    totals = [jnp.sum(shift_left(weights_BxL, k)) for k in range(mtp_depth + 1)]
+    return jnp.maximum(jnp.stack(totals), 1.0)
+
+
+def _head_loss(model: MiniDeepSeek, features_BxLxD, targets_BxL, weights_BxL, chunk: int,
+               denominator):
     kernel_DxV = model.head.weight().astype(features_BxLxD.dtype)
     loss_sum = head_cross_entropy(features_BxLxD, kernel_DxV, targets_BxL, weights_BxL, chunk)
-    return loss_sum / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+    return loss_sum / denominator
 
 
 def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
-               with_mtp: bool = True):
+               with_mtp: bool = True, denominators_K: jax.Array | None = None):
     """`cross_entropy(model(inputs).logits, targets, weights)` and aux, the head fused in.
 
     With multi-token prediction (and `with_mtp`), aux["mtp_loss"] is the mean over the
     modules of module k's loss: its features at i score targets[i + k] (the token k + 1
     ahead), weighted by weights[i + k], and nothing where i + k runs past the window; the
     modules' MoE layers join the balancing statistics (the last rows of expert_load_NxE).
+    Each loss is a weighted sum over `denominators_K` (default: this batch's `denominators`).
     """
     trunk_BxLxD, aux, _ = model.trunk(batch["inputs"])
     weights_BxL = batch["weights"].astype(jnp.float32)
-    ce = _head_loss(model, model.final_norm(trunk_BxLxD), batch["targets"], weights_BxL, chunk)
-    if model.mtp is not None and with_mtp:
+    depth = len(model.mtp) if model.mtp is not None and with_mtp else 0
+    if denominators_K is None:
+        denominators_K = denominators(weights_BxL, depth)
+    ce = _head_loss(model, model.final_norm(trunk_BxLxD), batch["targets"], weights_BxL, chunk,
+                    denominators_K[0])
+    if depth:
         positions_BxL = jnp.broadcast_to(jnp.arange(trunk_BxLxD.shape[1]), weights_BxL.shape)
         hidden_BxLxD, losses, mtp_stats = trunk_BxLxD, [], []
         for k, module in enumerate(model.mtp, start=1):
@@ -61,7 +76,7 @@ def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
             hidden_BxLxD, features_BxLxD, stats = module(hidden_BxLxD, ahead_BxLxD,
                                                          positions_BxL)
             losses.append(_head_loss(model, features_BxLxD, shift_left(batch["targets"], k),
-                                     shift_left(weights_BxL, k), chunk))
+                                     shift_left(weights_BxL, k), chunk, denominators_K[k]))
             mtp_stats.append(stats)
         aux = {**with_more_moe_layers(aux, mtp_stats), "mtp_loss": jnp.mean(jnp.stack(losses))}
     return ce, aux
@@ -69,8 +84,13 @@ def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
 
 def total_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
                aux_loss_coef: float, sequence_aux_loss_coef: float = 0.0,
-               mtp_loss_coef: float = 0.0):
-    """The loss the optimizer minimizes, and (cross-entropy, aux) for the metrics."""
-    ce, aux = model_loss(model, batch, chunk)
+               mtp_loss_coef: float = 0.0, denominators_K: jax.Array | None = None,
+               microbatches: int = 1):
+    """The loss the optimizer minimizes, and (cross-entropy, aux) for the metrics. For one of
+    `microbatches` parts of a batch (with the whole batch's `denominators_K`), the part's
+    share: the parts' losses, and so their gradients, add up to the whole batch's (the
+    balancing terms, statistics of each part, are averaged over the parts)."""
+    ce, aux = model_loss(model, batch, chunk, denominators_K=denominators_K)
     balance = aux_loss_coef * aux["aux_loss"] + sequence_aux_loss_coef * aux["sequence_aux_loss"]
-    return ce + balance + mtp_loss_coef * aux.get("mtp_loss", 0.0), (ce, aux)
+    return (ce + balance / microbatches + mtp_loss_coef * aux.get("mtp_loss", 0.0),
+            (ce, aux))

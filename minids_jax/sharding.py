@@ -73,9 +73,15 @@ def check_layout(config: Config, mesh: jax.sharding.Mesh) -> None:
         ("heads", config.model.n_heads, "model.n_heads", "attention heads"),
         ("expert", config.model.n_experts, "model.n_experts", "experts"),
     )
+    accum = config.train.grad_accum_steps
     for logical, count, field, what in checks:
         axes = mesh_axes_of(rules, logical)
         n = ways(mesh, axes)
+        if logical == "batch" and accum > 1 and count % (n * accum):
+            raise ConfigError(
+                f"train.batch_size={count} does not split into train.grad_accum_steps={accum} "
+                f"microbatches over {_describe(mesh, axes)}: make it a multiple of "
+                f"{n * accum} ({accum} x {n}), or change train.grad_accum_steps.")
         if count % n:
             raise ConfigError(
                 f"{field}={count} is not divisible by {n}: the {what} are split over "

@@ -38,7 +38,7 @@ def build_model_and_optimizer(config: Config, compute: ComputeConfig):
     model = MiniDeepSeek(config.model, compute, rngs=rngs)
     if config.lora.rank:
         lora.add_adapters(model, config.lora, rngs)
-    return model, nnx.Optimizer(model, optim.adamw(config.optim),
+    return model, nnx.Optimizer(model, optim.optimizer(config.optim),
                                 wrt=lora.trainable(config.lora))
 
 
@@ -57,16 +57,47 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
     # Adapters leave the base model as it is, its routers' balancing biases included.
     bias_rate = 0.0 if config.lora.rank else config.train.router_bias_rate
     trainable = lora.trainable(config.lora)
+    microbatches = config.train.grad_accum_steps
+
+    def gradients(model, batch):
+        """(loss, (ce, aux)) and the gradients of what trains, over `microbatches` parts."""
+        # Gradients of what trains only: a frozen base costs no gradient memory or work.
+        grad_fn = nnx.value_and_grad(loss_lib.total_loss, has_aux=True,
+                                     argnums=nnx.DiffState(0, trainable))
+        if microbatches == 1:
+            return grad_fn(model, batch, loss_chunk, *coefs)
+        denominators_K = loss_lib.denominators(batch["weights"], config.model.mtp_depth)
+        # Part m holds rows m, m + A, ...: each device's rows split evenly among the parts.
+        parts = jax.tree.map(lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
+                                                 *x.shape[1:]).swapaxes(0, 1), batch)
+
+        # An NNX module does not cross into a scan: its arrays do, rebuilt into one inside.
+        graphdef, model_state = nnx.split(model)
+        leaves, treedef = jax.tree.flatten(model_state)
+
+        def accumulate(summed, part):
+            part = jax.lax.with_sharding_constraint(part, batch_sharding)
+            part_model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+            (loss, (ce, aux)), grads = grad_fn(part_model, part,
+                                               loss_chunk, *coefs, denominators_K,
+                                               microbatches)
+            summed = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), summed, grads)
+            return summed, (loss, ce, aux)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                             nnx.state(model, trainable))
+        grads, (losses, ces, auxs) = jax.lax.scan(accumulate, zeros, parts)
+        # Losses are shares of the batch's (they add up); statistics of parts are averaged.
+        aux = {key: (jnp.sum(v, 0) if key == "mtp_loss" else jnp.mean(v, 0))
+               for key, v in auxs.items()}
+        return (jnp.sum(losses), (jnp.sum(ces), aux)), grads
 
     @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
     def train_step(state: TrainState, batch):
         model = nnx.merge(graphdefs.model, state.model)
         optimizer = nnx.merge(graphdefs.optimizer, state.optimizer)
         lr = lr_schedule(optimizer.step[...])
-        # Gradients of what trains only: a frozen base costs no gradient memory or work.
-        grad_fn = nnx.value_and_grad(loss_lib.total_loss, has_aux=True,
-                                     argnums=nnx.DiffState(0, trainable))
-        (loss, (ce, aux)), grads = grad_fn(model, batch, loss_chunk, *coefs)
+        (loss, (ce, aux)), grads = gradients(model, batch)
         optimizer.update(model, grads)
         metrics = {
             "loss": ce, "total_loss": loss, "aux_loss": aux["aux_loss"], "lr": lr,

@@ -87,7 +87,8 @@ class Trainer:
         shardings = self.shardings
         batch_ways = sharding.ways(self.mesh, sharding.mesh_axes_of(config.mesh.axis_rules,
                                                                     "batch"))
-        chunk = loss_chunk(config.train.batch_size // batch_ways, config.model.max_seq_len,
+        device_rows = config.train.batch_size // (batch_ways * config.train.grad_accum_steps)
+        chunk = loss_chunk(device_rows, config.model.max_seq_len,
                            config.model.vocab_size, kernels.mesh_platform(self.mesh))
         self.train_step = steps.make_train_step(self.graphdefs, shardings, config,
                                                 self.batch_sharding, chunk)
