@@ -2,6 +2,8 @@
 
     python train.py --config configs/tiny.py --workdir runs/tiny
     python train.py --config configs/mini.py --config.model.n_layers=12 --config.mesh.fsdp=-1
+    python train.py --config configs/finetune.py --config.checkpoint.init_from=runs/base \
+        --config.data.path=my.jsonl --workdir runs/ft     # the architecture is runs/base's
 
 JAX is imported only after the flags are parsed, malloc is set to keep freed host memory,
 the GPUs are chosen (CUDA_VISIBLE_DEVICES) and, for a multi-host job, jax.distributed is
@@ -22,7 +24,7 @@ def main(argv):
     del argv
     from minids_jax import startup
 
-    config = cli.config_from_flag(_CONFIG)
+    config = cli.config_from_flag(_CONFIG, _WORKDIR.value)
     startup.reuse_host_memory(config.devices)
     gpus = startup.select_gpus(config.devices)
     visible = f"CUDA_VISIBLE_DEVICES={gpus.visible}: " if gpus.visible else ""

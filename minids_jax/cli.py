@@ -5,6 +5,11 @@ printed as one `error: ...` line.
     def main(argv): config = cli.config_from_flag(_CONFIG); ...
     if __name__ == "__main__": cli.run(main)
 
+A run with `checkpoint.init_from` takes its `model` group from that checkpoint (a fine-tuning
+run cannot change its base's shapes), so its config file need not repeat the architecture;
+a field left `None` in a config file (`ml_collections.config_dict.placeholder`) must be set
+on the command line.
+
 A `UserError` (a bad config, path, data file or checkpoint, a workdir in use, a full disk)
 exits with status 2 and no traceback; Ctrl-C exits with 130; anything else is a bug and keeps
 its traceback. The config file and the names of `--config.GROUP.FIELD=VALUE` overrides are
@@ -17,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -26,6 +32,7 @@ import warnings
 from typing import Callable
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from minids_jax import config as config_lib
@@ -48,13 +55,123 @@ def define_config_flag(name: str = "config", default: str | None = DEFAULT_CONFI
                                            "defining get_config()).")
 
 
-def config_from_flag(flag) -> config_lib.Config:
-    """The validated Config of a flag made by `define_config_flag`."""
+def config_from_flag(flag, workdir: str | None = None,
+                     log: Callable[[str], None] = print) -> config_lib.Config:
+    """The validated Config of a flag made by `define_config_flag`; with checkpoint.init_from,
+    its architecture is the base's (`with_base_architecture`). `workdir`: the run's."""
     try:
         value = flag.value
+        overridden = set(flags.FLAGS[flag.name].override_values)
     except (OSError, AttributeError, KeyError, TypeError, ValueError) as error:
         raise config_lib.ConfigError(f"--{flag.name}: {error}") from error
-    return config_lib.from_config_dict(value)
+    values = value.to_dict()
+    unset = [f"{group}.{name}" for group, fields in values.items() if isinstance(fields, dict)
+             for name, field_value in fields.items() if field_value is None]
+    if unset:
+        docs = {f"{g}.{f.name}": f.metadata["doc"] for g, cls in config_lib.GROUPS.items()
+                for f in dataclasses.fields(cls)}
+        wanted = " and ".join(f"--{flag.name}.{name}=... ({docs.get(name, 'see docs')})"
+                              for name in unset)
+        raise config_lib.ConfigError(
+            f"the config file {flags.FLAGS[flag.name].config_filename} leaves "
+            f"{', '.join(unset)} to the command line; set {wanted}.")
+    if values.get("checkpoint", {}).get("init_from"):
+        values = with_base_architecture(values, overridden, workdir, log)
+    return config_lib.from_config_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# The architecture of a run started from a checkpoint. Read from its files without JAX: the
+# flags are parsed before the GPUs are chosen and before jax is imported (train.py).
+
+SAVED_ITEM = "metadata"  # the file of an orbax JSON item: <step>/config/metadata
+
+
+def latest_step_dir(path: epath.Path) -> epath.Path | None:
+    """The newest complete checkpoint of a workdir, its checkpoints/ or a step directory
+    (orbax names a save's directory by its step only once it is complete)."""
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name.isdigit() and (path / "config").is_dir():
+        return path
+    steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()
+             and (p / "config" / SAVED_ITEM).exists()] if path.is_dir() else []
+    return path / str(max(steps)) if steps else None
+
+
+def saved_item(step_dir: epath.Path, item: str) -> dict:
+    """A JSON item (config, meta) of a checkpoint, read as a file."""
+    try:
+        return json.loads((step_dir / item / SAVED_ITEM).read_text())
+    except (OSError, ValueError) as error:
+        raise config_lib.ConfigError(f"the {item} of checkpoint {step_dir} cannot be read "
+                                     f"({error}); is it a complete checkpoint?") from error
+
+
+def _missing_base(path: epath.Path, workdir: str | None) -> config_lib.ConfigError:
+    own = latest_step_dir(epath.Path(workdir).expanduser()) if workdir else None
+    base = saved_item(own, "meta").get("base") if own else None
+    if base:  # a LoRA run resuming: its checkpoints are adapters on that base
+        return config_lib.ConfigError(
+            f"no such checkpoint or workdir: {path} (checkpoint.init_from); the LoRA "
+            f"checkpoints of {workdir} hold adapters only, on the base {base['step_dir']}: put "
+            f"the base back there, or set --config.checkpoint.init_from to where it is now.")
+    return config_lib.ConfigError(
+        f"no such checkpoint or workdir: {path}. Set --config.checkpoint.init_from to the "
+        f"base run's workdir or one of its step directories.")
+
+
+def with_base_architecture(values: dict, overridden: set[str], workdir: str | None = None,
+                           log: Callable[[str], None] = print) -> dict:
+    """`values` (a config as nested dicts) with the model group of checkpoint.init_from's
+    run, and its tokenizer kind where the run left data.tokenizer at its default.
+
+    A model field the run sets explicitly and differently is a ConfigError naming it:
+    explicitly means overridden on the command line (`overridden`: 'model.n_layers', ...) or
+    set by the config file to other than the field's default (a file's value that equals
+    the default cannot be told from one it did not set; the base's wins then).
+    """
+    path = epath.Path(values["checkpoint"]["init_from"]).expanduser()
+    path = path if path.is_absolute() else path.resolve()
+    if not path.exists():
+        raise _missing_base(path, workdir)
+    step_dir = latest_step_dir(path)
+    if step_dir is None:
+        raise config_lib.ConfigError(
+            f"no complete checkpoint under {path}; set --config.checkpoint.init_from to a "
+            f"workdir that a run with --workdir has saved into, or one step's directory.")
+    saved = config_lib.upgrade(saved_item(step_dir, "config"))
+    base = dataclasses.asdict(saved.model)
+    defaults = dataclasses.asdict(config_lib.ModelConfig())
+    model = {name: _plain(value) for name, value in values.get("model", {}).items()}
+    conflicts = [f"model.{name}: checkpoint {base[name]!r}, this run {value!r}"
+                 for name, value in model.items() if name in base and value != base[name]
+                 and (f"model.{name}" in overridden or value != defaults[name])]
+    if conflicts:
+        raise config_lib.ConfigError(
+            f"checkpoint.init_from={values['checkpoint']['init_from']} fixes the model "
+            f"architecture, and this run changes it: {'; '.join(conflicts)}. A fine-tuning "
+            f"run keeps its base's shapes: drop those model settings (the base's are used), "
+            f"or leave out checkpoint.init_from to train a new model.")
+    # Fields unknown here stay, so that from_config_dict reports them.
+    values = {**values, "model": {**model, **base}, "data": dict(values.get("data", {}))}
+    data, default = values["data"], config_lib.DataConfig.tokenizer
+    if ("data.tokenizer" not in overridden and data.get("tokenizer", default) == default
+            and data.get("source") != "random"):
+        data["tokenizer"] = saved.data.tokenizer
+    if data.get("tokenizer") == "bpe" == saved.data.tokenizer and workdir and not (
+            epath.Path(workdir).expanduser() / "tokenizer.json").exists():
+        # (data.py would train a new BPE on this run's data, unknown to the base.)
+        raise config_lib.ConfigError(
+            f"the base {step_dir} reads its BPE tokenizer; copy {step_dir.parent.parent}/"
+            f"tokenizer.json into {workdir} so that this run reads it too.")
+    log(f"checkpoint.init_from: the model architecture is that of {step_dir}")
+    return values
+
+
+def _plain(value):
+    """Lists (JSON, ml_collections) as the tuples the dataclasses hold."""
+    return tuple(_plain(v) for v in value) if isinstance(value, list) else value
 
 
 def check_config_file(path: str) -> None:
