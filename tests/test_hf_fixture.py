@@ -5,6 +5,9 @@ and MTP logits transformers computed. Needs neither torch nor transformers."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,9 +62,16 @@ def test_the_mtp_layer_gives_transformers_mtp_logits(imported, reference):
     assert_close_logits(mtp_logits, reference["mtp_logits"])
 
 
-def test_the_fp8_copy_imports_to_the_same_weights(imported, tmp_path):
+def test_the_fp8_copy_imports_to_the_same_weights_and_template_file(imported, tmp_path):
+    # Saved as newer transformers save it: the chat template in chat_template.jinja.
+    shutil.copytree(FIXTURE_FP8, tmp_path / "hf")
+    settings = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    (tmp_path / "hf" / "chat_template.jinja").write_text(settings.pop("chat_template"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(settings))
+    convert.import_dir(tmp_path / "hf", tmp_path / "fp8", tiny_config(), log=lambda _: None)
+    assert (tmp_path / "fp8" / "chat_template.jinja").is_file()
+    assert HFTokenizer(tmp_path / "fp8").chat_template == HFTokenizer(FIXTURE).chat_template
     # The fixture's float32 weights are the FP8 ones dequantized: the same numbers.
-    convert.import_dir(FIXTURE_FP8, tmp_path / "fp8", tiny_config(), log=lambda _: None)
     fp8 = convert.flat_paths(minids_jax.load_params(tmp_path / "fp8"))
     plain = convert.flat_paths(minids_jax.load_params(imported[0]))
     assert fp8.keys() == plain.keys()

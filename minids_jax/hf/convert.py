@@ -31,7 +31,9 @@ from minids_jax.hf.files import TensorFiles, save
 from minids_jax.hf.weights import EXPERTS, Tensor
 from minids_jax.model_config import ModelConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Newer transformers save the chat template as chat_template.jinja, not in tokenizer_config.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 # Tensors some checkpoints carry that are recomputed here.
 RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
 MAX_SHARD_BYTES = 5 << 30  # the hub's usual shard size
