@@ -12,6 +12,8 @@ Dh head width, K latents.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -29,7 +31,7 @@ def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *, kernel: str,
     """softmax(q k^T / sqrt(Dh)) v per head, where mask (True: may attend) and, if is_causal,
     key <= query allow. Query rows that may attend to nothing get exactly zero, not the
     uniform average a fully masked softmax would give (that would leak what they must not see).
-    `kernel`: 'fused' (kernels/attention.py) or 'dot_product_attention'."""
+    `kernel`: 'fused' (kernels/attention.py), 'dot_product_attention' (XLA's) or 'cudnn'."""
     if kernel == "fused":
         if mask_BxQxS is None and is_causal:
             return attention_kernels.causal_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh)
@@ -45,9 +47,15 @@ def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *, kernel: str,
     value_dims, key_dims = v_BxSxHxDh.shape[-1], k_BxSxHxDh.shape[-1]
     if value_dims < key_dims:
         v_BxSxHxDh = jnp.pad(v_BxSxHxDh, [(0, 0)] * 3 + [(0, key_dims - value_dims)])
-    attended_BxQxHxDh = jax.nn.dot_product_attention(
-        q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask=mask_Bx1xQxS,
-        is_causal=is_causal)[..., :value_dims]
+    attend = functools.partial(jax.nn.dot_product_attention, q_BxQxHxDh, k_BxSxHxDh,
+                               v_BxSxHxDh, mask=mask_Bx1xQxS, is_causal=is_causal)
+    try:  # jax picks XLA's kernel unless told; cuDNN's refuses some shapes and dtypes
+        attended_BxQxHxDh = attend(implementation="cudnn" if kernel == "cudnn" else None)
+    except (ValueError, NotImplementedError, TypeError, RuntimeError) as error:
+        logging.warning("cuDNN attention refused %s (%s): XLA's attention instead",
+                        q_BxQxHxDh.shape, error)
+        attended_BxQxHxDh = attend()
+    attended_BxQxHxDh = attended_BxQxHxDh[..., :value_dims]
     if mask_BxQxS is not None:
         sees_any_BxQx1x1 = jnp.any(mask_BxQxS, axis=-1)[:, :, None, None]
         attended_BxQxHxDh = jnp.where(sees_any_BxQx1x1, attended_BxQxHxDh, 0)
@@ -82,7 +90,7 @@ class AttentionProjections(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, compute: ComputeConfig, *, rngs: nnx.Rngs):
         self.cfg, self.kernel = cfg, compute.attention_kernel
-        if self.kernel not in ("fused", "dot_product_attention"):
+        if self.kernel not in ("fused", "dot_product_attention", "cudnn"):
             raise ValueError(f"compute.attention_kernel={self.kernel!r}: resolve it for a "
                              f"platform first (minids_jax.kernels.resolve).")
         self.rope, self.query_scale = Rope.of(cfg, cfg.head_dim), softmax_mscale(cfg)

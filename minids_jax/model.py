@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax import kernels
+from minids_jax import kernels, layer_scan
 from minids_jax.attention import MHA
 from minids_jax.config import ComputeConfig, ModelConfig
 from minids_jax.layers import MLP, RMSNorm, linear
@@ -117,16 +117,19 @@ class MiniDeepSeek(nnx.Module):
             positions_BxL = jnp.broadcast_to(start + jnp.arange(tokens_BxL.shape[1]),
                                              tokens_BxL.shape)
         x_BxLxD = self.embed(tokens_BxL)
+        if cache is None:  # a whole sequence: scanned and rematerialized as compute says
+            x_BxLxD, all_stats = layer_scan.apply_blocks(
+                self.blocks, x_BxLxD, positions_BxL, period=len(self.cfg.attn_pattern),
+                scan=self.compute.scan_layers, remat=self.compute.remat,
+                moe_dispatch=moe_dispatch)
+            return x_BxLxD, moe_aux(all_stats), None
         all_stats: list[MoEStats] = []
-        new_cache = None if cache is None else []
+        new_cache = []
         for i, block in enumerate(self.blocks):
-            x_BxLxD, stats, layer_cache = block(x_BxLxD, positions_BxL,
-                                                None if cache is None else cache[i],
-                                                moe_dispatch)
+            x_BxLxD, stats, layer_cache = block(x_BxLxD, positions_BxL, cache[i], moe_dispatch)
             if stats is not None:
                 all_stats.append(stats)
-            if cache is not None:
-                new_cache.append(layer_cache)
+            new_cache.append(layer_cache)
         return x_BxLxD, moe_aux(all_stats), new_cache
 
 

@@ -11,7 +11,7 @@ import logging
 from minids_jax.config_schema import QUIET, Group, check, option
 from minids_jax.model_config import DTYPES
 
-ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention")
+ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention", "cudnn")
 MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "muon")
 SCHEDULES = ("linear", "cosine", "wsd")
@@ -25,8 +25,9 @@ class ComputeConfig(Group):
     NAME = "compute"
     dtype: str = option("float32", "compute dtype; bfloat16 on GPUs", choices=DTYPES)
     attention_kernel: str = option(
-        "auto", "auto (fused on CPU, dot_product_attention elsewhere) | fused | "
-        "dot_product_attention (cuDNN's flash kernel on GPU)", QUIET, choices=ATTENTION_KERNELS)
+        "auto", "auto (fused on CPU; cudnn on GPU in bfloat16/float16; else "
+        "dot_product_attention) | fused | dot_product_attention (XLA's) | cudnn (cuDNN's "
+        "flash kernel, GPU only)", QUIET, choices=ATTENTION_KERNELS)
     moe_dispatch: str = option(
         "dropless", "dropless (exact: blocked on CPU, ragged elsewhere) | ragged | blocked | "
         "capacity (drops overflow) | dense", choices=MOE_DISPATCHES)

@@ -87,3 +87,14 @@ def test_attention_kernels_agree(cls):
     (fused_value, fused_grad), (dpa_value, dpa_grad) = run("fused"), run("dot_product_attention")
     np.testing.assert_allclose(fused_value, dpa_value, rtol=1e-5)
     np.testing.assert_allclose(fused_grad, dpa_grad, atol=1e-5)
+
+
+def test_cudnn_attention_that_cannot_run_falls_back_to_xla_with_a_warning(caplog):
+    from minids_jax.attention import multi_head_attention
+
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 5, 2, 8))
+    with caplog.at_level("WARNING"):  # no cuDNN on a CPU
+        attended = multi_head_attention(q, k, v, kernel="cudnn", is_causal=True)
+    assert "XLA's attention instead" in caplog.text
+    np.testing.assert_array_equal(attended, multi_head_attention(
+        q, k, v, kernel="dot_product_attention", is_causal=True))

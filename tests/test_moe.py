@@ -62,6 +62,9 @@ def test_platform_names_resolve_once_into_concrete_kernels():
 
     assert resolved("cpu") == ("fused", "blocked")
     assert resolved("gpu") == resolved("tpu") == ("dot_product_attention", "ragged")
+    # cuDNN's flash attention takes half precision only; jax would pick XLA's unless told
+    assert resolved("gpu", dtype="bfloat16") == ("cudnn", "ragged")
+    assert resolved("tpu", dtype="bfloat16") == ("dot_product_attention", "ragged")
     assert resolved("cpu", moe_dispatch="capacity", attention_kernel="dot_product_attention") == (
         "dot_product_attention", "capacity")
     with pytest.raises(ValueError, match="resolve it"):  # a model never guesses the platform

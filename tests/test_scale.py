@@ -28,8 +28,7 @@ def assert_trees_close(a, b, rtol, atol=0.0):
                                    rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("model", [{}, DEEPSEEK_V3_LIKE], ids=["original", "deepseek_v3_like"])
-def test_four_microbatches_give_the_full_batch_update(model):
+def test_four_microbatches_give_the_full_batch_update(model=DEEPSEEK_V3_LIKE):
     # Balancing losses are statistics of each microbatch (not additive): off here. With a
     # large epsilon, Adam's first update is lr * g / (|g| + 1): about linear in the gradient.
     groups = dict(model=model, train=dict(batch_size=8, aux_loss_coef=0.0),
@@ -57,3 +56,75 @@ def test_a_batch_that_does_not_split_into_the_microbatches_is_a_config_error():
     config = tiny_config(train=dict(batch_size=6, grad_accum_steps=4))
     with pytest.raises(ConfigError, match="grad_accum_steps=4"):
         trainer.Trainer(config)
+
+
+PATTERNS = {  # layer patterns, each with a run of units that scans
+    "original": dict(n_layers=4, attn_pattern=("mha", "mhla")),
+    "mla_dense_first": dict(n_layers=4, attn_pattern=("mla",), first_k_dense=1),
+    "three_kinds_mtp": dict(n_layers=7, attn_pattern=("mha", "mhla", "mla"), first_k_dense=1,
+                            mtp_depth=1, router_scoring="sigmoid", n_shared_experts=1),
+}
+
+
+def loss_and_grads(model_cfg, **compute):
+    from flax import nnx
+
+    from minids_jax import MiniDeepSeek
+    from minids_jax import loss as loss_lib
+    from tests.factories import compute_config
+
+    model = MiniDeepSeek(model_cfg, compute_config(**compute), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, model_cfg.vocab_size)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((2, 16))}
+
+    def loss(model):
+        return loss_lib.total_loss(model, batch, 16, 0.01, 0.0, 0.3)[0]
+
+    jaxpr = str(jax.make_jaxpr(lambda m: nnx.grad(loss)(m))(model))
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+    return value, nnx.to_pure_dict(grads), jaxpr
+
+
+# Each case: a layer pattern, scanned (with a remat policy) against the plain loop; together
+# they cover every attention kind, a dense first layer, MTP and each policy.
+CASES = {"three_kinds_mtp": "none", "original": "full", "mla_dense_first": "save_dots"}
+
+
+@pytest.mark.parametrize("pattern,remat", CASES.items())
+def test_scanned_and_rematerialized_layers_give_the_plain_loss_and_gradients(pattern, remat):
+    from tests.factories import small_model_config
+
+    model_cfg = small_model_config(**PATTERNS[pattern])
+    loop_loss, loop_grads, loop_jaxpr = loss_and_grads(model_cfg, scan_layers=False)
+    loss, grads, jaxpr = loss_and_grads(model_cfg, scan_layers=True, remat=remat)
+    # Each repeating unit is traced once, not once per repeat: a shorter program (remat
+    # traces its recomputation too).
+    assert remat != "none" or len(jaxpr) < 0.8 * len(loop_jaxpr)
+    assert (" remat" in jaxpr) == (remat != "none") and " remat" not in loop_jaxpr
+    np.testing.assert_allclose(loss, loop_loss, rtol=1e-6)
+    assert_trees_close(grads, loop_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_training_follows_float32():
+    """Compute in bfloat16 (params, optimizer state, softmaxes, router and loss in float32):
+    the loss curve of a short run stays close to float32's and falls as far."""
+    from minids_jax import data
+
+    pattern = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], np.int32)
+
+    class Repeating:
+        def batch(self, step, batch_size, rows=slice(None), split="train"):
+            starts = np.random.default_rng(step).integers(0, len(pattern), batch_size)
+            windows = np.stack([np.resize(np.roll(pattern, -s), 17) for s in starts])
+            return data.as_batch(windows[rows])
+
+    curves = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config(compute=dict(dtype=dtype), train=dict(log_every=1),
+                             optim=dict(lr=1e-2, warmup_steps=2, total_steps=12))
+        with trainer.Trainer(config) as run:
+            run.source = Repeating()
+            curves[dtype] = np.array([h["loss"] for h in run.train() if "loss" in h])
+            assert run.state.model["head"]["kernel"][...].dtype == np.float32
+    assert curves["float32"][-1] < curves["float32"][0] - 1.0  # it learns
+    np.testing.assert_allclose(curves["bfloat16"], curves["float32"], atol=0.1)

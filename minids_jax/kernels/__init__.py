@@ -14,7 +14,8 @@ import jax
 from minids_jax.config import ComputeConfig
 
 # The fastest exact kernel per platform (docs/performance.md has the measurements).
-AUTO_ATTENTION = {"cpu": "fused"}  # elsewhere: dot_product_attention (cuDNN on GPU)
+AUTO_ATTENTION = {"cpu": "fused"}  # elsewhere: dot_product_attention (XLA's) or cudnn
+HALF_DTYPES = ("bfloat16", "float16")  # what cuDNN's flash attention takes
 DROPLESS_DISPATCH = {"cpu": "blocked"}  # elsewhere: ragged (jax.lax.ragged_dot)
 
 
@@ -32,7 +33,8 @@ def resolve(compute: ComputeConfig, platform: str) -> ComputeConfig:
     """`compute` with `auto` and `dropless` replaced by the kernels for `platform`."""
     attention = compute.attention_kernel
     if attention == "auto":
-        attention = AUTO_ATTENTION.get(platform, "dot_product_attention")
+        half = platform == "gpu" and compute.dtype in HALF_DTYPES
+        attention = AUTO_ATTENTION.get(platform, "cudnn" if half else "dot_product_attention")
     dispatch = compute.moe_dispatch
     if dispatch == "dropless":
         dispatch = exact_dispatch(platform)

@@ -1,0 +1,81 @@
+"""Training at scale: compile time against depth, memory per remat policy, accumulation.
+
+    python benchmarks/scale.py --what depth --config configs/tiny.py --depths 2,8,32
+    python benchmarks/scale.py --what remat --config configs/mini.py --steps 2
+    python benchmarks/scale.py --what accum --config configs/v3_tiny.py --accum 1,2,4
+
+depth: the train step's compile time (tracing, lowering and XLA) at each depth, with
+compute.scan_layers on and off. remat: for each compute.remat policy, XLA's memory analysis of
+the compiled step (temporaries: the activations kept for the backward pass, and the stacked
+weights of scanned layers) and the step time. accum: the same global batch in 1, 2, 4
+microbatches: temporaries and step time. Every figure comes from one process, side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import CompiledStepTimer, describe  # noqa: E402  (benchmarks/timing.py)
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+_WHAT = flags.DEFINE_enum("what", "depth", ["depth", "remat", "accum"], "What to measure.")
+_DEPTHS = flags.DEFINE_list("depths", ["2", "8", "32"], "depth: layer counts.")
+_ACCUM = flags.DEFINE_list("accum", ["1", "2", "4"], "accum: microbatches per step.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after two warm-up steps); 0: compile "
+                              "only.")
+
+
+def _measure(config, steps: int) -> dict:
+    from minids_jax import trainer
+
+    with trainer.Trainer(config) as run:
+        timer = CompiledStepTimer(run)
+        memory = timer.compiled.memory_analysis()
+        step_s = timer.time(steps) if steps else float("nan")
+    return {"compile_s": timer.compile_s, "step_s": step_s,
+            "temp_mb": memory.temp_size_in_bytes / 2**20 if memory else float("nan"),
+            "args_mb": memory.argument_size_in_bytes / 2**20 if memory else float("nan")}
+
+
+def _with(config, group: str, **fields):
+    return dataclasses.replace(config, **{group: dataclasses.replace(getattr(config, group),
+                                                                      **fields)})
+
+
+def main(argv):
+    del argv
+    from minids_jax import config as config_lib
+
+    base = config_lib.from_config_dict(_CONFIG.value)
+    base = _with(base, "data", source="random", path="")
+    print(describe(base))
+    if _WHAT.value == "depth":
+        print(f"{'layers':>6} {'scan':>5} {'compile s':>10}")
+        for depth in map(int, _DEPTHS.value):
+            config = _with(base, "model", n_layers=depth,
+                           first_k_dense=min(base.model.first_k_dense, depth - 1))
+            for scan in (True, False):
+                figures = _measure(_with(config, "compute", scan_layers=scan), steps=0)
+                print(f"{depth:>6} {str(scan):>5} {figures['compile_s']:>10.1f}", flush=True)
+        return
+    if _WHAT.value == "remat":
+        variants = [("compute.remat", policy, _with(base, "compute", remat=policy))
+                    for policy in ("none", "full", "save_dots")]
+    else:
+        variants = [("train.grad_accum_steps", a, _with(base, "train", grad_accum_steps=a))
+                    for a in map(int, _ACCUM.value)]
+    print(f"{variants[0][0]:>22} {'temp MiB':>9} {'args MiB':>9} {'step s':>8} {'compile s':>10}")
+    for _, value, config in variants:
+        f = _measure(config, _STEPS.value)
+        print(f"{value!s:>22} {f['temp_mb']:>9.1f} {f['args_mb']:>9.1f} {f['step_s']:>8.3f} "
+              f"{f['compile_s']:>10.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

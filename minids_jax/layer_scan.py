@@ -1,0 +1,96 @@
+"""The blocks of a whole-sequence forward: scanned where they repeat, rematerialized per block.
+
+Layer i's kind follows `attn_pattern[i % P]` and whether it is one of the `first_k_dense`, so
+the stack repeats a unit of P blocks. `compute.scan_layers` runs each run of identical units
+as one `lax.scan` over their weights, stacked as the scan reads them: XLA compiles the unit
+once, whatever the depth. The parameters stay one module per layer, so checkpoints, LoRA
+targets and the Hugging Face names do not depend on the choice; the price is a stacked copy
+of the scanned layers' weights (and of their gradients) while the step runs
+(docs/performance.md measures it). `compute.remat` recomputes each block's activations in the
+backward pass instead of keeping them (jax.checkpoint with the chosen policy).
+
+Shapes: B batch, L length, D model width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+REMAT_POLICIES = {
+    "full": None,  # keep only each block's input
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep x @ W
+}
+
+
+def runs(blocks: Sequence[nnx.Module], period: int, scan: bool) -> list[tuple[int, int, int]]:
+    """(first layer, repeats, unit length) covering the blocks in order: runs of at least two
+    identical units of `period` blocks, the rest one block at a time."""
+    graphdefs = [nnx.graphdef(block) for block in blocks]
+    found, i = [], 0
+    while i < len(blocks):
+        repeats = 1
+        unit = graphdefs[i:i + period]
+        while scan and len(unit) == period and \
+                graphdefs[i + repeats * period:i + (repeats + 1) * period] == unit:
+            repeats += 1
+        if repeats >= 2:
+            found.append((i, repeats, period))
+            i += repeats * period
+        else:
+            found.append((i, 1, 1))
+            i += 1
+    return found
+
+
+def _split(block) -> tuple[Callable, list]:
+    """(rebuild, leaves): the block's state as a list of arrays, and the function that makes
+    the block again from such a list (a scan's slice of the stacked leaves)."""
+    graphdef, state = nnx.split(block)
+    leaves, treedef = jax.tree.flatten(state)
+    return lambda new_leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, new_leaves)), leaves
+
+
+def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch) -> Callable:
+    """(x, the block's leaves) -> (x, MoEStats or None), rematerialized if asked."""
+    def apply(x_BxLxD, leaves):
+        x_BxLxD, stats, _ = rebuild(leaves)(x_BxLxD, positions_BxL, None, moe_dispatch)
+        return x_BxLxD, stats
+
+    if remat == "none":
+        return apply
+    return jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
+
+
+def apply_blocks(blocks: Sequence[nnx.Module], x_BxLxD, positions_BxL, *, period: int,
+                 scan: bool, remat: str, moe_dispatch=None):
+    """x after every block, and the MoE layers' statistics in layer order."""
+    all_stats = []
+    for first, repeats, length in runs(blocks, period, scan):
+        unit = [_split(block) for block in blocks[first:first + length]]
+        fns = [_block_fn(rebuild, remat, positions_BxL, moe_dispatch) for rebuild, _ in unit]
+        if repeats == 1:
+            x_BxLxD, stats = fns[0](x_BxLxD, unit[0][1])
+            all_stats += [stats] if stats is not None else []
+            continue
+        # Leaves of the unit's j-th block in every repeat, stacked on a leading axis.
+        stacked = [[jnp.stack(leaves) for leaves in zip(*[
+            _split(blocks[first + r * length + j])[1] for r in range(repeats)])]
+            for j in range(length)]
+
+        def unit_step(x_BxLxD, unit_leaves):
+            unit_stats = []
+            for fn, leaves in zip(fns, unit_leaves):
+                x_BxLxD, stats = fn(x_BxLxD, leaves)
+                unit_stats.append(stats)
+            return x_BxLxD, unit_stats
+
+        x_BxLxD, stats_by_position = jax.lax.scan(unit_step, x_BxLxD, stacked)
+        for r in range(repeats):
+            for stats in stats_by_position:
+                if stats is not None:
+                    all_stats.append(jax.tree.map(lambda a, r=r: a[r], stats))
+    return x_BxLxD, all_stats
