@@ -213,7 +213,8 @@ def test_flops_agree_with_the_compiler_count(overrides):
     cfg = flops_model_config(**overrides)
     if cfg.n_experts > 1:  # the dense dispatch runs all experts for every token
         cfg = flops_model_config(**{**overrides, "top_k": cfg.n_experts, "topk_group": cfg.n_group})
-    dense = compute_config(moe_dispatch="dense")  # every expert = the active one here
+    # Every expert = the active one here; and layers unscanned, since XLA counts a loop's body once.
+    dense = compute_config(moe_dispatch="dense", scan_layers=False)
     graphdef, state = nnx.split(MiniDeepSeek(cfg, dense, rngs=nnx.Rngs(0)))
     forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
     tokens = jnp.zeros((1, cfg.max_seq_len), jnp.int32)
