@@ -8,6 +8,11 @@ A run's checkpoints live in `<workdir>/checkpoints/<step>/`, one orbax item per 
   meta/       step, seed, loss, device count and mesh at save time, library versions, and
               a checksum of every array of model/ and optimizer/ (integrity.py) (JSON)
 
+A LoRA run started from a base (`checkpoint.init_from`) saves in model/ only what trains (the
+adapters, and the norm gains with lora.train_norms): meta/ then holds `base`, the base's
+absolute step directory and a digest of its arrays' checksums, and every restore reads the
+rest of the model from there (lora.locate_base).
+
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so only
 whole checkpoints count; every restore and `load` also checks the arrays against their
 checksums, so a damaged file is an error, not wrong weights. Restoring builds a target of
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -28,6 +34,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minids_jax import config as config_lib
 from minids_jax import integrity, kernels, sharding
@@ -121,15 +128,48 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Pat
     return path, step
 
 
-def read_config(path: str | os.PathLike, step: int | None = None) -> Config:
-    """The full config saved with a checkpoint (see `resolve` for `path` and `step`)."""
+def _read_json(item: str, path, step: int | None = None, manager=None) -> dict:
     directory, step = resolve(path, step)
     try:
-        with read_only_manager(directory) as manager:
-            restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        with contextlib.ExitStack() as stack:
+            if manager is None:
+                manager = stack.enter_context(read_only_manager(directory))
+            restored = manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.JsonRestore()}))
     except Exception as error:  # orbax and tensorstore raise many kinds
         raise unreadable(directory / str(step), error) from error
-    return config_lib.upgrade(restored["config"])
+    return restored[item]
+
+
+def read_config(path: str | os.PathLike, step: int | None = None) -> Config:
+    """The full config saved with a checkpoint (see `resolve` for `path` and `step`)."""
+    return config_lib.upgrade(_read_json("config", path, step))
+
+
+def read_meta(path: str | os.PathLike, step: int | None = None, manager=None) -> dict:
+    """A checkpoint's metadata: step, loss, checksums, `base` (adapters-only checkpoints)."""
+    return _read_json("meta", path, step, manager)
+
+
+def library_versions() -> dict[str, str]:
+    import flax
+    import optax
+
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+            "orbax_checkpoint": ocp.__version__}
+
+
+def make_meta(config: Config, step: int, loss: float | None, base: dict | None = None,
+              **items) -> dict:
+    """A checkpoint's meta item: step, seed, loss, devices and mesh, library versions, time,
+    the checksums of the arrays of `items` (pure-dict trees), and `base` if it has one."""
+    mesh = getattr(jax.tree.leaves(items)[0].sharding, "mesh", None)
+    return dict(step=step, seed=config.train.seed, loss=loss,
+                process_count=jax.process_count(), device_count=jax.device_count(),
+                mesh={name: int(size) for name, size in getattr(mesh, "shape", {}).items()},
+                versions=library_versions(), time=time.time(),
+                checksums={name: integrity.checksums(tree) for name, tree in items.items()},
+                **({"base": base} if base else {}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +193,13 @@ def load_params(path: str | os.PathLike, step: int | None = None) -> dict[str, A
     except Exception as error:  # orbax and tensorstore raise many kinds
         raise unreadable(directory / str(step), error) from error
     verify(directory / str(step), restored["meta"], model=restored["model"])
-    return restored["model"]
+    base = restored["meta"].get("base")
+    if base is None:
+        return restored["model"]
+    from minids_jax import lora
+
+    flat = flatten_dict(load_params(*lora.locate_base(base, directory / str(step))))
+    return unflatten_dict({**flat, **flatten_dict(restored["model"])})  # adapters on the base
 
 
 def load(path: str | os.PathLike, step: int | None = None, *,
@@ -182,7 +228,16 @@ def load(path: str | os.PathLike, step: int | None = None, *,
 
     with nnx.logical_axis_rules(config.mesh.axis_rules):
         graphdef, abstract_state = nnx.get_abstract_model(build, mesh)
-    restored = restore_items(directory, step, model=nnx.to_pure_dict(abstract_state))
+    target = nnx.to_pure_dict(abstract_state)
+    base = read_meta(directory, step).get("base")
+    if base is not None:  # adapters only: the rest from the base
+        from minids_jax import lora
+
+        restored = restore_items(*lora.locate_base(base, directory / str(step)),
+                                 model=lora.without_adapters(target))
+        target = nnx.to_pure_dict(nnx.filter_state(abstract_state, lora.trainable(config.lora)))
+        nnx.replace_by_pure_dict(abstract_state, restored["model"])
+    restored = restore_items(directory, step, model=target)
     nnx.replace_by_pure_dict(abstract_state, restored["model"])
     return nnx.merge(graphdef, abstract_state), config
 

@@ -4,6 +4,9 @@ Batches are a pure function of (train.seed, step) and the model holds no RNG str
 initialization, so a checkpoint's items (checkpoint.py) are everything a run needs to continue
 exactly. Saves are asynchronous: `save` returns once the arrays are copied off the
 accelerator. Use it as a context manager, so pending saves finish on every way out.
+
+A LoRA run started from a base saves only what trains, with a reference to the base
+(lora.base_reference); resuming restores the base from there first, then the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from flax import nnx
 
 from minids_jax import checkpoint as ckpt
 from minids_jax import config as config_lib
-from minids_jax import integrity, lora
+from minids_jax import lora
 from minids_jax.checkpoint import CheckpointError, UnreadableCheckpointError
 from minids_jax.config import Config, ConfigError
 from minids_jax.errors import UserError
@@ -33,25 +36,6 @@ def _write_atomically(path: epath.Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _library_versions() -> dict[str, str]:
-    import flax
-    import optax
-
-    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "orbax_checkpoint": ocp.__version__}
-
-
-def _meta(config: Config, step: int, loss: float | None, **items) -> dict:
-    """A checkpoint's meta item: step, seed, loss, devices and mesh, library versions, time,
-    and the checksums of the arrays of `items` (pure-dict trees)."""
-    mesh = getattr(jax.tree.leaves(items)[0].sharding, "mesh", None)
-    return dict(step=step, seed=config.train.seed, loss=loss,
-                process_count=jax.process_count(), device_count=jax.device_count(),
-                mesh={name: int(size) for name, size in getattr(mesh, "shape", {}).items()},
-                versions=_library_versions(), time=time.time(),
-                checksums={name: integrity.checksums(tree) for name, tree in items.items()})
 
 
 def _sync(name: str) -> None:
@@ -76,6 +60,7 @@ class Checkpointer:
         self.last_saved_step: int | None = None  # the newest save started (or restored)
         self.verified_step: int | None = None  # restored, and matched its checksums
         self._pending: int | None = None  # the step an asynchronous save is writing
+        self.base: dict | None = None  # what adapters-only saves refer to (base_reference)
         self._manager = None
 
     @property
@@ -135,16 +120,25 @@ class Checkpointer:
             _write_atomically(self.workdir / "config.json", self.config.to_json())
         return step
 
+    def _saved(self, state: TrainState, base: dict | None, step: int | None = None) -> dict:
+        """The pure-dict trees a checkpoint (of `step`) holds of `state`: with a base, of the
+        model only what trains (lora.trainable); at step 0 written without optimizer state
+        (`save_model`: an imported model), the model only."""
+        model = (nnx.filter_state(state.model, lora.trainable(self.config.lora)) if base
+                 else state.model)
+        trees = {"model": nnx.to_pure_dict(model)}
+        if step != 0 or (self.step_dir(step) / "optimizer").exists():
+            trees["optimizer"] = nnx.to_pure_dict(state.optimizer)
+        return trees
+
     def _resume(self, state: TrainState) -> int:
-        targets = None
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                self._check_config(step)
-                if targets is None:  # only once the config fits
-                    targets = {name: ckpt.restore_target(nnx.to_pure_dict(part))
-                               for name, part in state._asdict().items()}
-                restored = ckpt.restore_items(self.directory, step, self.manager,
-                                              **self._present(targets, step))
+                self._check_config(step)  # before anything is restored
+                base = ckpt.read_meta(self.directory, step, self.manager).get("base")
+                targets = {name: ckpt.restore_target(tree)
+                           for name, tree in self._saved(state, base, step).items()}
+                restored = ckpt.restore_items(self.directory, step, self.manager, **targets)
                 break
             except UnreadableCheckpointError as error:
                 if not self.cfg.fallback:
@@ -163,6 +157,14 @@ class Checkpointer:
                 f"the checkpoint {self.step_dir(step)} is at step {step}, past "
                 f"optim.total_steps={total}; raise --config.optim.total_steps above {step} to "
                 f"train further, or use a new --workdir to start again.")
+        if base is not None:  # first the base, then what trains on it
+            directory, base_step = lora.locate_base(base, self.step_dir(step), self.cfg.init_from)
+            self._restore_base(state, (directory, base_step))
+            base_dir = directory / str(base_step)
+            if str(base_dir) != base["step_dir"]:
+                self.log(f"the base of these adapters is now {base_dir} (it was "
+                         f"{base['step_dir']}); later checkpoints refer to it there")
+            self.base = dict(base, step_dir=str(base_dir))
         for name, part in state._asdict().items():
             if name in restored:
                 nnx.replace_by_pure_dict(part, restored[name])  # in place
@@ -177,13 +179,6 @@ class Checkpointer:
                      f"it), so its arrays could not be verified.")
         self.log(f"resumed from {self.step_dir(step)} at step {step}")
         return step
-
-    def _present(self, targets: dict, step: int) -> dict:
-        """The items of `targets` to restore: all, except that a checkpoint of step 0 written
-        without optimizer state (`save_model`: an imported model) has only the model."""
-        if step == 0 and not (self.step_dir(step) / "optimizer").exists():
-            return {name: target for name, target in targets.items() if name != "optimizer"}
-        return targets
 
     def _check_config(self, step: int) -> None:
         saved = ckpt.read_config(self.directory, step)
@@ -218,15 +213,24 @@ class Checkpointer:
                                        f"checkpoint.init_from={self.cfg.init_from}",
                                        "Set the model fields to the checkpoint's values.",
                                        groups=("model",))
-        base = lora.without_adapters(nnx.to_pure_dict(state.model))
         if saved.lora.rank:  # a LoRA run's model: its adapters merged into the base
             raise CheckpointError(
                 f"checkpoint.init_from={self.cfg.init_from} is a LoRA run; export it merged "
                 f"(python -m minids_jax.hf export) and import that, or resume it instead.")
-        restored = ckpt.restore_items(directory, step, model=ckpt.restore_target(base))
-        nnx.replace_by_pure_dict(state.model, restored["model"])  # in place
+        meta = self._restore_base(state, (directory, step))
+        if self.config.lora.rank:
+            self.base = lora.base_reference(directory / str(step), meta)
         self.log(f"initialized the parameters from {directory / str(step)} (step {step}); "
-                 f"the optimizer starts fresh at step 0")
+                 f"the optimizer starts fresh at step 0"
+                 f"{'; checkpoints hold the adapters only' if self.base else ''}")
+
+    def _restore_base(self, state: TrainState, where: tuple[epath.Path, int]):
+        """Restores the base model (all but the adapters) of checkpoint `where` into `state`,
+        in place; returns its metadata."""
+        base = lora.without_adapters(nnx.to_pure_dict(state.model))
+        restored = ckpt.restore_items(*where, model=ckpt.restore_target(base))
+        nnx.replace_by_pure_dict(state.model, restored["model"])
+        return restored["meta"]
 
     def latest_description(self) -> str:
         """What the newest checkpoint is known to be, for messages about stopping."""
@@ -244,11 +248,12 @@ class Checkpointer:
         if self.manager is None or step == self.last_saved_step:
             return
         self.wait()  # orbax's save would wait for the previous one too; this names its step
-        model, optimizer = nnx.to_pure_dict(state.model), nnx.to_pure_dict(state.optimizer)
-        meta = _meta(self.config, step, loss, model=model, optimizer=optimizer)
+        trees = self._saved(state, self.base)
+        meta = ckpt.make_meta(self.config, step, loss, self.base, **trees)
         try:
             self.manager.save(step, force=True, args=ocp.args.Composite(
-                model=ocp.args.StandardSave(model), optimizer=ocp.args.StandardSave(optimizer),
+                model=ocp.args.StandardSave(trees["model"]),
+                optimizer=ocp.args.StandardSave(trees["optimizer"]),
                 config=ocp.args.JsonSave(json.loads(self.config.to_json())),
                 meta=ocp.args.JsonSave(meta)))
         except Exception as error:  # orbax, tensorstore and the OS raise many kinds
@@ -315,7 +320,7 @@ def save_model(workdir, config: Config, model: dict, **meta) -> None:
         if manager.all_steps():
             raise CheckpointError(f"{directory} already holds checkpoints; import into a new "
                                   f"workdir.")
-        meta = {**_meta(config, 0, None, model=model), **meta}
+        meta = {**ckpt.make_meta(config, 0, None, model=model), **meta}
         manager.save(0, args=ocp.args.Composite(
             model=ocp.args.StandardSave(model),
             config=ocp.args.JsonSave(json.loads(config.to_json())), meta=ocp.args.JsonSave(meta)))

@@ -14,6 +14,8 @@ arrays never leave their devices.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import jax
@@ -78,3 +80,12 @@ def mismatches(tree: Any, expected: dict[str, str]) -> list[str]:
     actual = checksums(tree)
     return sorted(key for key in set(actual) | set(expected)
                   if actual.get(key) != expected.get(key))
+
+
+def digest(sums: dict[str, str] | None) -> str | None:
+    """One short identity of a tree from its saved `checksums` (None without them): what a
+    LoRA checkpoint records of the base its adapters were trained on."""
+    if sums is None:
+        return None
+    text = json.dumps(sums, sort_keys=True).encode()
+    return hashlib.sha256(text).hexdigest()[:16]

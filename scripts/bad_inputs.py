@@ -115,6 +115,17 @@ def path_and_data_cases(c: Cases) -> None:
     c.path("bad.jsonl").write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": \n')
     c.train("malformed jsonl", "--config.data.source=jsonl",
             f"--config.data.path={c.path('bad.jsonl')}")
+    chat = {"not a list": {"messages": "Hi"},
+            "an unknown role": {"messages": [{"role": "human", "content": "Hi"}]},
+            "a turn without its text": {"conversations": [{"from": "human"}]},
+            "no assistant turn": {"messages": [{"role": "user", "content": "Hi"}]},
+            "a system turn in the middle": {"messages": [
+                {"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."},
+                {"role": "assistant", "content": "Hello"}]}}
+    for what, record in chat.items():
+        c.path("chat.jsonl").write_text(json.dumps(record) + "\n")
+        c.train(f"chat records: {what}", "--config.data.source=jsonl",
+                f"--config.data.path={c.path('chat.jsonl')}")
     c.train("a tokens directory without token files", "--config.data.source=tokens",
             f"--config.data.path={c.path('empty_dir')}")
     c.run("prepare: --out is a file", [sys.executable, "-m", "minids_jax.prepare", "--config",
@@ -142,6 +153,21 @@ def checkpoint_cases(c: Cases) -> None:
             f"--config.checkpoint.init_from={c.path('nothing')}", config=config)
     c.train("init_from with another architecture", "--workdir", str(c.path("new2")),
             f"--config.checkpoint.init_from={run}", config=c.config(model=dict(n_layers=2)))
+    c.train("init_from and a model override", "--workdir", str(c.path("new3")),
+            f"--config.checkpoint.init_from={run}", "--config.model.n_heads=4", config=config)
+    finetune = "configs/finetune.py"
+    c.train("finetune config without init_from and data.path", "--workdir",
+            str(c.path("ft")), config=finetune)
+    c.train("finetune config without data.path", "--workdir", str(c.path("ft")),
+            f"--config.checkpoint.init_from={run}", config=finetune)
+    base, lora = copy("base"), ["--config.lora.rank=2", "--workdir", str(c.path("lora"))]
+    c.train("(a LoRA run on a base, to move below)", *lora,
+            f"--config.checkpoint.init_from={base}", config=config)
+    base.rename(c.path("base_moved"))
+    c.train("a LoRA run whose base moved: resume", *lora, "--config.optim.total_steps=9",
+            f"--config.checkpoint.init_from={base}", config=config)
+    c.run("a LoRA run whose base moved: generate", [
+        sys.executable, "generate.py", "--workdir", str(c.path("lora")), "--max_new_tokens", "4"])
     for name, damage in (("truncated", truncate), ("scribbled", scribble)):
         damaged = copy(name)
         damage(damaged / "checkpoints" / "6")

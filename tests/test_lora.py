@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -88,37 +89,90 @@ def test_a_rank_above_a_projection_is_refused_by_name():
         adapted(rank=20)
 
 
-def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path):
+def saved_tree(step_dir) -> set[tuple[str, ...]]:
+    """The paths of the arrays a checkpoint's model item holds, as written."""
+    import orbax.checkpoint as ocp
+
+    return set(convert.flat_paths(ocp.PyTreeCheckpointHandler().metadata(
+        step_dir / "model").tree))
+
+
+def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path, compile_cache):
     # A small instruction set: the byte tokenizer's vocabulary, and room for the prompt.
     records = [{"instruction": "Reverse the word.", "input": word, "output": word[::-1]}
                for word in ("stone", "river", "cloud", "tiger") * 8]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     config = tiny_config(model=dict(SMALL, mtp_depth=0, vocab_size=259, max_seq_len=80),
-                         optim=dict(total_steps=8, lr=1e-2), checkpoint=dict(every=8),
+                         optim=dict(total_steps=8, lr=1e-2), checkpoint=dict(every=4),
                          data=dict(source="jsonl", path=str(tmp_path / "data.jsonl")))
     state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, rngs=nnx.Rngs(3))))
     checkpointer.save_model(tmp_path / "base", config, state)
     tuned = dataclasses.replace(
-        config, lora=dataclasses.replace(config.lora, rank=2, targets=EVERY_KIND),
+        config, lora=dataclasses.replace(config.lora, rank=2, targets=EVERY_KIND,
+                                         train_norms=True),
         checkpoint=dataclasses.replace(config.checkpoint, init_from=str(tmp_path / "base")))
     run = Trainer(tuned, str(tmp_path / "lora"))
     optimizer_values = sum(x.size for x in jax.tree.leaves(run.state.optimizer))
     adapter_values = sum(x.size for x in jax.tree.leaves(nnx.state(
-        nnx.merge(run.graphdefs.model, run.state.model), nnx.LoRAParam)))
-    assert optimizer_values < 2 * adapter_values + 10  # moments of the adapters only
+        nnx.merge(run.graphdefs.model, run.state.model), lora.trainable(tuned.lora))))
+    assert optimizer_values < 2 * adapter_values + 10  # moments of what trains only
     history = run.train()
     losses = [r["loss"] for r in history if "loss" in r]
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
-    saved = convert.flat_paths(checkpoint.load_params(tmp_path / "lora"))
+
+    # The checkpoints hold the adapters and norm gains, and name the base.
+    step_dir = tmp_path / "lora" / "checkpoints" / "8"
+    paths = saved_tree(step_dir)
+    assert paths and all(lora.is_adapter(p[-1]) or p[-1] == "scale" for p in paths), paths
+    assert ("blocks", "1", "moe", "w1_lora_a") in paths
+    base_dir = tmp_path / "base" / "checkpoints" / "0"
+    assert checkpoint.read_meta(step_dir)["base"]["step_dir"] == str(base_dir)
+    saved = convert.flat_paths(checkpoint.load_params(tmp_path / "lora"))  # base + adapters
     for path, array in convert.flat_paths(state).items():  # the base, bitwise unchanged
-        np.testing.assert_array_equal(saved[path], array, err_msg=str(path))
-    model, _ = minids_jax.load(tmp_path / "lora")  # the adapted model
-    assert jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+        if path[-1] != "scale":
+            np.testing.assert_array_equal(saved[path], array, err_msg=str(path))
+    model, _ = minids_jax.load(tmp_path / "lora")  # the adapted model: the trainer's
+    np.testing.assert_array_equal(model(tokens()).logits_BxLxV,
+                                  run.model()(tokens()).logits_BxLxV)
+
+    # Resumed from step 4, the run goes on as if never stopped.
+    shutil.copytree(tmp_path / "lora", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "8")
+    resumed = Trainer(tuned, str(tmp_path / "resumed"))
+    again = {r["step"]: r["loss"] for r in resumed.train() if "loss" in r}
+    assert sorted(again) == [5, 6, 7, 8]
+    straight = {r["step"]: r["loss"] for r in history if "loss" in r}
+    assert all(again[step] == straight[step] for step in again)
+    for ours, theirs in zip(jax.tree.leaves(jax.device_get(resumed.state)),
+                            jax.tree.leaves(jax.device_get(run.state))):
+        np.testing.assert_array_equal(ours, theirs)
+
     convert.export_run(tmp_path / "lora", tmp_path / "hf", dtype="float32", log=lambda _: None)
     convert.import_dir(tmp_path / "hf", tmp_path / "merged", tiny_config(model=dict(
         vocab_size=259)), log=lambda _: None)
     merged, _ = minids_jax.load(tmp_path / "merged")
     assert_close(merged(tokens()).logits_BxLxV, model(tokens()).logits_BxLxV)
+
+    # Without a base to refer to (no init_from), the whole model is saved.
+    alone = dataclasses.replace(tuned, checkpoint=dataclasses.replace(tuned.checkpoint,
+                                                                      init_from=""))
+    with checkpointer.Checkpointer(alone, tmp_path / "alone") as whole:
+        whole.save(8, run.state)
+    assert saved_tree(tmp_path / "alone" / "checkpoints" / "8") == set(saved)
+
+    # A base that moved: loading names it and the fix; resuming finds it at init_from.
+    (tmp_path / "base").rename(tmp_path / "moved")
+    for load in (minids_jax.load, checkpoint.load_params):
+        with pytest.raises(lora.MissingBaseError, match=f"holds adapters only, on the base "
+                                                        f"{base_dir}, which is gone .* put the "
+                                                        f"base back at {base_dir}"):
+            load(tmp_path / "lora")
+    lines = []
+    moved = dataclasses.replace(tuned, checkpoint=dataclasses.replace(
+        tuned.checkpoint, init_from=str(tmp_path / "moved")))
+    assert checkpointer.Checkpointer(moved, tmp_path / "resumed", log=lines.append
+                                     ).restore_or_initialize(resumed.state) == 8
+    assert f"the base of these adapters is now {tmp_path / 'moved'}" in lines[0], lines
 
 
 def saved_lora_run(tmp_path, targets=("attn.*", "head")):
@@ -135,7 +189,10 @@ def saved_lora_run(tmp_path, targets=("attn.*", "head")):
     for variable in jax.tree.leaves(nnx.state(model, nnx.LoRAParam),
                                     is_leaf=lambda x: isinstance(x, nnx.Variable)):
         variable[...] = 0.2 * jax.random.normal(next(keys), variable.shape)
-    checkpointer.save_model(tmp_path / "lora", tuned, nnx.to_pure_dict(nnx.state(model)))
+    # As a LoRA run saves them: the adapters only, on the base.
+    base_dir = tmp_path / "base" / "checkpoints" / "0"
+    checkpointer.save_model(tmp_path / "lora", tuned, nnx.to_pure_dict(nnx.state(
+        model, nnx.LoRAParam)), base=lora.base_reference(base_dir, checkpoint.read_meta(base_dir)))
     return tmp_path / "base", tmp_path / "lora"
 
 
