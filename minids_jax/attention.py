@@ -1,7 +1,8 @@
 """Causal multi-head attention (MHA) and the projections and caches MHLA (mhla.py) shares.
 
-Each layer is `layer(x_BxTxD, positions_BxT, cache=None) -> (out_BxTxD, cache)`: without a
-cache, the training forward over a whole sequence; with one (from `init_cache`), the tokens are
+Each layer is `layer(x_BxTxD, positions_BxT, cache=None, segments_BxT=None) -> (out_BxTxD,
+cache)`: without a cache, the training forward over a whole sequence (with segments, over each
+document of a packed window on its own); with one (from `init_cache`), the tokens are
 slots `cache.index ..` of a sequence being decoded, and the updated cache comes back. A cached
 call over a prompt from slot 0 (prefill), then one token at a time, gives the outputs of the
 uncached forward (tests/test_generation.py).
@@ -60,6 +61,11 @@ def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *, kernel: str,
         sees_any_BxQx1x1 = jnp.any(mask_BxQxS, axis=-1)[:, :, None, None]
         attended_BxQxHxDh = jnp.where(sees_any_BxQx1x1, attended_BxQxHxDh, 0)
     return attended_BxQxHxDh
+
+
+def same_document(segments_BxQ: jax.Array, segments_BxS: jax.Array) -> jax.Array:
+    """Mask [B, Q, S]: query q may see source s of its own document (data.doc_mask)."""
+    return segments_BxQ[:, :, None] == segments_BxS[:, None, :]
 
 
 class KeysValues(NamedTuple):
@@ -134,10 +140,15 @@ class MHA(nnx.Module):
         return MHACache(KeysValues.empty(batch, max_len, self.attention.cfg, dtype),
                         jnp.zeros((), jnp.int32))
 
-    def __call__(self, x_BxTxD, positions_BxT, cache: MHACache | None = None):
+    def __call__(self, x_BxTxD, positions_BxT, cache: MHACache | None = None,
+                 segments_BxT: jax.Array | None = None):
+        """`segments_BxT` (uncached only): each token attends within its own document."""
         fresh = self.attention.keys_values(x_BxTxD, positions_BxT)
         if cache is None:
-            return self.attention.attend(x_BxTxD, positions_BxT, fresh, is_causal=True), None
+            mask_BxTxT = None if segments_BxT is None else same_document(segments_BxT,
+                                                                         segments_BxT)
+            return self.attention.attend(x_BxTxD, positions_BxT, fresh, mask_BxQxS=mask_BxTxT,
+                                         is_causal=True), None
         keys_values = cache.keys_values.put(fresh, cache.index)
         batch, tokens = x_BxTxD.shape[:2]
         mask_BxTxS = up_to(cache.index, keys_values.k_BxSxHxDh.shape[1], batch, tokens)

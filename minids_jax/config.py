@@ -54,6 +54,9 @@ class DataConfig(Group):
                                  above=0, below=0.5)
     max_bytes: int = option(0, "builtin/text: read at most this many bytes (0: all)", low=0)
     pack: bool = option(False, "jsonl/json: pack several examples per row instead of one padded")
+    doc_mask: bool = option(False, "attention and multi-token prediction stay inside each "
+                            "document (text: EOS-separated; packed jsonl/json: each example) "
+                            "of a window, positions restarting per document")
     overlong: str = option("truncate", "jsonl/json examples over max_seq_len+1 tokens: "
                            "truncate | drop", choices=("truncate", "drop"))
     token_dtype: str = option("auto", "tokens: uint16 | uint32 | auto (meta.json, else uint16)",
@@ -74,6 +77,9 @@ class DataConfig(Group):
         check(not (self.source == "random" and self.tokenizer == "bpe"),
               "data.tokenizer='bpe' is trained on the corpus, and data.source='random' has "
               "none; use data.tokenizer='byte' or a text source.")
+        check(not (self.doc_mask and self.source == "random"),
+              "data.doc_mask=True needs documents, and data.source='random' has none; use a "
+              "text, tokens or packed jsonl/json source, or leave data.doc_mask off.")
 
 
 # Logical parameter/activation axis -> mesh axes. Data parallel, FSDP, tensor and expert

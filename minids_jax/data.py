@@ -240,8 +240,9 @@ def make_source(config: Config, workdir: str | None = None) -> TokenSource:
         return RandomSource(model.vocab_size, model.max_seq_len, seed)
     if data.source == "tokens":
         splits = token_file_splits(data, model.vocab_size)
-        load_tokenizer(config, workdir)
-        return WindowSource(splits, model.max_seq_len, seed, f"data.path={data.path!r}")
+        tokenizer = load_tokenizer(config, workdir)
+        return WindowSource(splits, model.max_seq_len, seed, f"data.path={data.path!r}",
+                            tokenizer.EOS if data.doc_mask else None)
     if data.source in INSTRUCTION_SOURCES:
         examples, digest = read_instructions(data.path, data.source)
         texts = [e.text for e in examples]
@@ -251,7 +252,8 @@ def make_source(config: Config, workdir: str | None = None) -> TokenSource:
         splits = {split: fit_examples(tokenized, chosen, examples, model.max_seq_len,
                                       data.overlong, split)
                   for split, chosen in (("train", ~is_val), ("val", is_val))}
-        source = InstructionSource(splits, model.max_seq_len, seed, tokenizer.PAD, data.pack)
+        source = InstructionSource(splits, model.max_seq_len, seed, tokenizer.PAD, data.pack,
+                                   data.doc_mask)
         logging.info("%s: %d train / %d val examples in %d / %d rows (%.0f%% tokens, rest padding)",
                      data.path, len(splits["train"]), len(splits["val"]),
                      len(source.rows["train"]), len(source.rows["val"]), 100 * source.fill("train"))
@@ -262,4 +264,4 @@ def make_source(config: Config, workdir: str | None = None) -> TokenSource:
     logging.info("%s: %d tokens (%s tokenizer, %.2f bytes/token)", corpus.name, len(tokens),
                  tokenizer.kind, sum(len(d.encode()) for d in corpus.documents) / len(tokens))
     return WindowSource(split_tokens(tokens, data.val_fraction), model.max_seq_len, seed,
-                        corpus.name)
+                        corpus.name, tokenizer.EOS if data.doc_mask else None)

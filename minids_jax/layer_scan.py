@@ -54,10 +54,12 @@ def _split(block) -> tuple[Callable, list]:
     return lambda new_leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, new_leaves)), leaves
 
 
-def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch) -> Callable:
+def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch,
+              segments_BxL) -> Callable:
     """(x, the block's leaves) -> (x, MoEStats or None), rematerialized if asked."""
     def apply(x_BxLxD, leaves):
-        x_BxLxD, stats, _ = rebuild(leaves)(x_BxLxD, positions_BxL, None, moe_dispatch)
+        x_BxLxD, stats, _ = rebuild(leaves)(x_BxLxD, positions_BxL, None, moe_dispatch,
+                                            segments_BxL)
         return x_BxLxD, stats
 
     if remat == "none":
@@ -66,12 +68,13 @@ def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch) -> Cal
 
 
 def apply_blocks(blocks: Sequence[nnx.Module], x_BxLxD, positions_BxL, *, period: int,
-                 scan: bool, remat: str, moe_dispatch=None):
+                 scan: bool, remat: str, moe_dispatch=None, segments_BxL=None):
     """x after every block, and the MoE layers' statistics in layer order."""
     all_stats = []
     for first, repeats, length in runs(blocks, period, scan):
         unit = [_split(block) for block in blocks[first:first + length]]
-        fns = [_block_fn(rebuild, remat, positions_BxL, moe_dispatch) for rebuild, _ in unit]
+        fns = [_block_fn(rebuild, remat, positions_BxL, moe_dispatch, segments_BxL)
+               for rebuild, _ in unit]
         if repeats == 1:
             x_BxLxD, stats = fns[0](x_BxLxD, unit[0][1])
             all_stats += [stats] if stats is not None else []

@@ -35,12 +35,20 @@ def loss_chunk(device_batch: int, length: int, vocab: int, platform: str) -> int
     return max(1, min(length, rows // max(1, device_batch)))
 
 
-def denominators(weights_BxL: jax.Array, mtp_depth: int) -> jax.Array:
+def ahead_weights(batch: dict[str, jax.Array], k: int) -> jax.Array:
+    """The weight of position i's target k further on, targets[i + k]: weights[i + k], 0 past
+    the window and, in a document-masked batch, past position i's document."""
+    weights_BxL = shift_left(batch["weights"].astype(jnp.float32), k)
+    if "segments" not in batch or not k:
+        return weights_BxL
+    return weights_BxL * (shift_left(batch["segments"], k, -1) == batch["segments"])
+
+
+def denominators(batch: dict[str, jax.Array], mtp_depth: int) -> jax.Array:
     """[1 + mtp_depth]: the weight each loss is a mean over (the cross-entropy's, then MTP
     module k's, whose targets are k further on). Given to `model_loss` of a part of the batch,
     they make its losses that part's share of the whole batch's."""
-    weights_BxL = weights_BxL.astype(jnp.float32)
-    totals = [jnp.sum(shift_left(weights_BxL, k)) for k in range(mtp_depth + 1)]
+    totals = [jnp.sum(ahead_weights(batch, k)) for k in range(mtp_depth + 1)]
     return jnp.maximum(jnp.stack(totals), 1.0)
 
 
@@ -57,26 +65,28 @@ def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
 
     With multi-token prediction (and `with_mtp`), aux["mtp_loss"] is the mean over the
     modules of module k's loss: its features at i score targets[i + k] (the token k + 1
-    ahead), weighted by weights[i + k], and nothing where i + k runs past the window; the
+    ahead), weighted by `ahead_weights` (nothing past the window or the document); the
     modules' MoE layers join the balancing statistics (the last rows of expert_load_NxE).
     Each loss is a weighted sum over `denominators_K` (default: this batch's `denominators`).
     """
-    trunk_BxLxD, aux, _ = model.trunk(batch["inputs"])
-    weights_BxL = batch["weights"].astype(jnp.float32)
+    segments_BxL = batch.get("segments")  # a document-masked batch (sources.py)
+    trunk_BxLxD, aux, _ = model.trunk(batch["inputs"], batch.get("positions"),
+                                      segments_BxL=segments_BxL)
     depth = len(model.mtp) if model.mtp is not None and with_mtp else 0
     if denominators_K is None:
-        denominators_K = denominators(weights_BxL, depth)
-    ce = _head_loss(model, model.final_norm(trunk_BxLxD), batch["targets"], weights_BxL, chunk,
-                    denominators_K[0])
+        denominators_K = denominators(batch, depth)
+    ce = _head_loss(model, model.final_norm(trunk_BxLxD), batch["targets"],
+                    ahead_weights(batch, 0), chunk, denominators_K[0])
     if depth:
-        positions_BxL = jnp.broadcast_to(jnp.arange(trunk_BxLxD.shape[1]), weights_BxL.shape)
+        positions_BxL = batch.get("positions", jnp.broadcast_to(
+            jnp.arange(trunk_BxLxD.shape[1]), batch["inputs"].shape))
         hidden_BxLxD, losses, mtp_stats = trunk_BxLxD, [], []
         for k, module in enumerate(model.mtp, start=1):
             ahead_BxLxD = model.embed(shift_left(batch["inputs"], k))
             hidden_BxLxD, features_BxLxD, stats = module(hidden_BxLxD, ahead_BxLxD,
-                                                         positions_BxL)
+                                                         positions_BxL, segments_BxL)
             losses.append(_head_loss(model, features_BxLxD, shift_left(batch["targets"], k),
-                                     shift_left(weights_BxL, k), chunk, denominators_K[k]))
+                                     ahead_weights(batch, k), chunk, denominators_K[k]))
             mtp_stats.append(stats)
         aux = {**with_more_moe_layers(aux, mtp_stats), "mtp_loss": jnp.mean(jnp.stack(losses))}
     return ce, aux

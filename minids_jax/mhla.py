@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax.attention import AttentionProjections, KeysValues, up_to
+from minids_jax.attention import AttentionProjections, KeysValues, same_document, up_to
 from minids_jax.config import ComputeConfig, ModelConfig
 from minids_jax.layers import RMSNorm
 
@@ -66,12 +66,15 @@ class MHLA(nnx.Module):
         return MHLACache(KeysValues.empty(batch, max_len, self.cfg, dtype), latents, latents,
                          jnp.zeros((), jnp.int32))
 
-    def __call__(self, x_BxTxD, positions_BxT, cache: MHLACache | None = None):
-        """Uncached: the whole sequence. Cached: one token (decoding) or, from slot 0, a
-        prompt (prefill)."""
+    def __call__(self, x_BxTxD, positions_BxT, cache: MHLACache | None = None,
+                 segments_BxT: jax.Array | None = None):
+        """Uncached: the whole sequence (with segments, each document on its own). Cached:
+        one token (decoding) or, from slot 0, a prompt (prefill)."""
         read_kv = self.read.keys_values(x_BxTxD, positions_BxT)
         if cache is not None and x_BxTxD.shape[1] == 1:
             return self._decode(x_BxTxD, positions_BxT, read_kv, cache)
+        if segments_BxT is not None:
+            return self._documents(x_BxTxD, positions_BxT, segments_BxT, read_kv), None
         z1_BxKxD = self.read_latents(read_kv, positions_BxT)
         latent_pos_BxK = self.latent_positions(x_BxTxD.shape[0])
         latent_self_kv = self.latent_self.keys_values(z1_BxKxD, latent_pos_BxK)
@@ -86,6 +89,40 @@ class MHLA(nnx.Module):
             return out_BxTxD, None
         return out_BxTxD, MHLACache(cache.read.put(read_kv, 0), cache.latent_self.put(
             latent_self_kv, 0), cache.write.put(write_kv, 0), cache.index + x_BxTxD.shape[1])
+
+    def _documents(self, x_BxTxD, positions_BxT, segments_BxT, read_kv: KeysValues):
+        """The forward of a window packed with documents, positions restarting in each: every
+        document gets its own latents, as if it were alone. Latent j of a document completes
+        at its token with position e_j - 1; there are at most N = T // (L/K) such tokens in a
+        window, so N slots hold them all: slot n is the n-th latent to complete in the row. It
+        reads its document up to that token, attends to the earlier slots of its document, and
+        is written from by its document's tokens from that token on."""
+        cfg, (batch, tokens) = self.cfg, positions_BxT.shape
+        segment = cfg.max_seq_len // cfg.latent_k
+        ends_here_BxT = ((positions_BxT + 1) % segment == 0) & \
+            (positions_BxT < cfg.latent_k * segment)
+        slot_token_BxN = jax.vmap(lambda ends_T: jnp.nonzero(
+            ends_T, size=max(1, tokens // segment), fill_value=tokens)[0])(ends_here_BxT)
+        used_BxN = slot_token_BxN < tokens
+        at_BxN = jnp.minimum(slot_token_BxN, tokens - 1)
+        slot_pos_BxN = jnp.take_along_axis(positions_BxT, at_BxN, axis=1)  # e_j - 1
+        slot_segment_BxN = jnp.where(used_BxN, jnp.take_along_axis(segments_BxT, at_BxN, 1), -1)
+        latent_BxN = jnp.clip((slot_pos_BxN + 1) // segment - 1, 0, cfg.latent_k - 1)
+        z0_BxNxD = self.latents[...][latent_BxN].astype(read_kv.v_BxSxHxDh.dtype)
+
+        token_T = jnp.arange(tokens)
+        same_BxNxT = same_document(slot_segment_BxN, segments_BxT)
+        read_mask_BxNxT = same_BxNxT & (token_T[None, None, :] <= slot_token_BxN[:, :, None])
+        z1_BxNxD = self.read_norm(z0_BxNxD + self.read.attend(
+            z0_BxNxD, slot_pos_BxN, read_kv, mask_BxQxS=read_mask_BxNxT))
+        self_mask_BxNxN = same_document(slot_segment_BxN, slot_segment_BxN) & used_BxN[:, :, None]
+        z2_BxNxD = self.latent_self_norm(z1_BxNxD + self.latent_self.attend(
+            z1_BxNxD, slot_pos_BxN, self.latent_self.keys_values(z1_BxNxD, slot_pos_BxN),
+            mask_BxQxS=self_mask_BxNxN, is_causal=True))
+        write_kv = self.write.keys_values(z2_BxNxD, slot_pos_BxN)
+        write_mask_BxTxN = same_BxNxT.swapaxes(1, 2) & \
+            (slot_token_BxN[:, None, :] <= token_T[None, :, None])
+        return self.write.attend(x_BxTxD, positions_BxT, write_kv, mask_BxQxS=write_mask_BxTxN)
 
     def latent_positions(self, batch: int) -> jax.Array:
         """Latent j sits at position e_j - 1 (the last one it summarizes) for RoPE; [B, K]."""

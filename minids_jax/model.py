@@ -42,9 +42,11 @@ class Block(nnx.Module):
             self.mlp = MLP(cfg.d_model, cfg.dense_mlp_dim, rngs=rngs, dtype=compute.dtype,
                            param_dtype=cfg.param_dtype)
 
-    def __call__(self, x_BxLxD, positions_BxL, cache=None, moe_dispatch: str | None = None):
+    def __call__(self, x_BxLxD, positions_BxL, cache=None, moe_dispatch: str | None = None,
+                 segments_BxL=None):
         """(x, MoEStats or None for a dense layer, cache)."""
-        attended_BxLxD, cache = self.attn(self.norm1(x_BxLxD), positions_BxL, cache)
+        attended_BxLxD, cache = self.attn(self.norm1(x_BxLxD), positions_BxL, cache,
+                                          segments_BxL)
         x_BxLxD = x_BxLxD + attended_BxLxD
         if not hasattr(self, "moe"):
             return x_BxLxD + self.mlp(self.norm2(x_BxLxD)), None, cache
@@ -94,24 +96,31 @@ class MiniDeepSeek(nnx.Module):
                 for block in self.blocks]
 
     def __call__(self, tokens_BxL, positions_BxL=None, cache=None, *,
-                 moe_dispatch: str | None = None) -> Output:
+                 moe_dispatch: str | None = None, segments_BxL=None) -> Output:
         hidden_BxLxD, aux, cache = self.hidden(tokens_BxL, positions_BxL, cache,
-                                               moe_dispatch=moe_dispatch)
+                                               moe_dispatch=moe_dispatch,
+                                               segments_BxL=segments_BxL)
         return Output(self.head(hidden_BxLxD).astype(jnp.float32), aux, cache)
 
     def hidden(self, tokens_BxL, positions_BxL=None, cache=None, *,
-               moe_dispatch: str | None = None) -> tuple[jax.Array, dict, Any]:
+               moe_dispatch: str | None = None, segments_BxL=None) -> tuple[jax.Array, dict, Any]:
         """(features, aux, cache): the final-normed features the head reads, i.e. `__call__`
         without the head (the loss applies the head itself, in chunks)."""
         features_BxLxD, aux, cache = self.trunk(tokens_BxL, positions_BxL, cache,
-                                                moe_dispatch=moe_dispatch)
+                                                moe_dispatch=moe_dispatch,
+                                                segments_BxL=segments_BxL)
         return self.final_norm(features_BxLxD), aux, cache
 
     def trunk(self, tokens_BxL, positions_BxL=None, cache=None, *,
-              moe_dispatch: str | None = None) -> tuple[jax.Array, dict, Any]:
+              moe_dispatch: str | None = None, segments_BxL=None) -> tuple[jax.Array, dict, Any]:
         """(last block's output, aux, cache): `hidden` before the final norm, which is what
         the multi-token-prediction modules read. Positions default to the cache's next slots.
-        `moe_dispatch` overrides the MoE's own (decoding asks for an exact one)."""
+        `moe_dispatch` overrides the MoE's own (decoding asks for an exact one). With
+        `segments_BxL` (a packed window's document numbers; no cache), attention stays
+        inside each document, and the positions should restart in each."""
+        if segments_BxL is not None and cache is not None:
+            raise ValueError("segments_BxL masks a whole packed window; a cache decodes one "
+                             "sequence: pass one or the other.")
         if positions_BxL is None:
             start = 0 if cache is None else cache[0].index
             positions_BxL = jnp.broadcast_to(start + jnp.arange(tokens_BxL.shape[1]),
@@ -121,7 +130,7 @@ class MiniDeepSeek(nnx.Module):
             x_BxLxD, all_stats = layer_scan.apply_blocks(
                 self.blocks, x_BxLxD, positions_BxL, period=len(self.cfg.attn_pattern),
                 scan=self.compute.scan_layers, remat=self.compute.remat,
-                moe_dispatch=moe_dispatch)
+                moe_dispatch=moe_dispatch, segments_BxL=segments_BxL)
             return x_BxLxD, moe_aux(all_stats), None
         all_stats: list[MoEStats] = []
         new_cache = []

@@ -38,12 +38,14 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, compute, cfg.n_layers + depth - 1, rngs=rngs)
         self.out_norm = RMSNorm(cfg.d_model, **norm)
 
-    def __call__(self, hidden_BxLxD, ahead_embedded_BxLxD, positions_BxL):
+    def __call__(self, hidden_BxLxD, ahead_embedded_BxLxD, positions_BxL, segments_BxL=None):
         """(h^k before out_norm, out_norm(h^k), the block's MoEStats) from h^{k-1} and the
-        embeddings k ahead."""
+        embeddings k ahead; with segments, attention stays inside each document (loss.py
+        scores no target beyond a position's document)."""
         joined_BxLx2D = jnp.concatenate([self.embed_norm(ahead_embedded_BxLxD),
                                          self.hidden_norm(hidden_BxLxD)], axis=-1)
-        hidden_BxLxD, stats, _ = self.block(self.proj(joined_BxLx2D), positions_BxL)
+        hidden_BxLxD, stats, _ = self.block(self.proj(joined_BxLx2D), positions_BxL,
+                                            segments_BxL=segments_BxL)
         return hidden_BxLxD, self.out_norm(hidden_BxLxD), stats
 
 

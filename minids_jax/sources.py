@@ -4,6 +4,10 @@ A batch is a dict of numpy arrays, each [R, L] for the R rows this process holds
   inputs   int32 tokens 0..L-1 of each row
   targets  int32 tokens 1..L (the next token at every position)
   weights  float32, 1.0 where the target counts toward the loss (0 for padding and prompts)
+With document masking (data.doc_mask) also
+  segments  int32 document number of each input token in its row (0, 1, ...)
+  positions int32 each input token's position in its document (restarting at 0)
+and a target in another document than its input (the next one's first token) does not count.
 Row r of the batch of step s is a pure function of (seed, split, s, r): a resumed run sees exactly
 the batches it would have seen, on any number of processes and devices, and each process builds
 only its own rows. Shapes: B global batch, R rows of this process, L max_seq_len, L1 = L + 1.
@@ -47,11 +51,32 @@ def _row_range(batch_size: int, rows: slice) -> range:
     return r
 
 
-def as_batch(rows_RxL1: np.ndarray, weights_RxL1: np.ndarray | None = None):
+def as_batch(rows_RxL1: np.ndarray, weights_RxL1: np.ndarray | None = None,
+             segments_RxL1: np.ndarray | None = None):
+    """The batch of rows of L+1 tokens; with `segments_RxL1` (each token's document number,
+    nondecreasing along a row), document masked."""
     rows_RxL1 = np.asarray(rows_RxL1, np.int32)
     weights_RxL = (np.ones(rows_RxL1[:, 1:].shape, np.float32) if weights_RxL1 is None
                    else np.asarray(weights_RxL1[:, 1:], np.float32))
-    return {"inputs": rows_RxL1[:, :-1], "targets": rows_RxL1[:, 1:], "weights": weights_RxL}
+    batch = {"inputs": rows_RxL1[:, :-1], "targets": rows_RxL1[:, 1:], "weights": weights_RxL}
+    if segments_RxL1 is None:
+        return batch
+    segments_RxL1 = np.asarray(segments_RxL1, np.int32)
+    segments_RxL = segments_RxL1[:, :-1] - segments_RxL1[:, :1]
+    index_L = np.arange(segments_RxL.shape[1])
+    starts_here_RxL = np.concatenate([np.ones_like(segments_RxL[:, :1], bool),
+                                      segments_RxL[:, 1:] != segments_RxL[:, :-1]], axis=1)
+    document_start_RxL = np.maximum.accumulate(np.where(starts_here_RxL, index_L, 0), axis=1)
+    batch["weights"] = weights_RxL * (segments_RxL1[:, 1:] == segments_RxL1[:, :-1])
+    batch["segments"] = segments_RxL
+    batch["positions"] = (index_L - document_start_RxL).astype(np.int32)
+    return batch
+
+
+def documents_ending_at(tokens_RxL1: np.ndarray, eos: int) -> np.ndarray:
+    """Each token's document number in its row, a document ending with (and at) each EOS."""
+    ended_RxL = np.cumsum(tokens_RxL1[:, :-1] == eos, axis=1)
+    return np.concatenate([np.zeros_like(ended_RxL[:, :1]), ended_RxL], axis=1)
 
 
 class RandomSource:
@@ -71,9 +96,11 @@ class WindowSource:
     """Windows of L+1 tokens at uniform random offsets of one token stream per split.
 
     The streams may be memory-mapped files: only the windows of this process's rows are read.
+    With `doc_eos` (the EOS that ends each document), batches are document masked.
     """
 
-    def __init__(self, splits: dict[str, np.ndarray], seq_len: int, seed: int, name: str):
+    def __init__(self, splits: dict[str, np.ndarray], seq_len: int, seed: int, name: str,
+                 doc_eos: int | None = None):
         for split, tokens in splits.items():
             if len(tokens) < seq_len + 1:
                 raise DataError(
@@ -81,11 +108,15 @@ class WindowSource:
                     f"sequence of model.max_seq_len+1={seq_len + 1}; use more data, lower "
                     f"model.max_seq_len, or raise data.val_fraction if the val split is short.")
         self.splits, self.seq_len, self.seed, self.name = splits, seq_len, seed, name
+        self.doc_eos = doc_eos
 
     def batch(self, step, batch_size, rows=slice(None), split="train"):
         tokens, r = self.splits[split], _row_range(batch_size, rows)
         starts = _uniform(self.seed, split, step, r.start, len(r), len(tokens) - self.seq_len)
-        return as_batch(np.stack([tokens[s:s + self.seq_len + 1] for s in starts]))
+        rows_RxL1 = np.stack([tokens[s:s + self.seq_len + 1] for s in starts])
+        if self.doc_eos is None:
+            return as_batch(rows_RxL1)
+        return as_batch(rows_RxL1, segments_RxL1=documents_ending_at(rows_RxL1, self.doc_eos))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +167,16 @@ class InstructionSource:
 
     Rows are fixed once; each epoch visits all of them in a fresh order drawn from (seed, split,
     epoch), so global row g of the run is row perm_e[g % n_rows] of epoch e = g // n_rows.
-    In a packed row, later examples can attend to earlier ones (there is no per-example attention
-    mask); each starts with BOS (or its chat template's opening), and only the tokens each marks
-    as scored (outputs, answers, and the token ending each) are.
+    In a packed row, later examples can attend to earlier ones unless `doc_mask` (each
+    example its own document, the padding part of the last); each starts with BOS (or its chat
+    template's opening), and only the tokens each marks as scored (outputs, answers, and the
+    token ending each) are.
     """
 
     def __init__(self, splits: dict[str, TokenizedExamples], seq_len: int, seed: int, pad_id: int,
-                 pack: bool):
+                 pack: bool, doc_mask: bool = False):
         self.splits, self.seq_len, self.seed, self.pad_id = splits, seq_len, seed, pad_id
+        self.doc_mask = doc_mask
         self.rows = {}
         for split, examples in splits.items():
             if pack:
@@ -170,6 +203,7 @@ class InstructionSource:
         examples, n_rows = self.splits[split], len(self.rows[split])
         tokens_RxL1 = np.full((len(_row_range(batch_size, rows)), self.seq_len + 1), self.pad_id)
         weights_RxL1 = np.zeros(tokens_RxL1.shape, np.float32)
+        segments_RxL1 = np.zeros(tokens_RxL1.shape, np.int32)
         for out, r in enumerate(_row_range(batch_size, rows)):
             g = step * batch_size + r
             at = 0
@@ -177,5 +211,6 @@ class InstructionSource:
                 start, end = examples.starts[i], examples.starts[i + 1]
                 tokens_RxL1[out, at:at + end - start] = examples.tokens[start:end]
                 weights_RxL1[out, at:at + end - start] = examples.scored[start:end]
+                segments_RxL1[out, at:] += 1  # a document from here on
                 at += end - start
-        return as_batch(tokens_RxL1, weights_RxL1)
+        return as_batch(tokens_RxL1, weights_RxL1, segments_RxL1 if self.doc_mask else None)

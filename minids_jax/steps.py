@@ -66,7 +66,7 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
                                      argnums=nnx.DiffState(0, trainable))
         if microbatches == 1:
             return grad_fn(model, batch, loss_chunk, *coefs)
-        denominators_K = loss_lib.denominators(batch["weights"], config.model.mtp_depth)
+        denominators_K = loss_lib.denominators(batch, config.model.mtp_depth)
         # Part m holds rows m, m + A, ...: each device's rows split evenly among the parts.
         parts = jax.tree.map(lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
                                                  *x.shape[1:]).swapaxes(0, 1), batch)
