@@ -1,3 +1,5 @@
+import os
+
 import jax
 import pytest
 from flax import nnx
@@ -11,6 +13,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 nnx.use_eager_sharding(False)
 
 __all__ = ["TINY_STEPS", "compute_config", "small_model_config", "tiny_config"]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml): a worker per core, at most four. Each is a JAX process
+    compiling tiny programs, mostly on one thread; more would only add their start-up."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @pytest.fixture
