@@ -97,7 +97,7 @@ class MHLA(nnx.Module):
         window, so N slots hold them all: slot n is the n-th latent to complete in the row. It
         reads its document up to that token, attends to the earlier slots of its document, and
         is written from by its document's tokens from that token on."""
-        cfg, (batch, tokens) = self.cfg, positions_BxT.shape
+        cfg, tokens = self.cfg, positions_BxT.shape[1]
         segment = cfg.max_seq_len // cfg.latent_k
         ends_here_BxT = ((positions_BxT + 1) % segment == 0) & \
             (positions_BxT < cfg.latent_k * segment)
