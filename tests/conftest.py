@@ -1,10 +1,14 @@
 import os
 
-import jax
-import pytest
-from flax import nnx
+from tests.factories import FAST_COMPILE_XLA_FLAGS  # imports no JAX
 
-from tests.factories import TINY_STEPS, compute_config, small_model_config, tiny_config
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS, which JAX reads once)
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from tests.factories import TINY_STEPS, compute_config, small_model_config, tiny_config  # noqa: E402
 
 # Float32 matmuls at full precision so that equality checks against references are tight.
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -15,6 +15,12 @@ from minids_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# Less LLVM effort in XLA's CPU backend: most of the compile time of the tests' tiny programs,
+# and none of their numerics (every comparison is between programs compiled alike). Set by
+# conftest.py before JAX starts, and passed on to every subprocess.
+FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
+                          "--xla_llvm_disable_expensive_passes=true")
+
 TINY_STEPS = 6  # one compile of the train step serves every run of this length
 
 # MLA's dims at test size (used by "mla" layers only): latent 16, head dims 8 + 4, values 6.
@@ -66,8 +72,9 @@ def subprocess_env(compile_cache, devices=1):
     precision = jax.config.jax_default_matmul_precision
     if precision is not None:
         env["JAX_DEFAULT_MATMUL_PRECISION"] = str(precision)
+    env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     return env
 
 

@@ -16,11 +16,11 @@ import sys
 
 
 def _start_jax(n_devices: int) -> None:
-    """Before jax is imported: the simulated device count, and less LLVM effort, which cuts
-    compile time of these tiny programs a lot and applies to every mesh alike."""
+    """Before jax is imported: the simulated device count, and the tests' XLA flags."""
+    from tests.factories import FAST_COMPILE_XLA_FLAGS
+
     os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={n_devices} "
-                               "--xla_backend_optimization_level=0 "
-                               "--xla_llvm_disable_expensive_passes=true")
+                               + FAST_COMPILE_XLA_FLAGS)
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 

@@ -112,8 +112,9 @@ def test_blocked_dispatch_matches_dense_in_output_and_gradients(routing, top_k, 
                                    rtol=1e-5, atol=1e-6)
         grads = jax.grad(loss, argnums=(1, 2))(dispatch, x_TxD, experts)
         expected = jax.grad(loss, argnums=(1, 2))(moe_dispatch.dense, x_TxD, experts)
+        # Weight gradients sum over every token an expert takes (all of them in one_takes_all).
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sizes", [(1,), (3,), (8, 4, 2), (12, 6, 3)])
