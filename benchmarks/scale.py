@@ -28,14 +28,14 @@ _WHAT = flags.DEFINE_enum("what", "depth", ["depth", "remat", "accum"], "What to
 _DEPTHS = flags.DEFINE_list("depths", ["2", "8", "32"], "depth: layer counts.")
 _ACCUM = flags.DEFINE_list("accum", ["1", "2", "4"], "accum: microbatches per step.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after two warm-up steps); 0: compile "
-                              "only.")
+                              "and memory analysis only.")
 
 
 def _measure(config, steps: int) -> dict:
     from minids_jax import trainer
 
     with trainer.Trainer(config) as run:
-        timer = CompiledStepTimer(run)
+        timer = CompiledStepTimer(run, warmup=2 if steps else 0)
         memory = timer.compiled.memory_analysis()
         step_s = timer.time(steps) if steps else float("nan")
     return {"compile_s": timer.compile_s, "step_s": step_s,

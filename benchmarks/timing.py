@@ -21,17 +21,17 @@ class StepTiming:
 
 class CompiledStepTimer:
     """Compiles the train step of `run` (a `trainer.Trainer`) ahead of time and warms it up with
-    two steps; `time(steps)` then times that many more, each call continuing from the last.
+    `warmup` steps; `time(steps)` then times that many more, each call continuing from the last.
     (`reporting.StepTimer` is the trainer's: tokens/s over the steps between log lines.)"""
 
-    def __init__(self, run):
+    def __init__(self, run, warmup: int = 2):
         self.run = run
         start = time.perf_counter()
         self.lowered = run.train_step.lower(run.state, run.batch(0))  # for its HLO text
         self.compiled = self.lowered.compile()
         self.compile_s = time.perf_counter() - start  # tracing and lowering included
         self.next_step = 0
-        self.metrics = self._advance(2)
+        self.metrics = self._advance(warmup) if warmup else {}
 
     def _advance(self, steps: int) -> dict:
         state = self.run.state
