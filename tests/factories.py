@@ -15,9 +15,9 @@ from minids_jax import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Less LLVM effort in XLA's CPU backend: most of the compile time of the tests' tiny programs,
-# and none of their numerics (every comparison is between programs compiled alike). Set by
-# conftest.py before JAX starts, and passed on to every subprocess.
+# Less LLVM effort in XLA's CPU backend: about half the compile time of the tests' tiny
+# programs. Results move only by float rounding (summation order). Set by conftest.py before
+# JAX starts, and passed on to every subprocess.
 FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
                           "--xla_llvm_disable_expensive_passes=true")
 
