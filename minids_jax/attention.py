@@ -68,6 +68,11 @@ def same_document(segments_BxQ: jax.Array, segments_BxS: jax.Array) -> jax.Array
     return segments_BxQ[:, :, None] == segments_BxS[:, None, :]
 
 
+def within_documents(segments_BxT: jax.Array | None) -> jax.Array | None:
+    """The [B, T, T] mask of a window's own documents, or None for a window without them."""
+    return None if segments_BxT is None else same_document(segments_BxT, segments_BxT)
+
+
 class KeysValues(NamedTuple):
     """Cached RoPE'd keys and values of one attention, one slot per source."""
     k_BxSxHxDh: jax.Array
@@ -145,10 +150,8 @@ class MHA(nnx.Module):
         """`segments_BxT` (uncached only): each token attends within its own document."""
         fresh = self.attention.keys_values(x_BxTxD, positions_BxT)
         if cache is None:
-            mask_BxTxT = None if segments_BxT is None else same_document(segments_BxT,
-                                                                         segments_BxT)
-            return self.attention.attend(x_BxTxD, positions_BxT, fresh, mask_BxQxS=mask_BxTxT,
-                                         is_causal=True), None
+            return self.attention.attend(x_BxTxD, positions_BxT, fresh, is_causal=True,
+                                         mask_BxQxS=within_documents(segments_BxT)), None
         keys_values = cache.keys_values.put(fresh, cache.index)
         batch, tokens = x_BxTxD.shape[:2]
         mask_BxTxS = up_to(cache.index, keys_values.k_BxSxHxDh.shape[1], batch, tokens)

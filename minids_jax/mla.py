@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax.attention import multi_head_attention, same_document, up_to
+from minids_jax.attention import multi_head_attention, up_to, within_documents
 from minids_jax.config import ComputeConfig, ModelConfig
 from minids_jax.layers import RMSNorm, linear
 from minids_jax.rotary import Rope, softmax_mscale
@@ -90,10 +90,9 @@ class MLA(nnx.Module):
         q_nope_BxTxHxDn, q_rope_BxTxHxDr = self.queries(x_BxTxD, positions_BxT)
         latent_BxTxR, k_rope_BxTxDr = self.compressed(x_BxTxD, positions_BxT)
         if cache is None:
-            mask_BxTxT = None if segments_BxT is None else same_document(segments_BxT,
-                                                                         segments_BxT)
             attended_BxTxHxDv = self._expanded(q_nope_BxTxHxDn, q_rope_BxTxHxDr, latent_BxTxR,
-                                               k_rope_BxTxDr, mask_BxTxT, is_causal=True)
+                                               k_rope_BxTxDr, within_documents(segments_BxT),
+                                               is_causal=True)
             return self._output(attended_BxTxHxDv), None
         put = lambda old, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
             old, new.astype(old.dtype), cache.index, axis=1)
