@@ -1,12 +1,12 @@
 """The blocks of a whole-sequence forward: scanned where they repeat, rematerialized per block.
 
 Layer i's kind follows `attn_pattern[i % P]` and whether it is one of the `first_k_dense`, so
-the stack repeats a unit of P blocks. `compute.scan_layers` runs each run of identical units
-as one `lax.scan` over their weights, stacked as the scan reads them: XLA compiles the unit
-once, whatever the depth. The parameters stay one module per layer, so checkpoints, LoRA
-targets and the Hugging Face names do not depend on the choice; the price is a stacked copy
-of the scanned layers' weights (and of their gradients) while the step runs
-(docs/performance.md measures it). `compute.remat` recomputes each block's activations in the
+the stack repeats a unit of P blocks. `compute.scan_layers` runs each run of at least
+`compute.scan_min_repeats` identical units as one `lax.scan` over their weights, stacked as
+the scan reads them: XLA compiles the unit once, whatever the depth. The parameters stay one
+module per layer, so checkpoints, LoRA targets and the Hugging Face names do not depend on
+the choice; the price is a stacked copy of the scanned layers' weights (and of their
+gradients) while the step runs, and on a CPU a slower step (docs/scale.md measures both). `compute.remat` recomputes each block's activations in the
 backward pass instead of keeping them (jax.checkpoint with the chosen policy).
 
 Shapes: B batch, L length, D model width.
@@ -20,15 +20,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minids_jax.layers import adapter_dropout_of_layer
+
 REMAT_POLICIES = {
     "full": None,  # keep only each block's input
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep x @ W
 }
 
 
-def runs(blocks: Sequence[nnx.Module], period: int, scan: bool) -> list[tuple[int, int, int]]:
-    """(first layer, repeats, unit length) covering the blocks in order: runs of at least two
-    identical units of `period` blocks, the rest one block at a time."""
+def runs(blocks: Sequence[nnx.Module], period: int,
+         min_repeats: int | None) -> list[tuple[int, int, int]]:
+    """(first layer, repeats, unit length) covering the blocks in order: runs of at least
+    `min_repeats` identical units of `period` blocks, the rest one block at a time (all of
+    them with None)."""
+    scan = min_repeats is not None
     graphdefs = [nnx.graphdef(block) for block in blocks]
     found, i = [], 0
     while i < len(blocks):
@@ -37,7 +42,7 @@ def runs(blocks: Sequence[nnx.Module], period: int, scan: bool) -> list[tuple[in
         while scan and len(unit) == period and \
                 graphdefs[i + repeats * period:i + (repeats + 1) * period] == unit:
             repeats += 1
-        if repeats >= 2:
+        if scan and repeats >= max(min_repeats, 2):
             found.append((i, repeats, period))
             i += repeats * period
         else:
@@ -56,10 +61,12 @@ def _split(block) -> tuple[Callable, list]:
 
 def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch,
               segments_BxL) -> Callable:
-    """(x, the block's leaves) -> (x, MoEStats or None), rematerialized if asked."""
-    def apply(x_BxLxD, leaves):
-        x_BxLxD, stats, _ = rebuild(leaves)(x_BxLxD, positions_BxL, None, moe_dispatch,
-                                            segments_BxL)
+    """(x, the block's leaves, its layer number) -> (x, MoEStats or None), rematerialized
+    if asked (the recomputation draws the same adapter-dropout masks: same keys)."""
+    def apply(x_BxLxD, leaves, layer):
+        with adapter_dropout_of_layer(layer):
+            x_BxLxD, stats, _ = rebuild(leaves)(x_BxLxD, positions_BxL, None, moe_dispatch,
+                                                segments_BxL)
         return x_BxLxD, stats
 
     if remat == "none":
@@ -68,15 +75,17 @@ def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch,
 
 
 def apply_blocks(blocks: Sequence[nnx.Module], x_BxLxD, positions_BxL, *, period: int,
-                 scan: bool, remat: str, moe_dispatch=None, segments_BxL=None):
-    """x after every block, and the MoE layers' statistics in layer order."""
+                 scan_min_repeats: int | None, remat: str, moe_dispatch=None,
+                 segments_BxL=None):
+    """x after every block, and the MoE layers' statistics in layer order; runs of at least
+    `scan_min_repeats` identical units scanned (none with None)."""
     all_stats = []
-    for first, repeats, length in runs(blocks, period, scan):
+    for first, repeats, length in runs(blocks, period, scan_min_repeats):
         unit = [_split(block) for block in blocks[first:first + length]]
         fns = [_block_fn(rebuild, remat, positions_BxL, moe_dispatch, segments_BxL)
                for rebuild, _ in unit]
         if repeats == 1:
-            x_BxLxD, stats = fns[0](x_BxLxD, unit[0][1])
+            x_BxLxD, stats = fns[0](x_BxLxD, unit[0][1], first)
             all_stats += [stats] if stats is not None else []
             continue
         # Leaves of the unit's j-th block in every repeat, stacked on a leading axis.
@@ -84,14 +93,16 @@ def apply_blocks(blocks: Sequence[nnx.Module], x_BxLxD, positions_BxL, *, period
             _split(blocks[first + r * length + j])[1] for r in range(repeats)])]
             for j in range(length)]
 
-        def unit_step(x_BxLxD, unit_leaves):
+        def unit_step(x_BxLxD, unit_leaves_and_repeat, first=first, length=length):
+            unit_leaves, repeat = unit_leaves_and_repeat
             unit_stats = []
-            for fn, leaves in zip(fns, unit_leaves):
-                x_BxLxD, stats = fn(x_BxLxD, leaves)
+            for j, (fn, leaves) in enumerate(zip(fns, unit_leaves)):
+                x_BxLxD, stats = fn(x_BxLxD, leaves, first + repeat * length + j)
                 unit_stats.append(stats)
             return x_BxLxD, unit_stats
 
-        x_BxLxD, stats_by_position = jax.lax.scan(unit_step, x_BxLxD, stacked)
+        x_BxLxD, stats_by_position = jax.lax.scan(unit_step, x_BxLxD,
+                                                  (stacked, jnp.arange(repeats)))
         for r in range(repeats):
             for stats in stats_by_position:
                 if stats is not None:

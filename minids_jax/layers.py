@@ -1,9 +1,12 @@
-"""Building blocks: RMSNorm, SwiGLU, and a sharded Linear (RoPE is rotary.py's).
+"""Building blocks: RMSNorm, SwiGLU, a sharded Linear, its adapters' dropout (RoPE: rotary.py).
 
 Shapes: B batch, L length, D model width, H heads, Dh head width, F expert hidden width.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
@@ -44,13 +47,77 @@ class Linear(nnx.Module):
         delta = (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32))
         return (self.kernel[...] + self.lora_scale * delta).astype(self.kernel.dtype)
 
+    def as_one_matmul(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(x', kernel') with x' @ kernel' = self(x), for callers that apply the kernel
+        themselves (the chunked head loss): the merged weight, or under adapter dropout the
+        adapter's path as R more input features, [x, scale * drop(x) @ lora_a] @ [kernel;
+        lora_b]."""
+        dropped = adapter_input(x) if self.lora_a is not None else x
+        if dropped is x:
+            return x, self.weight()
+        low_rank = self.lora_scale * (dropped @ self.lora_a[...].astype(x.dtype))
+        return (jnp.concatenate([x, low_rank.astype(x.dtype)], axis=-1),
+                jnp.concatenate([self.kernel[...], self.lora_b[...].astype(self.kernel.dtype)]))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         y = x @ self.kernel[...].astype(self.dtype)
         if self.lora_a is None:
             return y
-        low_rank = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+        low_rank = (adapter_input(x) @ self.lora_a[...].astype(self.dtype)) @ \
+            self.lora_b[...].astype(self.dtype)
         return y + self.lora_scale * low_rank
+
+
+class _AdapterDropout:
+    """The adapter dropout of one traced training forward: its rate, and a key per call."""
+
+    def __init__(self, key: jax.Array, rate: float):
+        self.key, self.rate, self.calls = key, rate, 0
+
+    def next_key(self) -> jax.Array:
+        self.calls += 1
+        return jax.random.fold_in(self.key, self.calls)
+
+
+_ADAPTER_DROPOUT: contextvars.ContextVar = contextvars.ContextVar("adapter_dropout",
+                                                                  default=None)
+
+
+@contextlib.contextmanager
+def adapter_dropout(key: jax.Array | None, rate: float):
+    """Within, every adapter's input drops `rate` of its entries and scales the rest by
+    1 / (1 - rate) (PEFT's lora_dropout): a training forward. A context rather than an
+    argument because the forward reaches the adapters through every layer kind; it is read
+    while the step is traced. Off with no key or a zero rate."""
+    scope = _AdapterDropout(key, rate) if key is not None and rate > 0 else None
+    token = _ADAPTER_DROPOUT.set(scope)
+    try:
+        yield
+    finally:
+        _ADAPTER_DROPOUT.reset(token)
+
+
+@contextlib.contextmanager
+def adapter_dropout_of_layer(layer):
+    """Within, the adapters draw the masks of block `layer` (an int, or a scan's traced
+    index): the same whether the blocks run as a loop or as a scan."""
+    scope = _ADAPTER_DROPOUT.get()
+    if scope is None:
+        yield
+        return
+    with adapter_dropout(jax.random.fold_in(jax.random.fold_in(scope.key, 0), layer),
+                         scope.rate):
+        yield
+
+
+def adapter_input(x: jax.Array) -> jax.Array:
+    """x as an adapter reads it: with entries dropped inside `adapter_dropout`."""
+    scope = _ADAPTER_DROPOUT.get()
+    if scope is None:
+        return x
+    keep = jax.random.bernoulli(scope.next_key(), 1.0 - scope.rate, x.shape)
+    return jnp.where(keep, x / (1.0 - scope.rate), 0).astype(x.dtype)
 
 
 def linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,

@@ -106,6 +106,13 @@ def add_adapters(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str
             f"{', '.join(short_names(found))} (e.g. 'attn.*' for all attention projections, "
             f"'moe.w1' for the routed experts' first weights).")
     chosen = [path for path in found if any(matches(path, t) for t in cfg.targets)]
+    experts = [path for path in chosen if found[path][1] is not None]
+    if cfg.dropout and experts:
+        # The dispatches apply each expert's merged weight: no separate adapter path to drop
+        # from (PEFT's adapters on fused experts refuse lora_dropout too).
+        raise ConfigError(f"lora.dropout={cfg.dropout} needs adapters with their own path, "
+                          f"and the routed experts' ({experts[0]}, ...) are merged into their "
+                          f"weights; set lora.dropout=0 or leave moe.w* out of lora.targets.")
     for path in chosen:  # all checked before any is changed
         module, weight = found[path]
         shape = (module.kernel if weight is None else getattr(module, weight)).shape[-2:]

@@ -129,7 +129,8 @@ class MiniDeepSeek(nnx.Module):
         if cache is None:  # a whole sequence: scanned and rematerialized as compute says
             x_BxLxD, all_stats = layer_scan.apply_blocks(
                 self.blocks, x_BxLxD, positions_BxL, period=len(self.cfg.attn_pattern),
-                scan=self.compute.scan_layers, remat=self.compute.remat,
+                scan_min_repeats=(self.compute.scan_min_repeats if self.compute.scan_layers
+                                  else None), remat=self.compute.remat,
                 moe_dispatch=moe_dispatch, segments_BxL=segments_BxL)
             return x_BxLxD, moe_aux(all_stats), None
         all_stats: list[MoEStats] = []

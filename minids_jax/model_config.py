@@ -149,6 +149,9 @@ class LoRAConfig(Group):
                             "'attn.*', 'mlp.*' (dense), 'shared.*', 'moe.w1' (routed experts, "
                             "one adapter each), 'head', or fnmatch patterns on the path",
                             ARCHITECTURE)
+    dropout: float = option(0.0, "share of each adapter's input dropped while training "
+                            "(PEFT's lora_dropout); not for routed experts' adapters",
+                            low=0.0, below=1.0)
     train_norms: bool = option(False, "also train the RMSNorm gains", ARCHITECTURE)
 
     def validate(self):

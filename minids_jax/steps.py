@@ -15,6 +15,7 @@ from flax import nnx
 from minids_jax import loss as loss_lib
 from minids_jax import lora, optim, sharding
 from minids_jax.config import ComputeConfig, Config
+from minids_jax.layers import adapter_dropout
 from minids_jax.model import MiniDeepSeek
 
 
@@ -59,11 +60,17 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
     trainable = lora.trainable(config.lora)
     microbatches = config.train.grad_accum_steps
 
-    def gradients(model, batch):
-        """(loss, (ce, aux)) and the gradients of what trains, over `microbatches` parts."""
+    def gradients(model, batch, dropout_key):
+        """(loss, (ce, aux)) and the gradients of what trains, over `microbatches` parts;
+        `dropout_key` draws the adapters' dropout masks (lora.dropout)."""
         # Gradients of what trains only: a frozen base costs no gradient memory or work.
-        grad_fn = nnx.value_and_grad(loss_lib.total_loss, has_aux=True,
-                                     argnums=nnx.DiffState(0, trainable))
+        value_and_grad = nnx.value_and_grad(loss_lib.total_loss, has_aux=True,
+                                            argnums=nnx.DiffState(0, trainable))
+
+        def grad_fn(*args, key=dropout_key):
+            with adapter_dropout(key, config.lora.dropout):
+                return value_and_grad(*args)
+
         if microbatches == 1:
             return grad_fn(model, batch, loss_chunk, *coefs)
         denominators_K = loss_lib.denominators(batch, config.model.mtp_depth)
@@ -75,18 +82,21 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
         graphdef, model_state = nnx.split(model)
         leaves, treedef = jax.tree.flatten(model_state)
 
-        def accumulate(summed, part):
+        def accumulate(summed, part_and_index):
+            part, index = part_and_index
             part = jax.lax.with_sharding_constraint(part, batch_sharding)
             part_model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
             (loss, (ce, aux)), grads = grad_fn(part_model, part,
                                                loss_chunk, *coefs, denominators_K,
-                                               microbatches)
+                                               microbatches,
+                                               key=jax.random.fold_in(dropout_key, index))
             summed = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), summed, grads)
             return summed, (loss, ce, aux)
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
                              nnx.state(model, trainable))
-        grads, (losses, ces, auxs) = jax.lax.scan(accumulate, zeros, parts)
+        grads, (losses, ces, auxs) = jax.lax.scan(accumulate, zeros,
+                                                  (parts, jnp.arange(microbatches)))
         # Losses are shares of the batch's (they add up); statistics of parts are averaged.
         aux = {key: (jnp.sum(v, 0) if key == "mtp_loss" else jnp.mean(v, 0))
                for key, v in auxs.items()}
@@ -97,7 +107,9 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
         model = nnx.merge(graphdefs.model, state.model)
         optimizer = nnx.merge(graphdefs.optimizer, state.optimizer)
         lr = lr_schedule(optimizer.step[...])
-        (loss, (ce, aux)), grads = gradients(model, batch)
+        # Masks that depend on the seed and the step only: a resumed run draws the same.
+        dropout_key = jax.random.fold_in(jax.random.key(config.train.seed), optimizer.step[...])
+        (loss, (ce, aux)), grads = gradients(model, batch, dropout_key)
         optimizer.update(model, grads)
         metrics = {
             "loss": ce, "total_loss": loss, "aux_loss": aux["aux_loss"], "lr": lr,

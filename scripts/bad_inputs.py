@@ -90,6 +90,10 @@ def config_cases(c: Cases) -> None:
     c.train("heads that do not divide the width", "--config.model.n_heads=3")
     c.train("vocabulary too small for text", "--config.model.vocab_size=100")
     c.train("unknown flag", "--wrkdir=runs/x")
+    lora = ["--config.lora.rank=2", "--config.lora.dropout=0.1"]
+    c.train("LoRA dropout of the whole input", "--config.lora.rank=2", "--config.lora.dropout=1")
+    c.train("LoRA dropout on routed experts' adapters", *lora,
+            "--config.lora.targets=('attn.*','moe.w1')")
     c.train("a mesh larger than the machine", "--config.mesh.data=3", config=c.config())
     c.train("more GPUs than the machine has", "--config.devices.num_gpus=4", config=c.config())
     c.train("batch not divisible by the mesh", "--config.train.batch_size=3",

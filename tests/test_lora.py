@@ -238,3 +238,85 @@ def test_epochs_set_the_steps_from_the_examples(tmp_path):
     assert run.config.optim.total_steps == -(-2 * rows // 4)
     with pytest.raises(ConfigError, match=r"train.epochs=2.0 counts passes over instruction"):
         Trainer(tiny_config(train=dict(epochs=2.0)))  # random tokens have no examples
+
+
+def test_adapter_dropout_drops_the_adapters_input_at_its_rate_while_training_only():
+    from minids_jax import layers
+
+    # kernel 0 and identity adapters: the layer's output is what the adapter reads.
+    projection = layers.linear(64, 64, (None, None), rngs=nnx.Rngs(0), dtype="float32",
+                               param_dtype="float32")
+    projection.kernel[...] = np.zeros((64, 64), np.float32)
+    projection.lora_a, projection.lora_b = nnx.LoRAParam(np.eye(64)), nnx.LoRAParam(np.eye(64))
+    projection.lora_scale = 1.0
+    x = np.ones((64, 64), np.float32)
+    np.testing.assert_array_equal(projection(x), x)  # outside training: nothing dropped
+    with layers.adapter_dropout(jax.random.key(0), 0.25):
+        first, second = np.asarray(projection(x)), np.asarray(projection(x))
+        features, kernel = projection.as_one_matmul(x)  # the head loss's form: x, drop(x)
+    np.testing.assert_allclose(features @ kernel, features[:, 64:], atol=1e-6)
+    assert set(np.unique(features[:, 64:])) == {0.0, np.float32(1 / 0.75)}
+    assert set(np.unique(first)) == {0.0, np.float32(1 / 0.75)}  # the kept ones scaled up
+    assert abs(np.mean(first == 0) - 0.25) < 0.02
+    assert np.mean(first != second) > 0.2  # each adapter call draws its own mask
+    with layers.adapter_dropout(jax.random.key(0), 0.25):  # the same key: the same masks
+        np.testing.assert_array_equal(projection(x), first)
+
+
+def test_adapter_dropout_masks_do_not_depend_on_scanning_and_are_refused_for_experts():
+    from minids_jax import layers
+    from minids_jax import loss as loss_lib
+    from tests.factories import compute_config
+
+    config = tiny_config(model=dict(V3_MODEL, n_layers=4, first_k_dense=0, mtp_depth=0),
+                         lora=dict(rank=2, targets=("attn.*", "head"), dropout=0.3))
+    batch = {"inputs": tokens(0), "targets": tokens(1), "weights": np.ones((2, 16))}
+
+    def loss(scan_layers, rate):
+        model = MiniDeepSeek(config.model, compute_config(scan_layers=scan_layers,
+                                                             scan_min_repeats=2),
+                             rngs=nnx.Rngs(0))
+        lora.add_adapters(model, config.lora, nnx.Rngs(1))
+        for variable in jax.tree.leaves(nnx.state(model, nnx.LoRAParam),
+                                        is_leaf=lambda v: isinstance(v, nnx.Variable)):
+            variable[...] = 0.3 * jax.random.normal(jax.random.key(variable.size),
+                                                    variable.shape)
+
+        @nnx.jit
+        def dropped_loss(model):
+            with layers.adapter_dropout(jax.random.key(7), rate):
+                return loss_lib.total_loss(model, batch, 16, 0.0)[0]
+        return float(dropped_loss(model))
+
+    scanned, looped, undropped = loss(True, 0.3), loss(False, 0.3), loss(True, 0.0)
+    assert scanned == pytest.approx(looped, rel=1e-6)  # the same masks, layer by layer
+    assert abs(scanned - undropped) > 1e-3
+    with pytest.raises(ConfigError, match=r"lora.dropout=0.1 .* routed experts' "
+                                          r"\(blocks.1.moe.w1, ...\).*set lora.dropout=0"):
+        config = tiny_config(model=SMALL, lora=dict(rank=2, targets=("moe.w1",),
+                                                    dropout=0.1))
+        lora.add_adapters(MiniDeepSeek(config.model, rngs=nnx.Rngs(0)), config.lora,
+                          nnx.Rngs(1))
+
+
+def test_a_lora_step_with_dropout_draws_its_masks_from_the_seed_and_step():
+    def updates(dropout, steps):
+        """The adapters after one update from the first state, at each optimizer step."""
+        config = tiny_config(model=dict(V3_MODEL, n_layers=2, mtp_depth=0),
+                             lora=dict(rank=2, targets=("attn.*", "head"), dropout=dropout),
+                             optim=dict(eps=1.0, lr=1.0))
+        out = []
+        with Trainer(config) as run:
+            for step in steps:
+                state = jax.tree.map(jax.numpy.copy, run.state)  # the step donates its input
+                state.optimizer["step"][...] = step
+                after, _ = run.train_step(state, run.batch(0))
+                out.append({k: v for k, v in convert.flat_paths(jax.device_get(
+                    nnx.to_pure_dict(after.model))).items() if lora.is_adapter(k[-1])})
+        return out
+
+    (plain,), (dropped, again, later) = updates(0.0, [0]), updates(0.5, [0, 0, 3])
+    for path in dropped:  # a resumed step draws what the uninterrupted one drew
+        np.testing.assert_array_equal(again[path], dropped[path], err_msg=str(path))
+    b = ("blocks", "0", "attn", "q_up", "lora_b")
+    assert not np.allclose(dropped[b], plain[b]) and not np.allclose(dropped[b], later[b])

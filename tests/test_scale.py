@@ -58,7 +58,7 @@ def test_a_batch_that_does_not_split_into_the_microbatches_is_a_config_error():
         trainer.Trainer(config)
 
 
-PATTERNS = {  # layer patterns, each with a run of units that scans
+PATTERNS = {  # layer patterns, each with a run of at least two units, scanned
     "original": dict(n_layers=4, attn_pattern=("mha", "mhla")),
     "mla_dense_first": dict(n_layers=4, attn_pattern=("mla",), first_k_dense=1),
     "three_kinds_mtp": dict(n_layers=7, attn_pattern=("mha", "mhla", "mla"), first_k_dense=1,
@@ -96,13 +96,28 @@ def test_scanned_and_rematerialized_layers_give_the_plain_loss_and_gradients(pat
 
     model_cfg = small_model_config(**PATTERNS[pattern])
     loop_loss, loop_grads, loop_jaxpr = loss_and_grads(model_cfg, scan_layers=False)
-    loss, grads, jaxpr = loss_and_grads(model_cfg, scan_layers=True, remat=remat)
+    loss, grads, jaxpr = loss_and_grads(model_cfg, scan_layers=True, scan_min_repeats=2,
+                                        remat=remat)
     # Each repeating unit is traced once, not once per repeat: a shorter program (remat
     # traces its recomputation too).
     assert remat != "none" or len(jaxpr) < 0.8 * len(loop_jaxpr)
     assert (" remat" in jaxpr) == (remat != "none") and " remat" not in loop_jaxpr
     np.testing.assert_allclose(loss, loop_loss, rtol=1e-6)
     assert_trees_close(grads, loop_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_only_runs_of_enough_repeats_are_scanned():
+    from flax import nnx
+
+    from minids_jax import MiniDeepSeek, layer_scan
+    from tests.factories import small_model_config
+
+    blocks = MiniDeepSeek(small_model_config(n_layers=7, first_k_dense=1),
+                          rngs=nnx.Rngs(0)).blocks  # dense MHA, then 3 x (MHLA, MHA MoE)
+    singles = [(i, 1, 1) for i in range(7)]
+    assert layer_scan.runs(blocks, 2, 2) == [(0, 1, 1), (1, 3, 2)]
+    assert layer_scan.runs(blocks, 2, 4) == singles  # 3 repeats are too few
+    assert layer_scan.runs(blocks, 2, None) == singles  # scan_layers=False
 
 
 def test_bfloat16_training_follows_float32():

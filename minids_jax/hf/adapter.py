@@ -75,7 +75,7 @@ def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
               str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank,
-        "lora_alpha": lora_cfg.alpha, "lora_dropout": 0.0, "bias": "none",
+        "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout, "bias": "none",
         "target_modules": sorted(modules), "fan_in_fan_out": False, "use_rslora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": config.checkpoint.init_from or None}
