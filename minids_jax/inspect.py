@@ -4,11 +4,11 @@
     python -m minids_jax.inspect --config configs/v3_mini.py --devices 8 \
         --config.mesh.data=1 --config.mesh.fsdp=8
 
-Everything comes from abstract shapes (`nnx.eval_shape`) and the mesh's logical-axis rules: the
-total and per-token active parameter counts (routed experts count top_k / n_experts; the MTP
-modules apart), the training FLOPs per token (flops.py), and the bytes per device of the
-parameters and the AdamW state (two moments of each parameter) under the configured mesh on
-`--devices` devices.
+Everything comes from abstract shapes (`nnx.eval_shape` of one layer of each kind) and the
+mesh's logical-axis rules: the total and per-token active parameter counts (routed experts
+count top_k / n_experts; the MTP modules apart), the training FLOPs per token (flops.py), and
+the bytes per device of the parameters and the AdamW state (two moments of each parameter)
+under the configured mesh on `--devices` devices.
 """
 
 from __future__ import annotations
@@ -22,8 +22,33 @@ from minids_jax import cli
 GB = 1e9
 
 
+def representative(cfg):
+    """(a model config of fewer than 3 * P layers, holding each kind of layer the model has;
+    for each real layer, the layer of that config with its shapes). Layers of one kind
+    (attention kind, and dense or MoE) have equal shapes, and tracing all 61 of DeepSeek-V3's
+    takes a minute: flax updates its RNG counter in a way whose cost grows with the traced
+    program. The MTP modules' blocks follow the last layer's kinds, so they stay the same."""
+    import dataclasses
+
+    period = len(cfg.attn_pattern)
+    kind = lambda c, i: (c.attention_kind(i), c.is_moe_layer(i))  # noqa: E731
+    dense, moe_layers = min(cfg.first_k_dense, period), cfg.n_layers - cfg.first_k_dense
+    moe = min(moe_layers, period)
+    while moe < moe_layers and (dense + moe - cfg.n_layers) % period:
+        moe += 1  # the same layer count mod P: the same kinds of MTP blocks
+    small = dataclasses.replace(cfg, first_k_dense=dense, n_layers=dense + moe)
+    index = {kind(small, j): j for j in range(small.n_layers)}
+    if any(kind(cfg, i) not in index for i in range(cfg.n_layers)) or any(
+            kind(cfg, cfg.n_layers + d) != kind(small, small.n_layers + d)
+            for d in range(cfg.mtp_depth)):
+        return cfg, list(range(cfg.n_layers))  # a kind the small stack lacks: build them all
+    return small, [index[kind(cfg, i)] for i in range(cfg.n_layers)]
+
+
 def sizes(config, n_devices: int) -> dict:
     """The figures `inspect` prints, as numbers."""
+    import collections
+
     import jax
     from flax import nnx
 
@@ -31,8 +56,10 @@ def sizes(config, n_devices: int) -> dict:
     from minids_jax.model import MiniDeepSeek
 
     cfg = config.model
+    small, layer_of = representative(cfg)
+    copies = collections.Counter(layer_of)  # how many real layers each built one stands for
     with nnx.logical_axis_rules(config.mesh.axis_rules), nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: MiniDeepSeek(cfg, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: MiniDeepSeek(small, rngs=nnx.Rngs(0)))
         params = nnx.state(model, nnx.Param)
         specs = nnx.get_partition_spec(params)
     mesh_sizes = sharding.resolve_axis_sizes(config.mesh, n_devices)
@@ -43,6 +70,8 @@ def sizes(config, n_devices: int) -> dict:
             specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
         name = jax.tree_util.keystr(path)
         size = math.prod(leaf.shape)
+        if name.startswith("['blocks']"):
+            size *= copies[int(path[1].key)]
         routed = "['moe']['w" in name  # the routed experts' [E, ...] weights
         share = cfg.top_k / cfg.n_experts if routed else 1.0
         if "['mtp']" in name:

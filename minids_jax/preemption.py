@@ -42,6 +42,10 @@ class StopGuard:
     def _on_signal(self, signum, frame) -> None:
         if self.signal is not None:  # asked twice: give up on saving, act as before
             previous = self._previous.get(signum)
+            if signum == signal.SIGINT and not callable(previous):
+                # A handler set outside Python reads as None: Ctrl-C still means
+                # KeyboardInterrupt (the CLI's exit 130), never a kill by the signal.
+                previous = signal.default_int_handler
             if callable(previous):  # e.g. Python's SIGINT handler: KeyboardInterrupt
                 previous(signum, frame)
                 return

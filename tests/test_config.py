@@ -104,21 +104,39 @@ def test_the_configuration_reference_is_generated_from_the_metadata():
 def test_the_deepseek_v3_config_has_the_published_parameter_counts():
     """671.03B in the main model (the reference's meta-device count) and the MTP module apart,
     from abstract shapes only."""
-    import jax
     from flax import nnx
 
     from configs import deepseek_v3
+    from minids_jax import inspect
     from minids_jax.model import MiniDeepSeek
 
-    cfg = config_lib.from_config_dict(deepseek_v3.get_config()).model
-    model = nnx.eval_shape(lambda: MiniDeepSeek(cfg, rngs=nnx.Rngs(0)))
-    count = lambda tree: sum(x.size for x in jax.tree.leaves(nnx.state(tree, nnx.Param)))  # noqa: E731
-    mtp = count(model.mtp)
-    assert round((count(model) - mtp) / 1e9, 2) == 671.03
-    assert 11.4e9 < mtp < 11.7e9  # one MoE block and its 2D -> D projection
-    layer = model.blocks[10].attn
+    config = config_lib.from_config_dict(deepseek_v3.get_config())
+    figures = inspect.sizes(config, 1)
+    assert round(figures["parameters"] / 1e9, 2) == 671.03
+    assert 11.4e9 < figures["mtp_parameters"] < 11.7e9  # one MoE block, its 2D -> D projection
+    small, layer_of = inspect.representative(config.model)
+    assert small.n_layers == 2 and layer_of == [0] * 3 + [1] * 58  # 3 dense, then MoE
+    layer = nnx.eval_shape(lambda: MiniDeepSeek(small, rngs=nnx.Rngs(0))).blocks[1].attn
     assert layer.kv_up.kernel.shape == (512, 128 * (128 + 128))
     assert layer.kv_down.kernel.shape == (7168, 512 + 64)
+
+
+@pytest.mark.parametrize("first_k_dense, n_layers", [(2, 9), (4, 6)])  # (4, 6): a kind is
+def test_sizes_from_one_layer_of_each_kind_are_the_whole_models(first_k_dense, n_layers):
+    import jax  # missing from the small stack there, so every layer is built
+    from flax import nnx
+
+    from minids_jax import inspect
+    from minids_jax.model import MiniDeepSeek
+    from tests.factories import tiny_config
+
+    config = tiny_config(model=dict(attn_pattern=("mha", "mhla", "mla"), mtp_depth=1,
+                                    first_k_dense=first_k_dense, n_layers=n_layers))
+    model = nnx.eval_shape(lambda: MiniDeepSeek(config.model, rngs=nnx.Rngs(0)))
+    whole = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    figures = inspect.sizes(config, 1)
+    assert figures["parameters"] + figures["mtp_parameters"] == whole
+    assert figures["bytes_per_device"] == 12 * whole  # float32, and two AdamW moments
 
 
 @pytest.mark.parametrize("name", ["v3_tiny", "v3_mini"])

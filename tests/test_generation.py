@@ -142,10 +142,12 @@ def test_prompt_longer_than_context_is_a_clear_error(generator):
 
 
 @pytest.mark.slow
-def test_generate_command_end_to_end(tmp_path):
+def test_generate_command_end_to_end(tmp_path, compile_cache):
     """Trains a tiny run on the builtin corpus, then samples from it with generate.py."""
+    from tests.factories import subprocess_env
+
     workdir = tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(compile_cache)  # the second sampling reuses the first's programs
     overrides = ["--config.model.max_seq_len=32", "--config.model.d_model=32",
                  "--config.model.n_layers=2", "--config.model.n_heads=2",
                  "--config.model.latent_k=4", "--config.model.n_experts=2",

@@ -24,38 +24,51 @@ def batch(seed=0, length=16):
 def test_module_k_scores_the_token_k_plus_1_ahead_and_nothing_past_the_window():
     model = MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(0))
     data = batch()
-    _, aux = loss_lib.model_loss(model, data, chunk=16)
-    # By hand, on windows cut to the positions that have a token k + 1 ahead (causal, so a
-    # shorter input gives the same outputs at the positions it keeps).
-    trunk, _, _ = model.trunk(data["inputs"])
-    hidden, losses = trunk, []
-    for k, module in enumerate(model.mtp, start=1):
-        length = data["inputs"].shape[1] - k
-        positions = jnp.broadcast_to(jnp.arange(length), (2, length))
-        joined = jnp.concatenate([module.embed_norm(model.embed(data["inputs"][:, k:])),
-                                  module.hidden_norm(hidden[:, :length])], axis=-1)
-        hidden, _, _ = module.block(module.proj(joined), positions)
-        logits = model.head(module.out_norm(hidden))
-        losses.append(loss_lib.cross_entropy(logits, data["targets"][:, k:],
-                                             data["weights"][:, k:]))
-    np.testing.assert_allclose(aux["mtp_loss"], np.mean(losses), rtol=1e-5)
     # Targets where the weight is zero do not count.
     changed = dict(data, targets=data["targets"].at[1, 12].set((data["targets"][1, 12] + 1) %
                                                               CFG.vocab_size))
-    np.testing.assert_allclose(loss_lib.model_loss(model, changed, 16)[1]["mtp_loss"],
-                               aux["mtp_loss"], rtol=1e-6)
+
+    @nnx.jit  # one program: eager, each op would compile on its own
+    def losses(model, data, changed):
+        _, aux = loss_lib.model_loss(model, data, chunk=16)
+        # By hand, on windows cut to the positions that have a token k + 1 ahead (causal, so
+        # a shorter input gives the same outputs at the positions it keeps).
+        trunk, _, _ = model.trunk(data["inputs"])
+        hidden, by_hand = trunk, []
+        for k, module in enumerate(model.mtp, start=1):
+            length = data["inputs"].shape[1] - k
+            positions = jnp.broadcast_to(jnp.arange(length), (2, length))
+            joined = jnp.concatenate([module.embed_norm(model.embed(data["inputs"][:, k:])),
+                                      module.hidden_norm(hidden[:, :length])], axis=-1)
+            hidden, _, _ = module.block(module.proj(joined), positions)
+            logits = model.head(module.out_norm(hidden))
+            by_hand.append(loss_lib.cross_entropy(logits, data["targets"][:, k:],
+                                                  data["weights"][:, k:]))
+        return (aux["mtp_loss"], jnp.mean(jnp.stack(by_hand)),
+                loss_lib.model_loss(model, changed, 16)[1]["mtp_loss"])
+
+    mtp_loss, by_hand, with_changed_target = losses(model, data, changed)
+    np.testing.assert_allclose(mtp_loss, by_hand, rtol=1e-5)
+    np.testing.assert_allclose(with_changed_target, mtp_loss, rtol=1e-6)
 
 
 def test_the_mtp_loss_enters_the_total_and_decoding_ignores_the_modules():
     with_mtp = MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(1))
     without = MiniDeepSeek(small_model_config(**{**CFG.__dict__, "mtp_depth": 0}),
                            compute_config(), rngs=nnx.Rngs(1))
-    tokens = batch()["inputs"]
-    np.testing.assert_array_equal(with_mtp(tokens).logits_BxLxV, without(tokens).logits_BxLxV)
     data = batch()
-    total, (ce, aux) = loss_lib.total_loss(with_mtp, data, 16, 0.0, 0.0, 0.5)
-    np.testing.assert_allclose(total, ce + 0.5 * aux["mtp_loss"], rtol=1e-6)
-    grads = nnx.grad(lambda m: loss_lib.total_loss(m, data, 16, 0.0, 0.0, 0.5)[0])(with_mtp)
+    logits = nnx.jit(lambda model, tokens: model(tokens).logits_BxLxV)
+    np.testing.assert_array_equal(logits(with_mtp, data["inputs"]),
+                                  logits(without, data["inputs"]))
+
+    @nnx.jit
+    def total_and_grads(model, data):
+        total, (ce, aux) = loss_lib.total_loss(model, data, 16, 0.0, 0.0, 0.5)
+        grads = nnx.grad(lambda m: loss_lib.total_loss(m, data, 16, 0.0, 0.0, 0.5)[0])(model)
+        return total, ce, aux["mtp_loss"], grads
+
+    total, ce, mtp_loss, grads = total_and_grads(with_mtp, data)
+    np.testing.assert_allclose(total, ce + 0.5 * mtp_loss, rtol=1e-6)
     assert float(jnp.abs(grads.mtp[1].proj.kernel[...]).sum()) > 0  # the deepest module learns
 
 
@@ -63,8 +76,9 @@ def test_the_modules_moe_layers_are_balanced_like_the_main_ones():
     from minids_jax.steps import update_router_biases
 
     model = MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(2))
-    _, aux = loss_lib.model_loss(model, batch(), chunk=16)
-    _, main_aux, _ = model.trunk(batch()["inputs"])
+    loads = nnx.jit(lambda model, data: (loss_lib.model_loss(model, data, chunk=16)[1],
+                                         model.trunk(data["inputs"])[1]))
+    aux, main_aux = loads(model, batch())
     load_NxE = aux["expert_load_NxE"]
     assert load_NxE.shape[0] == main_aux["expert_load_NxE"].shape[0] + CFG.mtp_depth
     np.testing.assert_array_equal(load_NxE[:-CFG.mtp_depth], main_aux["expert_load_NxE"])

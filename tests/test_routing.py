@@ -96,9 +96,14 @@ def test_the_bias_is_state_without_gradient_and_dense_layers_come_first():
     assert not any("bias" in str(path) for path, _ in nnx.to_flat_state(
         nnx.state(model, nnx.Param)))
     tokens = jnp.arange(32).reshape(2, 16) % cfg.vocab_size
-    out = model(tokens)
-    assert out.aux["expert_load_NxE"].shape == (2, cfg.n_experts)
-    grads = nnx.grad(lambda m: jnp.mean(m(tokens).logits_BxLxV))(model)
+
+    @nnx.jit  # one program: eager, each op would compile on its own
+    def load_and_grads(model):
+        load_NxE = model(tokens).aux["expert_load_NxE"]
+        return load_NxE, nnx.grad(lambda m: jnp.mean(m(tokens).logits_BxLxV))(model)
+
+    load_NxE, grads = load_and_grads(model)
+    assert load_NxE.shape == (2, cfg.n_experts)
     assert len(jax.tree.leaves(nnx.state(grads, RouterBias))) == 0
 
 
@@ -154,7 +159,7 @@ def test_the_bias_update_balances_a_skewed_router():
     assert (last(frozen)["router_bias_max"], last(frozen)["router_bias_min"]) == (0.5, 0.0)
 
 
-def test_resume_after_bias_updates_is_exact(tmp_path):
+def test_resume_after_bias_updates_is_exact(tmp_path, compile_cache):  # 3 runs, one program
     from minids_jax import checkpoint
 
     straight = skewed_trainer(tmp_path / "straight", router_bias_rate=0.01)

@@ -9,7 +9,10 @@ import pytest
 
 from minids_jax import data, trainer
 from minids_jax.loss import cross_entropy
-from tests.factories import tiny_config
+from tests.factories import FAST_COMPILE_XLA_FLAGS, tiny_config
+
+# A user's shell, nearly: nothing of this session's environment but the tests' XLA flags.
+BARE_ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "XLA_FLAGS": FAST_COMPILE_XLA_FLAGS}
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +89,7 @@ def test_train_py_runs_end_to_end(tmp_path):
                "--config.data.max_bytes=200000", "--config.data.cache_dir=",
                f"--workdir={tmp_path / 'run'}"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                            env=BARE_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert lines[0].startswith("step 2/4 | loss ") and any("eval_loss" in l for l in lines)
@@ -104,7 +107,7 @@ def test_a_short_run_needs_one_override(tmp_path):
                "--config.train.eval_batches=1", "--config.data.max_bytes=50000",
                "--config.data.cache_dir=", f"--workdir={tmp_path / 'run'}"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                            env=BARE_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("optim.warmup_steps=30 does not fit") == 1
     assert "step 3/3 | loss" in result.stdout
@@ -115,6 +118,6 @@ def test_bad_config_override_fails_with_a_clear_message():
     command = [sys.executable, "train.py", "--config", "configs/tiny.py",
                "--config.model.n_heads=5"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                            env=BARE_ENV)
     assert result.returncode != 0
     assert "not divisible by model.n_heads=5" in result.stderr
