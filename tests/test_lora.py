@@ -40,6 +40,10 @@ def assert_close(ours, expected):
     np.testing.assert_allclose(np.asarray(ours) / scale, np.asarray(expected) / scale, atol=3e-5)
 
 
+# A forward as one compiled program (eager, each op would compile on its own).
+logits = nnx.jit(lambda model, tokens: model(tokens).logits_BxLxV)
+
+
 def tokens(seed=0):
     return np.random.RandomState(seed).randint(0, 64, (2, 16)).astype(np.int32)
 
@@ -48,7 +52,7 @@ def test_fresh_adapters_compute_the_base_model_exactly():
     _, base, model, names = adapted()
     assert "blocks.1.moe.w1" in names and "blocks.0.mlp.w2" in names and "head" in names
     assert "mtp.0.block.attn.q_up" in names  # the MTP module's attention is attention too
-    np.testing.assert_array_equal(model(tokens()).logits_BxLxV, base(tokens()).logits_BxLxV)
+    np.testing.assert_array_equal(logits(model, tokens()), logits(base, tokens()))
 
 
 def test_merged_adapters_compute_the_adapted_model():
@@ -59,9 +63,9 @@ def test_merged_adapters_compute_the_adapted_model():
         variable[...] = 0.3 * jax.random.normal(next(keys), variable.shape)
     merged = lora.merge_lora(model)
     assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
-    adapted_logits = np.asarray(model(tokens()).logits_BxLxV)
+    adapted_logits = np.asarray(logits(model, tokens()))
     assert not np.allclose(adapted_logits, 0)
-    assert_close(merged(tokens()).logits_BxLxV, adapted_logits)
+    assert_close(logits(merged, tokens()), adapted_logits)
 
 
 @pytest.mark.parametrize("train_norms", [False, True])
@@ -132,8 +136,7 @@ def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path, compil
         if path[-1] != "scale":
             np.testing.assert_array_equal(saved[path], array, err_msg=str(path))
     model, _ = minids_jax.load(tmp_path / "lora")  # the adapted model: the trainer's
-    np.testing.assert_array_equal(model(tokens()).logits_BxLxV,
-                                  run.model()(tokens()).logits_BxLxV)
+    np.testing.assert_array_equal(logits(model, tokens()), logits(run.model(), tokens()))
 
     # Resumed from step 4, the run goes on as if never stopped.
     shutil.copytree(tmp_path / "lora", tmp_path / "resumed")
@@ -151,7 +154,7 @@ def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path, compil
     convert.import_dir(tmp_path / "hf", tmp_path / "merged", tiny_config(model=dict(
         vocab_size=259)), log=lambda _: None)
     merged, _ = minids_jax.load(tmp_path / "merged")
-    assert_close(merged(tokens()).logits_BxLxV, model(tokens()).logits_BxLxV)
+    assert_close(logits(merged, tokens()), logits(model, tokens()))
 
     # Without a base to refer to (no init_from), the whole model is saved.
     alone = dataclasses.replace(tuned, checkpoint=dataclasses.replace(tuned.checkpoint,

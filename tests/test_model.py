@@ -13,9 +13,10 @@ def test_model_is_causal_and_independent_of_input_length():
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
     t = 9
     changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % cfg.vocab_size)
-    logits, aux, cache = model(tokens)
-    logits_changed = model(changed).logits_BxLxV
-    logits_truncated = model(tokens[:, :t + 1]).logits_BxLxV
+    forward = nnx.jit(lambda model, tokens: model(tokens))  # eager, each op compiles alone
+    logits, aux, cache = forward(model, tokens)
+    logits_changed = forward(model, changed).logits_BxLxV
+    logits_truncated = forward(model, tokens[:, :t + 1]).logits_BxLxV
     assert cache is None  # nothing cached without a cache
     np.testing.assert_allclose(logits[:, :t + 1], logits_changed[:, :t + 1], atol=1e-5)
     np.testing.assert_allclose(logits[:, :t + 1], logits_truncated, atol=1e-4)
@@ -34,7 +35,8 @@ def test_layers_follow_the_attention_pattern():
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = MiniDeepSeek(small_model_config(), compute_config(dtype="bfloat16"), rngs=nnx.Rngs(0))
-    logits = model(jnp.zeros((1, 16), jnp.int32)).logits_BxLxV
+    logits = nnx.jit(lambda model, tokens: model(tokens).logits_BxLxV)(
+        model, jnp.zeros((1, 16), jnp.int32))
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)
     assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
