@@ -129,7 +129,7 @@ def test_sequence_balance_loss_follows_the_paper():
     assert float(sequence_balancing_loss(all_on_one, one_BxLxK, experts)) == pytest.approx(4.0)
 
 
-def skewed_trainer(tmp_path=None, **train):
+def skewed_trainer(tmp_path=None, steps=60, **train):
     """A v3-like tiny run whose router starts badly skewed towards expert 0 (its bias is 0.5
     ahead, where sigmoid scores differ by about 0.1), with the learning rate near zero so
     that only the bias update can fix it."""
@@ -138,7 +138,7 @@ def skewed_trainer(tmp_path=None, **train):
 
     config = tiny_config(model=dict(n_experts=4, top_k=1, router_scoring="sigmoid",
                                     n_shared_experts=1),
-                         optim=dict(lr=1e-9, warmup_steps=0, total_steps=60),
+                         optim=dict(lr=1e-9, warmup_steps=0, total_steps=steps),
                          train=dict(log_every=10, eval_batches=1, **train))
     run = trainer_lib.Trainer(config, None if tmp_path is None else str(tmp_path))
     bias = run.state.model["blocks"][0]["moe"]["bias"]
@@ -162,15 +162,15 @@ def test_the_bias_update_balances_a_skewed_router():
 def test_resume_after_bias_updates_is_exact(tmp_path, compile_cache):  # 3 runs, one program
     from minids_jax import checkpoint
 
-    straight = skewed_trainer(tmp_path / "straight", router_bias_rate=0.01)
+    straight = skewed_trainer(tmp_path / "straight", steps=20, router_bias_rate=0.01)
     straight.train()
-    first_half = skewed_trainer(tmp_path / "resumed", router_bias_rate=0.01)
-    first_half.train_step = _stop_after(first_half.train_step, 25)
+    first_half = skewed_trainer(tmp_path / "resumed", steps=20, router_bias_rate=0.01)
+    first_half.train_step = _stop_after(first_half.train_step, 11)  # saved at 9, then 11 made
     with pytest.raises(KeyboardInterrupt):
         first_half.train()
-    resumed = skewed_trainer(tmp_path / "resumed", router_bias_rate=0.01)
+    resumed = skewed_trainer(tmp_path / "resumed", steps=20, router_bias_rate=0.01)
     resumed.train()
-    assert checkpoint.resolve(tmp_path / "resumed")[1] == 60
+    assert checkpoint.resolve(tmp_path / "resumed")[1] == 20
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(straight.state.model)),
                     jax.tree.leaves(nnx.to_pure_dict(resumed.state.model))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
