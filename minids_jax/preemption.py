@@ -42,7 +42,7 @@ class StopGuard:
     def _on_signal(self, signum, frame) -> None:
         if self.signal is not None:  # asked twice: give up on saving, act as before
             previous = self._previous.get(signum)
-            if signum == signal.SIGINT and not callable(previous):
+            if signum == signal.SIGINT and previous is None:
                 # A handler set outside Python reads as None: Ctrl-C still means
                 # KeyboardInterrupt (the CLI's exit 130), never a kill by the signal.
                 previous = signal.default_int_handler
