@@ -93,7 +93,7 @@ def test_the_peft_adapter_loads_in_peft_onto_the_exported_base(tmp_path):
     peft = pytest.importorskip("peft")
     from tests.test_lora import saved_lora_run
 
-    base, run = saved_lora_run(tmp_path)
+    base, run = saved_lora_run(tmp_path, dropout=0.1)  # trained with dropout; none in eval
     convert.export_run(base, tmp_path / "hf_base", dtype="float32", log=lambda _: None)
     adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base")

@@ -178,14 +178,15 @@ def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path, compil
     assert f"the base of these adapters is now {tmp_path / 'moved'}" in lines[0], lines
 
 
-def saved_lora_run(tmp_path, targets=("attn.*", "head")):
+def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0):
     """(base workdir, LoRA workdir): a random DeepSeek-V3-format base and a LoRA run on it whose
     adapters are random (as after training)."""
     config = tiny_config(model=dict(SMALL, mtp_depth=0))
     model = MiniDeepSeek(config.model, rngs=nnx.Rngs(4))
     checkpointer.save_model(tmp_path / "base", config, nnx.to_pure_dict(nnx.state(model)))
     tuned = dataclasses.replace(
-        config, lora=dataclasses.replace(config.lora, rank=2, alpha=4.0, targets=targets),
+        config, lora=dataclasses.replace(config.lora, rank=2, alpha=4.0, targets=targets,
+                                         dropout=dropout),
         checkpoint=dataclasses.replace(config.checkpoint, init_from=str(tmp_path / "base")))
     lora.add_adapters(model, tuned.lora, nnx.Rngs(5))
     keys = iter(jax.random.split(jax.random.key(6), 200))
@@ -202,10 +203,11 @@ def saved_lora_run(tmp_path, targets=("attn.*", "head")):
 def test_the_peft_adapter_has_peft_names_shapes_and_scaling(tmp_path):
     from minids_jax.hf.files import TensorFiles
 
-    _, run = saved_lora_run(tmp_path)
+    _, run = saved_lora_run(tmp_path, dropout=0.1)
     adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
     settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert (settings["peft_type"], settings["r"], settings["lora_alpha"]) == ("LORA", 2, 4.0)
+    assert (settings["peft_type"], settings["r"], settings["lora_alpha"],
+            settings["lora_dropout"]) == ("LORA", 2, 4.0, 0.1)
     assert {"model.layers.0.self_attn.q_a_proj", "model.layers.1.self_attn.o_proj",
             "lm_head"} <= set(settings["target_modules"])
     files = TensorFiles(tmp_path / "adapter")
