@@ -283,9 +283,22 @@ def _drop_abandoned_callbacks(unraisable) -> None:
 _previous_unraisablehook = sys.unraisablehook
 
 
+on_second_interrupt: Callable[[], None] | None = None  # set by run()
+INTERRUPTED = ("interrupted; stopped without saving the current step (checkpoints already "
+               "written are kept).")
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)`, with a UserError or Ctrl-C ending it in one line."""
     sys.unraisablehook = _drop_abandoned_callbacks
+
+    def interrupted_at_once():
+        sys.stdout.flush()
+        print(f"error: {INTERRUPTED}", file=sys.stderr, flush=True)
+        os._exit(130)  # checkpoints are written whole or not at all; the flock goes with us
+
+    global on_second_interrupt  # read by preemption.StopGuard, which imports JAX: not here,
+    on_second_interrupt = interrupted_at_once  # before startup.py has chosen the GPUs
 
     def guarded(argv):
         try:
@@ -293,7 +306,6 @@ def run(main: Callable[[list[str]], None]) -> None:
         except UserError as error:
             _exit(str(error), error.exit_code)
         except KeyboardInterrupt:
-            _exit("interrupted; stopped without saving the current step (checkpoints already "
-                  "written are kept).", 130)
+            _exit(INTERRUPTED, 130)
 
     app.run(guarded, flags_parser=parse_flags)

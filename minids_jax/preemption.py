@@ -40,7 +40,13 @@ class StopGuard:
         return signal.Signals(self.signal).name if self.signal is not None else ""
 
     def _on_signal(self, signum, frame) -> None:
+        # Under the command line (cli.run) a second Ctrl-C exits 130 at once from here: a
+        # KeyboardInterrupt raised inside this handler was seen to end the process by the
+        # signal now and then, without the CLI's one-line message.
         if self.signal is not None:  # asked twice: give up on saving, act as before
+            at_once = getattr(sys.modules.get("minids_jax.cli"), "on_second_interrupt", None)
+            if signum == signal.SIGINT and at_once is not None:
+                at_once()  # the command line's exit: at once, from here
             previous = self._previous.get(signum)
             if signum == signal.SIGINT and previous is None:
                 # A handler set outside Python reads as None: Ctrl-C still means
