@@ -48,10 +48,6 @@ class StopGuard:
             if signum == signal.SIGINT and at_once is not None:
                 at_once()  # the command line's exit: at once, from here
             previous = self._previous.get(signum)
-            if signum == signal.SIGINT and previous is None:
-                # A handler set outside Python reads as None: Ctrl-C still means
-                # KeyboardInterrupt (the CLI's exit 130), never a kill by the signal.
-                previous = signal.default_int_handler
             if callable(previous):  # e.g. Python's SIGINT handler: KeyboardInterrupt
                 previous(signum, frame)
                 return
