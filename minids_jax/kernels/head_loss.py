@@ -19,22 +19,26 @@ f32 = jnp.float32
 
 def _head_loss_chunk(x_BxCxD, kernel_DxV, targets_BxC, weights_BxC, with_grad: bool):
     """Weighted cross-entropy sum of one chunk and, if asked, its gradients for x and kernel."""
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD, kernel_DxV, preferred_element_type=f32)
-    max_BxCx1 = jnp.max(logits_BxCxV, axis=-1, keepdims=True)
-    exp_BxCxV = jnp.exp(logits_BxCxV - max_BxCx1)
-    total_BxCx1 = jnp.sum(exp_BxCxV, axis=-1, keepdims=True)
-    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
-    target_logit_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1)
-    logsumexp_BxC = jnp.log(total_BxCx1[..., 0]) + max_BxCx1[..., 0]
-    loss = jnp.sum((logsumexp_BxC - target_logit_BxC) * weights_BxC)
+    # Its positions as rows of one matrix: a kernel gradient contracting two axes (batch,
+    # position) goes through a transposed copy on XLA's CPU backend.
+    x_NxD, targets_N, weights_N = (x_BxCxD.reshape(-1, x_BxCxD.shape[-1]),
+                                   targets_BxC.reshape(-1), weights_BxC.reshape(-1))
+    logits_NxV = jnp.matmul(x_NxD, kernel_DxV, preferred_element_type=f32)
+    max_Nx1 = jnp.max(logits_NxV, axis=-1, keepdims=True)
+    exp_NxV = jnp.exp(logits_NxV - max_Nx1)
+    total_Nx1 = jnp.sum(exp_NxV, axis=-1, keepdims=True)
+    is_target_NxV = jnp.arange(logits_NxV.shape[-1]) == targets_N[:, None]
+    target_logit_N = jnp.sum(jnp.where(is_target_NxV, logits_NxV, 0.0), axis=-1)
+    logsumexp_N = jnp.log(total_Nx1[:, 0]) + max_Nx1[:, 0]
+    loss = jnp.sum((logsumexp_N - target_logit_N) * weights_N)
     if not with_grad:
         return loss, None, None
     # d(loss)/d(logits) = weight * (softmax - onehot(target)).
-    weights_BxCx1 = weights_BxC[..., None].astype(f32)
-    dlogits_BxCxV = (exp_BxCxV * (weights_BxCx1 / total_BxCx1)
-                     - jnp.where(is_target_BxCxV, weights_BxCx1, 0.0)).astype(x_BxCxD.dtype)
-    dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, kernel_DxV)
-    dkernel_DxV = jnp.einsum("bcd,bcv->dv", x_BxCxD, dlogits_BxCxV, preferred_element_type=f32)
+    weights_Nx1 = weights_N[:, None].astype(f32)
+    dlogits_NxV = (exp_NxV * (weights_Nx1 / total_Nx1)
+                   - jnp.where(is_target_NxV, weights_Nx1, 0.0)).astype(x_BxCxD.dtype)
+    dx_BxCxD = (dlogits_NxV @ kernel_DxV.T).reshape(x_BxCxD.shape)
+    dkernel_DxV = jnp.matmul(x_NxD.T, dlogits_NxV, preferred_element_type=f32)
     return loss, dx_BxCxD, dkernel_DxV
 
 
