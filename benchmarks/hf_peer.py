@@ -10,6 +10,12 @@ trained on [batch, max_position_embeddings] random tokens with its own `labels=`
 (no decay of norm gains and embeddings, as minids_jax/optim.py) and global-norm clipping. Its
 forward has no MTP module (transformers drops those weights), so there is none to train.
 Two warm-up steps, then `--steps` timed ones; prints `tokens_per_sec X`.
+
+    python benchmarks/hf_peer.py CONFIG_JSON --batch 16 --layers 7
+
+times its layers instead, as benchmarks/layers.py times ours (run by `layers.py --vs_hf`):
+forward+backward of the attention, the dense MLP and the MoE of one layer on random
+activations, the sum of squares of the output as the loss, best of 7 calls.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ def main():
     parser.add_argument("--clip_norm", type=float, default=1.0)
     parser.add_argument("--profile", type=int, default=0,
                         help="also profile this many steps and print torch.profiler's table")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="time single layers instead, best of this many calls")
     args = parser.parse_args()
     try:
         import torch
@@ -47,6 +55,8 @@ def main():
     with open(args.config) as f:
         config = DeepseekV3Config(**json.load(f))
     model = DeepseekV3ForCausalLM(config).to(torch.float32).train()
+    if args.layers:
+        return time_layers(model, config, args.batch, args.layers)
     params = dict(model.named_parameters())
     print(f"hf parameters {sum(p.numel() for p in params.values())} | attention "
           f"{model.config._attn_implementation} | experts "
@@ -88,6 +98,31 @@ def main():
             for _ in range(args.profile):
                 step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def time_layers(model, config, batch: int, iters: int) -> None:
+    """Prints `transformers NAME MS` per layer kind: forward+backward, best of `iters`."""
+    import torch
+
+    length = config.max_position_embeddings
+    x_BxLxD = torch.randn(batch, length, config.hidden_size)
+    positions_BxL = torch.arange(length)[None].expand(batch, length)
+    rope = model.model.rotary_emb(x_BxLxD, positions_BxL)
+    layers = model.model.layers
+    moe_layer = layers[min(config.first_k_dense_replace, len(layers) - 1)]
+    kinds = {"MLA (sdpa, causal)": lambda x: moe_layer.self_attn(
+        hidden_states=x, position_embeddings=rope, attention_mask=None)[0]}
+    if config.first_k_dense_replace:
+        kinds[f"MLP (dense, {config.intermediate_size} wide)"] = layers[0].mlp
+    kinds[f"MoE ({model.config._experts_implementation})"] = moe_layer.mlp
+    for name, layer in kinds.items():
+        times = []
+        for _ in range(iters + 2):  # two warm-ups
+            x = x_BxLxD.clone().requires_grad_(True)
+            start = time.perf_counter()
+            layer(x).square().sum().backward()
+            times.append(time.perf_counter() - start)
+        print(f"transformers {name:27s} {min(times[2:]) * 1e3:8.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ Each layer runs on the config's batch (random activations of the model's width),
 the gradient of its parameters and input; the figure is the best of `--iters` calls. The
 head + loss line is the trainer's fused loss (minids_jax/kernels/head_loss.py); `--kernels` and
 `--dispatches` compare attention kernels and MoE dispatches side by side (`auto` and `dropless`
-name the platform's own, shown after a colon), and `--vs_original` times the PyTorch original's
-layers at the same sizes (benchmarks/original_layers.py).
+name the platform's own, shown after a colon), `--vs_original` times the PyTorch original's
+layers at the same sizes (benchmarks/original_layers.py), and `--vs_hf` those of transformers'
+DeepseekV3ForCausalLM for a DeepSeek-V3-format config (benchmarks/hf_peer.py --layers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +27,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import original_environment  # noqa: E402  (benchmarks/timing.py, beside this file)
+# benchmarks/timing.py, beside this file
+from timing import hf_config_file, original_environment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _ITERS = flags.DEFINE_integer("iters", 7, "Timed calls per layer (the best is reported).")
@@ -38,6 +41,9 @@ _VS_ORIGINAL = flags.DEFINE_string("vs_original", None,
                                    "Path to the PyTorch original's script, to compare.")
 _ORIGINAL_PYTHON = flags.DEFINE_string("original_python", sys.executable,
                                        "Python that has torch, for --vs_original.")
+_VS_HF = flags.DEFINE_bool("vs_hf", False, "Also time transformers' DeepseekV3 layers.")
+_HF_PYTHON = flags.DEFINE_string("hf_python", sys.executable,
+                                 "Python that has torch and transformers, for --vs_hf.")
 
 
 def time_grad(module, loss_fn, x, iters: int) -> float:
@@ -71,6 +77,7 @@ def main(argv):
     from minids_jax import kernels, optim
     from minids_jax.attention import MHA
     from minids_jax.kernels.head_loss import head_cross_entropy
+    from minids_jax.layers import MLP
     from minids_jax.loss import loss_chunk
     from minids_jax.mhla import MHLA
     from minids_jax.mla import MLA
@@ -112,6 +119,11 @@ def main(argv):
             compute = resolved(moe_dispatch=dispatch)
             report(f"MoE ({named(dispatch, compute.moe_dispatch)})",
                    MoE(cfg, compute, rngs=nnx.Rngs(0)), lambda m, x: sum_of_squares(m(x)[0]))
+        if cfg.first_k_dense:
+            report(f"MLP (dense, {cfg.dense_mlp_dim} wide)",
+                   MLP(cfg.d_model, cfg.dense_mlp_dim, rngs=nnx.Rngs(0),
+                       dtype=config.compute.dtype, param_dtype=cfg.param_dtype),
+                   lambda m, x: sum_of_squares(m(x)))
         model = MiniDeepSeek(cfg, resolved(), rngs=nnx.Rngs(0))
         chunk = loss_chunk(*targets_BxL.shape, cfg.vocab_size, platform)
         report("head + loss (fused)", model.head, lambda m, x: head_cross_entropy(
@@ -143,6 +155,15 @@ def main(argv):
         print(result.stdout.rstrip() if result.returncode == 0 else
               f"original run failed (does {_ORIGINAL_PYTHON.value} have torch?):\n"
               f"{result.stderr[-1500:]}")
+    config_json = hf_config_file(config) if _VS_HF.value else None
+    if config_json:
+        argv = [_HF_PYTHON.value, str(Path(__file__).with_name("hf_peer.py")), config_json,
+                "--batch", str(batch), "--layers", str(_ITERS.value)]
+        result = subprocess.run(argv, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
+                                capture_output=True, text=True)
+        print(result.stdout.rstrip() if result.returncode == 0 else
+              f"transformers run failed (does {_HF_PYTHON.value} have torch and "
+              f"transformers?):\n{result.stderr[-1500:]}")
 
 
 if __name__ == "__main__":

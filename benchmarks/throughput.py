@@ -23,14 +23,11 @@ timed at mtp_depth=0, and both are compared.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +36,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # benchmarks/timing.py, beside this file
-from timing import CompiledStepTimer, describe, original_environment  # noqa: E402
+from timing import (CompiledStepTimer, describe, hf_config_file,  # noqa: E402
+                    original_environment)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after two warm-up steps).")
@@ -105,23 +103,16 @@ def hf_argv(config, steps: int, config_json: str):
 def hf_peer(config, steps: int):
     """(argv, env) of the transformers peer, or None (with the reason printed) if the model
     has no DeepSeek-V3 form."""
-    from minids_jax.hf.config import HFFormatError, to_hf
     from minids_jax.inspect import sizes
 
-    try:
-        hf_config = to_hf(config.model)
-    except HFFormatError as error:
-        print(f"--vs_hf skipped: {error}")
+    config_json = hf_config_file(config)
+    if config_json is None:
         return None
-    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="hf_peer_",
-                                     delete=False) as f:
-        json.dump(hf_config, f)
-    atexit.register(os.unlink, f.name)
     counted = sizes(config, 1)
     print(f"minids_jax: parameters {counted['parameters']} in the main model (+ "
           f"{counted['mtp_parameters']} in {config.model.mtp_depth} MTP module(s); "
           f"transformers' forward has no MTP module, so it trains none)")
-    return hf_argv(config, steps, f.name)
+    return hf_argv(config, steps, config_json)
 
 
 def main(argv):

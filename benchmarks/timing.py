@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -79,3 +82,20 @@ def original_environment(config, **extra: str) -> dict[str, str]:
                 MINIDS_LATENT_K=str(m.latent_k), MINIDS_MLP_MULT=str(m.mlp_mult),
                 MINIDS_MOE_EXPERT=str(m.n_experts), MINIDS_BATCH=str(config.train.batch_size),
                 **extra)
+
+
+def hf_config_file(config) -> str | None:
+    """A temporary `config.json` of the run's model in transformers' DeepseekV3 form (for
+    benchmarks/hf_peer.py), or None, with the reason printed, if the model has no such form."""
+    from minids_jax.hf.config import HFFormatError, to_hf
+
+    try:
+        hf_config = to_hf(config.model)
+    except HFFormatError as error:
+        print(f"--vs_hf skipped: {error}")
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="hf_peer_",
+                                     delete=False) as f:
+        json.dump(hf_config, f)
+    atexit.register(os.unlink, f.name)
+    return f.name

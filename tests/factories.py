@@ -84,14 +84,14 @@ def get_config():
     return ml_collections.ConfigDict(json.loads(open({path!r}).read()))
 """
 
-# train.py with each step 2 seconds longer: signals then land mid-step, at a known point.
+# train.py with each step 5 seconds longer: signals then land mid-step, at a known point.
 SLOW_TRAIN = """
 import runpy, sys, time
 from minids_jax import steps
 make_train_step = steps.make_train_step
 def slow(*args, **kwargs):
     step = make_train_step(*args, **kwargs)
-    return lambda state, batch: (time.sleep(2), step(state, batch))[1]
+    return lambda state, batch: (time.sleep(5), step(state, batch))[1]
 steps.make_train_step = slow
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path({train!r}, run_name="__main__")

@@ -155,10 +155,10 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
                                 str(tmp_path / "run")], cwd=REPO, env=subprocess_env(""),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = read_until(process, "step 1/50")
-    time.sleep(0.5)  # into the next step's 2 seconds
+    time.sleep(0.5)  # into the next step's 5 seconds
     process.send_signal(signal.SIGINT)
     lines += read_until(process, "SIGINT received")
-    process.send_signal(signal.SIGINT)  # within the 2-second step: before it could save
+    process.send_signal(signal.SIGINT)  # within the 5-second step: before it could save
     output = "".join(lines) + process.communicate(timeout=60)[0]
     assert process.returncode == 130, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
