@@ -159,11 +159,19 @@ def main(argv):
     if config_json:
         argv = [_HF_PYTHON.value, str(Path(__file__).with_name("hf_peer.py")), config_json,
                 "--batch", str(batch), "--layers", str(_ITERS.value)]
-        result = subprocess.run(argv, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
-                                capture_output=True, text=True)
-        print(result.stdout.rstrip() if result.returncode == 0 else
-              f"transformers run failed (does {_HF_PYTHON.value} have torch and "
-              f"transformers?):\n{result.stderr[-1500:]}")
+        try:
+            result = subprocess.run(argv, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
+                                    capture_output=True, text=True)
+        except OSError as error:
+            print(f"transformers run failed: cannot run {argv[0]} ({error})")
+            return
+        lines = result.stderr.strip().splitlines()
+        if result.returncode == 0:
+            print(result.stdout.rstrip())
+        elif lines and lines[-1].startswith("hf_peer: "):  # its one-line error: no torch, ...
+            print(f"transformers run failed: {lines[-1][len('hf_peer: '):]}")
+        else:
+            print(f"transformers run failed:\n{result.stderr[-1500:]}")
 
 
 if __name__ == "__main__":
