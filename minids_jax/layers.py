@@ -62,7 +62,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # As one [tokens, in] matrix: autodiff of a matmul over [B, L, in] contracts two axes
         # for the kernel's gradient, which XLA's CPU backend lays out through a transposed
-        # copy fused with whatever produced the gradient (a dense SwiGLU's backward 2x slower).
+        # copy fused with whatever produced the gradient (docs/performance.md measures it).
         x_NxI = x.astype(self.dtype).reshape(-1, x.shape[-1])
         y_NxO = x_NxI @ self.kernel[...].astype(self.dtype)
         if self.lora_a is not None:
