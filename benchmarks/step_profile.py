@@ -28,9 +28,12 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import CompiledStepTimer, describe  # noqa: E402  (benchmarks/timing.py)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Traced steps (after two warm-up steps).")
-_TOP = flags.DEFINE_integer("top", 25, "Rows of each table.")
+
+def define_flags() -> None:
+    """Defined when run, not when imported (tests import `source_lines`)."""
+    config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+    flags.DEFINE_integer("steps", 5, "Traced steps (after two warm-up steps).")
+    flags.DEFINE_integer("top", 25, "Rows of each table.")
 
 
 def source_lines(hlo_text: str) -> dict[str, str]:
@@ -67,7 +70,7 @@ def main(argv):
     from minids_jax import config as config_lib
     from minids_jax import startup
 
-    config = config_lib.from_config_dict(_CONFIG.value)
+    config = config_lib.from_config_dict(flags.FLAGS.config)
     startup.reuse_host_memory(config.devices)
     import jax
 
@@ -79,7 +82,7 @@ def main(argv):
     shapes = {m[0]: m[1][:70] for m in re.findall(r"^\s*(?:ROOT )?%(\S+) = ([^\n]*)",
                                                     hlo_text, re.M)}
     lines = source_lines(hlo_text)
-    steps = _STEPS.value
+    steps = flags.FLAGS.steps
     untraced_ms = timer.time(steps) * 1e3
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -101,12 +104,13 @@ def main(argv):
     print(f"step {untraced_ms:.1f} ms, {traced_ms:.1f} ms traced | ops {sum(by_op.values()):.1f} ms | busy "
           f"{busy / steps / 1e3:.1f} ms (per step)")
     print("\nslowest ops (ms per step):")
-    for name, ms in by_op.most_common(_TOP.value):
+    for name, ms in by_op.most_common(flags.FLAGS.top):
         print(f"{ms:8.2f}  {name:32s} {lines.get(name, ''):24s} {shapes[name]}")
     print("\nby minids_jax line (ms per step):")
-    for line, ms in by_line.most_common(_TOP.value):
+    for line, ms in by_line.most_common(flags.FLAGS.top):
         print(f"{ms:8.2f}  {line}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
