@@ -82,7 +82,7 @@ def _check_chat_flags():
 
 def converse(generator, tokenizer, context: int, sampling) -> None:
     """--chat: one answer per line of stdin, each prompted with the conversation so far."""
-    from minids_jax import chat
+    from minids_jax.data import chat
 
     try:
         template = chat.template_for(tokenizer)
@@ -134,7 +134,8 @@ def main(argv):
     del argv
     _check_chat_flags()
     import minids_jax
-    from minids_jax import data, generation
+    from minids_jax.data import pipeline as data
+    from minids_jax import generation
 
     try:
         sampling = generation.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)

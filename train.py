@@ -36,9 +36,9 @@ def main(argv):
     import jax
 
     startup.check_local_devices(config.devices, jax.local_devices())
-    from minids_jax import trainer
+    from minids_jax.training import trainer
 
-    trainer.run(config, _WORKDIR.value)
+    trainer.run(config, _WORKDIR.value, on_second_interrupt=cli.exit_interrupted)
 
 
 if __name__ == "__main__":

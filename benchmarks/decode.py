@@ -39,7 +39,7 @@ def main(argv):
     import jax
     from flax import nnx
 
-    from minids_jax import generation
+    from minids_jax import generation, kernels, sharding
     from minids_jax.model import MiniDeepSeek, count_params
 
     print(f"greedy decoding of {_TOKENS.value} tokens x batch {_BATCH.value}, d_model "
@@ -49,7 +49,8 @@ def main(argv):
     prompt = np.arange(16 * _BATCH.value).reshape(_BATCH.value, 16) % config.model.vocab_size
     for kind in _KINDS.value:
         cfg = dataclasses.replace(config.model, attn_pattern=(kind,))
-        model = MiniDeepSeek(cfg, rngs=nnx.Rngs(0))
+        model = MiniDeepSeek(cfg, kernels.resolve(config.compute, sharding.mesh_platform()),
+                             rngs=nnx.Rngs(0))
         cache = model.init_cache(1)
         cache_bytes = sum(leaf.nbytes for layer in cache for leaf in jax.tree.leaves(layer)
                           if leaf.ndim > 0)  # not the fill index

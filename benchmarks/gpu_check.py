@@ -158,16 +158,18 @@ def measure(config, steps: int, repeats: int = 3, hlo_dir: str | None = None) ->
     table (see `COLUMNS`) plus the details behind it."""
     import jax
 
-    from minids_jax import flops, trainer
+    from minids_jax import kernels
+    from minids_jax.training import flops, trainer
     from timing import CompiledStepTimer
 
     run = trainer.Trainer(config)
+    compute = kernels.resolve(config.compute, run.platform)  # what the model was built with
     timer = CompiledStepTimer(run)
     rounds = [timer.time(steps) for _ in range(repeats)]
     step_s = statistics.median(rounds)
     tokens_per_s = timer.tokens_per_s(step_s)
     devices = run.mesh.devices.flatten().tolist()
-    peak, peak_source = flops.peak_flops_per_device(run.compute.dtype, config.train.peak_flops,
+    peak, peak_source = flops.peak_flops_per_device(config.compute.dtype, config.train.peak_flops,
                                                     devices[0])
     flops_per_token = flops.train_flops_per_token(config.model)
     compiled_hlo, lowered_hlo = timer.compiled.as_text(), timer.lowered.as_text("hlo")
@@ -180,8 +182,8 @@ def measure(config, steps: int, repeats: int = 3, hlo_dir: str | None = None) ->
     loss = timer.metrics.get("loss")
     return dict(
         platform=devices[0].platform, device=devices[0].device_kind, devices=len(devices),
-        jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), dtype=run.compute.dtype,
-        attention_kernel=run.compute.attention_kernel, moe_dispatch=run.compute.moe_dispatch,
+        jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), dtype=compute.dtype,
+        attention_kernel=compute.attention_kernel, moe_dispatch=compute.moe_dispatch,
         batch_size=config.train.batch_size, seq_len=config.model.max_seq_len,
         steps=steps, repeats=repeats, compile_s=timer.compile_s, step_s=step_s,
         step_s_rounds=rounds, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token,

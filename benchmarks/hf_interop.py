@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,11 +31,12 @@ _HF_DIR = flags.DEFINE_string("hf_dir", None, "Import this Hugging Face director
 SAVE_RANDOM = """
 import sys
 from flax import nnx
-from minids_jax import checkpointer, config as config_lib
-from minids_jax.model import MiniDeepSeek, count_params
+from minids_jax import checkpoint
+from minids_jax import config as config_lib
+from minids_jax.model import build, count_params
 config = config_lib.from_json(open(sys.argv[1]).read())
-model = MiniDeepSeek(config.model, rngs=nnx.Rngs(0))
-checkpointer.save_model(sys.argv[2], config, nnx.to_pure_dict(nnx.state(model)))
+model = build(config, "cpu", nnx.Rngs(0))
+checkpoint.save_model(sys.argv[2], config, nnx.to_pure_dict(nnx.state(model)))
 print(f"parameters {count_params(model):,}")
 """
 

@@ -50,17 +50,17 @@ def main(argv):
     import jax.numpy as jnp
     from flax import nnx
 
-    from minids_jax import kernels
+    from minids_jax import kernels, sharding
     from minids_jax.config import ComputeConfig, ModelConfig
     from minids_jax.kernels.moe_windows import halving_sizes, window_rows
-    from minids_jax.layers import swiglu
-    from minids_jax.moe import MoE
+    from minids_jax.model.layers import swiglu
+    from minids_jax.model.moe import MoE
 
     nnx.use_eager_sharding(False)
     d, tokens, dtype = _D_MODEL.value, _TOKENS.value, jnp.dtype(_DTYPE.value)
     hidden = _MLP_MULT.value * d
     x = jax.random.normal(jax.random.key(0), (1, tokens, d), dtype)
-    platform = kernels.mesh_platform()
+    platform = sharding.mesh_platform()
 
     keys = jax.random.split(jax.random.key(1), 3)
     plain_weights = tuple(jax.random.normal(k, s) * s[0] ** -0.5
@@ -125,7 +125,7 @@ def with_windows(layer, x_BxLxD, sizes: tuple[int, ...]):
     the routing weights. (The balancing loss is left out: no output here depends on it.)"""
     import jax.numpy as jnp
 
-    from minids_jax.moe_dispatch import blocked
+    from minids_jax.model.dispatch import blocked
 
     batch, length, d = x_BxLxD.shape
     _, weight_TxK, expert_TxK = layer.route(x_BxLxD.reshape(-1, d))

@@ -32,7 +32,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after two warm-up steps)
 
 
 def _measure(config, steps: int) -> dict:
-    from minids_jax import trainer
+    from minids_jax.training import trainer
 
     with trainer.Trainer(config) as run:
         timer = CompiledStepTimer(run, warmup=2 if steps else 0)

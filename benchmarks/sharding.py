@@ -54,7 +54,7 @@ def measure(config, steps: int) -> dict:
 
     import jax
 
-    from minids_jax import trainer
+    from minids_jax.training import trainer
 
     sizes = config.mesh.axis_sizes()
     devices = None if -1 in sizes.values() else jax.devices()[:math.prod(sizes.values())]

@@ -74,7 +74,7 @@ def main(argv):
     startup.reuse_host_memory(config.devices)
     import jax
 
-    from minids_jax import trainer
+    from minids_jax.training import trainer
 
     print(describe(config))
     timer = CompiledStepTimer(trainer.Trainer(config))

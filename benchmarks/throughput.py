@@ -124,7 +124,8 @@ def main(argv):
     startup.reuse_host_memory(config.devices)  # as train.py does, before the backend starts
     import jax
 
-    from minids_jax import flops, trainer
+    from minids_jax import kernels
+    from minids_jax.training import flops, trainer
 
     m, compute = config.model, config.compute
     print(describe(config))
@@ -138,8 +139,8 @@ def main(argv):
                 model=dataclasses.replace(m, mtp_depth=mtp_depth))
             timer = CompiledStepTimer(trainer.Trainer(variant))
             # The dispatch each name runs on this platform (`dropless`: its exact one).
-            label = (dispatch if timer.run.compute.moe_dispatch == dispatch
-                     else f"{dispatch}: {timer.run.compute.moe_dispatch}")
+            built = kernels.resolve(variant.compute, timer.run.platform).moe_dispatch
+            label = dispatch if built == dispatch else f"{dispatch}: {built}"
             if mtp_depth != m.mtp_depth:
                 label += f", mtp_depth={mtp_depth}"
             timers[label], labels[label] = timer, label

@@ -10,14 +10,15 @@ _LAZY = {
     "ModelConfig": "minids_jax.config",
     "MiniDeepSeek": "minids_jax.model",
     "CheckpointError": "minids_jax.checkpoint",
+    "generate": "minids_jax.generation",
     "load": "minids_jax.checkpoint",
     "load_params": "minids_jax.checkpoint",
-    "merge_lora": "minids_jax.lora",
+    "merge_lora": "minids_jax.model.lora",
     "read_config": "minids_jax.checkpoint",
 }
 
-__all__ = ["CheckpointError", "Config", "ConfigError", "ModelConfig", "MiniDeepSeek", "load",
-           "load_params", "merge_lora", "read_config"]
+__all__ = ["CheckpointError", "Config", "ConfigError", "ModelConfig", "MiniDeepSeek", "generate",
+           "load", "load_params", "merge_lora", "read_config"]
 
 
 def __getattr__(name):

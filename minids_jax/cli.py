@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -36,6 +35,8 @@ from etils import epath
 from ml_collections import config_flags
 
 from minids_jax import config as config_lib
+from minids_jax.config import compat
+from minids_jax import workdir as workdir_lib
 from minids_jax.errors import UserError
 
 DEFAULT_CONFIG = "configs/tiny.py"
@@ -84,32 +85,17 @@ def config_from_flag(flag, workdir: str | None = None,
 # The architecture of a run started from a checkpoint. Read from its files without JAX: the
 # flags are parsed before the GPUs are chosen and before jax is imported (train.py).
 
-SAVED_ITEM = "metadata"  # the file of an orbax JSON item: <step>/config/metadata
-
-
-def latest_step_dir(path: epath.Path) -> epath.Path | None:
-    """The newest complete checkpoint of a workdir, its checkpoints/ or a step directory
-    (orbax names a save's directory by its step only once it is complete)."""
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if path.name.isdigit() and (path / "config").is_dir():
-        return path
-    steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()
-             and (p / "config" / SAVED_ITEM).exists()] if path.is_dir() else []
-    return path / str(max(steps)) if steps else None
-
-
 def saved_item(step_dir: epath.Path, item: str) -> dict:
     """A JSON item (config, meta) of a checkpoint, read as a file."""
     try:
-        return json.loads((step_dir / item / SAVED_ITEM).read_text())
+        return workdir_lib.read_saved_item(step_dir, item)
     except (OSError, ValueError) as error:
         raise config_lib.ConfigError(f"the {item} of checkpoint {step_dir} cannot be read "
                                      f"({error}); is it a complete checkpoint?") from error
 
 
 def _missing_base(path: epath.Path, workdir: str | None) -> config_lib.ConfigError:
-    own = latest_step_dir(epath.Path(workdir).expanduser()) if workdir else None
+    own = workdir_lib.latest_checkpoint(epath.Path(workdir).expanduser()) if workdir else None
     base = saved_item(own, "meta").get("base") if own else None
     if base:  # a LoRA run resuming: its checkpoints are adapters on that base
         return config_lib.ConfigError(
@@ -135,26 +121,15 @@ def with_base_architecture(values: dict, overridden: set[str], workdir: str | No
     path = path if path.is_absolute() else path.resolve()
     if not path.exists():
         raise _missing_base(path, workdir)
-    step_dir = latest_step_dir(path)
+    step_dir = workdir_lib.latest_checkpoint(path)
     if step_dir is None:
         raise config_lib.ConfigError(
             f"no complete checkpoint under {path}; set --config.checkpoint.init_from to a "
             f"workdir that a run with --workdir has saved into, or one step's directory.")
     saved = config_lib.upgrade(saved_item(step_dir, "config"))
-    base = dataclasses.asdict(saved.model)
-    defaults = dataclasses.asdict(config_lib.ModelConfig())
-    model = {name: _plain(value) for name, value in values.get("model", {}).items()}
-    conflicts = [f"model.{name}: checkpoint {base[name]!r}, this run {value!r}"
-                 for name, value in model.items() if name in base and value != base[name]
-                 and (f"model.{name}" in overridden or value != defaults[name])]
-    if conflicts:
-        raise config_lib.ConfigError(
-            f"checkpoint.init_from={values['checkpoint']['init_from']} fixes the model "
-            f"architecture, and this run changes it: {'; '.join(conflicts)}. A fine-tuning "
-            f"run keeps its base's shapes: drop those model settings (the base's are used), "
-            f"or leave out checkpoint.init_from to train a new model.")
-    # Fields unknown here stay, so that from_config_dict reports them.
-    values = {**values, "model": {**model, **base}, "data": dict(values.get("data", {}))}
+    values = compat.with_base_model(values, dataclasses.asdict(saved.model),
+                                    dataclasses.asdict(config_lib.ModelConfig()), overridden)
+    values["data"] = dict(values.get("data", {}))
     data, default = values["data"], config_lib.DataConfig.tokenizer
     if ("data.tokenizer" not in overridden and data.get("tokenizer", default) == default
             and data.get("source") != "random"):
@@ -167,11 +142,6 @@ def with_base_architecture(values: dict, overridden: set[str], workdir: str | No
             f"tokenizer.json into {workdir} so that this run reads it too.")
     log(f"checkpoint.init_from: the model architecture is that of {step_dir}")
     return values
-
-
-def _plain(value):
-    """Lists (JSON, ml_collections) as the tuples the dataclasses hold."""
-    return tuple(_plain(v) for v in value) if isinstance(value, list) else value
 
 
 def check_config_file(path: str) -> None:
@@ -217,7 +187,7 @@ def check_override(flag_name: str, field_path: str) -> None:
             f"{', '.join(config_lib.GROUPS)}.")
     names = [f.name for f in dataclasses.fields(config_lib.GROUPS[group])]
     if field not in names:
-        moved = config_lib.MOVED.get(field_path)
+        moved = compat.MOVED.get(field_path)
         hint = (f"; it is now --{flag_name}.{moved}" if moved else
                 f"{_did_you_mean(field, names)}; the fields of {group!r} are {', '.join(names)}")
         raise config_lib.ConfigError(f"--{flag_name}.{field_path}: {group} has no field "
@@ -283,22 +253,21 @@ def _drop_abandoned_callbacks(unraisable) -> None:
 _previous_unraisablehook = sys.unraisablehook
 
 
-on_second_interrupt: Callable[[], None] | None = None  # set by run()
 INTERRUPTED = ("interrupted; stopped without saving the current step (checkpoints already "
                "written are kept).")
+
+
+def exit_interrupted() -> None:
+    """A command's exit on a second Ctrl-C while it saves (training.preemption.StopGuard's
+    `on_second_interrupt`): at once, in one line, exit status 130."""
+    sys.stdout.flush()
+    print(f"error: {INTERRUPTED}", file=sys.stderr, flush=True)
+    os._exit(130)  # checkpoints are written whole or not at all; the flock goes with us
 
 
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)`, with a UserError or Ctrl-C ending it in one line."""
     sys.unraisablehook = _drop_abandoned_callbacks
-
-    def interrupted_at_once():
-        sys.stdout.flush()
-        print(f"error: {INTERRUPTED}", file=sys.stderr, flush=True)
-        os._exit(130)  # checkpoints are written whole or not at all; the flock goes with us
-
-    global on_second_interrupt  # read by preemption.StopGuard, which imports JAX: not here,
-    on_second_interrupt = interrupted_at_once  # before startup.py has chosen the GPUs
 
     def guarded(argv):
         try:

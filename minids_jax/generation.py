@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minids_jax import kernels
+from minids_jax import kernels, sharding
+from minids_jax.data import chat
+from minids_jax.data.instructions import format_prompt
 from minids_jax.model import MiniDeepSeek
 
 
@@ -106,7 +108,7 @@ class Generator:
         if moe_dispatch is None:
             own = model.compute.moe_dispatch
             moe_dispatch = own if own != "capacity" else kernels.exact_dispatch(
-                kernels.mesh_platform())
+                sharding.mesh_platform())
         self.graphdef, self.state = nnx.split(model)
         self.prefill_fn, self.step_fn = _compiled(self.graphdef, moe_dispatch)
 
@@ -177,20 +179,28 @@ def prompt_tokens(tokenizer, text: str = "", instruction: str | None = None,
     itself; empty text becomes EOS, which is what precedes a document in a text corpus.
     """
     if messages is not None:
-        from minids_jax import chat
         return chat.encode(tokenizer, messages, add_generation_prompt=True)[0]
     if instruction is not None:
-        from minids_jax.instructions import format_prompt
         body = np.asarray(tokenizer.encode(format_prompt(instruction, input)), np.int32)
         return np.concatenate([np.array([tokenizer.BOS], np.int32), body])
     tokens = np.asarray(tokenizer.encode(text), np.int32)
     return tokens if tokens.size else np.array([tokenizer.EOS], np.int32)
 
 
-def generate(model: MiniDeepSeek, prompt_BxP, max_new_tokens: int,
-             sampling: Sampling = Sampling(), seed: int = 0,
+def generate(model: MiniDeepSeek, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_token: int | None = None) -> np.ndarray:
-    """All new tokens at once, [B, N] (N < max_new_tokens if every row hit `stop_token`)."""
-    tokens = list(Generator(model).stream(prompt_BxP, max_new_tokens, sampling, seed, stop_token))
-    prompt_rows = np.asarray(prompt_BxP).reshape(-1, np.shape(prompt_BxP)[-1]).shape[0]
-    return np.stack(tokens, axis=1) if tokens else np.zeros((prompt_rows, 0), np.int32)
+    """The new token ids after each prompt, [B, N] int32 (`prompt_ids` [B, P] or one prompt
+    [P]; the rows share a length P). Greedy at temperature 0, else sampled as `Sampling`
+    says, token n drawn with fold_in(key(seed), n). A row stops at its first `stop_token`
+    (included) and is padded with `stop_token` after it; N < max_new_tokens once every row
+    has stopped."""
+    sampling = Sampling(temperature, top_k, top_p)
+    tokens = list(Generator(model).stream(prompt_ids, max_new_tokens, sampling, seed, stop_token))
+    rows = np.atleast_2d(np.asarray(prompt_ids)).shape[0]
+    new_BxN = np.stack(tokens, axis=1) if tokens else np.zeros((rows, 0), np.int32)
+    if stop_token is not None:  # what a row made after its stop is not its text
+        stopped_BxN = np.cumsum(new_BxN == stop_token, axis=1) > 0
+        after_stop_BxN = np.concatenate([np.zeros((rows, 1), bool), stopped_BxN[:, :-1]], 1)
+        new_BxN = np.where(after_stop_BxN[:, :new_BxN.shape[1]], stop_token, new_BxN)
+    return new_BxN.astype(np.int32)

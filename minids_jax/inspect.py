@@ -48,18 +48,22 @@ def representative(cfg):
 def sizes(config, n_devices: int) -> dict:
     """The figures `inspect` prints, as numbers."""
     import collections
+    import dataclasses
 
     import jax
     from flax import nnx
 
-    from minids_jax import flops, sharding
-    from minids_jax.model import MiniDeepSeek
+    from minids_jax import sharding
+    from minids_jax.config import LoRAConfig
+    from minids_jax.model import build
+    from minids_jax.training import flops
 
     cfg = config.model
     small, layer_of = representative(cfg)
     copies = collections.Counter(layer_of)  # how many real layers each built one stands for
     with nnx.logical_axis_rules(config.mesh.axis_rules), nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: MiniDeepSeek(small, rngs=nnx.Rngs(0)))
+        base = dataclasses.replace(config, model=small, lora=LoRAConfig())  # no adapters
+        model = nnx.eval_shape(lambda: build(base, sharding.mesh_platform(), nnx.Rngs(0)))
         params = nnx.state(model, nnx.Param)
         specs = nnx.get_partition_spec(params)
     mesh_sizes = sharding.resolve_axis_sizes(config.mesh, n_devices)

@@ -20,10 +20,10 @@ import numpy as np
 from absl import flags
 
 from minids_jax import cli
-from minids_jax import data as data_lib
+from minids_jax.data import pipeline as data_lib
 from minids_jax import workdir as workdir_lib
 from minids_jax.config import Config, ConfigError
-from minids_jax.tokenization import TOKENIZER_FILE, write_atomic
+from minids_jax.data.tokenization import TOKENIZER_FILE
 
 
 def prepare(config: Config, out: str) -> dict:
@@ -54,7 +54,7 @@ def prepare(config: Config, out: str) -> dict:
         tokenizer.save(out_dir / TOKENIZER_FILE)
     else:
         (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
-    write_atomic(out_dir / data_lib.META_FILE, json.dumps(meta, indent=2).encode())
+    workdir_lib.write_atomic(out_dir / data_lib.META_FILE, json.dumps(meta, indent=2).encode())
     return meta
 
 

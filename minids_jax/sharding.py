@@ -34,6 +34,11 @@ def resolve_axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+def mesh_platform(mesh: jax.sharding.Mesh | None = None) -> str:
+    """The platform of the mesh's devices (cpu, gpu, tpu), else JAX's default backend."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = resolve_axis_sizes(cfg, len(devices))

@@ -1,7 +1,9 @@
-"""A run's directory: checked before anything is built, and held by one run at a time.
+"""A run's directory, without JAX: checked before anything is built, held by one run at a
+time, and read before JAX starts (its complete checkpoints, their saved JSON items).
 
     path = writable_directory(workdir, "--workdir")   # a WorkdirError now, not after a compile
     with WorkdirLock(path): ... train ...
+    complete_steps(checkpoints_dir)                   # [0, 100, ...]: finished saves only
 
 The lock is an advisory `flock` on `<workdir>/run.lock`, which also records who holds it
 (host, pid, command, since when). The kernel drops it when its process dies however it dies,
@@ -30,10 +32,51 @@ from absl import logging
 from minids_jax.errors import UserError
 
 LOCK_FILE = "run.lock"
+CHECKPOINTS = "checkpoints"  # a run's checkpoints: <workdir>/checkpoints/<step>/<item>/
+SAVED_ITEM = "metadata"  # the file of an orbax JSON item: <step>/config/metadata
 
 
 class WorkdirError(UserError):
     """A workdir (or --out directory) is not a writable directory, or another run holds it."""
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
+    """Writes via a temporary file and a rename, so readers never see half a file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.replace(tmp, path)
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps with a finished checkpoint in a local checkpoints directory, ascending (orbax
+    names a save's directory by its step only once it is complete); [] if there is none.
+    Once JAX is up, orbax's own listing is the authority, and the only one for remote paths."""
+    try:
+        return sorted(int(p.name) for p in pathlib.Path(directory).iterdir()
+                      if p.name.isdigit())
+    except OSError:
+        return []
+
+
+def latest_checkpoint(path: str | os.PathLike) -> pathlib.Path | None:
+    """The newest complete checkpoint of a workdir, its checkpoints/ directory or a step
+    directory (itself); None if there is none."""
+    path = pathlib.Path(path)
+    if (path / CHECKPOINTS).is_dir():
+        path = path / CHECKPOINTS
+    if path.name.isdigit() and (path / "config").is_dir():
+        return path
+    steps = [step for step in complete_steps(path)
+             if (path / str(step) / "config" / SAVED_ITEM).exists()]
+    return path / str(steps[-1]) if steps else None
+
+
+def read_saved_item(step_dir: str | os.PathLike, item: str) -> dict:
+    """A checkpoint's JSON item (config, meta) read as a file, without orbax. OSError or
+    ValueError if it cannot be read."""
+    return json.loads((pathlib.Path(step_dir) / item / SAVED_ITEM).read_text())
 
 
 def is_remote(path) -> bool:

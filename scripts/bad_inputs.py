@@ -110,7 +110,7 @@ def path_and_data_cases(c: Cases) -> None:
     script = (f"mount -t tmpfs tmpfs {readonly} && mount -o remount,ro {readonly} && exec "
               f"{sys.executable} train.py --config {config} --workdir {readonly}/run")
     c.run("workdir on a read-only filesystem", ["unshare", "-rm", "sh", "-c", script],
-          shown=f"train.py --config ... --workdir /tmp/x/readonly/run")
+          shown="train.py --config ... --workdir /tmp/x/readonly/run")
     text = ["--config.data.source=text"]
     c.train("data.path does not exist", *text, f"--config.data.path={c.path('missing.txt')}")
     c.path("empty_dir").mkdir()

@@ -50,7 +50,7 @@ def compile_cache(tmp_path_factory):
 def trained_run(tmp_path_factory, compile_cache):
     """One uninterrupted tiny run of TINY_STEPS steps, saved every 3: (trainer, history,
     workdir). Tests that only need some trained run share it; none may write into it."""
-    from minids_jax import trainer as trainer_lib
+    from minids_jax.training import trainer as trainer_lib
 
     workdir = tmp_path_factory.mktemp("trained_run")
     trainer = trainer_lib.Trainer(tiny_config(), str(workdir))

@@ -87,7 +87,7 @@ def get_config():
 # train.py with each step 5 seconds longer: signals then land mid-step, at a known point.
 SLOW_TRAIN = """
 import runpy, sys, time
-from minids_jax import steps
+from minids_jax.training import steps
 make_train_step = steps.make_train_step
 def slow(*args, **kwargs):
     step = make_train_step(*args, **kwargs)

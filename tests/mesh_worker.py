@@ -72,7 +72,7 @@ def run_meshes(out_dir: str) -> None:
     import jax
     import numpy as np
 
-    from minids_jax import trainer
+    from minids_jax.training import trainer
 
     report = {}
     cases = {name: (mesh, {}) for name, mesh in {"one_device": dict(data=1), **MESHES}.items()}
@@ -106,7 +106,8 @@ def run_training(out_dir: str, steps: int, tag: str, devices_cfg: dict | None = 
     """The real loop (Trainer.train) for a few steps; writes the logged losses."""
     import jax
 
-    from minids_jax import startup, trainer
+    from minids_jax import startup
+    from minids_jax.training import trainer
 
     config = tiny_config(dict(data=-1), optim=dict(total_steps=steps),
                          devices=devices_cfg or {})

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax.attention import MHA
-from minids_jax.mhla import MHLA
-from minids_jax.mla import MLA
+from minids_jax.model.attention import MHA
+from minids_jax.model.mhla import MHLA
+from minids_jax.model.mla import MLA
 from tests.factories import compute_config, small_model_config
 
 
@@ -90,7 +90,7 @@ def test_attention_kernels_agree(cls):
 
 
 def test_cudnn_attention_that_cannot_run_falls_back_to_xla_with_a_warning(caplog):
-    from minids_jax.attention import multi_head_attention
+    from minids_jax.model.attention import multi_head_attention
 
     q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 5, 2, 8))
     with caplog.at_level("WARNING"):  # no cuDNN on a CPU

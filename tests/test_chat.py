@@ -12,8 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from minids_jax import chat, data, generation
-from minids_jax.tokenization import HFTokenizer
+from minids_jax.data import chat, pipeline as data
+from minids_jax.data.instructions import format_prompt
+from minids_jax import generation
+from minids_jax.data.tokenization import HFTokenizer
 from tests.factories import REPO, subprocess_env, tiny_config
 
 BYTE = data.ByteTokenizer()
@@ -100,7 +102,7 @@ def test_both_formats_render_the_same_and_score_only_the_answers(tmp_path):
     assert BYTE.decode(tok2).startswith("### User:\nHi\n\n### Assistant:\nHello there")
     assert scored_text(tok2, sc2, byte_decode) == "Hello there<eos>|5<eos>|"
     # The alpaca record keeps its layout: [BOS] prompt output [EOS], the output scored.
-    assert BYTE.decode(tok3) == data.format_prompt("Add the numbers.") + "5"
+    assert BYTE.decode(tok3) == format_prompt("Add the numbers.") + "5"
     assert scored_text(tok3, sc3, byte_decode) == "5<eos>|"
 
 
@@ -332,7 +334,7 @@ def test_a_long_conversation_keeps_its_system_and_newest_turns(tmp_path):
 @pytest.mark.slow
 def test_generate_chat_answers_piped_turns_with_the_history(tmp_path, compile_cache):
     import minids_jax
-    from minids_jax import trainer
+    from minids_jax.training import trainer
 
     records = [openai([("user", f"What is {i}?"), ("assistant", f"It is {i}.")])
                for i in range(8)]

@@ -6,7 +6,6 @@ and a persistent compilation cache shared with the subprocesses keeps the suite 
 
 import gc
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -22,9 +21,11 @@ import pytest
 from flax import nnx
 
 import minids_jax
-from minids_jax import checkpoint, checkpointer
+from minids_jax import checkpoint
+from minids_jax.checkpoint import store
+from minids_jax.training import checkpointer
 from minids_jax import config as config_lib
-from minids_jax import trainer as trainer_lib
+from minids_jax.training import trainer as trainer_lib
 from tests.factories import TINY_STEPS, subprocess_env, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def assert_states_equal(state_a, state_b):
 
 
 def saved_steps(workdir) -> list[int]:
-    directory = checkpoint.checkpoints_dir(workdir)
+    directory = store.checkpoints_dir(workdir)
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
@@ -161,7 +162,7 @@ def test_allowed_changes_resume(straight, tmp_path):
 
 
 def latest_step_dir(workdir) -> pathlib.Path:
-    return pathlib.Path(checkpoint.checkpoints_dir(workdir) / str(max(saved_steps(workdir))))
+    return pathlib.Path(store.checkpoints_dir(workdir) / str(max(saved_steps(workdir))))
 
 
 def largest_parameter_file(step_dir: pathlib.Path) -> pathlib.Path:
@@ -215,7 +216,7 @@ def test_damaged_checkpoint_error_and_fallback(straight, tmp_path, damage):
     falling_back = trainer_lib.Trainer(tiny_config(checkpoint=dict(fallback=True)), str(tmp_path))
     assert falling_back.checkpointer.restore_or_initialize(falling_back.state) == 3
     assert saved_steps(tmp_path) == [3]  # the bad one moved aside, so step 6 can be saved again
-    assert len(list((tmp_path / checkpoint.CORRUPT).iterdir())) == 1
+    assert len(list((tmp_path / store.CORRUPT).iterdir())) == 1
     assert "(step 3) matched its checksums" in falling_back.checkpointer.latest_description()
     falling_back.train()
     assert saved_steps(tmp_path) == [3, 6]
@@ -321,7 +322,8 @@ def test_bad_checkpoint_config_values():
 # lands mid-run at a predictable point.
 RUNNER = textwrap.dedent("""
     import sys, time
-    from minids_jax import config as config_lib, steps, trainer
+    from minids_jax import config as config_lib
+    from minids_jax.training import steps, trainer
     config = config_lib.from_json(open(sys.argv[1]).read())
     delay = float(sys.argv[3])
     make_train_step = steps.make_train_step
@@ -388,7 +390,7 @@ def test_kill_9_at_any_moment_never_breaks_resume(straight, tmp_path, compile_ca
     trainer, _, _ = straight
     workdir = tmp_path / "run"
     config = tiny_config(checkpoint=dict(every=1, max_to_keep=2))
-    checkpoints = checkpoint.checkpoints_dir(workdir)
+    checkpoints = store.checkpoints_dir(workdir)
 
     def saving_now() -> bool:
         return checkpoints.exists() and any(
@@ -412,7 +414,7 @@ def test_kill_9_at_any_moment_never_breaks_resume(straight, tmp_path, compile_ca
         process.communicate(timeout=60)
         killed_mid_save += saving_now()  # a half-written checkpoint was left behind
         # Every complete checkpoint left behind is readable; leftovers are not listed.
-        for step in checkpoint.read_only_manager(checkpoints).all_steps():
+        for step in store.read_only_manager(checkpoints).all_steps():
             assert minids_jax.load_params(workdir, step=step)
     assert killed_mid_save >= 1  # at least one kill really interrupted a save
 
@@ -427,7 +429,8 @@ FSDP_SAVER = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from flax import nnx
-    from minids_jax import config as config_lib, trainer
+    from minids_jax import config as config_lib
+    from minids_jax.training import trainer
     config = config_lib.from_json(open(sys.argv[1]).read())
     run = trainer.Trainer(config, sys.argv[2])
     embedding = run.state.model["embed"]["embedding"][...]

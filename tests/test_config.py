@@ -6,8 +6,10 @@ import pytest
 
 from configs import mini, tiny
 from minids_jax import config as config_lib
+from minids_jax.config import compat
 from minids_jax.config import (ComputeConfig, ConfigError, ModelConfig, OptimConfig,
                                from_config_dict, from_json)
+from tests.factories import compute_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,7 @@ def test_every_field_has_a_doc_and_a_policy():
                                                 config_lib.QUIET)
     # The architecture is exactly the model group and the adapters: what the parameters are
     # (the adapters' dropout is how they train, not what they are).
-    architecture = [name for name, _ in config_lib.fields_of(config_lib.Config(),
+    architecture = [name for name, _ in compat.fields_of(config_lib.Config(),
                                                            config_lib.ARCHITECTURE)]
     assert architecture == [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)] + [
         f"lora.{f.name}" for f in dataclasses.fields(config_lib.LoRAConfig)
@@ -75,11 +77,11 @@ def test_changes_are_sorted_by_policy():
         saved, model=dataclasses.replace(saved.model, n_layers=3),
         compute=dataclasses.replace(saved.compute, attention_kernel="fused", dtype="bfloat16"),
         optim=dataclasses.replace(saved.optim, total_steps=2000))
-    assert config_lib.changes(saved, current, config_lib.ARCHITECTURE) == [
+    assert compat.changes(saved, current, config_lib.ARCHITECTURE) == [
         "model.n_layers: checkpoint 6, this run 3"]
-    assert config_lib.changes(saved, current, config_lib.NOTED) == [
+    assert compat.changes(saved, current, config_lib.NOTED) == [
         "compute.dtype: checkpoint 'float32', this run 'bfloat16'"]
-    quiet = config_lib.changes(saved, current, config_lib.QUIET)
+    quiet = compat.changes(saved, current, config_lib.QUIET)
     assert len(quiet) == 2 and quiet[0].startswith("compute.attention_kernel")
 
 
@@ -116,7 +118,8 @@ def test_the_deepseek_v3_config_has_the_published_parameter_counts():
     assert 11.4e9 < figures["mtp_parameters"] < 11.7e9  # one MoE block, its 2D -> D projection
     small, layer_of = inspect.representative(config.model)
     assert small.n_layers == 2 and layer_of == [0] * 3 + [1] * 58  # 3 dense, then MoE
-    layer = nnx.eval_shape(lambda: MiniDeepSeek(small, rngs=nnx.Rngs(0))).blocks[1].attn
+    layer = nnx.eval_shape(lambda: MiniDeepSeek(small, compute_config(),
+                                                rngs=nnx.Rngs(0))).blocks[1].attn
     assert layer.kv_up.kernel.shape == (512, 128 * (128 + 128))
     assert layer.kv_down.kernel.shape == (7168, 512 + 64)
 
@@ -132,7 +135,7 @@ def test_sizes_from_one_layer_of_each_kind_are_the_whole_models(first_k_dense, n
 
     config = tiny_config(model=dict(attn_pattern=("mha", "mhla", "mla"), mtp_depth=1,
                                     first_k_dense=first_k_dense, n_layers=n_layers))
-    model = nnx.eval_shape(lambda: MiniDeepSeek(config.model, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(0)))
     whole = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     figures = inspect.sizes(config, 1)
     assert figures["parameters"] + figures["mtp_parameters"] == whole

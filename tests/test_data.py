@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minids_jax import config as config_lib
-from minids_jax import data
+from minids_jax.data import pipeline as data
 from minids_jax.prepare import prepare
 from tests.factories import tiny_config
 
@@ -373,7 +373,7 @@ def test_byte_tokenizer_refused_for_a_bpe_run(tmp_path):
 
 
 def test_trainer_learns_from_instruction_data_with_a_bpe_tokenizer(tmp_path):
-    from minids_jax import trainer
+    from minids_jax.training import trainer
 
     path = write_instructions(tmp_path / "sft.jsonl", 40)
     config = config_lib.from_config_dict({

@@ -1,14 +1,14 @@
 """Document masking (data.doc_mask): packed documents do not see each other, and restart."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax import MiniDeepSeek, trainer
-from minids_jax import loss as loss_lib
-from minids_jax.sources import InstructionSource, TokenizedExamples, WindowSource
+from minids_jax import MiniDeepSeek
+from minids_jax.training import trainer
+from minids_jax.training import loss as loss_lib
+from minids_jax.data.sources import InstructionSource, TokenizedExamples, WindowSource
 from tests.factories import compute_config, small_model_config, tiny_config
 
 EOS = 2

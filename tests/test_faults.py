@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from minids_jax import checkpoint
+from minids_jax.checkpoint import store
 from minids_jax.workdir import LOCK_FILE, WorkdirError, WorkdirLock, writable_directory
 from tests.factories import REPO, SLOW_TRAIN, config_file, subprocess_env, tiny_config
 from tests.test_checkpoint import read_until
@@ -73,7 +73,7 @@ def test_the_lock_is_reentrant_within_a_process_and_released_after(tmp_path):
 def test_a_second_train_py_is_refused_and_deletes_nothing(tmp_path):
     """Also a resume: it must not clean up the temporary directory of a save in flight."""
     workdir = tmp_path / "run"
-    in_flight = workdir / checkpoint.CHECKPOINTS / "7.orbax-checkpoint-tmp-1733000000"
+    in_flight = workdir / store.CHECKPOINTS / "7.orbax-checkpoint-tmp-1733000000"
     in_flight.mkdir(parents=True)
     (in_flight / "data").write_bytes(b"being written")
     holder = hold_in_another_process(workdir)
@@ -124,7 +124,7 @@ def test_a_failed_save_stops_the_run_at_that_save(tmp_path, fault):
     if fault == "small filesystem":
         if not _can_mount_tmpfs(tmp_path):
             pytest.skip("cannot mount a tmpfs here (no user namespaces)")
-        disk = workdir / checkpoint.CHECKPOINTS
+        disk = workdir / store.CHECKPOINTS
         disk.mkdir(parents=True)
         script = f"mount -t tmpfs -o size=1400k tmpfs {disk} && exec {' '.join(command)}"
         result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, text=True,
@@ -163,5 +163,5 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     assert process.returncode == 130, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
     assert output.strip().splitlines()[-1].startswith("error: interrupted"), output
-    assert not (tmp_path / "run" / checkpoint.CHECKPOINTS).exists() or not any(
-        p.name.isdigit() for p in (tmp_path / "run" / checkpoint.CHECKPOINTS).iterdir())
+    assert not (tmp_path / "run" / store.CHECKPOINTS).exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "run" / store.CHECKPOINTS).iterdir())

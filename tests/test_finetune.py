@@ -9,10 +9,11 @@ import sys
 import pytest
 from flax import nnx
 
-from minids_jax import checkpointer, cli
+from minids_jax import checkpoint
+from minids_jax import cli
 from minids_jax import config as config_lib
 from minids_jax.model import MiniDeepSeek
-from tests.factories import REPO, subprocess_env, tiny_config
+from tests.factories import REPO, subprocess_env, tiny_config, compute_config
 
 # A base unlike every default and unlike configs/finetune.py: a run that takes anything but
 # the base's architecture shows.
@@ -24,8 +25,8 @@ BASE_MODEL = dict(vocab_size=259, max_seq_len=32, d_model=32, n_layers=2, n_head
 def save_base(workdir, **data) -> config_lib.Config:
     """A base run at step 0 (as `hf import` writes one): a random model of BASE_MODEL."""
     config = tiny_config(model=BASE_MODEL, data=data)
-    state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, rngs=nnx.Rngs(0))))
-    checkpointer.save_model(workdir, config, state)
+    state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(0))))
+    checkpoint.save_model(workdir, config, state)
     return config
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import minids_jax
 from minids_jax import generation
 from minids_jax.model import MiniDeepSeek
 from tests.factories import compute_config, small_model_config
@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model():
-    return MiniDeepSeek(CFG, rngs=nnx.Rngs(3))
+    return MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(3))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_a_model_trained_with_capacity_dispatch_decodes_exactly(model, full_forw
     capacity = MiniDeepSeek(CFG, compute_config(moe_dispatch="capacity", capacity_factor=0.1),
                             rngs=nnx.Rngs(3))
     prompt_BxP = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 5))
-    got = generation.generate(capacity, prompt_BxP, 6, GREEDY)
+    got = generation.generate(capacity, prompt_BxP, 6)
     np.testing.assert_array_equal(got, uncached_greedy(full_forward, prompt_BxP, 6)[0])
 
 
@@ -128,8 +128,26 @@ def test_stop_token_ends_generation(model, full_forward):
     greedy, _ = uncached_greedy(full_forward, prompt, 6)
     stop = int(greedy[0, 2])
     first_stop = int(np.argmax(greedy[0] == stop))
-    got = generation.generate(model, prompt, 6, GREEDY, stop_token=stop)
+    got = generation.generate(model, prompt, 6, stop_token=stop)
     np.testing.assert_array_equal(got, greedy[:, :first_stop + 1])
+
+
+def test_public_generate_pads_the_rows_that_stopped(model, full_forward):
+    """minids_jax.generate: a row that met its stop token is padded with it after, while the
+    other rows go on; the ids of a row that has not stopped are its greedy ones."""
+    prompt = np.array([[5, 9, 2], [7, 1, 3]])
+    greedy, _ = uncached_greedy(full_forward, prompt, 6)
+    # A token row 0 makes before row 1 does (row 1 then goes on after row 0 stopped).
+    first = [{int(t): i for i, t in reversed(list(enumerate(row)))} for row in greedy]
+    stop = next(t for t, i in first[0].items() if first[1].get(t, 6) > i)
+    expected = greedy.copy()
+    for row, firsts in enumerate(first):
+        if stop in firsts:
+            expected[row, firsts[stop] + 1:] = stop
+    got = minids_jax.generate(model, prompt, 6, stop_token=stop)
+    length = max(first[1].get(stop, 5), first[0][stop]) + 1
+    np.testing.assert_array_equal(got, expected[:, :length])
+    assert got[0, first[0][stop] + 1:].tolist() == [stop] * (length - first[0][stop] - 1)
 
 
 def test_prompt_longer_than_context_is_a_clear_error(generator):
@@ -172,8 +190,8 @@ def test_generate_command_end_to_end(tmp_path, compile_cache):
 
 
 def test_prompt_tokens_follow_the_training_layout():
-    from minids_jax.instructions import format_prompt
-    from minids_jax.tokenization import ByteTokenizer
+    from minids_jax.data.instructions import format_prompt
+    from minids_jax.data.tokenization import ByteTokenizer
     tokenizer = ByteTokenizer()
     tokens = generation.prompt_tokens(tokenizer, instruction="Add the numbers.", input="2 3")
     assert tokens[0] == tokenizer.BOS

@@ -231,7 +231,7 @@ def test_cpu_compiled_step_uses_neither_cudnn_attention_nor_ragged_dot(compile_c
 def test_ragged_dots_of_a_step_lowered_for_cuda_are_counted_once_each(compile_cache):
     # Lowering for CUDA needs no GPU. XLA names these instructions ragged_dot_general.N and
     # their metadata says ragged_dot_general too: only the opcodes may count.
-    from minids_jax import trainer
+    from minids_jax.training import trainer
 
     run = trainer.Trainer(tiny_config(model=MHA, compute=dict(
         attention_kernel="dot_product_attention", moe_dispatch="ragged")))

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax import checkpoint, checkpointer
+from minids_jax import checkpoint
 from minids_jax.errors import UserError
 from minids_jax.hf import config as hf_config
 from minids_jax.hf import convert, weights
 from minids_jax.hf.files import TensorFiles
 from minids_jax.model import MiniDeepSeek
-from tests.factories import tiny_config
+from tests.factories import tiny_config, compute_config
 
 V3_MODEL = dict(attn_pattern=("mla",), n_layers=3, n_heads=2, n_experts=4, top_k=2,
                 router_scoring="sigmoid", n_group=2, topk_group=1, n_shared_experts=1,
@@ -31,12 +31,12 @@ def saved_run(workdir: pathlib.Path, **model) -> dict:
     """A run directory holding a random model whose norms and router biases are not their
     initial values (a mapping that mixes them up shows); returns its flat parameters."""
     config = tiny_config(model={**V3_MODEL, **model})
-    state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, rngs=nnx.Rngs(0))))
+    state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(0))))
     keys = iter(jax.random.split(jax.random.key(1), 1000))
     state = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.1 * jax.random.normal(next(keys), x.shape)
         if str(path[-1].key) in ("scale", "bias") else x, state)
-    checkpointer.save_model(workdir, config, state)
+    checkpoint.save_model(workdir, config, state)
     return convert.flat_paths(state)
 
 
@@ -145,7 +145,7 @@ def test_directories_that_cannot_be_imported_say_why(tmp_path, breakage, message
 
 
 def test_an_imported_run_resumes_with_a_fresh_optimizer_and_trains(tmp_path):
-    from minids_jax.trainer import Trainer
+    from minids_jax.training.trainer import Trainer
 
     directory = exported(tmp_path, n_layers=2)
     base = tiny_config(optim=dict(total_steps=2), checkpoint=dict(every=1))

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import minids_jax  # noqa: E402
-from minids_jax.generation import Sampling, generate  # noqa: E402
+from minids_jax.generation import generate  # noqa: E402
 from minids_jax.hf import adapter, convert  # noqa: E402
 from tests.factories import tiny_config  # noqa: E402
 
@@ -68,11 +68,11 @@ def test_transformers_models_import_with_their_logits_and_greedy_tokens(tmp_path
     with torch.no_grad():
         theirs = model.generate(torch.tensor(prompt, dtype=torch.long), do_sample=False,
                                 max_new_tokens=8, min_new_tokens=8).numpy()[:, 5:]
-    np.testing.assert_array_equal(generate(ours, prompt, 8, Sampling(temperature=0.0)), theirs)
+    np.testing.assert_array_equal(generate(ours, prompt, 8), theirs)
 
 
 def test_a_model_trained_here_exports_to_transformers_with_our_logits(tmp_path):
-    from minids_jax.trainer import Trainer
+    from minids_jax.training.trainer import Trainer
     from tests.test_hf import V3_MODEL
 
     config = tiny_config(model=dict(V3_MODEL, mtp_depth=0), optim=dict(total_steps=3),

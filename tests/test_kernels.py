@@ -7,11 +7,11 @@ import optax
 import pytest
 from flax import nnx
 
-from minids_jax import loss
+from minids_jax.training import loss
 from minids_jax.kernels import attention as fused
 from minids_jax.kernels.head_loss import head_cross_entropy
 from minids_jax.model import MiniDeepSeek
-from tests.factories import small_model_config
+from tests.factories import small_model_config, compute_config
 
 
 def _qkv(batch=2, queries=37, sources=37, heads=3, head_dim=8, seed=0):
@@ -105,7 +105,7 @@ def test_head_cross_entropy_matches_autodiff_of_optax(chunk):
 def test_model_loss_equals_cross_entropy_of_the_models_logits():
     """The trainer's fused loss is the loss of `model(inputs)`: same value, same gradients."""
     cfg = small_model_config()
-    model = MiniDeepSeek(cfg, rngs=nnx.Rngs(0))
+    model = MiniDeepSeek(cfg, compute_config(), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, cfg.max_seq_len + 1), 0, cfg.vocab_size)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "weights": jnp.ones((2, cfg.max_seq_len)).at[1, :5].set(0.0)}

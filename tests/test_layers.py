@@ -2,8 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minids_jax.layers import RMSNorm
-from minids_jax.rotary import Rope
+from minids_jax.model.layers import RMSNorm
+from minids_jax.model.rotary import Rope
 
 
 def test_rmsnorm_matches_formula():

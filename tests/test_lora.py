@@ -13,12 +13,15 @@ import pytest
 from flax import nnx
 
 import minids_jax
-from minids_jax import checkpoint, checkpointer, lora
+from minids_jax import checkpoint
+from minids_jax.checkpoint import base as checkpoint_base
+from minids_jax.training import checkpointer
+from minids_jax.model import lora
 from minids_jax.config import ConfigError
 from minids_jax.hf import adapter, convert
 from minids_jax.model import MiniDeepSeek
-from minids_jax.trainer import Trainer
-from tests.factories import tiny_config
+from minids_jax.training.trainer import Trainer
+from tests.factories import compute_config, tiny_config
 from tests.test_hf import V3_MODEL
 
 SMALL = dict(V3_MODEL, n_layers=2)  # a dense layer, an MoE layer (and the MTP module's)
@@ -28,7 +31,7 @@ EVERY_KIND = ("attn.*", "mlp.*", "shared.*", "moe.w1", "moe.w3", "head")
 
 def adapted(rank=2, targets=EVERY_KIND, seed=0):
     config = tiny_config(model=SMALL, lora=dict(rank=rank, targets=targets))
-    model = MiniDeepSeek(config.model, rngs=nnx.Rngs(seed))
+    model = MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(seed))
     base = nnx.clone(model)
     names = lora.add_adapters(model, config.lora, nnx.Rngs(1))
     return config, base, model, names
@@ -109,8 +112,8 @@ def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path, compil
     config = tiny_config(model=dict(SMALL, mtp_depth=0, vocab_size=259, max_seq_len=80),
                          optim=dict(total_steps=8, lr=1e-2), checkpoint=dict(every=4),
                          data=dict(source="jsonl", path=str(tmp_path / "data.jsonl")))
-    state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, rngs=nnx.Rngs(3))))
-    checkpointer.save_model(tmp_path / "base", config, state)
+    state = nnx.to_pure_dict(nnx.state(MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(3))))
+    checkpoint.save_model(tmp_path / "base", config, state)
     tuned = dataclasses.replace(
         config, lora=dataclasses.replace(config.lora, rank=2, targets=EVERY_KIND,
                                          train_norms=True),
@@ -166,7 +169,7 @@ def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path, compil
     # A base that moved: loading names it and the fix; resuming finds it at init_from.
     (tmp_path / "base").rename(tmp_path / "moved")
     for load in (minids_jax.load, checkpoint.load_params):
-        with pytest.raises(lora.MissingBaseError, match=f"holds adapters only, on the base "
+        with pytest.raises(checkpoint.MissingBaseError, match=f"holds adapters only, on the base "
                                                         f"{base_dir}, which is gone .* put the "
                                                         f"base back at {base_dir}"):
             load(tmp_path / "lora")
@@ -182,8 +185,8 @@ def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0):
     """(base workdir, LoRA workdir): a random DeepSeek-V3-format base and a LoRA run on it whose
     adapters are random (as after training)."""
     config = tiny_config(model=dict(SMALL, mtp_depth=0))
-    model = MiniDeepSeek(config.model, rngs=nnx.Rngs(4))
-    checkpointer.save_model(tmp_path / "base", config, nnx.to_pure_dict(nnx.state(model)))
+    model = MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(4))
+    checkpoint.save_model(tmp_path / "base", config, nnx.to_pure_dict(nnx.state(model)))
     tuned = dataclasses.replace(
         config, lora=dataclasses.replace(config.lora, rank=2, alpha=4.0, targets=targets,
                                          dropout=dropout),
@@ -195,8 +198,8 @@ def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0):
         variable[...] = 0.2 * jax.random.normal(next(keys), variable.shape)
     # As a LoRA run saves them: the adapters only, on the base.
     base_dir = tmp_path / "base" / "checkpoints" / "0"
-    checkpointer.save_model(tmp_path / "lora", tuned, nnx.to_pure_dict(nnx.state(
-        model, nnx.LoRAParam)), base=lora.base_reference(base_dir, checkpoint.read_meta(base_dir)))
+    checkpoint.save_model(tmp_path / "lora", tuned, nnx.to_pure_dict(nnx.state(
+        model, nnx.LoRAParam)), base=checkpoint_base.base_reference(base_dir, checkpoint.read_meta(base_dir)))
     return tmp_path / "base", tmp_path / "lora"
 
 
@@ -246,7 +249,7 @@ def test_epochs_set_the_steps_from_the_examples(tmp_path):
 
 
 def test_adapter_dropout_drops_the_adapters_input_at_its_rate_while_training_only():
-    from minids_jax import layers
+    from minids_jax.model import layers
 
     # kernel 0 and identity adapters: the layer's output is what the adapter reads.
     projection = layers.linear(64, 64, (None, None), rngs=nnx.Rngs(0), dtype="float32",
@@ -269,8 +272,8 @@ def test_adapter_dropout_drops_the_adapters_input_at_its_rate_while_training_onl
 
 
 def test_adapter_dropout_masks_do_not_depend_on_scanning_and_are_refused_for_experts():
-    from minids_jax import layers
-    from minids_jax import loss as loss_lib
+    from minids_jax.model import layers
+    from minids_jax.training import loss as loss_lib
     from tests.factories import compute_config
 
     config = tiny_config(model=dict(V3_MODEL, n_layers=4, first_k_dense=0, mtp_depth=0),
@@ -300,7 +303,7 @@ def test_adapter_dropout_masks_do_not_depend_on_scanning_and_are_refused_for_exp
                                           r"\(blocks.1.moe.w1, ...\).*set lora.dropout=0"):
         config = tiny_config(model=SMALL, lora=dict(rank=2, targets=("moe.w1",),
                                                     dropout=0.1))
-        lora.add_adapters(MiniDeepSeek(config.model, rngs=nnx.Rngs(0)), config.lora,
+        lora.add_adapters(MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(0)), config.lora,
                           nnx.Rngs(1))
 
 

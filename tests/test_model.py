@@ -9,7 +9,7 @@ from tests.factories import compute_config, small_model_config
 
 def test_model_is_causal_and_independent_of_input_length():
     cfg = small_model_config(n_layers=4)  # mha, mhla, mha, mhla
-    model = MiniDeepSeek(cfg, rngs=nnx.Rngs(0))
+    model = MiniDeepSeek(cfg, compute_config(), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
     t = 9
     changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 1) % cfg.vocab_size)
@@ -28,7 +28,7 @@ def test_model_is_causal_and_independent_of_input_length():
 
 def test_layers_follow_the_attention_pattern():
     model = MiniDeepSeek(small_model_config(n_layers=3, attn_pattern=("mhla", "mha", "mha")),
-                         rngs=nnx.Rngs(0))
+                         compute_config(), rngs=nnx.Rngs(0))
     kinds = [type(block.attn).__name__ for block in model.blocks]
     assert kinds == ["MHLA", "MHA", "MHA"]
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minids_jax import loss as loss_lib
+from minids_jax.training import loss as loss_lib
 from minids_jax.model import MiniDeepSeek
 from tests.factories import compute_config, small_model_config
 
@@ -73,7 +73,7 @@ def test_the_mtp_loss_enters_the_total_and_decoding_ignores_the_modules():
 
 
 def test_the_modules_moe_layers_are_balanced_like_the_main_ones():
-    from minids_jax.steps import update_router_biases
+    from minids_jax.training.steps import update_router_biases
 
     model = MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(2))
     loads = nnx.jit(lambda model, data: (loss_lib.model_loss(model, data, chunk=16)[1],

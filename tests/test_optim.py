@@ -5,9 +5,11 @@ import optax
 import pytest
 from flax import nnx
 
-from minids_jax import MiniDeepSeek, optim
+from minids_jax import MiniDeepSeek
+from minids_jax.training import optim
 from minids_jax.config import OptimConfig
 from tests.conftest import small_model_config
+from tests.factories import compute_config
 
 
 def seed_lr(cfg: OptimConfig, s: int) -> float:
@@ -27,7 +29,7 @@ def test_schedule_matches_the_seed(warmup):
 
 
 def test_weight_decay_skips_norms_embeddings_and_latents():
-    model = MiniDeepSeek(small_model_config(), rngs=nnx.Rngs(0))
+    model = MiniDeepSeek(small_model_config(), compute_config(), rngs=nnx.Rngs(0))
     cfg = OptimConfig(lr=0.1, warmup_steps=0, total_steps=10, weight_decay=0.5, clip_norm=0)
     optimizer = nnx.Optimizer(model, optim.optimizer(cfg), wrt=nnx.Param)
     before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
@@ -96,9 +98,10 @@ def test_every_optimizer_decays_matrices_only_and_by_lr_times_rate(name):
 
 @pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "muon"])
 def test_every_optimizer_lowers_the_loss_of_a_tiny_model(name):
-    from minids_jax import loss as loss_lib
+    from minids_jax.training import loss as loss_lib
 
-    model = MiniDeepSeek(small_model_config(n_layers=1, attn_pattern=("mha",)), rngs=nnx.Rngs(0))
+    model = MiniDeepSeek(small_model_config(n_layers=1, attn_pattern=("mha",)), compute_config(),
+                         rngs=nnx.Rngs(0))
     cfg = OptimConfig(name=name, lr=3e-3, warmup_steps=0, total_steps=20)
     optimizer = nnx.Optimizer(model, optim.optimizer(cfg), wrt=nnx.Param)
     tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, model.cfg.vocab_size)

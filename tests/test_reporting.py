@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax import flops, plot, reporting, trainer
+from minids_jax.training import flops, reporting, trainer
+from minids_jax import plot
 from minids_jax.config import ModelConfig
 from minids_jax.model import MiniDeepSeek
 from tests.factories import compute_config, small_model_config, tiny_config
@@ -181,7 +182,7 @@ def test_matmul_flops_are_twice_the_parameters_a_token_uses(overrides):
     # MHA or MLA, one expert: every parameter but the embedding and norm scales is one matmul
     # weight that each token passes through exactly once.
     cfg = flops_model_config(**overrides)
-    model = nnx.eval_shape(lambda: MiniDeepSeek(cfg, rngs=nnx.Rngs(0)))  # shapes only
+    model = nnx.eval_shape(lambda: MiniDeepSeek(cfg, compute_config(), rngs=nnx.Rngs(0)))  # shapes only
     params = nnx.state(model, nnx.Param)
     matmul_params = sum(x.size for path, x in nnx.to_flat_state(params)
                         if x.ndim >= 2 and "embed" not in path)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax import routing
+from minids_jax.model import routing
 from minids_jax.model import MiniDeepSeek
-from minids_jax.moe import MoE, RouterBias
+from minids_jax.model.moe import MoE, RouterBias
 from tests.factories import compute_config, small_model_config
 
 V3_ROUTING = dict(router_scoring="sigmoid", n_experts=8, n_group=4, topk_group=2, top_k=3,
@@ -118,7 +118,7 @@ def test_routing_config_errors_name_the_fields(overrides):
 def test_sequence_balance_loss_follows_the_paper():
     """sum_e f_e P_e per sequence: 1 when every sequence spreads evenly, E when one expert
     takes everything and holds all the probability."""
-    from minids_jax.moe import sequence_balancing_loss
+    from minids_jax.model.moe import sequence_balancing_loss
 
     experts, length = 4, 8
     even_BxLxK = jnp.tile(jnp.arange(experts), (1, length // experts))[..., None]
@@ -133,7 +133,7 @@ def skewed_trainer(tmp_path=None, steps=60, **train):
     """A v3-like tiny run whose router starts badly skewed towards expert 0 (its bias is 0.5
     ahead, where sigmoid scores differ by about 0.1), with the learning rate near zero so
     that only the bias update can fix it."""
-    from minids_jax import trainer as trainer_lib
+    from minids_jax.training import trainer as trainer_lib
     from tests.factories import tiny_config
 
     config = tiny_config(model=dict(n_experts=4, top_k=1, router_scoring="sigmoid",

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from minids_jax import trainer
+from minids_jax.data import sources
+from minids_jax.training import trainer
 from minids_jax.config import ConfigError
 from tests.factories import tiny_config
 
@@ -70,7 +71,7 @@ def loss_and_grads(model_cfg, **compute):
     from flax import nnx
 
     from minids_jax import MiniDeepSeek
-    from minids_jax import loss as loss_lib
+    from minids_jax.training import loss as loss_lib
     from tests.factories import compute_config
 
     model = MiniDeepSeek(model_cfg, compute_config(**compute), rngs=nnx.Rngs(0))
@@ -109,10 +110,11 @@ def test_scanned_and_rematerialized_layers_give_the_plain_loss_and_gradients(pat
 def test_only_runs_of_enough_repeats_are_scanned():
     from flax import nnx
 
-    from minids_jax import MiniDeepSeek, layer_scan
-    from tests.factories import small_model_config
+    from minids_jax import MiniDeepSeek
+    from minids_jax.model import scan as layer_scan
+    from tests.factories import compute_config, small_model_config
 
-    blocks = MiniDeepSeek(small_model_config(n_layers=7, first_k_dense=1),
+    blocks = MiniDeepSeek(small_model_config(n_layers=7, first_k_dense=1), compute_config(),
                           rngs=nnx.Rngs(0)).blocks  # dense MHA, then 3 x (MHLA, MHA MoE)
     singles = [(i, 1, 1) for i in range(7)]
     assert layer_scan.runs(blocks, 2, 2) == [(0, 1, 1), (1, 3, 2)]
@@ -123,7 +125,6 @@ def test_only_runs_of_enough_repeats_are_scanned():
 def test_bfloat16_training_follows_float32():
     """Compute in bfloat16 (params, optimizer state, softmaxes, router and loss in float32):
     the loss curve of a short run stays close to float32's and falls as far."""
-    from minids_jax import data
 
     pattern = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], np.int32)
 
@@ -131,7 +132,7 @@ def test_bfloat16_training_follows_float32():
         def batch(self, step, batch_size, rows=slice(None), split="train"):
             starts = np.random.default_rng(step).integers(0, len(pattern), batch_size)
             windows = np.stack([np.resize(np.roll(pattern, -s), 17) for s in starts])
-            return data.as_batch(windows[rows])
+            return sources.as_batch(windows[rows])
 
     curves = {}
     for dtype in ("float32", "bfloat16"):

@@ -15,7 +15,7 @@ from tests.factories import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import step_profile  # noqa: E402  (benchmarks/step_profile.py)
 
-from minids_jax import layers  # noqa: E402
+from minids_jax.model import layers  # noqa: E402
 
 
 def test_ops_are_attributed_to_the_minids_jax_line_that_emitted_them():
@@ -29,6 +29,6 @@ def test_ops_are_attributed_to_the_minids_jax_line_that_emitted_them():
     source, first = inspect.getsourcelines(layers.Linear.__call__)
     matmul_line = first + next(i for i, text in enumerate(source) if "@ self.kernel" in text)
     dots = [name for name in lines if "dot" in name or "fusion" in name]
-    assert f"layers.py:{matmul_line}" in {lines[name] for name in dots}, lines
+    assert f"model/layers.py:{matmul_line}" in {lines[name] for name in dots}, lines
     # The tanh was written here, outside minids_jax.
     assert "(outside minids_jax)" in lines.values(), lines

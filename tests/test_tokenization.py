@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from minids_jax import config as config_lib
-from minids_jax import tokenization
-from minids_jax.corpus import builtin_corpus_files
-from minids_jax.tokenization import BpeTokenizer, ByteTokenizer
+from minids_jax.data import tokenization
+from minids_jax.data.corpus import builtin_corpus_files
+from minids_jax.data.tokenization import BpeTokenizer, ByteTokenizer
 
 UNSEEN = "Grüße, 世界! 🙂\n\tdef f(x):\n        return x ** 2  # <eos> <pad>\r\n"
 

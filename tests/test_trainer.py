@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minids_jax import data, trainer
-from minids_jax.loss import cross_entropy
+from minids_jax.data import pipeline as data
+from minids_jax.data import sources
+from minids_jax.training import trainer
+from minids_jax.training.loss import cross_entropy
 from tests.factories import FAST_COMPILE_XLA_FLAGS, tiny_config
 
 # A user's shell, nearly: nothing of this session's environment but the tests' XLA flags.
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_loss_scores_logits_at_t_against_token_t_plus_1():
     tokens = np.arange(10, dtype=np.int32)[None] % 7
-    batch = data.as_batch(tokens)
+    batch = sources.as_batch(tokens)
     np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
     vocab = 7
     # A model that is certain of the next token scores ~0; one certain of the token after is bad.
@@ -66,7 +68,7 @@ def test_tiny_model_overfits_a_repeating_sequence(architecture):
         def batch(self, step, batch_size, rows=slice(None), split="train"):
             starts = np.random.default_rng(step).integers(0, len(pattern), batch_size)
             windows = np.stack([np.resize(np.roll(pattern, -s), 17) for s in starts])
-            return data.as_batch(windows[rows])
+            return sources.as_batch(windows[rows])
 
     run = trainer.Trainer(config)
     run.source = Repeating()

@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from minids_jax import lora
+from minids_jax import checkpoint
+from minids_jax.model import lora
 from minids_jax.hf import config as hf_config
 from minids_jax.hf import weights
 from minids_jax.hf.convert import flat_paths
@@ -26,8 +27,6 @@ def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     from `checkpoint.init_from`'s run: the attention projections' and the head's. Adapters of
     MLPs and routed experts and trained norm gains have no form peft loads (those runs are
     exported merged); the MTP modules' adapters are left out."""
-    from minids_jax import checkpoint
-
     config = checkpoint.read_config(workdir, step)
     cfg, lora_cfg = config.model, config.lora
     hf_config.to_hf(cfg)  # raises if the base is not a DeepSeek-V3-format model

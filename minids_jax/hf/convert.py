@@ -23,13 +23,20 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from minids_jax import kernels, lora, sharding
+from minids_jax import sharding
+from minids_jax.checkpoint import store
+from minids_jax.checkpoint.loading import load_params
+from minids_jax.checkpoint.store import CheckpointError
+from minids_jax.data import pipeline as data_lib
+from minids_jax.data.tokenization import HFTokenizer
+from minids_jax.model import build, lora
+from minids_jax.workdir import CHECKPOINTS, complete_steps
 from minids_jax.config import Config, ConfigError
 from minids_jax.hf import config as hf_config
 from minids_jax.hf import weights
 from minids_jax.hf.files import TensorFiles, save
 from minids_jax.hf.weights import EXPERTS, Tensor
-from minids_jax.model_config import ModelConfig
+from minids_jax.config.model import ModelConfig
 
 # Newer transformers save the chat template as chat_template.jinja, not in tokenizer_config.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -108,12 +115,11 @@ class Reader:
 
 
 def _abstract_state(model_cfg: ModelConfig, config: Config, mesh) -> tuple[Any, dict]:
-    from minids_jax.model import MiniDeepSeek
-
-    compute = kernels.resolve(config.compute, kernels.mesh_platform(mesh))
+    config = dataclasses.replace(config, model=model_cfg)
+    platform = sharding.mesh_platform(mesh)
     with nnx.logical_axis_rules(config.mesh.axis_rules):
-        graphdef, state = nnx.get_abstract_model(
-            lambda: MiniDeepSeek(model_cfg, compute, rngs=nnx.Rngs(0)), mesh)
+        graphdef, state = nnx.get_abstract_model(lambda: build(config, platform, nnx.Rngs(0)),
+                                                 mesh)
     return graphdef, state
 
 
@@ -130,12 +136,10 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
     but the architecture (mesh, training, data); returns the run's Config. `max_seq_len`
     (default: `max_position_embeddings`) is the run's context and training window: the
     function at the positions below it is the same."""
-    from minids_jax import checkpointer
-
     hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), pathlib.Path(workdir).expanduser()
-    saved = workdir / "checkpoints"
-    if saved.is_dir() and any(path.name.isdigit() for path in saved.iterdir()):
-        raise checkpointer.CheckpointError(f"{saved} already holds checkpoints; import into a "
+    saved = workdir / CHECKPOINTS
+    if complete_steps(saved):
+        raise CheckpointError(f"{saved} already holds checkpoints; import into a "
                                            f"new --workdir.")
     hf = read_hf_config(hf_dir)
     origin = str(hf_dir / "config.json")
@@ -155,8 +159,6 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
     model_cfg = _checked(ModelConfig, fields, origin, param_dtype=config.model.param_dtype)
     tokenizer_present = (hf_dir / "tokenizer.json").is_file()
     if tokenizer_present:  # a tokenizer a run could not use is an error now, not at training
-        from minids_jax.tokenization import HFTokenizer
-
         try:
             HFTokenizer(hf_dir)
         except (ValueError, OSError) as error:  # (JSONDecodeError is a ValueError)
@@ -188,7 +190,7 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
             f"{hf_dir} has tensors this model would not use: {unused[:4]}"
             f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}; are config.json and "
             f"the *.safetensors files one model?")
-    checkpointer.save_model(workdir, run_config, unflatten_dict(placed),
+    store.save_model(workdir, run_config, unflatten_dict(placed),
                             imported_from=str(hf_dir))
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
@@ -249,20 +251,18 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
     unexpected when it loads the model, and runs them only to draft tokens)."""
     import ml_dtypes
 
-    from minids_jax import checkpoint, data
-
-    config = checkpoint.read_config(workdir, step)
+    config = store.read_config(workdir, step)
     cfg = config.model if with_mtp else dataclasses.replace(config.model, mtp_depth=0)
     # The run's saved BPE tokenizer as it is (load_tokenizer would train one if it were gone).
-    tokenizer = data.load_tokenizer(config, str(workdir)) if config.data.tokenizer != "bpe" \
-        else data.BpeTokenizer.load(pathlib.Path(workdir) / data.TOKENIZER_FILE)
+    tokenizer = data_lib.load_tokenizer(config, str(workdir)) if config.data.tokenizer != "bpe" \
+        else data_lib.BpeTokenizer.load(pathlib.Path(workdir) / data_lib.TOKENIZER_FILE)
     # (A run on random tokens may have a vocabulary without the byte tokenizer's specials.)
     special = {name: token if token < cfg.vocab_size else None for name, token in
                (("bos", tokenizer.BOS), ("eos", tokenizer.EOS), ("pad", tokenizer.PAD))}
     hf = hf_config.to_hf(cfg, dtype=dtype, special_ids=special)  # raises if inexpressible
     out = pathlib.Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    params = checkpoint.load_params(workdir, step)
+    params = load_params(workdir, step)
     if config.lora.rank:  # the adapted model: adapters merged into their weights
         params = lora.merged_params(params, config.lora)
     params = flat_paths(params)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from minids_jax.model_config import ModelConfig
+from minids_jax.config.model import ModelConfig
 
 Path = tuple[str, ...]  # a key path of the model's pure-dict state, list indices as str
 

@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from minids_jax.config import ComputeConfig
 
 # The fastest exact kernel per platform (docs/performance.md has the measurements).
 AUTO_ATTENTION = {"cpu": "fused"}  # elsewhere: dot_product_attention (XLA's) or cudnn
 HALF_DTYPES = ("bfloat16", "float16")  # what cuDNN's flash attention takes
 DROPLESS_DISPATCH = {"cpu": "blocked"}  # elsewhere: ragged (jax.lax.ragged_dot)
-
-
-def mesh_platform(mesh: jax.sharding.Mesh | None = None) -> str:
-    """The platform of the mesh's devices, else JAX's default backend."""
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def exact_dispatch(platform: str) -> str:

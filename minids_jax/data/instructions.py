@@ -17,10 +17,10 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from minids_jax import chat
-from minids_jax.corpus import DataError, cached, content_digest
-from minids_jax.sources import TokenizedExamples
-from minids_jax.tokenization import token_dtype
+from minids_jax.data import chat
+from minids_jax.data.corpus import DataError, cached, content_digest
+from minids_jax.data.sources import TokenizedExamples
+from minids_jax.data.tokenization import token_dtype
 
 LAYOUT = "scored-v2"  # of the cached arrays: tokens, starts and a score per token
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from minids_jax.config_schema import ARCHITECTURE, Group, check, option
+from minids_jax.config.fields import ARCHITECTURE, Group, check, option
 
 ATTENTION_KINDS = ("mha", "mhla", "mla")
 ROUTER_SCORINGS = ("softmax", "sigmoid")

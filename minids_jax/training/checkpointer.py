@@ -6,7 +6,7 @@ exactly. Saves are asynchronous: `save` returns once the arrays are copied off t
 accelerator. Use it as a context manager, so pending saves finish on every way out.
 
 A LoRA run started from a base saves only what trains, with a reference to the base
-(lora.base_reference); resuming restores the base from there first, then the rest.
+(checkpoint/base.py); resuming restores the base from there first, then the rest.
 """
 
 from __future__ import annotations
@@ -23,19 +23,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from minids_jax import checkpoint as ckpt
-from minids_jax import config as config_lib
-from minids_jax import lora
-from minids_jax.checkpoint import CheckpointError, UnreadableCheckpointError
-from minids_jax.config import Config, ConfigError
+from minids_jax.checkpoint import store as ckpt
+from minids_jax.checkpoint.base import base_reference, locate_base
+from minids_jax.model import lora
+from minids_jax.checkpoint.store import CheckpointError, UnreadableCheckpointError
+from minids_jax.config import NOTED, Config, ConfigError, compat
 from minids_jax.errors import UserError
-from minids_jax.steps import TrainState
-
-
-def _write_atomically(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from minids_jax.training.steps import TrainState
+from minids_jax.workdir import complete_steps, write_atomic
 
 
 def _sync(name: str) -> None:
@@ -117,13 +112,13 @@ class Checkpointer:
         elif self.cfg.init_from:
             self._init_from(state)
         if self.workdir is not None and jax.process_index() == 0:
-            _write_atomically(self.workdir / "config.json", self.config.to_json())
+            write_atomic(self.workdir / "config.json", self.config.to_json())
         return step
 
     def _saved(self, state: TrainState, base: dict | None, step: int | None = None) -> dict:
         """The pure-dict trees a checkpoint (of `step`) holds of `state`: with a base, of the
         model only what trains (lora.trainable); at step 0 written without optimizer state
-        (`save_model`: an imported model), the model only."""
+        (`store.save_model`: an imported model), the model only."""
         model = (nnx.filter_state(state.model, lora.trainable(self.config.lora)) if base
                  else state.model)
         trees = {"model": nnx.to_pure_dict(model)}
@@ -158,7 +153,7 @@ class Checkpointer:
                 f"optim.total_steps={total}; raise --config.optim.total_steps above {step} to "
                 f"train further, or use a new --workdir to start again.")
         if base is not None:  # first the base, then what trains on it
-            directory, base_step = lora.locate_base(base, self.step_dir(step), self.cfg.init_from)
+            directory, base_step = locate_base(base, self.step_dir(step), self.cfg.init_from)
             self._restore_base(state, (directory, base_step))
             base_dir = directory / str(base_step)
             if str(base_dir) != base["step_dir"]:
@@ -192,7 +187,7 @@ class Checkpointer:
                 f"state, and this run asks for {self.config.optim.name!r}; resume with "
                 f"--config.optim.name={saved.optim.name}, or start a new --workdir from its "
                 f"parameters with --config.checkpoint.init_from={self.workdir}.")
-        changes = config_lib.changes(saved, self.config, config_lib.NOTED)
+        changes = compat.changes(saved, self.config, NOTED)
         if changes:
             self.log(f"note: resuming with changed settings (the run will not match an "
                      f"uninterrupted one): {'; '.join(changes)}")
@@ -219,7 +214,7 @@ class Checkpointer:
                 f"(python -m minids_jax.hf export) and import that, or resume it instead.")
         meta = self._restore_base(state, (directory, step))
         if self.config.lora.rank:
-            self.base = lora.base_reference(directory / str(step), meta)
+            self.base = base_reference(directory / str(step), meta)
         self.log(f"initialized the parameters from {directory / str(step)} (step {step}); "
                  f"the optimizer starts fresh at step 0"
                  f"{'; checkpoints hold the adapters only' if self.base else ''}")
@@ -290,40 +285,12 @@ class Checkpointer:
             free = f"{shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free there"
         except OSError:
             free = "free space unknown"
-        complete = sorted(s for s in _complete_steps(self.directory) if s != step)
+        complete = sorted(s for s in complete_steps(self.directory) if s != step)
         self.last_saved_step = complete[-1] if complete else None
         kept = (f"the last complete checkpoint is {self.step_dir(complete[-1])}. Free some "
                 f"space (or lower checkpoint.max_to_keep) and run the same command to resume "
                 f"from it." if complete else "no checkpoint was completed. Free some space and "
-                f"run the same command again.")
+                "run the same command again.")
         return SaveFailedError(
             f"saving the checkpoint of step {step} to {self.directory} failed ({reason}); "
             f"{free}. The run stopped; {kept}")
-
-
-def _complete_steps(directory: epath.Path) -> list[int]:
-    """Steps with a finished checkpoint (orbax renames a save's directory to its step when it
-    is complete)."""
-    try:
-        return [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
-    except OSError:
-        return []
-
-
-def save_model(workdir, config: Config, model: dict, **meta) -> None:
-    """Writes `workdir`'s checkpoint of step 0 holding the model's pure-dict state only, with
-    `meta` added to its metadata: an imported model. A run resuming it creates the optimizer
-    state fresh, which at step 0 is exactly what it would restore."""
-    directory = ckpt.checkpoints_dir(workdir)
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-    with ocp.CheckpointManager(directory, item_names=ckpt.ITEMS, options=options) as manager:
-        if manager.all_steps():
-            raise CheckpointError(f"{directory} already holds checkpoints; import into a new "
-                                  f"workdir.")
-        meta = {**ckpt.make_meta(config, 0, None, model=model), **meta}
-        manager.save(0, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model),
-            config=ocp.args.JsonSave(json.loads(config.to_json())), meta=ocp.args.JsonSave(meta)))
-        manager.wait_until_finished()
-    if jax.process_index() == 0:
-        _write_atomically(ckpt.absolute_path(workdir) / "config.json", config.to_json())

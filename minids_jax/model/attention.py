@@ -23,8 +23,10 @@ from flax import nnx
 
 from minids_jax.config import ComputeConfig, ModelConfig
 from minids_jax.kernels import attention as attention_kernels
-from minids_jax.layers import linear
-from minids_jax.rotary import Rope, softmax_mscale
+from minids_jax.model.layers import linear
+from minids_jax.model.rotary import Rope, softmax_mscale
+
+KERNELS = ("fused", "dot_product_attention", "cudnn")  # compute.attention_kernel, resolved
 
 
 def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *, kernel: str,
@@ -101,7 +103,7 @@ class AttentionProjections(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, compute: ComputeConfig, *, rngs: nnx.Rngs):
         self.cfg, self.kernel = cfg, compute.attention_kernel
-        if self.kernel not in ("fused", "dot_product_attention", "cudnn"):
+        if self.kernel not in KERNELS:
             raise ValueError(f"compute.attention_kernel={self.kernel!r}: resolve it for a "
                              f"platform first (minids_jax.kernels.resolve).")
         self.rope, self.query_scale = Rope.of(cfg, cfg.head_dim), softmax_mscale(cfg)

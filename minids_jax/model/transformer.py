@@ -15,44 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax import kernels, layer_scan
-from minids_jax.attention import MHA
+from minids_jax.model import scan as layer_scan
 from minids_jax.config import ComputeConfig, ModelConfig
-from minids_jax.layers import MLP, RMSNorm, linear
-from minids_jax.mhla import MHLA
-from minids_jax.mla import MLA
-from minids_jax.moe import MoE, MoEStats
-from minids_jax.mtp import MTPModule
-
-ATTENTION_CLASSES = {"mha": MHA, "mhla": MHLA, "mla": MLA}
-
-
-class Block(nnx.Module):
-    """x = x + attn(norm1(x)); x = x + moe(norm2(x)) (a dense `mlp` in the first_k_dense)."""
-
-    def __init__(self, cfg: ModelConfig, compute: ComputeConfig, layer: int, *,
-                 rngs: nnx.Rngs):
-        norm = dict(eps=cfg.norm_eps, dtype=compute.dtype, param_dtype=cfg.param_dtype)
-        self.norm1 = RMSNorm(cfg.d_model, **norm)
-        self.attn = ATTENTION_CLASSES[cfg.attention_kind(layer)](cfg, compute, rngs=rngs)
-        self.norm2 = RMSNorm(cfg.d_model, **norm)
-        if cfg.is_moe_layer(layer):
-            self.moe = MoE(cfg, compute, rngs=rngs)
-        else:
-            self.mlp = MLP(cfg.d_model, cfg.dense_mlp_dim, rngs=rngs, dtype=compute.dtype,
-                           param_dtype=cfg.param_dtype)
-
-    def __call__(self, x_BxLxD, positions_BxL, cache=None, moe_dispatch: str | None = None,
-                 segments_BxL=None):
-        """(x, MoEStats or None for a dense layer, cache)."""
-        attended_BxLxD, cache = self.attn(self.norm1(x_BxLxD), positions_BxL, cache,
-                                          segments_BxL)
-        x_BxLxD = x_BxLxD + attended_BxLxD
-        if not hasattr(self, "moe"):
-            return x_BxLxD + self.mlp(self.norm2(x_BxLxD)), None, cache
-        moe_out_BxLxD, stats = self.moe(self.norm2(x_BxLxD), moe_dispatch)
-        return x_BxLxD + moe_out_BxLxD, stats, cache
-
+from minids_jax.model.block import Block
+from minids_jax.model.layers import RMSNorm, linear
+from minids_jax.model.moe import MoE, MoEStats, moe_aux
+from minids_jax.model.mtp import MTPModule
 
 class Output(NamedTuple):
     logits_BxLxV: jax.Array  # float32
@@ -64,14 +32,13 @@ class MiniDeepSeek(nnx.Module):
     """The language model: `model(tokens_BxL, positions_BxL=None, cache=None) -> Output`.
 
     `aux` holds `aux_loss` (balancing loss averaged over the MoE layers), `expert_load_NxE`
-    (share of assignments per expert in each of the N MoE layers) and `dropped_fraction`. `compute` names concrete
-    kernels (see `kernels.resolve`); by default, those of JAX's default backend. Parameters
-    carry logical axis names; whoever builds the model under a mesh places them (sharding.py).
+    (share of assignments per expert in each of the N MoE layers) and `dropped_fraction`.
+    `compute` names concrete kernels (`kernels.resolve`; `model.build` resolves them for a
+    platform). Parameters carry logical axis names; whoever builds the model under a mesh
+    places them (sharding.py).
     """
 
-    def __init__(self, cfg: ModelConfig, compute: ComputeConfig | None = None, *,
-                 rngs: nnx.Rngs):
-        compute = kernels.resolve(compute or ComputeConfig(), kernels.mesh_platform())
+    def __init__(self, cfg: ModelConfig, compute: ComputeConfig, *, rngs: nnx.Rngs):
         self.cfg, self.compute = cfg, compute
         with nnx.use_eager_sharding(False):
             self.embed = nnx.Embed(
@@ -94,6 +61,13 @@ class MiniDeepSeek(nnx.Module):
         max_len = max_len or self.cfg.max_seq_len
         return [block.attn.init_cache(batch, max_len, jnp.dtype(self.compute.dtype))
                 for block in self.blocks]
+
+    def router_biases(self) -> list[nnx.Variable]:
+        """The MoE layers' balancing biases (model.router_bias), in the order of the rows of
+        aux["expert_load_NxE"]: the main layers', then the MTP modules'. [] without them."""
+        blocks = list(self.blocks) + [module.block for module in self.mtp or ()]
+        return [moe.bias for block in blocks for _, moe in nnx.iter_modules(block)
+                if isinstance(moe, MoE) and moe.bias is not None]
 
     def __call__(self, tokens_BxL, positions_BxL=None, cache=None, *,
                  moe_dispatch: str | None = None, segments_BxL=None) -> Output:
@@ -141,28 +115,6 @@ class MiniDeepSeek(nnx.Module):
                 all_stats.append(stats)
             new_cache.append(layer_cache)
         return x_BxLxD, moe_aux(all_stats), new_cache
-
-
-def moe_aux(stats: list[MoEStats]) -> dict[str, jax.Array]:
-    """The MoE layers' statistics as `Output.aux` holds them: balancing losses and dropped
-    share averaged over the layers, and each layer's expert load (a row of expert_load_NxE)."""
-    return {
-        "aux_loss": jnp.mean(jnp.stack([s.aux_loss for s in stats])),
-        "expert_load_NxE": jnp.stack([s.load_E for s in stats]),
-        "dropped_fraction": jnp.mean(jnp.stack([s.dropped_fraction for s in stats])),
-        "sequence_aux_loss": jnp.mean(jnp.stack([s.sequence_loss for s in stats])),
-    }
-
-
-def with_more_moe_layers(aux: dict[str, jax.Array], stats: list[MoEStats]) -> dict:
-    """`aux` of N MoE layers extended by the layers of `stats` (the MTP modules' blocks): the
-    means cover all of them, and their loads follow as the last rows of expert_load_NxE."""
-    n_before, more = aux["expert_load_NxE"].shape[0], moe_aux(stats)
-    weights = (n_before / (n_before + len(stats)), len(stats) / (n_before + len(stats)))
-    merged = {key: weights[0] * aux[key] + weights[1] * more[key]
-              for key in ("aux_loss", "dropped_fraction", "sequence_aux_loss")}
-    return {**aux, **merged, "expert_load_NxE": jnp.concatenate(
-        [aux["expert_load_NxE"], more["expert_load_NxE"]])}
 
 
 def count_params(model: nnx.Module) -> int:

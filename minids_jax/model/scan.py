@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax.layers import adapter_dropout_of_layer
+from minids_jax.model.layers import adapter_dropout_of_layer
 
 REMAT_POLICIES = {
     "full": None,  # keep only each block's input

@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from minids_jax import loss as loss_lib
-from minids_jax import lora, optim, sharding
-from minids_jax.config import ComputeConfig, Config
-from minids_jax.layers import adapter_dropout
-from minids_jax.model import MiniDeepSeek
+from minids_jax.training import loss as loss_lib
+from minids_jax.model import lora
+from minids_jax.training import optim
+from minids_jax import sharding
+from minids_jax.config import Config
+from minids_jax.model.layers import adapter_dropout
+from minids_jax.model import build
 
 
 class TrainState(NamedTuple):
@@ -32,21 +34,18 @@ class TrainState(NamedTuple):
         return int(self.optimizer["step"][...])
 
 
-def build_model_and_optimizer(config: Config, compute: ComputeConfig):
+def build_model_and_optimizer(config: Config, platform: str):
     """The model (with adapters if lora.rank) and an optimizer of what trains: every
     parameter, or with adapters only them (lora.trainable)."""
-    rngs = nnx.Rngs(config.train.seed)
-    model = MiniDeepSeek(config.model, compute, rngs=rngs)
-    if config.lora.rank:
-        lora.add_adapters(model, config.lora, rngs)
+    model = build(config, platform, nnx.Rngs(config.train.seed))
     return model, nnx.Optimizer(model, optim.optimizer(config.optim),
                                 wrt=lora.trainable(config.lora))
 
 
-def create_train_state(config: Config, compute: ComputeConfig, mesh):
+def create_train_state(config: Config, mesh):
     """(graphdefs, state, shardings), each a TrainState; the arrays created sharded."""
     graphdefs, states, shardings = sharding.create_sharded(
-        lambda: build_model_and_optimizer(config, compute), mesh, config.mesh.axis_rules)
+        lambda: build_model_and_optimizer(config, sharding.mesh_platform(mesh)), mesh, config.mesh.axis_rules)
     return TrainState(*graphdefs), TrainState(*states), TrainState(*shardings)
 
 
@@ -130,9 +129,7 @@ def update_router_biases(model, load_NxE: jax.Array, rate: float) -> dict[str, j
     (the MTP modules' too) moves by `rate` toward balance, bias_e += rate * sign(1/E - load_e),
     from this step's assignment shares over the whole batch (all devices and processes:
     `load_NxE` is global). Returns the biases' range for the metrics ({} without biases)."""
-    blocks = list(model.blocks) + [module.block for module in model.mtp or ()]
-    biases = [block.moe.bias for block in blocks
-              if hasattr(block, "moe") and block.moe.bias is not None]
+    biases = model.router_biases()
     if not biases:
         return {}
     # The rows of load_NxE are the MoE layers, the MTP modules' last (loss.model_loss).

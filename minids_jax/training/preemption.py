@@ -4,7 +4,8 @@ and every process of a multi-process job agrees on the step at which to stop.
     with StopGuard() as guard:
         for each step: ...; if guard.requested(): save and leave
 
-A second signal acts as it would without the guard (SIGINT: KeyboardInterrupt).
+A second signal acts as it would without the guard (SIGINT: KeyboardInterrupt), or a second
+SIGINT calls `on_second_interrupt` (the command line's exit, cli.exit_interrupted).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from typing import Callable
 
 import jax
 import numpy as np
@@ -20,7 +22,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopGuard:
-    def __init__(self):
+    def __init__(self, on_second_interrupt: Callable[[], None] | None = None):
+        self.on_second_interrupt = on_second_interrupt
         self.signal: int | None = None  # the signal that asked to stop, once one has
         self._previous: dict[int, object] = {}
 
@@ -40,13 +43,12 @@ class StopGuard:
         return signal.Signals(self.signal).name if self.signal is not None else ""
 
     def _on_signal(self, signum, frame) -> None:
-        # Under the command line (cli.run) a second Ctrl-C exits 130 at once from here: a
+        # Under the command line a second Ctrl-C exits 130 at once from here: a
         # KeyboardInterrupt raised inside this handler was seen to end the process by the
         # signal now and then, without the CLI's one-line message.
         if self.signal is not None:  # asked twice: give up on saving, act as before
-            at_once = getattr(sys.modules.get("minids_jax.cli"), "on_second_interrupt", None)
-            if signum == signal.SIGINT and at_once is not None:
-                at_once()  # the command line's exit: at once, from here
+            if signum == signal.SIGINT and self.on_second_interrupt is not None:
+                self.on_second_interrupt()
             previous = self._previous.get(signum)
             if callable(previous):  # e.g. Python's SIGINT handler: KeyboardInterrupt
                 previous(signum, frame)

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from minids_jax.kernels.head_loss import head_cross_entropy
-from minids_jax.model import MiniDeepSeek, with_more_moe_layers
-from minids_jax.mtp import shift_left
+from minids_jax.model.mtp import mtp_chain, shift_left, with_more_moe_layers
+from minids_jax.model import MiniDeepSeek
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array):
@@ -81,14 +81,11 @@ def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
     if depth:
         positions_BxL = batch.get("positions", jnp.broadcast_to(
             jnp.arange(trunk_BxLxD.shape[1]), batch["inputs"].shape))
-        hidden_BxLxD, losses, mtp_stats = trunk_BxLxD, [], []
-        for k, module in enumerate(model.mtp, start=1):
-            ahead_BxLxD = model.embed(shift_left(batch["inputs"], k))
-            hidden_BxLxD, features_BxLxD, stats = module(hidden_BxLxD, ahead_BxLxD,
-                                                         positions_BxL, segments_BxL)
-            losses.append(_head_loss(model, features_BxLxD, shift_left(batch["targets"], k),
-                                     ahead_weights(batch, k), chunk, denominators_K[k]))
-            mtp_stats.append(stats)
+        features, mtp_stats = mtp_chain(model.mtp, model.embed, batch["inputs"], trunk_BxLxD,
+                                        positions_BxL, segments_BxL)
+        losses = [_head_loss(model, features_BxLxD, shift_left(batch["targets"], k),
+                             ahead_weights(batch, k), chunk, denominators_K[k])
+                  for k, features_BxLxD in enumerate(features, start=1)]
         aux = {**with_more_moe_layers(aux, mtp_stats), "mtp_loss": jnp.mean(jnp.stack(losses))}
     return ce, aux
 

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from minids_jax.corpus import DataError
+from minids_jax.data.corpus import DataError
 
 _SPLITS = {"train": 0, "val": 1}
 

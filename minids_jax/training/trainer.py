@@ -11,23 +11,24 @@ import dataclasses
 import math
 import shlex
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import nnx
 
-from minids_jax import checkpoint as ckpt
-from minids_jax import data as data_lib
-from minids_jax import flops, kernels, reporting, sharding, steps
+from minids_jax.checkpoint import store as ckpt
+from minids_jax.data import pipeline as data_lib
+from minids_jax.training import flops, reporting, steps
+from minids_jax import sharding
 from minids_jax import workdir as workdir_lib
-from minids_jax.checkpointer import Checkpointer
+from minids_jax.training.checkpointer import Checkpointer
 from minids_jax.config import Config, ConfigError
 from minids_jax.errors import UserError
 from minids_jax.workdir import WorkdirLock
-from minids_jax.loss import loss_chunk
+from minids_jax.training.loss import loss_chunk
 from minids_jax.model import MiniDeepSeek, count_params
-from minids_jax.preemption import StopGuard
+from minids_jax.training.preemption import StopGuard
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -74,7 +75,7 @@ class Trainer:
             ckpt.resolve(config.checkpoint.init_from)  # a wrong path fails now, not later
         self.mesh = sharding.make_mesh(config.mesh, devices)
         sharding.check_layout(config, self.mesh)
-        self.compute = kernels.resolve(config.compute, kernels.mesh_platform(self.mesh))
+        self.platform = sharding.mesh_platform(self.mesh)  # whose kernels model.build picks
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, sharding.batch_spec(config.mesh.axis_rules))
         self.rows = sharding.process_rows(self.batch_sharding, config.train.batch_size)
@@ -83,13 +84,13 @@ class Trainer:
             config = self.config = steps_for_epochs(
                 config, self.source, lambda line: jax.process_index() or print(line, flush=True))
         self.graphdefs, self.state, self.shardings = steps.create_train_state(
-            config, self.compute, self.mesh)
+            config, self.mesh)
         shardings = self.shardings
         batch_ways = sharding.ways(self.mesh, sharding.mesh_axes_of(config.mesh.axis_rules,
                                                                     "batch"))
         device_rows = config.train.batch_size // (batch_ways * config.train.grad_accum_steps)
         chunk = loss_chunk(device_rows, config.model.max_seq_len,
-                           config.model.vocab_size, kernels.mesh_platform(self.mesh))
+                           config.model.vocab_size, self.platform)
         self.train_step = steps.make_train_step(self.graphdefs, shardings, config,
                                                 self.batch_sharding, chunk)
         self.eval_step = steps.make_eval_step(self.graphdefs, shardings, self.batch_sharding,
@@ -128,10 +129,12 @@ class Trainer:
                   for i in range(self.config.train.eval_batches)]
         return float(np.mean(jax.device_get(losses)))
 
-    def train(self) -> list[dict[str, Any]]:
+    def train(self, on_second_interrupt: Callable[[], None] | None = None
+              ) -> list[dict[str, Any]]:
         """Runs to optim.total_steps, resuming from the workdir's latest checkpoint; returns the
-        logged metrics. On SIGTERM/SIGINT it saves and returns early (`self.stopped_by`)."""
-        with StopGuard() as guard, self.checkpointer:  # pending saves finish on any way out
+        logged metrics. On SIGTERM/SIGINT it saves and returns early (`self.stopped_by`); a
+        second SIGINT calls `on_second_interrupt` if given (preemption.StopGuard)."""
+        with StopGuard(on_second_interrupt) as guard, self.checkpointer:  # pending saves finish on any way out
             step = self.checkpointer.restore_or_initialize(self.state)
             if step and step == self.config.optim.total_steps:
                 self.log(f"the run in {self.workdir} is complete (step {step} = "
@@ -233,9 +236,10 @@ def hold_workdir(workdir) -> WorkdirLock | None:
     return lock
 
 
-def run(config: Config, workdir: str | None = None) -> list[dict[str, Any]]:
+def run(config: Config, workdir: str | None = None,
+        on_second_interrupt: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     with Trainer(config, workdir) as trainer:
-        history = trainer.train()
+        history = trainer.train(on_second_interrupt)
     if trainer.stopped_by is not None:  # saved after SIGTERM/SIGINT: exit as the signal would
         raise SystemExit(128 + trainer.stopped_by)
     return history

@@ -20,6 +20,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minids_jax.workdir import write_atomic
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 of a trained BPE tokenizer
 BPE_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet must fit before any merge
 TOKENIZER_FILE = "tokenizer.json"
@@ -182,11 +184,3 @@ def safe_chunks(text: str) -> Iterator[str]:
         yield text[start:cut.end()]
         start = cut.end()
     yield text[start:]
-
-
-def write_atomic(path: pathlib.Path, content: bytes) -> None:
-    """Writes via a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)

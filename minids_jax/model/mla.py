@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax.attention import multi_head_attention, up_to, within_documents
+from minids_jax.model.attention import multi_head_attention, up_to, within_documents
 from minids_jax.config import ComputeConfig, ModelConfig
-from minids_jax.layers import RMSNorm, linear
-from minids_jax.rotary import Rope, softmax_mscale
+from minids_jax.model.layers import RMSNorm, linear
+from minids_jax.model.rotary import Rope, softmax_mscale
 
 LATENT_NORM_EPS = 1e-6  # the references' q_a_layernorm and kv_a_layernorm always use 1e-6
 

@@ -25,10 +25,10 @@ from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec as P
 
-from minids_jax import routing
+from minids_jax.model import routing
 from minids_jax.config import ComputeConfig, ModelConfig
-from minids_jax.layers import MLP, linear
-from minids_jax.moe_dispatch import DISPATCHES, Experts
+from minids_jax.model.layers import MLP, linear
+from minids_jax.model.dispatch import DISPATCHES, Experts
 
 
 class RouterBias(nnx.Variable):
@@ -180,3 +180,14 @@ class MoE(nnx.Module):
         weight_BxLxK = weight_TxK.reshape(batch, length, -1).astype(y_BxLxKxD.dtype)
         y_BxLxD = jnp.einsum("blkd,blk->bld", y_BxLxKxD, weight_BxLxK)
         return y_BxLxD, MoEStats(aux_loss, load_E, dropped, sequence_loss)
+
+
+def moe_aux(stats: list[MoEStats]) -> dict[str, jax.Array]:
+    """The MoE layers' statistics as `Output.aux` holds them: balancing losses and dropped
+    share averaged over the layers, and each layer's expert load (a row of expert_load_NxE)."""
+    return {
+        "aux_loss": jnp.mean(jnp.stack([s.aux_loss for s in stats])),
+        "expert_load_NxE": jnp.stack([s.load_E for s in stats]),
+        "dropped_fraction": jnp.mean(jnp.stack([s.dropped_fraction for s in stats])),
+        "sequence_aux_loss": jnp.mean(jnp.stack([s.sequence_loss for s in stats])),
+    }

@@ -1,43 +1,115 @@
-"""Typed, validated configuration: the one source of every field's default, doc and resume policy.
-
-The `configs/*.py` files build an `ml_collections.ConfigDict` from these defaults (so any field
-can be overridden from the command line); `from_config_dict` turns it into the frozen
-dataclasses below exactly once, and modules receive dataclasses, never the ConfigDict. Each
-field declares, in its metadata, a one-line doc, its checks and what a change on resume means:
-  architecture  the parameters' shapes or the function they compute: must match the checkpoint
-  noted         changes the run's course (it will not match an uninterrupted one): logged
-  quiet         bookkeeping (logging, mesh, more steps): changed silently
-`python -m minids_jax.config` prints the reference (docs/configuration.md). The field machinery
-is config_schema.py's, the `model` and `lora` groups model_config.py's, `compute`, `optim`
-and `train` train_config.py's (all re-exported here).
+"""The groups of a run, all but the architecture's: `compute` (kernels, precision, memory),
+`optim`, `train`, `data`, `mesh`, `devices` and `checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import sys
-from typing import Any, Mapping
 
-from minids_jax import config_schema
-from minids_jax.config_schema import (  # noqa: F401  (re-exported: config.check, ...)
-    ARCHITECTURE, NOTED, QUIET, ConfigError, Group, check, option)
-from minids_jax.model_config import (  # noqa: F401
-    ATTENTION_KINDS, DTYPES, ROUTER_SCORINGS, LoRAConfig, ModelConfig)
-from minids_jax.train_config import (  # noqa: F401
-    ATTENTION_KERNELS, MOE_DISPATCHES, OPTIMIZERS, SCHEDULES, ComputeConfig, OptimConfig,
-    TrainConfig)
+from minids_jax.config.fields import QUIET, Group, check, option
+from minids_jax.config.model import DTYPES
+
+ATTENTION_KERNELS = ("auto", "fused", "dot_product_attention", "cudnn")
+MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
+OPTIMIZERS = ("adamw", "adafactor", "lion", "muon")
+SCHEDULES = ("linear", "cosine", "wsd")
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig(Group):
+    """How the model is computed, never what: kernels and precision."""
+
+    NAME = "compute"
+    dtype: str = option("float32", "compute dtype; bfloat16 on GPUs", choices=DTYPES)
+    attention_kernel: str = option(
+        "auto", "auto (fused on CPU; cudnn on GPU in bfloat16/float16; else "
+        "dot_product_attention) | fused | dot_product_attention (XLA's) | cudnn (cuDNN's "
+        "flash kernel, GPU only)", QUIET, choices=ATTENTION_KERNELS)
+    moe_dispatch: str = option(
+        "dropless", "dropless (exact: blocked on CPU, ragged elsewhere) | ragged | blocked | "
+        "capacity (drops overflow) | dense", choices=MOE_DISPATCHES)
+    capacity_factor: float = option(1.25, "expert capacity per sequence, as a multiple of an "
+                                    "even share (capacity dispatch only)", above=0)
+    scan_layers: bool = option(True, "run each repeating unit of the layers as one lax.scan "
+                               "step, so compile time does not grow with depth", QUIET)
+    scan_min_repeats: int = option(4, "scan a run of identical units only if it repeats this "
+                                   "often: shorter runs compile fast anyway, and step faster "
+                                   "as a loop (docs/scale.md)", QUIET, low=2)
+    remat: str = option("none", "recompute activations in the backward pass, per block: none "
+                        "| full | save_dots (keep matmul outputs, recompute the rest)", QUIET,
+                        choices=REMAT_POLICIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(Group):
+    """The optimizer, its learning-rate schedule, clipping and weight decay (optim.py)."""
+
+    NAME = "optim"
+    name: str = option("adamw", "adamw | adafactor | lion | muon (matrices; the rest AdamW), "
+                       "optax's", choices=OPTIMIZERS)
+    lr: float = option(3e-4, "peak learning rate", above=0)
+    schedule: str = option("linear", "after the warm-up: linear (the original's) | cosine | "
+                           "wsd (warmup-stable-decay: constant, then a linear decay)",
+                           choices=SCHEDULES)
+    warmup_steps: int = option(100, "linear warm-up steps; clamped to fit a shorter run", low=0)
+    total_steps: int = option(1000, "length of the run (the schedule ends there)", QUIET, low=1)
+    min_lr_ratio: float = option(0.0, "the schedule ends at lr * min_lr_ratio", low=0, below=1)
+    decay_fraction: float = option(0.2, "wsd: the share of the steps after the warm-up that "
+                                   "decay", above=0)
+    weight_decay: float = option(0.01, "decay of every parameter but norm gains, embeddings, "
+                                 "MHLA latents and biases (every optimizer)", low=0)
+    b1: float = option(0.9, "first-moment decay (AdamW, Lion); Muon's momentum", low=0,
+                       below=1)
+    b2: float = option(0.999, "second-moment decay (AdamW, Lion: 0.99 is its usual value)",
+                       low=0, below=1)
+    eps: float = option(1e-8, "AdamW and Muon epsilon", above=0)
+    clip_norm: float = option(1.0, "global gradient-norm clipping; 0 disables", low=0)
+
+    def validate(self):
+        check(self.decay_fraction <= 1, f"optim.decay_fraction={self.decay_fraction} must be "
+                                        f"<= 1 (the whole run after the warm-up).")
+        if self.warmup_steps >= self.total_steps:
+            fitted = self.total_steps - 1
+            logging.getLogger(__name__).warning(
+                "optim.warmup_steps=%d does not fit a run of optim.total_steps=%d: warming up "
+                "for %d steps instead.", self.warmup_steps, self.total_steps, fitted)
+            object.__setattr__(self, "warmup_steps", fitted)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Group):
+    """The batch, the loss's balancing term, logging and evaluation."""
+
+    NAME = "train"
+    batch_size: int = option(8, "global: sequences per step over all devices and processes",
+                             low=1)
+    seed: int = option(42, "initialization and batch order")
+    grad_accum_steps: int = option(1, "microbatches per step: the batch is split in this many, "
+                                   "their gradients summed before one update (less memory)",
+                                   QUIET, low=1)
+    aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss", low=0)
+    sequence_aux_loss_coef: float = option(0.0, "weight of DeepSeek-V3's sequence-wise "
+                                           "balance loss (the paper: 1e-4)", low=0)
+    mtp_loss_coef: float = option(0.3, "weight of the mean multi-token-prediction loss "
+                                  "(with model.mtp_depth > 0)", low=0)
+    router_bias_rate: float = option(0.001, "aux-loss-free balancing of sigmoid routers: "
+                                     "each step every bias moves this much toward balance; "
+                                     "0 freezes them", low=0)
+    epochs: float = option(0.0, "jsonl/json: passes over the data; sets optim.total_steps", low=0)
+    log_every: int = option(50, "steps between logged lines", QUIET, low=1)
+    eval_every: int = option(0, "steps between evaluations; 0: only at the end", QUIET, low=0)
+    eval_batches: int = option(4, "held-out batches per evaluation", QUIET, low=1)
+    peak_flops: float = option(0.0, "per-device peak FLOP/s for MFU; 0: the data sheet for "
+                               "known GPUs in bf16/fp16, else a matmul measurement", QUIET, low=0)
+    wandb: bool = option(False, "also log to Weights & Biases (if installed)", QUIET)
+    wandb_project: str = option("minids_jax", "W&B project name", QUIET)
+
 
 DATA_SOURCES = ("random", "builtin", "text", "jsonl", "json", "tokens")
 SOURCES_WITH_PATH = ("text", "jsonl", "json", "tokens")
 MIN_TEXT_VOCAB = 259  # the tokenizers' 256 byte symbols plus PAD, BOS and EOS
-# Fields an older version kept elsewhere: read from old checkpoints, named in errors.
-MOVED = {"model.dtype": "compute.dtype", "model.attention_kernel": "compute.attention_kernel",
-         "model.moe_dispatch": "compute.moe_dispatch",
-         "model.capacity_factor": "compute.capacity_factor",
-         "model.aux_loss_coef": "train.aux_loss_coef"}
-
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Group):
@@ -165,108 +237,3 @@ class CheckpointConfig(Group):
                             "a fresh optimizer", QUIET)
     fallback: bool = option(False, "resume from the previous checkpoint if the latest is "
                             "unreadable", QUIET)
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
-    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    devices: DevicesConfig = dataclasses.field(default_factory=DevicesConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-
-    def __post_init__(self):
-        text = self.data.source != "random" and self.data.tokenizer != "hf"  # hf: its own
-        check(not text or self.model.vocab_size >= MIN_TEXT_VOCAB,
-              f"model.vocab_size={self.model.vocab_size} is smaller than the {MIN_TEXT_VOCAB} "
-              f"tokens the {self.data.tokenizer} tokenizer needs (256 bytes + PAD, BOS, EOS); "
-              f"set model.vocab_size >= {MIN_TEXT_VOCAB}.")
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-
-GROUPS = {field.name: field.default_factory for field in dataclasses.fields(Config)}
-
-
-def default_config_dict():
-    """Every default as an ml_collections ConfigDict: what `configs/*.py` start from."""
-    import ml_collections
-
-    return ml_collections.ConfigDict(dataclasses.asdict(Config()))
-
-
-def _build_group(group: str, values: Mapping[str, Any]):
-    cls = GROUPS[group]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    moved = [f"{group}.{u} is now {MOVED[f'{group}.{u}']}" for u in unknown
-             if f"{group}.{u}" in MOVED]
-    check(not unknown, f"unknown field(s) {', '.join(f'{group}.{u}' for u in unknown)}"
-                       f"{' (' + '; '.join(moved) + ')' if moved else ''}; known fields of "
-                       f"{group!r}: {', '.join(sorted(known))}.")
-    return cls(**values)
-
-
-def from_config_dict(config: Mapping[str, Any]) -> Config:
-    """Converts a (possibly nested) mapping such as a ConfigDict into a validated `Config`."""
-    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    unknown = sorted(set(as_dict) - set(GROUPS))
-    check(not unknown, f"unknown config group(s) {unknown}; known groups: {sorted(GROUPS)}.")
-    return Config(**{name: _build_group(name, as_dict.get(name, {})) for name in GROUPS})
-
-
-def from_json(text: str) -> Config:
-    return from_config_dict(json.loads(text))
-
-
-# ---------------------------------------------------------------------------------------------
-# Compatibility of a saved config (a checkpoint's) with this version and with this run
-
-
-def upgrade(saved: Mapping[str, Any]) -> Config:
-    """A config saved by any version: moved fields read from where they were, fields this
-    version no longer has dropped (logged), fields added since take their defaults."""
-    groups = {group: dict(saved.get(group, {})) for group in GROUPS}
-    for old, new in MOVED.items():
-        (old_group, old_name), (new_group, new_name) = old.split("."), new.split(".")
-        if old_name in groups[old_group]:
-            groups[new_group].setdefault(new_name, groups[old_group].pop(old_name))
-    for group, values in groups.items():
-        names = {field.name for field in dataclasses.fields(GROUPS[group])}
-        dropped = sorted(set(values) - names)
-        if dropped:
-            logging.getLogger(__name__).warning(
-                "checkpoint config fields unknown to this version, ignored: %s",
-                ", ".join(f"{group}.{name}" for name in dropped))
-        groups[group] = {k: v for k, v in values.items() if k in names}
-    return from_config_dict(groups)
-
-
-def fields_of(config: Config, policy: str):
-    """(group.field, value) of every field of `policy`, in declaration order."""
-    for group in GROUPS:
-        values = getattr(config, group)
-        for field in dataclasses.fields(values):
-            if field.metadata["policy"] == policy:
-                yield f"{group}.{field.name}", getattr(values, field.name)
-
-
-def changes(saved: Config, current: Config, policy: str) -> list[str]:
-    """'group.field: checkpoint X, this run Y' for each field of `policy` that differs."""
-    return [f"{name}: checkpoint {old!r}, this run {new!r}"
-            for (name, old), (_, new) in zip(fields_of(saved, policy), fields_of(current, policy))
-            if old != new]
-
-
-def reference_markdown() -> str:
-    """The field reference, one table per group (docs/configuration.md)."""
-    return config_schema.reference_markdown(GROUPS)
-
-
-if __name__ == "__main__":
-    sys.stdout.write(reference_markdown())

@@ -33,7 +33,7 @@ import jinja2.nodes
 import jinja2.sandbox
 import numpy as np
 
-from minids_jax.corpus import DataError
+from minids_jax.data.corpus import DataError
 
 Message = tuple[str, str]  # (role, content); role: "system", "user" or "assistant"
 Segment = tuple[Union[str, int], bool]  # (text or one token id, scored)

@@ -20,14 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minids_jax.config import ComputeConfig, ModelConfig
-from minids_jax.layers import RMSNorm, linear
+from minids_jax.model.block import Block
+from minids_jax.model.layers import RMSNorm, linear
+from minids_jax.model.moe import MoEStats, moe_aux
 
 
 class MTPModule(nnx.Module):
     def __init__(self, cfg: ModelConfig, compute: ComputeConfig, depth: int, *,
                  rngs: nnx.Rngs):
-        from minids_jax.model import Block  # the block type of the main model
-
         norm = dict(eps=cfg.norm_eps, dtype=compute.dtype, param_dtype=cfg.param_dtype)
         self.embed_norm = RMSNorm(cfg.d_model, **norm)
         self.hidden_norm = RMSNorm(cfg.d_model, **norm)
@@ -53,3 +53,29 @@ def shift_left(a_BxL: jax.Array, k: int, fill=0) -> jax.Array:
     """a[:, i + k] at i, `fill` where i + k runs past the window."""
     return jnp.concatenate([a_BxL[:, k:], jnp.full((a_BxL.shape[0], k), fill, a_BxL.dtype)],
                            axis=1)
+
+
+def mtp_chain(modules, embed, tokens_BxL, trunk_BxLxD, positions_BxL,
+              segments_BxL=None) -> tuple[list[jax.Array], list[MoEStats]]:
+    """The features out_norm(h^k) of modules k = 1..depth, whose scores at position i are
+    for the token k + 1 ahead, and the modules' MoE statistics. `trunk_BxLxD` is the main
+    model's last block output, `embed` its embedding."""
+    hidden_BxLxD, features, stats = trunk_BxLxD, [], []
+    for k, module in enumerate(modules, start=1):
+        ahead_BxLxD = embed(shift_left(tokens_BxL, k))
+        hidden_BxLxD, features_BxLxD, module_stats = module(hidden_BxLxD, ahead_BxLxD,
+                                                            positions_BxL, segments_BxL)
+        features.append(features_BxLxD)
+        stats.append(module_stats)
+    return features, stats
+
+
+def with_more_moe_layers(aux: dict[str, jax.Array], stats: list[MoEStats]) -> dict:
+    """`aux` of N MoE layers extended by the layers of `stats` (the MTP modules' blocks): the
+    means cover all of them, and their loads follow as the last rows of expert_load_NxE."""
+    n_before, more = aux["expert_load_NxE"].shape[0], moe_aux(stats)
+    weights = (n_before / (n_before + len(stats)), len(stats) / (n_before + len(stats)))
+    merged = {key: weights[0] * aux[key] + weights[1] * more[key]
+              for key in ("aux_loss", "dropped_fraction", "sequence_aux_loss")}
+    return {**aux, **merged, "expert_load_NxE": jnp.concatenate(
+        [aux["expert_load_NxE"], more["expert_load_NxE"]])}

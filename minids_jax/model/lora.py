@@ -3,7 +3,6 @@
     adapted = add_adapters(model, config.lora, rngs)   # names of the projections adapted
     trainable(config.lora)                             # the nnx filter of what trains
     merge_lora(model)                                  # a copy without adapters, merged in
-    locate_base(meta["base"], step_dir)                # the base of an adapters-only checkpoint
 
 A projection is a `layers.Linear` (attention, dense and shared MLPs, the head, the MTP
 projections) or one of an MoE layer's routed expert weights `w1`, `w2`, `w3` ([E, in, out]:
@@ -15,9 +14,8 @@ The router gate and the embedding are never adapted. `lora_b` starts at zero, so
 model computes exactly its base at first; the adapter adds `alpha / rank * x @ lora_a @
 lora_b` (PEFT's scaling).
 
-A LoRA run started from a base (checkpoint.init_from) saves only what trains: its checkpoints
-record the base by its absolute step directory and a digest of its arrays' checksums
-(`base_reference`), and every restore finds it there (`locate_base`).
+A LoRA run started from a base (checkpoint.init_from) saves only what trains, on that base
+(checkpoint/base.py).
 
 Shapes: D in, F out, R rank, E experts.
 """
@@ -26,19 +24,14 @@ from __future__ import annotations
 
 import fnmatch
 
-from etils import epath
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from minids_jax import checkpoint as ckpt
-from minids_jax import integrity
-from minids_jax.checkpoint import CheckpointError
 from minids_jax.config import ConfigError, LoRAConfig
-from minids_jax.layers import Linear
-from minids_jax.moe import MoE
+from minids_jax.model.layers import Linear
+from minids_jax.model.moe import MoE
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 NEVER_ADAPTED = ("gate",)  # the router: adapting it would move routing, not features
@@ -178,49 +171,3 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
             setattr(module, f"{weight}_lora_a", None)
             setattr(module, f"{weight}_lora_b", None)
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA checkpoints: a run started from a base saves what trains (trainable), on this base
-
-
-class MissingBaseError(CheckpointError):
-    """The base of an adapters-only checkpoint is gone, or is another checkpoint now."""
-
-
-def base_reference(step_dir: epath.Path, meta: dict) -> dict[str, str | None]:
-    """What an adapters-only checkpoint records of its base, the checkpoint at `step_dir`
-    with metadata `meta`: where it is, and a digest of its arrays' checksums."""
-    return {"step_dir": str(step_dir),
-            "digest": integrity.digest(meta.get("checksums", {}).get("model"))}
-
-
-def locate_base(base: dict, referrer: epath.Path,
-                elsewhere: str = "") -> tuple[epath.Path, int]:
-    """(checkpoints directory, step) of the base an adapters-only checkpoint (`referrer`)
-    records: at its place, or else in `elsewhere` (a resumed run's checkpoint.init_from: a
-    moved base), if its arrays' checksums are the recorded ones. MissingBaseError if not."""
-    recorded = epath.Path(base["step_dir"])
-    places = [recorded]
-    if elsewhere and ckpt.absolute_path(elsewhere).exists():
-        directory, step = ckpt.resolve(elsewhere)
-        places += [directory / recorded.name, directory / str(step)]
-    other = None
-    for place in dict.fromkeys(places):
-        if not (place / "model").exists():
-            continue
-        sums = ckpt.read_meta(place.parent, int(place.name)).get("checksums", {}).get("model")
-        if base.get("digest") in (None, integrity.digest(sums)):
-            return place.parent, int(place.name)
-        other = other or place
-    if other is not None:
-        raise MissingBaseError(
-            f"the LoRA checkpoint {referrer} holds adapters only, trained on the base "
-            f"{recorded}, and {other} is another checkpoint now (its arrays' checksums "
-            f"differ); put the base it was trained on back at {recorded}.")
-    moved = ", or resume with --config.checkpoint.init_from set to where it is now" \
-        if elsewhere else ""
-    raise MissingBaseError(
-        f"the LoRA checkpoint {referrer} holds adapters only, on the base {recorded}, which "
-        f"is gone (moved or deleted); put the base back at {recorded} (a symlink will "
-        f"do){moved}.")

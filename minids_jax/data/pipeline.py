@@ -17,15 +17,16 @@ import numpy as np
 from absl import logging
 
 from minids_jax.config import Config, ConfigError, DataConfig
-from minids_jax.corpus import (  # noqa: F401 (re-exported)
+from minids_jax.data.corpus import (
     DataError, TextCorpus, builtin_corpus_files, cache_entry, cached, read_text_corpus, text_files)
-from minids_jax.instructions import (  # noqa: F401 (re-exported)
-    Example, fit_examples, format_prompt, held_out, read_instructions, tokenize_examples)
-from minids_jax.sources import (  # noqa: F401 (re-exported)
-    InstructionSource, RandomSource, TokenizedExamples, TokenSource, WindowSource, as_batch)
-from minids_jax.tokenization import (  # noqa: F401 (re-exported)
-    BPE_MIN_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, HFTokenizer,
-    token_dtype, write_atomic)
+from minids_jax.data.instructions import (
+    fit_examples, held_out, read_instructions, tokenize_examples)
+from minids_jax.data.sources import (
+    InstructionSource, RandomSource, TokenSource, WindowSource)
+from minids_jax.data.tokenization import (
+    TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, HFTokenizer,
+    token_dtype)
+from minids_jax.workdir import write_atomic
 
 Tokenizer = ByteTokenizer | BpeTokenizer | HFTokenizer
 META_FILE = "meta.json"  # beside token .bin files: dtype, tokenizer, counts (see prepare.py)

@@ -11,7 +11,7 @@ A run's checkpoints live in `<workdir>/checkpoints/<step>/`, one orbax item per 
 A LoRA run started from a base (`checkpoint.init_from`) saves in model/ only what trains (the
 adapters, and the norm gains with lora.train_norms): meta/ then holds `base`, the base's
 absolute step directory and a digest of its arrays' checksums, and every restore reads the
-rest of the model from there (lora.locate_base).
+rest of the model from there (checkpoint/base.py).
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so only
 whole checkpoints count; every restore and `load` also checks the arrays against their
@@ -23,25 +23,24 @@ under any mesh restores onto any device count. Saving during a run is `checkpoin
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
-from flax import nnx
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minids_jax import config as config_lib
-from minids_jax import integrity, kernels, sharding
-from minids_jax.config import Config, MeshConfig
+from minids_jax.config import ARCHITECTURE, compat
+from minids_jax.checkpoint import integrity
+from minids_jax.config import Config
 from minids_jax.errors import UserError
+from minids_jax.workdir import CHECKPOINTS, write_atomic
 
-CHECKPOINTS = "checkpoints"  # under the workdir
 CORRUPT = "corrupt_checkpoints"  # unreadable checkpoints are moved here (with fallback=True)
 ITEMS = ("model", "optimizer", "config", "meta")
 
@@ -173,76 +172,6 @@ def make_meta(config: Config, step: int, loss: float | None, base: dict | None =
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading in notebooks and tools
-
-
-def load_params(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
-    """The model's saved parameters as a nested dict of numpy arrays, without building a model.
-
-    Keys follow the module tree, e.g. `params["blocks"]["0"]["moe"]["w1"]` ([E, D, F]).
-    Works on any machine, whatever mesh the checkpoint was written under.
-    """
-    directory, step = resolve(path, step)
-    try:
-        metadata = ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / "model").tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-        with read_only_manager(directory) as manager:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                model=ocp.args.PyTreeRestore(restore_args=restore_args),
-                meta=ocp.args.JsonRestore()))
-    except Exception as error:  # orbax and tensorstore raise many kinds
-        raise unreadable(directory / str(step), error) from error
-    verify(directory / str(step), restored["meta"], model=restored["model"])
-    base = restored["meta"].get("base")
-    if base is None:
-        return restored["model"]
-    from minids_jax import lora
-
-    flat = flatten_dict(load_params(*lora.locate_base(base, directory / str(step))))
-    return unflatten_dict({**flat, **flatten_dict(restored["model"])})  # adapters on the base
-
-
-def load(path: str | os.PathLike, step: int | None = None, *,
-         mesh: jax.sharding.Mesh | None = None):
-    """Restores a saved model onto this machine's devices: returns (model, config).
-
-    `path` is a workdir, its `checkpoints/` directory or one step's directory; without `step`
-    the latest checkpoint is loaded. Parameters are replicated over all default devices (one
-    CPU in a notebook) unless a `mesh` is given, in which case the run's logical-axis rules
-    place them on it.
-    """
-    from minids_jax.model import MiniDeepSeek  # the model is only needed here
-
-    directory, step = resolve(path, step)
-    config = read_config(directory, step)
-    if mesh is None:
-        mesh = sharding.make_mesh(MeshConfig(data=-1, axis_rules=config.mesh.axis_rules))
-    compute = kernels.resolve(config.compute, kernels.mesh_platform(mesh))
-    def build():
-        model = MiniDeepSeek(config.model, compute, rngs=nnx.Rngs(0))
-        if config.lora.rank:  # the adapted model (lora.merge_lora merges it)
-            from minids_jax import lora
-
-            lora.add_adapters(model, config.lora, nnx.Rngs(0))
-        return model
-
-    with nnx.logical_axis_rules(config.mesh.axis_rules):
-        graphdef, abstract_state = nnx.get_abstract_model(build, mesh)
-    target = nnx.to_pure_dict(abstract_state)
-    base = read_meta(directory, step).get("base")
-    if base is not None:  # adapters only: the rest from the base
-        from minids_jax import lora
-
-        restored = restore_items(*lora.locate_base(base, directory / str(step)),
-                                 model=lora.without_adapters(target))
-        target = nnx.to_pure_dict(nnx.filter_state(abstract_state, lora.trainable(config.lora)))
-        nnx.replace_by_pure_dict(abstract_state, restored["model"])
-    restored = restore_items(directory, step, model=target)
-    nnx.replace_by_pure_dict(abstract_state, restored["model"])
-    return nnx.merge(graphdef, abstract_state), config
-
-
-# ---------------------------------------------------------------------------------------------
 # Restoring
 
 
@@ -304,9 +233,26 @@ def require_same_architecture(saved: Config, current: Config, what: str, fix: st
                               groups: tuple[str, ...] | None = None) -> None:
     """Raises CheckpointError naming the architecture fields (of `groups`, default all) that
     differ."""
-    differences = [change for change in config_lib.changes(saved, current,
-                                                           config_lib.ARCHITECTURE)
-                   if groups is None or change.split(".")[0] in groups]
+    differences = compat.changes(saved, current, ARCHITECTURE, groups)
     if differences:
         raise CheckpointError(f"{what} has a different model architecture than this run: "
                               f"{'; '.join(differences)}. {fix}")
+
+
+def save_model(workdir, config: Config, model: dict, **meta) -> None:
+    """Writes `workdir`'s checkpoint of step 0 holding the model's pure-dict state only, with
+    `meta` added to its metadata: an imported model. A run resuming it creates the optimizer
+    state fresh, which at step 0 is exactly what it would restore."""
+    directory = checkpoints_dir(workdir)
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    with ocp.CheckpointManager(directory, item_names=ITEMS, options=options) as manager:
+        if manager.all_steps():
+            raise CheckpointError(f"{directory} already holds checkpoints; import into a new "
+                                  f"workdir.")
+        meta = {**make_meta(config, 0, None, model=model), **meta}
+        manager.save(0, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model),
+            config=ocp.args.JsonSave(json.loads(config.to_json())), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+    if jax.process_index() == 0:
+        write_atomic(absolute_path(workdir) / "config.json", config.to_json())

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from minids_jax.plot import METRICS_FILE
+from minids_jax.plot import METRICS_FILE, plot_losses
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -207,9 +207,8 @@ class Reporter:
         if self.metrics_file is not None:
             self.metrics_file.close()
             if plot:
-                from minids_jax import plot as plot_lib
                 try:
-                    path = plot_lib.plot_losses(self.workdir)
+                    path = plot_losses(self.workdir)
                     self.message(f"loss plot: {path}")
                 except ValueError:  # nothing logged yet (stopped early): no plot to draw
                     pass
