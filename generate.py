@@ -134,8 +134,8 @@ def main(argv):
     del argv
     _check_chat_flags()
     import minids_jax
-    from minids_jax.data import pipeline as data
     from minids_jax import generation
+    from minids_jax.data import pipeline as data
 
     try:
         sampling = generation.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)

@@ -157,10 +157,10 @@ def measure(config, steps: int, repeats: int = 3, hlo_dir: str | None = None) ->
     """Compiles and times `config`'s train step on this process's devices; the row of the
     table (see `COLUMNS`) plus the details behind it."""
     import jax
+    from timing import CompiledStepTimer
 
     from minids_jax import kernels
     from minids_jax.training import flops, trainer
-    from timing import CompiledStepTimer
 
     run = trainer.Trainer(config)
     compute = kernels.resolve(config.compute, run.platform)  # what the model was built with

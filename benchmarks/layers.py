@@ -75,15 +75,15 @@ def main(argv):
     from flax import nnx
 
     from minids_jax import kernels, sharding
-    from minids_jax.training import optim
-    from minids_jax.model.attention import MHA
     from minids_jax.kernels.head_loss import head_cross_entropy
+    from minids_jax.model import MiniDeepSeek
+    from minids_jax.model.attention import MHA
     from minids_jax.model.layers import MLP
-    from minids_jax.training.loss import loss_chunk
     from minids_jax.model.mhla import MHLA
     from minids_jax.model.mla import MLA
-    from minids_jax.model import MiniDeepSeek
     from minids_jax.model.moe import MoE
+    from minids_jax.training import optim
+    from minids_jax.training.loss import loss_chunk
 
     cfg, batch = config.model, config.train.batch_size
     platform = sharding.mesh_platform()

@@ -36,8 +36,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # benchmarks/timing.py, beside this file
-from timing import (CompiledStepTimer, describe, hf_config_file,  # noqa: E402
-                    original_environment)
+from timing import CompiledStepTimer, describe, hf_config_file, original_environment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after two warm-up steps).")

@@ -31,12 +31,13 @@ import warnings
 from typing import Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
 from minids_jax import config as config_lib
-from minids_jax.config import compat
 from minids_jax import workdir as workdir_lib
+from minids_jax.config import compat
 from minids_jax.errors import UserError
 
 DEFAULT_CONFIG = "configs/tiny.py"
@@ -136,7 +137,7 @@ def with_base_architecture(values: dict, overridden: set[str], workdir: str | No
         data["tokenizer"] = saved.data.tokenizer
     if data.get("tokenizer") == "bpe" == saved.data.tokenizer and workdir and not (
             epath.Path(workdir).expanduser() / "tokenizer.json").exists():
-        # (data.py would train a new BPE on this run's data, unknown to the base.)
+        # (data/pipeline.py would train a new BPE on this run's data, unknown to the base.)
         raise config_lib.ConfigError(
             f"the base {step_dir} reads its BPE tokenizer; copy {step_dir.parent.parent}/"
             f"tokenizer.json into {workdir} so that this run reads it too.")
@@ -253,6 +254,18 @@ def _drop_abandoned_callbacks(unraisable) -> None:
 _previous_unraisablehook = sys.unraisablehook
 
 
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+    """Keeps orbax's warnings and errors, without its INFO chatter or its tracebacks: every
+    exception it logs also reaches the caller, which reports it in one line."""
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+        return True
+    if record.levelno < logging.WARNING or record.exc_info:
+        return False
+    message = record.getMessage().strip().splitlines()
+    record.msg, record.args = (message[0][:300] if message else ""), ()
+    return True
+
+
 INTERRUPTED = ("interrupted; stopped without saving the current step (checkpoints already "
                "written are kept).")
 
@@ -268,6 +281,8 @@ def exit_interrupted() -> None:
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)`, with a UserError or Ctrl-C ending it in one line."""
     sys.unraisablehook = _drop_abandoned_callbacks
+    # orbax logs dozens of INFO lines per save through absl, which the commands show at INFO.
+    absl_logging.get_absl_logger().addFilter(_quiet_orbax)
 
     def guarded(argv):
         try:

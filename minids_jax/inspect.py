@@ -55,6 +55,7 @@ def sizes(config, n_devices: int) -> dict:
 
     from minids_jax import sharding
     from minids_jax.config import LoRAConfig
+    from minids_jax.config.run import as_axes
     from minids_jax.model import build
     from minids_jax.training import flops
 
@@ -85,8 +86,7 @@ def sizes(config, n_devices: int) -> dict:
             active += size * share
         ways = 1
         for axes in spec:
-            axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-            ways *= math.prod(mesh_sizes[a] for a in axes)
+            ways *= math.prod(mesh_sizes[a] for a in as_axes(axes))
         device_bytes += 3 * size * leaf.dtype.itemsize / ways  # the parameter and two moments
     return {"parameters": total, "active_per_token": active, "mtp_parameters": mtp,
             "train_flops_per_token": flops.train_flops_per_token(cfg),

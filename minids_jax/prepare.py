@@ -20,9 +20,9 @@ import numpy as np
 from absl import flags
 
 from minids_jax import cli
-from minids_jax.data import pipeline as data_lib
 from minids_jax import workdir as workdir_lib
 from minids_jax.config import Config, ConfigError
+from minids_jax.data import pipeline as data_lib
 from minids_jax.data.tokenization import TOKENIZER_FILE
 
 

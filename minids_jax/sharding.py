@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from minids_jax.config import Config, ConfigError, MeshConfig
+from minids_jax.config.run import as_axes
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -53,10 +54,7 @@ def batch_spec(rules) -> PartitionSpec:
 
 def mesh_axes_of(rules, logical: str) -> tuple[str, ...]:
     """The mesh axes a logical axis name maps to (empty when it is replicated)."""
-    axes = dict(rules).get(logical)
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
+    return as_axes(dict(rules).get(logical))
 
 
 def ways(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
@@ -102,7 +100,7 @@ def check_divisible(abstract_state, shardings) -> None:
     for (path, leaf), leaf_sharding in zip(flat_shapes, flat_shardings):
         mesh = leaf_sharding.mesh
         for dim, (size, axes) in enumerate(zip(leaf.shape, leaf_sharding.spec)):
-            axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+            axes = as_axes(axes)
             if size % ways(mesh, axes):
                 name = jax.tree_util.keystr(path).replace(".value", "")
                 problems.append(f"{name} dimension {dim} (size {size}) over "

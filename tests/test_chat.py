@@ -12,9 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from minids_jax.data import chat, pipeline as data
-from minids_jax.data.instructions import format_prompt
 from minids_jax import generation
+from minids_jax.data import chat
+from minids_jax.data import pipeline as data
+from minids_jax.data.instructions import format_prompt
 from minids_jax.data.tokenization import HFTokenizer
 from tests.factories import REPO, subprocess_env, tiny_config
 

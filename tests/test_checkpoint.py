@@ -22,9 +22,9 @@ from flax import nnx
 
 import minids_jax
 from minids_jax import checkpoint
+from minids_jax import config as config_lib
 from minids_jax.checkpoint import store
 from minids_jax.training import checkpointer
-from minids_jax import config as config_lib
 from minids_jax.training import trainer as trainer_lib
 from tests.factories import TINY_STEPS, subprocess_env, tiny_config
 

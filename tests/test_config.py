@@ -6,9 +6,15 @@ import pytest
 
 from configs import mini, tiny
 from minids_jax import config as config_lib
-from minids_jax.config import compat
-from minids_jax.config import (ComputeConfig, ConfigError, ModelConfig, OptimConfig,
-                               from_config_dict, from_json)
+from minids_jax.config import (
+    ComputeConfig,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    compat,
+    from_config_dict,
+    from_json,
+)
 from tests.factories import compute_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

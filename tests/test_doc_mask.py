@@ -6,9 +6,10 @@ import pytest
 from flax import nnx
 
 from minids_jax import MiniDeepSeek
-from minids_jax.training import trainer
+from minids_jax.data.instructions import TokenizedExamples
+from minids_jax.data.sources import InstructionSource, WindowSource
 from minids_jax.training import loss as loss_lib
-from minids_jax.data.sources import InstructionSource, TokenizedExamples, WindowSource
+from minids_jax.training import trainer
 from tests.factories import compute_config, small_model_config, tiny_config
 
 EOS = 2

@@ -13,6 +13,7 @@ import pytest
 
 from tests.factories import REPO, config_file, subprocess_env, tiny_config
 
+
 def run_command(args, env=None, timeout=240, **kwargs):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env or subprocess_env(""), **kwargs)

@@ -9,11 +9,10 @@ import sys
 import pytest
 from flax import nnx
 
-from minids_jax import checkpoint
-from minids_jax import cli
+from minids_jax import checkpoint, cli
 from minids_jax import config as config_lib
 from minids_jax.model import MiniDeepSeek
-from tests.factories import REPO, subprocess_env, tiny_config, compute_config
+from tests.factories import REPO, compute_config, subprocess_env, tiny_config
 
 # A base unlike every default and unlike configs/finetune.py: a run that takes anything but
 # the base's architecture shows.

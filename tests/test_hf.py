@@ -18,7 +18,7 @@ from minids_jax.hf import config as hf_config
 from minids_jax.hf import convert, weights
 from minids_jax.hf.files import TensorFiles
 from minids_jax.model import MiniDeepSeek
-from tests.factories import tiny_config, compute_config
+from tests.factories import compute_config, tiny_config
 
 V3_MODEL = dict(attn_pattern=("mla",), n_layers=3, n_heads=2, n_experts=4, top_k=2,
                 router_scoring="sigmoid", n_group=2, topk_group=1, n_shared_experts=1,

@@ -14,10 +14,10 @@ import pytest
 from flax import nnx
 
 import minids_jax
+from minids_jax.data.tokenization import HFTokenizer
 from minids_jax.generation import generate
 from minids_jax.hf import convert
 from minids_jax.model.mtp import shift_left
-from minids_jax.data.tokenization import HFTokenizer
 from tests.factories import REPO, tiny_config
 
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny"

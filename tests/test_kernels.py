@@ -7,11 +7,11 @@ import optax
 import pytest
 from flax import nnx
 
-from minids_jax.training import loss
 from minids_jax.kernels import attention as fused
 from minids_jax.kernels.head_loss import head_cross_entropy
 from minids_jax.model import MiniDeepSeek
-from tests.factories import small_model_config, compute_config
+from minids_jax.training import loss
+from tests.factories import compute_config, small_model_config
 
 
 def _qkv(batch=2, queries=37, sources=37, heads=3, head_dim=8, seed=0):

@@ -15,11 +15,10 @@ from flax import nnx
 import minids_jax
 from minids_jax import checkpoint
 from minids_jax.checkpoint import base as checkpoint_base
-from minids_jax.training import checkpointer
-from minids_jax.model import lora
 from minids_jax.config import ConfigError
 from minids_jax.hf import adapter, convert
-from minids_jax.model import MiniDeepSeek
+from minids_jax.model import MiniDeepSeek, lora
+from minids_jax.training import checkpointer
 from minids_jax.training.trainer import Trainer
 from tests.factories import compute_config, tiny_config
 from tests.test_hf import V3_MODEL

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from minids_jax.model import rotary
-from minids_jax.model.mla import MLA, LATENT_NORM_EPS
+from minids_jax.model.mla import LATENT_NORM_EPS, MLA
 from tests.factories import compute_config, small_model_config
 
 YARN = dict(rope_yarn_factor=4.0, rope_original_max_len=8, rope_mscale=1.0,

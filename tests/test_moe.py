@@ -5,9 +5,9 @@ import pytest
 from flax import nnx
 
 from minids_jax import kernels
-from minids_jax.model import dispatch as moe_dispatch
 from minids_jax.config import ComputeConfig
 from minids_jax.kernels.moe_windows import window_layout, window_rows
+from minids_jax.model import dispatch as moe_dispatch
 from minids_jax.model.moe import MoE, switch_balancing_loss
 from tests.factories import compute_config, small_model_config
 

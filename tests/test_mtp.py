@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minids_jax.training import loss as loss_lib
 from minids_jax.model import MiniDeepSeek
+from minids_jax.training import loss as loss_lib
 from tests.factories import compute_config, small_model_config
 
 CFG = small_model_config(attn_pattern=("mla",), router_scoring="sigmoid", n_shared_experts=1,

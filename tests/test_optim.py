@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from minids_jax import MiniDeepSeek
-from minids_jax.training import optim
 from minids_jax.config import OptimConfig
+from minids_jax.training import optim
 from tests.conftest import small_model_config
 from tests.factories import compute_config
 

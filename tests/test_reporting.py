@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax.training import flops, reporting, trainer
 from minids_jax import plot
 from minids_jax.config import ModelConfig
 from minids_jax.model import MiniDeepSeek
+from minids_jax.training import flops, reporting, trainer
 from tests.factories import compute_config, small_model_config, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minids_jax.model import routing
-from minids_jax.model import MiniDeepSeek
+from minids_jax.model import MiniDeepSeek, routing
 from minids_jax.model.moe import MoE, RouterBias
 from tests.factories import compute_config, small_model_config
 

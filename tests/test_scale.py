@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
+from minids_jax.config import ConfigError
 from minids_jax.data import sources
 from minids_jax.training import trainer
-from minids_jax.config import ConfigError
 from tests.factories import tiny_config
 
 # MLA, sigmoid routing with its balancing biases, shared experts, a dense first layer and MTP:

@@ -15,11 +15,17 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minids_jax import sharding
 from minids_jax.checkpoint.base import locate_base
-from minids_jax.checkpoint.store import (read_config, read_meta, read_only_manager, resolve,
-                                         restore_items, unreadable, verify)
+from minids_jax.checkpoint.store import (
+    read_config,
+    read_meta,
+    read_only_manager,
+    resolve,
+    restore_items,
+    unreadable,
+    verify,
+)
 from minids_jax.config import MeshConfig
-from minids_jax.model import lora
-from minids_jax.model import build
+from minids_jax.model import build, lora
 
 
 def load_params(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:

@@ -24,41 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 from etils import epath
 
 from minids_jax import config as config_lib
-from minids_jax.config import ARCHITECTURE, compat
 from minids_jax.checkpoint import integrity
-from minids_jax.config import Config
+from minids_jax.config import ARCHITECTURE, Config, compat
 from minids_jax.errors import UserError
 from minids_jax.workdir import CHECKPOINTS, write_atomic
 
 CORRUPT = "corrupt_checkpoints"  # unreadable checkpoints are moved here (with fallback=True)
 ITEMS = ("model", "optimizer", "config", "meta")
-
-
-def _quiet_orbax(record: logging.LogRecord) -> bool:
-    """Keeps orbax's warnings and errors, without its INFO chatter or its tracebacks: every
-    exception it logs also reaches the caller here, which reports it in one line."""
-    if f"{os.sep}orbax{os.sep}" not in record.pathname:
-        return True
-    if record.levelno < logging.WARNING or record.exc_info:
-        return False
-    message = record.getMessage().strip().splitlines()
-    record.msg, record.args = (message[0][:300] if message else ""), ()
-    return True
-
-
-# orbax logs dozens of INFO lines per save through absl, which train.py shows at INFO.
-absl_logging.get_absl_logger().addFilter(_quiet_orbax)
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -22,8 +22,16 @@ from minids_jax.config import compat
 from minids_jax.config.fields import ARCHITECTURE, NOTED, QUIET, ConfigError, check
 from minids_jax.config.fields import reference_markdown as _reference_markdown
 from minids_jax.config.model import LoRAConfig, ModelConfig
-from minids_jax.config.run import (MIN_TEXT_VOCAB, CheckpointConfig, ComputeConfig, DataConfig,
-                                   DevicesConfig, MeshConfig, OptimConfig, TrainConfig)
+from minids_jax.config.run import (
+    MIN_TEXT_VOCAB,
+    CheckpointConfig,
+    ComputeConfig,
+    DataConfig,
+    DevicesConfig,
+    MeshConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 __all__ = ["ARCHITECTURE", "NOTED", "QUIET", "CheckpointConfig", "ComputeConfig", "Config",
            "ConfigError", "DataConfig", "DevicesConfig", "GROUPS", "LoRAConfig", "MeshConfig",

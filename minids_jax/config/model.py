@@ -1,4 +1,4 @@
-"""The `model` group: the architecture, which a checkpoint's must match (config.py holds the
+"""The `model` group: the architecture, which a checkpoint's must match (run.py holds the
 other groups). The original's fields, then DeepSeek-V3's (MLA, YaRN, DeepSeekMoE, MTP).
 """
 
@@ -138,7 +138,7 @@ class ModelConfig(Group):
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig(Group):
-    """Low-rank adapters on chosen projections, the rest frozen (minids_jax/lora.py)."""
+    """Low-rank adapters on chosen projections, the rest frozen (minids_jax/model/lora.py)."""
 
     NAME = "lora"
     rank: int = option(0, "adapter rank; 0: no adapters (every parameter trains)", ARCHITECTURE,

@@ -44,7 +44,7 @@ class ComputeConfig(Group):
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(Group):
-    """The optimizer, its learning-rate schedule, clipping and weight decay (optim.py)."""
+    """The optimizer, its learning-rate schedule, clipping and weight decay (training/optim.py)."""
 
     NAME = "optim"
     name: str = option("adamw", "adamw | adafactor | lion | muon (matrices; the rest AdamW), "
@@ -113,7 +113,7 @@ MIN_TEXT_VOCAB = 259  # the tokenizers' 256 byte symbols plus PAD, BOS and EOS
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Group):
-    """Where tokens come from and how text becomes tokens (see data.py)."""
+    """Where tokens come from and how text becomes tokens (see data/pipeline.py)."""
 
     NAME = "data"
     source: str = option("random", "random | builtin | text | jsonl | json | tokens",
@@ -166,6 +166,14 @@ DEFAULT_AXIS_RULES = (
     ("norm", None),
     ("lora", "fsdp"),  # MLA's latent rank, the input side of its up-projections
 )
+
+
+def as_axes(axes) -> tuple[str, ...]:
+    """The mesh axes of an axis rule's target or a PartitionSpec entry (None, one mesh axis or
+    several) as a tuple."""
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 @dataclasses.dataclass(frozen=True)

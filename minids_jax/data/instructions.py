@@ -18,8 +18,8 @@ import numpy as np
 from absl import logging
 
 from minids_jax.data import chat
-from minids_jax.data.corpus import DataError, cached, content_digest
-from minids_jax.data.sources import TokenizedExamples
+from minids_jax.data.cache import cached
+from minids_jax.data.corpus import DataError, content_digest
 from minids_jax.data.tokenization import token_dtype
 
 LAYOUT = "scored-v2"  # of the cached arrays: tokens, starts and a score per token
@@ -44,6 +44,31 @@ class Example:
     def segments(self, tokenizer) -> list[chat.Segment]:
         return [(tokenizer.BOS, False), (self.prompt, False), (self.output, True),
                 (tokenizer.EOS, True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExamples:
+    """Instruction and chat examples as one flat token array: example i is
+    tokens[starts[i]:starts[i+1]], and `scored` marks the tokens that count toward the loss:
+    outputs and answers, and the token ending each (not BOS, prompts, user turns, scaffolding).
+    An alpaca example is [BOS] prompt output [EOS], scored from its output on; a conversation
+    has one scored segment per assistant turn.
+    """
+
+    tokens: np.ndarray
+    starts: np.ndarray  # [N + 1]
+    scored: np.ndarray  # bool, one per token
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def length(self, i: int) -> int:
+        return int(self.starts[i + 1] - self.starts[i])
+
+    def first_scored(self, i: int) -> int:
+        """How many tokens of example i come before its first scored one (its length if none)."""
+        scored = self.scored[self.starts[i]:self.starts[i + 1]]
+        return int(np.argmax(scored)) if scored.any() else len(scored)
 
 
 def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (the field's name)

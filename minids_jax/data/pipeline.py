@@ -17,15 +17,33 @@ import numpy as np
 from absl import logging
 
 from minids_jax.config import Config, ConfigError, DataConfig
+from minids_jax.data.cache import cache_entry, cached
 from minids_jax.data.corpus import (
-    DataError, TextCorpus, builtin_corpus_files, cache_entry, cached, read_text_corpus, text_files)
+    DataError,
+    TextCorpus,
+    builtin_corpus_files,
+    read_text_corpus,
+    text_files,
+)
 from minids_jax.data.instructions import (
-    fit_examples, held_out, read_instructions, tokenize_examples)
+    fit_examples,
+    held_out,
+    read_instructions,
+    tokenize_examples,
+)
 from minids_jax.data.sources import (
-    InstructionSource, RandomSource, TokenSource, WindowSource)
+    InstructionSource,
+    RandomSource,
+    TokenSource,
+    WindowSource,
+)
 from minids_jax.data.tokenization import (
-    TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, HFTokenizer,
-    token_dtype)
+    TOKENIZER_FILE,
+    BpeTokenizer,
+    ByteTokenizer,
+    HFTokenizer,
+    token_dtype,
+)
 from minids_jax.workdir import write_atomic
 
 Tokenizer = ByteTokenizer | BpeTokenizer | HFTokenizer

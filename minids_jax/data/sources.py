@@ -16,12 +16,12 @@ only its own rows. Shapes: B global batch, R rows of this process, L max_seq_len
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from typing import Protocol
 
 import numpy as np
 
 from minids_jax.data.corpus import DataError
+from minids_jax.data.instructions import TokenizedExamples
 
 _SPLITS = {"train": 0, "val": 1}
 
@@ -117,31 +117,6 @@ class WindowSource:
         if self.doc_eos is None:
             return as_batch(rows_RxL1)
         return as_batch(rows_RxL1, segments_RxL1=documents_ending_at(rows_RxL1, self.doc_eos))
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizedExamples:
-    """Instruction and chat examples as one flat token array: example i is
-    tokens[starts[i]:starts[i+1]], and `scored` marks the tokens that count toward the loss:
-    outputs and answers, and the token ending each (not BOS, prompts, user turns, scaffolding).
-    An alpaca example is [BOS] prompt output [EOS], scored from its output on; a conversation
-    has one scored segment per assistant turn.
-    """
-
-    tokens: np.ndarray
-    starts: np.ndarray  # [N + 1]
-    scored: np.ndarray  # bool, one per token
-
-    def __len__(self) -> int:
-        return len(self.starts) - 1
-
-    def length(self, i: int) -> int:
-        return int(self.starts[i + 1] - self.starts[i])
-
-    def first_scored(self, i: int) -> int:
-        """How many tokens of example i come before its first scored one (its length if none)."""
-        scored = self.scored[self.starts[i]:self.starts[i + 1]]
-        return int(np.argmax(scored)) if scored.any() else len(scored)
 
 
 def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -14,10 +14,10 @@ from typing import Callable
 import numpy as np
 
 from minids_jax import checkpoint
-from minids_jax.model import lora
 from minids_jax.hf import config as hf_config
 from minids_jax.hf import weights
 from minids_jax.hf.convert import flat_paths
+from minids_jax.model import lora
 
 
 def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,

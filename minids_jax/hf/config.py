@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from minids_jax.errors import UserError
 from minids_jax.config.model import ModelConfig
+from minids_jax.errors import UserError
 
 MODEL_TYPE = "deepseek_v3"
 ARCHITECTURE = "DeepseekV3ForCausalLM"

@@ -27,16 +27,16 @@ from minids_jax import sharding
 from minids_jax.checkpoint import store
 from minids_jax.checkpoint.loading import load_params
 from minids_jax.checkpoint.store import CheckpointError
+from minids_jax.config import Config, ConfigError
+from minids_jax.config.model import ModelConfig
 from minids_jax.data import pipeline as data_lib
 from minids_jax.data.tokenization import HFTokenizer
-from minids_jax.model import build, lora
-from minids_jax.workdir import CHECKPOINTS, complete_steps
-from minids_jax.config import Config, ConfigError
 from minids_jax.hf import config as hf_config
 from minids_jax.hf import weights
 from minids_jax.hf.files import TensorFiles, save
 from minids_jax.hf.weights import EXPERTS, Tensor
-from minids_jax.config.model import ModelConfig
+from minids_jax.model import build, lora
+from minids_jax.workdir import CHECKPOINTS, complete_steps
 
 # Newer transformers save the chat template as chat_template.jinja, not in tokenizer_config.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

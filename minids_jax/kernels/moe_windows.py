@@ -17,7 +17,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-
 # Window sizes in rows. The largest is the power of two at or below an expert's even share of
 # the assignments, within these bounds; chosen by measurement (benchmarks/moe_dispatch.py
 # --window_rows; docs/performance.md).

@@ -24,8 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax.model.attention import AttentionProjections, KeysValues, same_document, up_to
 from minids_jax.config import ComputeConfig, ModelConfig
+from minids_jax.model.attention import (
+    AttentionProjections,
+    KeysValues,
+    same_document,
+    up_to,
+)
 from minids_jax.model.layers import RMSNorm
 
 

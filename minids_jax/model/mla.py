@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax.model.attention import multi_head_attention, up_to, within_documents
 from minids_jax.config import ComputeConfig, ModelConfig
+from minids_jax.model.attention import multi_head_attention, up_to, within_documents
 from minids_jax.model.layers import RMSNorm, linear
 from minids_jax.model.rotary import Rope, softmax_mscale
 

@@ -1,7 +1,7 @@
 """Mixture of SwiGLU experts with a learned top-k router and Switch load balancing, and
 DeepSeekMoE's shared experts and biased sigmoid routing (routing.py).
 
-The router picks each token's top-k experts; `moe_dispatch.py` computes their outputs (all
+The router picks each token's top-k experts; `dispatch.py` computes their outputs (all
 dispatches agree when nothing is dropped), weighted here by the routing weights; shared experts,
 if any, add a dense SwiGLU of every token. With sigmoid routing each layer keeps a per-expert
 selection bias: a `RouterBias` variable, model state that is not a parameter (no gradient, no
@@ -25,10 +25,11 @@ from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import PartitionSpec as P
 
-from minids_jax.model import routing
 from minids_jax.config import ComputeConfig, ModelConfig
-from minids_jax.model.layers import MLP, linear
+from minids_jax.config.run import as_axes
+from minids_jax.model import routing
 from minids_jax.model.dispatch import DISPATCHES, Experts
+from minids_jax.model.layers import MLP, linear
 
 
 class RouterBias(nnx.Variable):
@@ -77,12 +78,8 @@ def local_batch_axes() -> tuple[jax.sharding.AbstractMesh, tuple[str, ...]]:
     rules = dict(get_logical_axis_rules())
     if mesh.empty or "batch" not in rules:
         return mesh, ()
-
-    def as_tuple(axes):
-        return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-
-    expert_axes = set(as_tuple(rules.get("expert")))
-    return mesh, tuple(a for a in as_tuple(rules["batch"])
+    expert_axes = set(as_axes(rules.get("expert")))
+    return mesh, tuple(a for a in as_axes(rules["batch"])
                        if a not in expert_axes and mesh.shape.get(a, 1) > 1)
 
 

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minids_jax.model import scan as layer_scan
 from minids_jax.config import ComputeConfig, ModelConfig
+from minids_jax.model import scan as layer_scan
 from minids_jax.model.block import Block
 from minids_jax.model.layers import RMSNorm, linear
 from minids_jax.model.moe import MoE, MoEStats, moe_aux
 from minids_jax.model.mtp import MTPModule
+
 
 class Output(NamedTuple):
     logits_BxLxV: jax.Array  # float32

@@ -1,7 +1,7 @@
 """The checkpointer of one run: resume, start from another run's parameters, save.
 
 Batches are a pure function of (train.seed, step) and the model holds no RNG stream after
-initialization, so a checkpoint's items (checkpoint.py) are everything a run needs to continue
+initialization, so a checkpoint's items (checkpoint/store.py) are everything a run needs to continue
 exactly. Saves are asynchronous: `save` returns once the arrays are copied off the
 accelerator. Use it as a context manager, so pending saves finish on every way out.
 
@@ -25,10 +25,10 @@ from flax import nnx
 
 from minids_jax.checkpoint import store as ckpt
 from minids_jax.checkpoint.base import base_reference, locate_base
-from minids_jax.model import lora
 from minids_jax.checkpoint.store import CheckpointError, UnreadableCheckpointError
 from minids_jax.config import NOTED, Config, ConfigError, compat
 from minids_jax.errors import UserError
+from minids_jax.model import lora
 from minids_jax.training.steps import TrainState
 from minids_jax.workdir import complete_steps, write_atomic
 

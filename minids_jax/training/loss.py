@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from minids_jax.kernels.head_loss import head_cross_entropy
-from minids_jax.model.mtp import mtp_chain, shift_left, with_more_moe_layers
 from minids_jax.model import MiniDeepSeek
+from minids_jax.model.mtp import mtp_chain, shift_left, with_more_moe_layers
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array):

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from minids_jax.plot import METRICS_FILE, plot_losses
+
 TENSORBOARD_DIR = "tensorboard"
 
 

@@ -12,13 +12,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from minids_jax.training import loss as loss_lib
-from minids_jax.model import lora
-from minids_jax.training import optim
 from minids_jax import sharding
 from minids_jax.config import Config
+from minids_jax.model import build, lora
 from minids_jax.model.layers import adapter_dropout
-from minids_jax.model import build
+from minids_jax.training import loss as loss_lib
+from minids_jax.training import optim
 
 
 class TrainState(NamedTuple):

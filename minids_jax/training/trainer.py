@@ -17,18 +17,18 @@ import jax
 import numpy as np
 from flax import nnx
 
-from minids_jax.checkpoint import store as ckpt
-from minids_jax.data import pipeline as data_lib
-from minids_jax.training import flops, reporting, steps
 from minids_jax import sharding
 from minids_jax import workdir as workdir_lib
-from minids_jax.training.checkpointer import Checkpointer
+from minids_jax.checkpoint import store as ckpt
 from minids_jax.config import Config, ConfigError
+from minids_jax.data import pipeline as data_lib
 from minids_jax.errors import UserError
-from minids_jax.workdir import WorkdirLock
-from minids_jax.training.loss import loss_chunk
 from minids_jax.model import MiniDeepSeek, count_params
+from minids_jax.training import flops, reporting, steps
+from minids_jax.training.checkpointer import Checkpointer
+from minids_jax.training.loss import loss_chunk
 from minids_jax.training.preemption import StopGuard
+from minids_jax.workdir import WorkdirLock
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
