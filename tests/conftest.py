@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 from tests.factories import FAST_COMPILE_XLA_FLAGS  # imports no JAX
 
@@ -56,3 +57,18 @@ def trained_run(tmp_path_factory, compile_cache):
     trainer = trainer_lib.Trainer(tiny_config(), str(workdir))
     history = trainer.train()
     return trainer, history, workdir
+
+
+@pytest.fixture(autouse=True)
+def subprocesses_only_in_slow_tests(request, monkeypatch):
+    """A test that starts a process (an entry point, a multi-device or multi-process job) is
+    marked `slow`, so that `pytest -m "not slow"` stays the quick loop: any other test that
+    tries is stopped here and told so."""
+    if request.node.get_closest_marker("slow"):
+        return
+
+    def refuse(self, args, *unused, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process ({args!r}): mark it "
+                             f"@pytest.mark.slow")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -8,8 +8,12 @@ need, group by group: `tiny_config(model=dict(n_layers=2), optim=dict(total_step
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
+import subprocess
+import sys
+import time
 
 from minids_jax import config as config_lib
 
@@ -106,3 +110,88 @@ def config_file(directory, config=None, name="run_config.py") -> str:
     data.write_text((config or tiny_config()).to_json())
     (directory / name).write_text(CONFIG_FROM_JSON.format(path=str(data)))
     return str(directory / name)
+
+
+# A DeepSeek-V3-format model small enough for every test: MLA, a dense first layer, grouped
+# sigmoid routing with a shared expert, YaRN and one MTP module.
+V3_MODEL = dict(attn_pattern=("mla",), n_layers=3, n_heads=2, n_experts=4, top_k=2,
+                router_scoring="sigmoid", n_group=2, topk_group=1, n_shared_experts=1,
+                moe_hidden_dim=16, first_k_dense=1, dense_hidden_dim=24, mtp_depth=1,
+                q_lora_rank=12, rope_yarn_factor=4.0, rope_original_max_len=8,
+                rope_mscale_all_dim=1.0)
+
+
+class Repeating:
+    """A token source of one short pattern, each row starting at a random offset: a model
+    learns it within tens of steps."""
+
+    PATTERN = (3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8)
+
+    def batch(self, step, batch_size, rows=slice(None), split="train"):
+        import numpy as np
+
+        from minids_jax.data import sources
+
+        pattern = np.array(self.PATTERN, np.int32)
+        starts = np.random.default_rng(step).integers(0, len(pattern), batch_size)
+        windows = np.stack([np.resize(np.roll(pattern, -s), 17) for s in starts])
+        return sources.as_batch(windows[rows])
+
+
+def run_command(args, env=None, timeout=240, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env or subprocess_env(""), **kwargs)
+
+
+def assert_user_error(result, *fragments) -> str:
+    """The command failed with status 2 and one last `error:` line holding each fragment."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output, output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), output
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def read_until(process, pattern: str, timeout: float = 240) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if pattern in line:
+            return lines
+    process.kill()
+    raise AssertionError(f"{pattern!r} never appeared:\n{''.join(lines)}")
+
+
+def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0):
+    """(base workdir, LoRA workdir): a random DeepSeek-V3-format base and a LoRA run on it whose
+    adapters are random (as after training)."""
+    import jax
+    from flax import nnx
+
+    from minids_jax import checkpoint
+    from minids_jax.checkpoint import base as checkpoint_base
+    from minids_jax.model import MiniDeepSeek, lora
+
+    config = tiny_config(model=dict(V3_MODEL, n_layers=2, mtp_depth=0))
+    model = MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(4))
+    checkpoint.save_model(tmp_path / "base", config, nnx.to_pure_dict(nnx.state(model)))
+    tuned = dataclasses.replace(
+        config, lora=dataclasses.replace(config.lora, rank=2, alpha=4.0, targets=targets,
+                                         dropout=dropout),
+        checkpoint=dataclasses.replace(config.checkpoint, init_from=str(tmp_path / "base")))
+    lora.add_adapters(model, tuned.lora, nnx.Rngs(5))
+    keys = iter(jax.random.split(jax.random.key(6), 200))
+    for variable in jax.tree.leaves(nnx.state(model, nnx.LoRAParam),
+                                    is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        variable[...] = 0.2 * jax.random.normal(next(keys), variable.shape)
+    # As a LoRA run saves them: the adapters only, on the base.
+    base_dir = tmp_path / "base" / "checkpoints" / "0"
+    checkpoint.save_model(tmp_path / "lora", tuned, nnx.to_pure_dict(nnx.state(
+        model, nnx.LoRAParam)), base=checkpoint_base.base_reference(base_dir, checkpoint.read_meta(base_dir)))
+    return tmp_path / "base", tmp_path / "lora"

@@ -26,7 +26,7 @@ from minids_jax import config as config_lib
 from minids_jax.checkpoint import store
 from minids_jax.training import checkpointer
 from minids_jax.training import trainer as trainer_lib
-from tests.factories import TINY_STEPS, subprocess_env, tiny_config
+from tests.factories import TINY_STEPS, read_until, subprocess_env, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = TINY_STEPS
@@ -348,19 +348,6 @@ def start_run(tmp_path, config, workdir, compile_cache, delay):
         [sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "config.json"), str(workdir),
          str(delay)], cwd=REPO, env=subprocess_env(compile_cache), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
-
-
-def read_until(process, pattern: str, timeout: float = 240) -> list[str]:
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if pattern in line:
-            return lines
-    process.kill()
-    raise AssertionError(f"{pattern!r} never appeared:\n{''.join(lines)}")
 
 
 @pytest.mark.slow

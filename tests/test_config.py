@@ -157,6 +157,7 @@ def test_the_deepseek_v3_configs_build(name):
     assert cfg.model.mtp_depth == 1 and cfg.model.first_k_dense == 1
 
 
+@pytest.mark.slow  # python -m minids_jax.inspect
 def test_inspect_prints_the_published_counts_and_splits_memory_over_fsdp():
     import subprocess
     import sys

@@ -118,6 +118,7 @@ def test_the_losses_of_a_document_ignore_the_one_before(model):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
 
 
+@pytest.mark.slow  # trains end to end
 def test_a_run_trains_on_masked_documents_with_accumulation(tmp_path):
     text = tmp_path / "docs"
     text.mkdir()

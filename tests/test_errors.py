@@ -6,29 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.factories import REPO, config_file, subprocess_env, tiny_config
+from tests.factories import assert_user_error, config_file, run_command, tiny_config
 
-
-def run_command(args, env=None, timeout=240, **kwargs):
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env or subprocess_env(""), **kwargs)
-
-
-def assert_user_error(result, *fragments) -> str:
-    """The command failed with status 2 and one last `error:` line holding each fragment."""
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output
-    assert "Traceback" not in output, output
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), output
-    for fragment in fragments:
-        assert fragment in last, last
-    return last
+pytestmark = pytest.mark.slow  # subprocesses: each case runs an entry point
 
 
 def test_config_file_mistakes_name_the_file(tmp_path):

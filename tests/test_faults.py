@@ -16,9 +16,10 @@ import pytest
 
 from minids_jax.checkpoint import store
 from minids_jax.workdir import LOCK_FILE, WorkdirError, WorkdirLock, writable_directory
-from tests.factories import REPO, SLOW_TRAIN, config_file, subprocess_env, tiny_config
-from tests.test_checkpoint import read_until
-from tests.test_errors import assert_user_error, run_command
+from tests.factories import (REPO, SLOW_TRAIN, assert_user_error, config_file, read_until,
+                             run_command, subprocess_env, tiny_config)
+
+pytestmark = pytest.mark.slow  # subprocesses: train.py, or a workdir held by another process
 
 HOLDER = textwrap.dedent("""
     import sys, time

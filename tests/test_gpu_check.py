@@ -59,6 +59,7 @@ def option_value(argv, name):
 
 # --- the script's arguments -----------------------------------------------------------------
 
+@pytest.mark.slow  # runs the script
 def test_help_lists_every_option_and_each_is_accepted():
     status, lines = run_script("--help", env=cpu_env())
     assert status == 0
@@ -74,6 +75,7 @@ def test_help_lists_every_option_and_each_is_accepted():
 @pytest.mark.parametrize("args, named", [(("--bogus",), "--bogus"), (("--steps", "0"), "0"),
                                          (("--steps", "x"), "x"), (("--steps",), "--steps"),
                                          (("--config=configs/tiny.py",), "--config.")])
+@pytest.mark.slow  # runs the script
 def test_bad_arguments_give_one_line_before_anything_runs(args, named):
     # No GPU here: a bad argument must be reported as such, not as the missing GPU (status 2).
     status, lines = run_script(*args, env=cpu_env())
@@ -81,6 +83,7 @@ def test_bad_arguments_give_one_line_before_anything_runs(args, named):
     assert len(lines) == 1 and lines[0].startswith("gpu_check: ") and named in lines[0], lines
 
 
+@pytest.mark.slow  # runs the script
 def test_dry_run_lists_both_configs_in_bfloat16_with_the_overrides_last(tmp_path):
     commands = dry_run_commands("--steps", "5", "--config.train.batch_size=16",
                                 "--config.model.n_layers", "2", "--out", str(tmp_path / "t.json"))
@@ -104,6 +107,7 @@ def test_dry_run_lists_both_configs_in_bfloat16_with_the_overrides_last(tmp_path
     assert not (tmp_path / "t.json").exists()  # nothing ran
 
 
+@pytest.mark.slow  # runs the script
 def test_dry_run_resolves_a_relative_out_against_the_callers_directory(tmp_path):
     # The script runs from the repository root; `--out rows.json` means the caller's file.
     status, lines = run_script("--dry_run", "--out", "rows.json", env=cpu_env(), cwd=tmp_path)
@@ -113,6 +117,7 @@ def test_dry_run_resolves_a_relative_out_against_the_callers_directory(tmp_path)
 
 # --- no GPU ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # runs the script
 def test_no_gpu_is_one_line_with_what_would_have_run_and_status_2(tmp_path):
     # A GPU listed by nvidia-smi does not count when JAX_PLATFORMS keeps JAX on the CPU.
     status, lines = run_script("--steps", "4", env=cpu_env(PYTHON=str(tmp_path / "absent")),
@@ -127,6 +132,7 @@ def test_no_gpu_is_one_line_with_what_would_have_run_and_status_2(tmp_path):
     assert "--steps 4" in line
 
 
+@pytest.mark.slow  # runs the script
 def test_no_gpu_when_nvidia_smi_lists_none(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env["PYTHON"] = str(tmp_path / "absent")  # must never be started
@@ -170,6 +176,7 @@ pathlib.Path(args[args.index("--row_out") + 1]).write_text(json.dumps(row))
 """
 
 
+@pytest.mark.slow  # runs the script
 def test_gpu_path_installs_only_when_needed_measures_both_and_reports(tmp_path):
     state = tmp_path / "state"
     state.mkdir()

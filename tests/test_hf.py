@@ -18,14 +18,7 @@ from minids_jax.hf import config as hf_config
 from minids_jax.hf import convert, weights
 from minids_jax.hf.files import TensorFiles
 from minids_jax.model import MiniDeepSeek
-from tests.factories import compute_config, tiny_config
-
-V3_MODEL = dict(attn_pattern=("mla",), n_layers=3, n_heads=2, n_experts=4, top_k=2,
-                router_scoring="sigmoid", n_group=2, topk_group=1, n_shared_experts=1,
-                moe_hidden_dim=16, first_k_dense=1, dense_hidden_dim=24, mtp_depth=1,
-                q_lora_rank=12, rope_yarn_factor=4.0, rope_original_max_len=8,
-                rope_mscale_all_dim=1.0)
-
+from tests.factories import V3_MODEL, compute_config, tiny_config
 
 def saved_run(workdir: pathlib.Path, **model) -> dict:
     """A run directory holding a random model whose norms and router biases are not their
@@ -144,6 +137,7 @@ def test_directories_that_cannot_be_imported_say_why(tmp_path, breakage, message
     assert not (tmp_path / "back" / "checkpoints").exists()  # nothing half-written
 
 
+@pytest.mark.slow  # trains end to end
 def test_an_imported_run_resumes_with_a_fresh_optimizer_and_trains(tmp_path):
     from minids_jax.training.trainer import Trainer
 

@@ -73,7 +73,7 @@ def test_transformers_models_import_with_their_logits_and_greedy_tokens(tmp_path
 
 def test_a_model_trained_here_exports_to_transformers_with_our_logits(tmp_path):
     from minids_jax.training.trainer import Trainer
-    from tests.test_hf import V3_MODEL
+    from tests.factories import V3_MODEL
 
     config = tiny_config(model=dict(V3_MODEL, mtp_depth=0), optim=dict(total_steps=3),
                          checkpoint=dict(every=3))
@@ -91,7 +91,7 @@ def test_a_model_trained_here_exports_to_transformers_with_our_logits(tmp_path):
 
 def test_the_peft_adapter_loads_in_peft_onto_the_exported_base(tmp_path):
     peft = pytest.importorskip("peft")
-    from tests.test_lora import saved_lora_run
+    from tests.factories import saved_lora_run
 
     base, run = saved_lora_run(tmp_path, dropout=0.1)  # trained with dropout; none in eval
     convert.export_run(base, tmp_path / "hf_base", dtype="float32", log=lambda _: None)

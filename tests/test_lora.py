@@ -14,14 +14,12 @@ from flax import nnx
 
 import minids_jax
 from minids_jax import checkpoint
-from minids_jax.checkpoint import base as checkpoint_base
 from minids_jax.config import ConfigError
 from minids_jax.hf import adapter, convert
 from minids_jax.model import MiniDeepSeek, lora
 from minids_jax.training import checkpointer
 from minids_jax.training.trainer import Trainer
-from tests.factories import compute_config, tiny_config
-from tests.test_hf import V3_MODEL
+from tests.factories import V3_MODEL, compute_config, saved_lora_run, tiny_config
 
 SMALL = dict(V3_MODEL, n_layers=2)  # a dense layer, an MoE layer (and the MTP module's)
 
@@ -103,6 +101,7 @@ def saved_tree(step_dir) -> set[tuple[str, ...]]:
         step_dir / "model").tree))
 
 
+@pytest.mark.slow  # trains end to end
 def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path, compile_cache):
     # A small instruction set: the byte tokenizer's vocabulary, and room for the prompt.
     records = [{"instruction": "Reverse the word.", "input": word, "output": word[::-1]}
@@ -178,28 +177,6 @@ def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path, compil
     assert checkpointer.Checkpointer(moved, tmp_path / "resumed", log=lines.append
                                      ).restore_or_initialize(resumed.state) == 8
     assert f"the base of these adapters is now {tmp_path / 'moved'}" in lines[0], lines
-
-
-def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0):
-    """(base workdir, LoRA workdir): a random DeepSeek-V3-format base and a LoRA run on it whose
-    adapters are random (as after training)."""
-    config = tiny_config(model=dict(SMALL, mtp_depth=0))
-    model = MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(4))
-    checkpoint.save_model(tmp_path / "base", config, nnx.to_pure_dict(nnx.state(model)))
-    tuned = dataclasses.replace(
-        config, lora=dataclasses.replace(config.lora, rank=2, alpha=4.0, targets=targets,
-                                         dropout=dropout),
-        checkpoint=dataclasses.replace(config.checkpoint, init_from=str(tmp_path / "base")))
-    lora.add_adapters(model, tuned.lora, nnx.Rngs(5))
-    keys = iter(jax.random.split(jax.random.key(6), 200))
-    for variable in jax.tree.leaves(nnx.state(model, nnx.LoRAParam),
-                                    is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        variable[...] = 0.2 * jax.random.normal(next(keys), variable.shape)
-    # As a LoRA run saves them: the adapters only, on the base.
-    base_dir = tmp_path / "base" / "checkpoints" / "0"
-    checkpoint.save_model(tmp_path / "lora", tuned, nnx.to_pure_dict(nnx.state(
-        model, nnx.LoRAParam)), base=checkpoint_base.base_reference(base_dir, checkpoint.read_meta(base_dir)))
-    return tmp_path / "base", tmp_path / "lora"
 
 
 def test_the_peft_adapter_has_peft_names_shapes_and_scaling(tmp_path):

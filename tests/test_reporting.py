@@ -116,6 +116,7 @@ def test_wandb_gets_the_same_scalars_when_enabled(tmp_path, monkeypatch):
         reporting.Reporter(str(tmp_path), 20, wandb=True, stream=io.StringIO()).close(plot=False)
 
 
+@pytest.mark.slow  # python -m minids_jax.plot
 def test_plot_keeps_the_latest_record_per_step_and_writes_a_png(tmp_path):
     records = [{"step": 10, "split": "train", "loss": 3.0},
                {"step": 20, "split": "train", "loss": 2.0},

@@ -145,6 +145,7 @@ def skewed_trainer(tmp_path=None, steps=60, **train):
     return run
 
 
+@pytest.mark.slow  # trains end to end
 def test_the_bias_update_balances_a_skewed_router():
     frozen = skewed_trainer(router_bias_rate=0.0).train()
     moving = skewed_trainer(router_bias_rate=0.02).train()
@@ -158,6 +159,7 @@ def test_the_bias_update_balances_a_skewed_router():
     assert (last(frozen)["router_bias_max"], last(frozen)["router_bias_min"]) == (0.5, 0.0)
 
 
+@pytest.mark.slow  # trains end to end
 def test_resume_after_bias_updates_is_exact(tmp_path, compile_cache):  # 3 runs, one program
     from minids_jax import checkpoint
 

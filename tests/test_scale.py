@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from minids_jax.config import ConfigError
-from minids_jax.data import sources
 from minids_jax.training import trainer
-from tests.factories import tiny_config
+from tests.factories import Repeating, tiny_config
 
 # MLA, sigmoid routing with its balancing biases, shared experts, a dense first layer and MTP:
 # the accumulated update must also get the router-bias step and the MTP loss right.
@@ -29,6 +28,7 @@ def assert_trees_close(a, b, rtol, atol=0.0):
                                    rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # trains end to end
 def test_four_microbatches_give_the_full_batch_update(model=DEEPSEEK_V3_LIKE):
     # Balancing losses are statistics of each microbatch (not additive): off here. With a
     # large epsilon, Adam's first update is lr * g / (|g| + 1): about linear in the gradient.
@@ -122,17 +122,11 @@ def test_only_runs_of_enough_repeats_are_scanned():
     assert layer_scan.runs(blocks, 2, None) == singles  # scan_layers=False
 
 
+@pytest.mark.slow  # trains end to end
 def test_bfloat16_training_follows_float32():
     """Compute in bfloat16 (params, optimizer state, softmaxes, router and loss in float32):
     the loss curve of a short run stays close to float32's and falls as far."""
 
-    pattern = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], np.int32)
-
-    class Repeating:
-        def batch(self, step, batch_size, rows=slice(None), split="train"):
-            starts = np.random.default_rng(step).integers(0, len(pattern), batch_size)
-            windows = np.stack([np.resize(np.roll(pattern, -s), 17) for s in starts])
-            return sources.as_batch(windows[rows])
 
     curves = {}
     for dtype in ("float32", "bfloat16"):

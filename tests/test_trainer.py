@@ -11,7 +11,7 @@ from minids_jax.data import pipeline as data
 from minids_jax.data import sources
 from minids_jax.training import trainer
 from minids_jax.training.loss import cross_entropy
-from tests.factories import FAST_COMPILE_XLA_FLAGS, tiny_config
+from tests.factories import FAST_COMPILE_XLA_FLAGS, Repeating, tiny_config
 
 # A user's shell, nearly: nothing of this session's environment but the tests' XLA flags.
 BARE_ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "XLA_FLAGS": FAST_COMPILE_XLA_FLAGS}
@@ -62,13 +62,6 @@ def test_tiny_model_overfits_a_repeating_sequence(architecture):
     config = tiny_config(model=dict(n_layers=2, **architecture),
                          optim=dict(lr=1e-2, warmup_steps=5, total_steps=80, weight_decay=0.0),
                          train=dict(log_every=80))
-    pattern = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], np.int32)
-
-    class Repeating:
-        def batch(self, step, batch_size, rows=slice(None), split="train"):
-            starts = np.random.default_rng(step).integers(0, len(pattern), batch_size)
-            windows = np.stack([np.resize(np.roll(pattern, -s), 17) for s in starts])
-            return sources.as_batch(windows[rows])
 
     run = trainer.Trainer(config)
     run.source = Repeating()
