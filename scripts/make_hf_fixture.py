@@ -240,7 +240,9 @@ def references(model, mtp, tokens: torch.Tensor) -> dict[str, np.ndarray]:
         positions = torch.arange(length)[None].expand(tokens.shape[0], -1)
         rope = model.model.rotary_emb(hidden["h"], positions)
         mask = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
-        mtp_logits = mtp(model, hidden["h"][:, :length], tokens[:, 1:], rope, mask)
+        # The MTP layer reads the main model's features after its final norm (vLLM, Megatron).
+        mtp_logits = mtp(model, model.model.norm(hidden["h"][:, :length]), tokens[:, 1:], rope,
+                         mask)
     for handle in handles:
         handle.remove()
     margin = min(routing_margin(gate, x) for gate, x in gates_in)

@@ -5,6 +5,7 @@ exported. (test_hf_fixture.py compares against transformers' numbers.)"""
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import jax
@@ -18,7 +19,8 @@ from minids_jax.hf import config as hf_config
 from minids_jax.hf import convert, weights
 from minids_jax.hf.files import TensorFiles
 from minids_jax.model import MiniDeepSeek
-from tests.factories import V3_MODEL, compute_config, tiny_config
+from minids_jax.model.rotary import Rope
+from tests.factories import V3_MODEL, compute_config, small_model_config, tiny_config
 
 def saved_run(workdir: pathlib.Path, **model) -> dict:
     """A run directory holding a random model whose norms and router biases are not their
@@ -84,6 +86,26 @@ def test_fused_expert_tensors_load_like_per_expert_ones(tmp_path):
     back = convert.flat_paths(checkpoint.load_params(tmp_path / "back"))
     for path, array in params.items():
         np.testing.assert_array_equal(back[path], array, err_msg=str(path))
+
+
+@pytest.mark.parametrize("scaling, amplitude", [
+    # transformers: without both mscale and mscale_all_dim, attention_factor = mscale(f, 1).
+    (dict(mscale_all_dim=0.707), 0.1 * math.log(40) + 1),
+    (dict(mscale=0.707, mscale_all_dim=0.707), 1.0),
+    (dict(mscale=1.0, mscale_all_dim=0.5), (0.1 * math.log(40) + 1) / (0.05 * math.log(40) + 1)),
+    (dict(), 0.1 * math.log(40) + 1),
+])
+def test_yarn_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(scaling, amplitude):
+    hf = hf_config.to_hf(small_model_config(**V3_MODEL))
+    hf["rope_scaling"] = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 8,
+                          **scaling}
+    fields = hf_config.from_hf(hf, "config.json")
+    cfg = small_model_config(**{**V3_MODEL, **fields})
+    assert Rope.of(cfg, cfg.qk_rope_head_dim).amplitude == pytest.approx(amplitude, rel=1e-6)
+    # Written back, a field left out stays out: the same function for transformers.
+    again = hf_config.to_hf(cfg)["rope_scaling"]
+    assert ("mscale" in again) == ("mscale" in scaling)
+    assert hf_config.from_hf({**hf, "rope_scaling": again}, "config.json") == fields
 
 
 def test_fp8_blocks_dequantize_with_their_own_scale():

@@ -17,7 +17,7 @@ import minids_jax
 from minids_jax.data.tokenization import HFTokenizer
 from minids_jax.generation import generate
 from minids_jax.hf import convert
-from minids_jax.model.mtp import shift_left
+from minids_jax.model.mtp import mtp_chain
 from tests.factories import REPO, tiny_config
 
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny"
@@ -59,10 +59,10 @@ def test_the_mtp_layer_gives_transformers_mtp_logits(imported, reference):
 
     @nnx.jit
     def mtp_head(model, tokens):
-        trunk, _, _ = model.trunk(tokens)
+        features, _, _ = model.hidden(tokens)  # after the final norm, what the head reads
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        _, features, _ = model.mtp[0](trunk, model.embed(shift_left(tokens, 1)), positions)
-        return model.head(features)
+        ahead, _ = mtp_chain(model.mtp, model.embed, tokens, features, positions)
+        return model.head(ahead[0])
 
     mtp_logits = np.asarray(mtp_head(model, tokens))[:, :-1]  # positions with a token ahead
     assert_close_logits(mtp_logits, reference["mtp_logits"])

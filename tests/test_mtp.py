@@ -34,7 +34,7 @@ def test_module_k_scores_the_token_k_plus_1_ahead_and_nothing_past_the_window():
         # By hand, on windows cut to the positions that have a token k + 1 ahead (causal, so
         # a shorter input gives the same outputs at the positions it keeps).
         trunk, _, _ = model.trunk(data["inputs"])
-        hidden, by_hand = trunk, []
+        hidden, by_hand = model.final_norm(trunk), []  # what the head reads
         for k, module in enumerate(model.mtp, start=1):
             length = data["inputs"].shape[1] - k
             positions = jnp.broadcast_to(jnp.arange(length), (2, length))
@@ -70,6 +70,20 @@ def test_the_mtp_loss_enters_the_total_and_decoding_ignores_the_modules():
     total, ce, mtp_loss, grads = total_and_grads(with_mtp, data)
     np.testing.assert_allclose(total, ce + 0.5 * mtp_loss, rtol=1e-6)
     assert float(jnp.abs(grads.mtp[1].proj.kernel[...]).sum()) > 0  # the deepest module learns
+
+
+def test_the_first_module_reads_the_features_after_the_final_norm():
+    """h^0 is what the main head reads, final_norm(trunk) (transformers' drafter, vLLM and
+    Megatron-LM): the MTP loss moves with the final norm's gain."""
+    model = MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(3))
+    data = batch()
+
+    @nnx.jit
+    def mtp_grad_of_final_norm(model, data):
+        return nnx.grad(lambda m: loss_lib.model_loss(m, data, 16)[1]["mtp_loss"])(model)
+
+    grads = mtp_grad_of_final_norm(model, data)
+    assert float(jnp.abs(grads.final_norm.scale[...]).sum()) > 0
 
 
 def test_the_modules_moe_layers_are_balanced_like_the_main_ones():

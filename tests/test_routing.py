@@ -64,6 +64,18 @@ def test_the_bias_changes_selection_but_not_the_weights():
                                rtol=1e-6)
 
 
+def test_sigmoid_routing_normalizes_a_single_expert_too():
+    """transformers' DeepseekV3TopkRouter and the official Gate divide by the sum for any k:
+    with one expert its weight is routed_scaling_factor, whatever its affinity."""
+    cfg = small_model_config(**{**V3_ROUTING, "top_k": 1})
+    logits = jax.random.normal(jax.random.key(5), (16, cfg.n_experts))
+    result = routing.route(logits, jnp.zeros(cfg.n_experts), cfg)
+    np.testing.assert_allclose(result.weight_TxK, 2.5, rtol=1e-6)
+    weights, experts = slow_route(logits, jnp.zeros(cfg.n_experts), cfg)
+    np.testing.assert_array_equal(result.expert_TxK, experts)
+    np.testing.assert_allclose(result.weight_TxK, weights, rtol=1e-6)
+
+
 def test_softmax_routing_keeps_the_original_semantics():
     cfg = small_model_config(top_k=1)
     logits = jax.random.normal(jax.random.key(3), (16, cfg.n_experts))

@@ -116,3 +116,32 @@ def test_bad_config_override_fails_with_a_clear_message():
                             env=BARE_ENV)
     assert result.returncode != 0
     assert "not divisible by model.n_heads=5" in result.stderr
+
+
+def test_the_eval_loss_is_a_mean_over_scored_tokens_not_over_batches():
+    """Held-out batches with few scored tokens (short answers, padding) weigh as little as
+    they hold: the eval loss is the summed cross-entropy over the summed weights."""
+    run = trainer.Trainer(tiny_config(train=dict(eval_batches=2)))
+    vocab, length = run.config.model.vocab_size, run.config.model.max_seq_len
+
+    class Uneven:  # the second batch scores only two positions per row
+        def batch(self, step, batch_size, rows=slice(None), split="train"):
+            tokens = np.random.default_rng(step).integers(0, vocab, (batch_size, length + 1))
+            weights = np.ones(tokens.shape, np.float32)
+            weights[:, 3:] = 1.0 if step % 2 == 0 else 0.0
+            return sources.as_batch(tokens[rows], weights[rows])
+
+    run.source = Uneven()
+    model = run.model()
+    sums, scored, means = [], [], []
+    for step in range(2):
+        batch = run.batch(step, "val")
+        mean = float(cross_entropy(model(batch["inputs"]).logits_BxLxV, batch["targets"],
+                                   batch["weights"]))
+        scored.append(float(jnp.sum(batch["weights"])))
+        sums.append(mean * scored[-1])
+        means.append(mean)
+    assert scored[0] > 4 * scored[1]
+    expected = sum(sums) / sum(scored)
+    assert abs(expected - np.mean(means)) > 1e-3  # the two means tell the cases apart
+    np.testing.assert_allclose(run.evaluate(), expected, rtol=1e-5)

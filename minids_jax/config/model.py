@@ -37,7 +37,8 @@ class ModelConfig(Group):
                           ARCHITECTURE, low=1)
     topk_group: int = option(1, "groups kept per token (a group scores the sum of its top 2)",
                              ARCHITECTURE, low=1)
-    norm_topk_prob: bool = option(True, "with top_k > 1, divide the chosen weights by their sum",
+    norm_topk_prob: bool = option(True, "divide the chosen weights by their sum (softmax "
+                                  "scores: only with top_k > 1)",
                                   ARCHITECTURE)
     routed_scaling_factor: float = option(1.0, "multiplies the routed experts' weights",
                                           ARCHITECTURE, above=0)
@@ -71,8 +72,9 @@ class ModelConfig(Group):
                                    ARCHITECTURE, above=0)
     rope_beta_slow: float = option(1.0, "YaRN: rotations below which a frequency is divided "
                                    "by the factor", ARCHITECTURE, above=0)
-    rope_mscale: float = option(1.0, "YaRN: mscale of the cos/sin amplitude", ARCHITECTURE,
-                                low=0)
+    rope_mscale: float = option(1.0, "YaRN: mscale of the cos/sin amplitude; 0: none (with "
+                                "rope_mscale_all_dim, the amplitude is mscale(factor, 1))",
+                                ARCHITECTURE, low=0)
     rope_mscale_all_dim: float = option(0.0, "YaRN: mscale of the softmax scale (DeepSeek-V3: "
                                         "1.0); 0: none", ARCHITECTURE, low=0)
     norm_eps: float = option(1e-5, "RMSNorm epsilon", ARCHITECTURE, above=0)

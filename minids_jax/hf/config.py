@@ -32,8 +32,10 @@ YARN = (("rope_yarn_factor", "factor"), ("rope_original_max_len",
                                           "original_max_position_embeddings"),
         ("rope_beta_fast", "beta_fast"), ("rope_beta_slow", "beta_slow"),
         ("rope_mscale", "mscale"), ("rope_mscale_all_dim", "mscale_all_dim"))
-# HF's defaults for YaRN fields a config may leave out (modeling_rope_utils).
-YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+# HF's defaults for YaRN fields a config may leave out (modeling_rope_utils). An absent mscale
+# is 0 here, as transformers tells it apart: without both mscale and mscale_all_dim, the
+# amplitude is mscale(factor, 1), not mscale(factor, 1) / mscale(factor, mscale_all_dim).
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.0, "mscale_all_dim": 0.0}
 
 
 class HFFormatError(UserError):
@@ -72,9 +74,10 @@ def to_hf(cfg: ModelConfig, *, dtype: str = "float32",
         # Fields transformers ignores but the official code and vLLM read.
         scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1,
         torch_dtype=dtype, use_cache=True, initializer_range=0.02)
-    if cfg.rope_yarn_factor > 1:
+    if cfg.rope_yarn_factor > 1:  # (an mscale of 0 is one the config leaves out)
         hf["rope_scaling"] = {"type": "yarn", **{theirs: getattr(cfg, ours)
-                                                 for ours, theirs in YARN}}
+                                                 for ours, theirs in YARN
+                                                 if theirs != "mscale" or cfg.rope_mscale}}
     for name, value in (special_ids or {}).items():
         hf[f"{name}_token_id"] = value
     return hf

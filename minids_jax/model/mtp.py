@@ -1,7 +1,8 @@
 """Multi-token prediction (DeepSeek-V3): sequential modules that each predict one token further.
 
-Module k (1-based) turns the previous module's hidden state h^{k-1} (the main model's last
-block output for k = 1, before the final norm) and the embedding of the token k ahead into
+Module k (1-based) turns the previous module's hidden state h^{k-1} (for k = 1 the main model's
+features after its final norm, what its head reads, as transformers' drafter, vLLM and
+Megatron-LM feed it) and the embedding of the token k ahead into
 
     h^k = block_k(proj_k([embed_norm_k(embed(t_{i+k})) ; hidden_norm_k(h^{k-1}_i)]))
 
@@ -55,12 +56,12 @@ def shift_left(a_BxL: jax.Array, k: int, fill=0) -> jax.Array:
                            axis=1)
 
 
-def mtp_chain(modules, embed, tokens_BxL, trunk_BxLxD, positions_BxL,
+def mtp_chain(modules, embed, tokens_BxL, features_BxLxD, positions_BxL,
               segments_BxL=None) -> tuple[list[jax.Array], list[MoEStats]]:
     """The features out_norm(h^k) of modules k = 1..depth, whose scores at position i are
-    for the token k + 1 ahead, and the modules' MoE statistics. `trunk_BxLxD` is the main
-    model's last block output, `embed` its embedding."""
-    hidden_BxLxD, features, stats = trunk_BxLxD, [], []
+    for the token k + 1 ahead, and the modules' MoE statistics. `features_BxLxD` are the main
+    model's final-normed features (h^0), `embed` its embedding."""
+    hidden_BxLxD, features, stats = features_BxLxD, [], []
     for k, module in enumerate(modules, start=1):
         ahead_BxLxD = embed(shift_left(tokens_BxL, k))
         hidden_BxLxD, features_BxLxD, module_stats = module(hidden_BxLxD, ahead_BxLxD,

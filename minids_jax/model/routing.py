@@ -7,11 +7,12 @@ DeepSeek-V3 (HF `DeepseekV3TopkRouter`, the official `Gate`), all in float32:
     biased  = s + bias                           used for selection only
     groups  = the topk_group of n_group groups with the largest sum of their top-2 biased scores
     experts = the top_k biased scores among the kept groups' experts
-    weights = s[experts], divided by their sum (norm_topk_prob), times routed_scaling_factor
+    weights = s[experts], divided by their sum (norm_topk_prob, for any k as the references
+              do), times routed_scaling_factor
 
 With softmax scoring and one group this is the original's router: the top-k probabilities,
-renormalized to sum to 1 only when k > 1 (with k = 1 the weight is p itself, so the router
-gets a gradient through the expert output). Ties go to the lower expert index, as
+renormalized to sum to 1 (norm_topk_prob) only when k > 1 (with k = 1 the weight is p itself,
+so the router gets a gradient through the expert output). Ties go to the lower expert index, as
 `jax.lax.top_k` breaks them.
 
 Shapes: T tokens, E experts, G groups, K experts per token.
@@ -56,7 +57,8 @@ def route(logits_TxE: jax.Array, bias_E: jax.Array | None, cfg: ModelConfig) -> 
                                biased_TxE, -jnp.inf)
     _, expert_TxK = jax.lax.top_k(biased_TxE, cfg.top_k)
     weight_TxK = jnp.take_along_axis(scores_TxE, expert_TxK, axis=-1)
-    if cfg.norm_topk_prob and cfg.top_k > 1:
+    # Softmax with one expert keeps its probability (the original's router learns through it).
+    if cfg.norm_topk_prob and (cfg.router_scoring == "sigmoid" or cfg.top_k > 1):
         weight_TxK = weight_TxK / (jnp.sum(weight_TxK, axis=-1, keepdims=True) + 1e-20)
     return Routing(scores_TxE, weight_TxK * cfg.routed_scaling_factor, expert_TxK)
 

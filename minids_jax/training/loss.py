@@ -76,13 +76,14 @@ def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
     depth = len(model.mtp) if model.mtp is not None and with_mtp else 0
     if denominators_K is None:
         denominators_K = denominators(batch, depth)
-    ce = _head_loss(model, model.final_norm(trunk_BxLxD), batch["targets"],
-                    ahead_weights(batch, 0), chunk, denominators_K[0])
+    features_BxLxD = model.final_norm(trunk_BxLxD)
+    ce = _head_loss(model, features_BxLxD, batch["targets"], ahead_weights(batch, 0), chunk,
+                    denominators_K[0])
     if depth:
         positions_BxL = batch.get("positions", jnp.broadcast_to(
             jnp.arange(trunk_BxLxD.shape[1]), batch["inputs"].shape))
-        features, mtp_stats = mtp_chain(model.mtp, model.embed, batch["inputs"], trunk_BxLxD,
-                                        positions_BxL, segments_BxL)
+        features, mtp_stats = mtp_chain(model.mtp, model.embed, batch["inputs"],
+                                        features_BxLxD, positions_BxL, segments_BxL)
         losses = [_head_loss(model, features_BxLxD, shift_left(batch["targets"], k),
                              ahead_weights(batch, k), chunk, denominators_K[k])
                   for k, features_BxLxD in enumerate(features, start=1)]

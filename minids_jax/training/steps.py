@@ -141,9 +141,13 @@ def update_router_biases(model, load_NxE: jax.Array, rate: float) -> dict[str, j
 
 def make_eval_step(graphdefs: TrainState, shardings: TrainState, batch_sharding, axis_rules,
                    loss_chunk: int):
+    """(summed cross-entropy, scored tokens) of a batch: batches with fewer scored tokens (a
+    short answer, a padded row) then weigh less in the mean over batches."""
     @sharding.under_mesh(batch_sharding.mesh, axis_rules)
     def eval_step(model_state, batch):
-        return loss_lib.model_loss(nnx.merge(graphdefs.model, model_state), batch, loss_chunk,
-                                   with_mtp=False)[0]
+        model = nnx.merge(graphdefs.model, model_state)
+        summed = loss_lib.model_loss(model, batch, loss_chunk, with_mtp=False,
+                                     denominators_K=jnp.ones(1))[0]
+        return summed, jnp.sum(loss_lib.ahead_weights(batch, 0))
 
     return jax.jit(eval_step, in_shardings=(shardings.model, batch_sharding))

@@ -125,9 +125,11 @@ class Trainer:
         return sharding.place_batch(local, self.batch_sharding, self.config.train.batch_size)
 
     def evaluate(self) -> float:
-        losses = [self.eval_step(self.state.model, self.batch(i, "val"))
-                  for i in range(self.config.train.eval_batches)]
-        return float(np.mean(jax.device_get(losses)))
+        """The held-out cross-entropy per scored token over train.eval_batches batches."""
+        sums, tokens = np.sum(jax.device_get(
+            [self.eval_step(self.state.model, self.batch(i, "val"))
+             for i in range(self.config.train.eval_batches)]), axis=0)
+        return float(sums / max(tokens, 1.0))
 
     def train(self, on_second_interrupt: Callable[[], None] | None = None
               ) -> list[dict[str, Any]]:
