@@ -129,7 +129,7 @@ def with_base_architecture(values: dict, overridden: set[str], workdir: str | No
             f"workdir that a run with --workdir has saved into, or one step's directory.")
     saved = config_lib.upgrade(saved_item(step_dir, "config"))
     values = compat.with_base_model(values, dataclasses.asdict(saved.model),
-                                    dataclasses.asdict(config_lib.ModelConfig()), overridden)
+                                    config_lib.ModelConfig.declared_defaults(), overridden)
     values["data"] = dict(values.get("data", {}))
     data, default = values["data"], config_lib.DataConfig.tokenizer
     if ("data.tokenizer" not in overridden and data.get("tokenizer", default) == default

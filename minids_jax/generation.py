@@ -75,7 +75,7 @@ def _prefill(graphdef, moe_dispatch, state, tokens_BxL, length, key, n, sampling
     hidden_BxLxD, _, cache = model.hidden(tokens_BxL, cache=model.init_cache(tokens_BxL.shape[0]),
                                           moe_dispatch=moe_dispatch)
     last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxLxD, length - 1, axis=1, keepdims=False)
-    logits_BxV = model.head(last_BxD).astype(jnp.float32)
+    logits_BxV = model.logits(last_BxD)
     # The prompt fills slots 0..length-1; the padding after it is overwritten as decoding goes.
     cache = [layer_cache._replace(index=length) for layer_cache in cache]
     return sample_logits(logits_BxV, jax.random.fold_in(key, n), *sampling), logits_BxV, cache

@@ -178,6 +178,7 @@ def flops_model_config(**overrides) -> ModelConfig:
 
 
 @pytest.mark.parametrize("overrides", [dict(attn_pattern=("mha",)),
+                                       dict(attn_pattern=("mha",), n_kv_heads=2, head_dim=48),
                                        dict(attn_pattern=("mla",), q_lora_rank=32)])
 def test_matmul_flops_are_twice_the_parameters_a_token_uses(overrides):
     # MHA or MLA, one expert: every parameter but the embedding and norm scales is one matmul

@@ -66,10 +66,13 @@ GROUPS = {field.name: field.default_factory for field in dataclasses.fields(Conf
 
 
 def default_config_dict():
-    """Every default as an ml_collections ConfigDict: what `configs/*.py` start from."""
+    """Every default as an ml_collections ConfigDict: what `configs/*.py` start from. The
+    declared defaults, before validation resolves any (model.head_dim 0 follows d_model and
+    n_heads wherever a config file sets them)."""
     import ml_collections
 
-    return ml_collections.ConfigDict(dataclasses.asdict(Config()))
+    return ml_collections.ConfigDict({name: group.declared_defaults()
+                                      for name, group in GROUPS.items()})
 
 
 def _build_group(group: str, values: Mapping[str, Any]):

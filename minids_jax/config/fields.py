@@ -72,6 +72,12 @@ class Group:
     def validate(self) -> None:
         """Checks that involve several fields."""
 
+    @classmethod
+    def declared_defaults(cls) -> dict:
+        """Each field's declared default, as a config file starts from it (validation may
+        resolve some: model.head_dim 0 becomes d_model / n_heads)."""
+        return {field.name: field.default for field in dataclasses.fields(cls)}
+
 
 def reference_markdown(groups) -> str:
     """The field reference, one table per group, from the dataclasses' metadata."""

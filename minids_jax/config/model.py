@@ -10,6 +10,8 @@ from minids_jax.config.fields import ARCHITECTURE, Group, check, option
 
 ATTENTION_KINDS = ("mha", "mhla", "mla")
 ROUTER_SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")  # DeepSeek-V3's, DeepSeek-V2's group_limited_greedy
+ROPE_SCALINGS = ("none", "linear", "llama3")  # besides YaRN (rope_yarn_factor)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -24,7 +26,21 @@ class ModelConfig(Group):
                               ARCHITECTURE, low=1)
     d_model: int = option(1024, "model width", ARCHITECTURE, low=1)
     n_layers: int = option(6, "blocks", ARCHITECTURE, low=1)
-    n_heads: int = option(16, "attention heads; must divide d_model", ARCHITECTURE, low=1)
+    n_heads: int = option(16, "attention heads; must divide d_model unless head_dim is set",
+                          ARCHITECTURE, low=1)
+    n_kv_heads: int = option(0, "MHA/MHLA key-value heads (grouped-query attention: query "
+                             "head h reads kv head h // (n_heads / n_kv_heads)); 0: n_heads",
+                             ARCHITECTURE, low=0)
+    head_dim: int = option(0, "MHA/MHLA width of each head; 0: d_model / n_heads",
+                           ARCHITECTURE, low=0)
+    qkv_bias: bool = option(False, "biases on the MHA/MHLA q, k and v projections (qwen2)",
+                            ARCHITECTURE)
+    out_bias: bool = option(False, "a bias on the MHA/MHLA output projection (llama's "
+                            "attention_bias sets both)", ARCHITECTURE)
+    mlp_bias: bool = option(False, "biases on the dense SwiGLUs' projections (llama's "
+                            "mlp_bias)", ARCHITECTURE)
+    tie_embeddings: bool = option(False, "the head is the embedding, transposed (no head "
+                                  "parameters)", ARCHITECTURE)
     latent_k: int = option(64, "learned latents of the MHLA layers; must divide max_seq_len",
                            ARCHITECTURE, low=1)
     mlp_mult: int = option(4, "expert hidden width = mlp_mult * d_model", ARCHITECTURE, low=1)
@@ -35,8 +51,10 @@ class ModelConfig(Group):
                                  ARCHITECTURE, choices=ROUTER_SCORINGS)
     n_group: int = option(1, "expert groups; each token picks experts from topk_group of them",
                           ARCHITECTURE, low=1)
-    topk_group: int = option(1, "groups kept per token (a group scores the sum of its top 2)",
-                             ARCHITECTURE, low=1)
+    topk_group: int = option(1, "groups kept per token", ARCHITECTURE, low=1)
+    group_score: str = option("top2_sum", "what a group scores: 'top2_sum' of its biased "
+                              "scores (DeepSeek-V3) or 'max' (DeepSeek-V2)", ARCHITECTURE,
+                              choices=GROUP_SCORES)
     norm_topk_prob: bool = option(True, "divide the chosen weights by their sum (softmax "
                                   "scores: only with top_k > 1)",
                                   ARCHITECTURE)
@@ -64,10 +82,20 @@ class ModelConfig(Group):
                                    "by all heads); even", ARCHITECTURE, low=2)
     v_head_dim: int = option(32, "MLA: per-head value dims", ARCHITECTURE, low=1)
     rope_theta: float = option(10000.0, "RoPE base", ARCHITECTURE, above=0)
+    rope_scaling: str = option("none", "RoPE frequency scaling besides YaRN: 'linear' "
+                               "(frequencies / rope_factor) or 'llama3'", ARCHITECTURE,
+                               choices=ROPE_SCALINGS)
+    rope_factor: float = option(1.0, "linear/llama3: the scaling factor", ARCHITECTURE,
+                                low=1.0)
+    rope_low_freq_factor: float = option(1.0, "llama3: wavelengths above original_max_len / "
+                                         "this are divided by rope_factor", ARCHITECTURE,
+                                         above=0)
+    rope_high_freq_factor: float = option(4.0, "llama3: wavelengths below original_max_len / "
+                                          "this are kept", ARCHITECTURE, above=0)
     rope_yarn_factor: float = option(1.0, "YaRN context extension factor of every RoPE; 1: "
                                      "plain RoPE", ARCHITECTURE, low=1.0)
-    rope_original_max_len: int = option(4096, "YaRN: the context the RoPE was trained for",
-                                        ARCHITECTURE, low=1)
+    rope_original_max_len: int = option(4096, "YaRN and llama3: the context the RoPE was "
+                                        "trained for", ARCHITECTURE, low=1)
     rope_beta_fast: float = option(32.0, "YaRN: rotations above which a frequency is kept",
                                    ARCHITECTURE, above=0)
     rope_beta_slow: float = option(1.0, "YaRN: rotations below which a frequency is divided "
@@ -82,19 +110,35 @@ class ModelConfig(Group):
                               choices=DTYPES)
 
     def validate(self):
-        check(self.d_model % self.n_heads == 0,
+        check(self.head_dim or self.d_model % self.n_heads == 0,
               f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-              f"choose n_heads among the divisors of d_model.")
+              f"choose n_heads among the divisors of d_model, or set model.head_dim.")
+        if not self.head_dim:  # stored resolved: a saved config says what its heads were
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if not self.n_kv_heads:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
         check(self.head_dim % 2 == 0,
-              f"head dim d_model/n_heads = {self.head_dim} must be even for rotary embeddings; "
-              f"change model.d_model or model.n_heads.")
+              f"model.head_dim={self.head_dim} must be even for rotary embeddings; change "
+              f"model.head_dim (or model.d_model / model.n_heads).")
+        check(self.n_heads % self.n_kv_heads == 0,
+              f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
+              f"(each key-value head serves an equal group of query heads).")
+        check(self.rope_scaling == "none" or self.rope_yarn_factor == 1,
+              f"model.rope_scaling={self.rope_scaling!r} and YaRN (model.rope_yarn_factor="
+              f"{self.rope_yarn_factor}) both scale RoPE; use one of them.")
+        check(self.rope_scaling != "llama3" or
+              self.rope_high_freq_factor > self.rope_low_freq_factor,
+              f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+              f"model.rope_low_freq_factor={self.rope_low_freq_factor}.")
         check(self.top_k <= self.n_experts,
               f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}; "
               f"set top_k <= n_experts.")
         experts, groups = self.n_experts, self.n_group
-        check(experts % groups == 0 and (groups == 1 or experts // groups >= 2),
+        check(experts % groups == 0 and (groups == 1 or experts // groups >= 2
+                                         or self.group_score == "max"),
               f"model.n_group={groups} must divide model.n_experts={experts} into groups of at "
-              f"least 2 experts (a group scores the sum of its top 2).")
+              f"least 2 experts (with model.group_score='top2_sum' a group scores the sum of its top "
+              f"2).")
         check(self.topk_group <= groups and self.top_k <= self.topk_group * (experts // groups),
               f"model.topk_group={self.topk_group} must be <= model.n_group={groups}, and its "
               f"groups must hold model.top_k={self.top_k} experts.")
@@ -114,10 +158,6 @@ class ModelConfig(Group):
               f"model.max_seq_len={self.max_seq_len} is not divisible by model.latent_k="
               f"{self.latent_k}: each latent summarizes an equal segment; choose latent_k among "
               f"the divisors of max_seq_len.")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     @property
     def hidden_dim(self) -> int:

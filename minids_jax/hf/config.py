@@ -52,6 +52,15 @@ def inexpressible(cfg: ModelConfig) -> list[str]:
     if cfg.router_scoring != "sigmoid":
         problems.append(f"model.router_scoring={cfg.router_scoring!r}: DeepSeek-V3 routes by "
                         f"sigmoid scores; use 'sigmoid'")
+    if cfg.group_score != "top2_sum":
+        problems.append(f"model.group_score={cfg.group_score!r}: DeepSeek-V3 scores a group by "
+                        f"its top 2; use 'top2_sum'")
+    for name in ("tie_embeddings", "mlp_bias"):
+        if getattr(cfg, name):
+            problems.append(f"model.{name}=True: DeepSeek-V3 has none; use False")
+    if cfg.rope_scaling != "none":
+        problems.append(f"model.rope_scaling={cfg.rope_scaling!r}: DeepSeek-V3 scales RoPE by "
+                        f"YaRN only; use 'none'")
     return problems
 
 

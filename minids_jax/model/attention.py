@@ -76,13 +76,14 @@ def within_documents(segments_BxT: jax.Array | None) -> jax.Array | None:
 
 
 class KeysValues(NamedTuple):
-    """Cached RoPE'd keys and values of one attention, one slot per source."""
+    """Cached RoPE'd keys and values of one attention, one slot per source: its n_kv_heads
+    key-value heads (H here), which grouped-query attention shares among the query heads."""
     k_BxSxHxDh: jax.Array
     v_BxSxHxDh: jax.Array
 
     @classmethod
     def empty(cls, batch: int, slots: int, cfg: ModelConfig, dtype) -> KeysValues:
-        zeros = jnp.zeros((batch, slots, cfg.n_heads, cfg.head_dim), dtype)
+        zeros = jnp.zeros((batch, slots, cfg.n_kv_heads, cfg.head_dim), dtype)
         return cls(zeros, zeros)
 
     def put(self, new: KeysValues, slot) -> KeysValues:
@@ -99,7 +100,9 @@ def up_to(last_slot, slots: int, batch: int, queries: int = 1) -> jax.Array:
 
 
 class AttentionProjections(nnx.Module):
-    """q from one stream, k and v from another, and the output projection back to width D."""
+    """q from one stream, k and v from another, and the output projection back to width D.
+    With fewer key-value heads than query heads (grouped-query attention), query head h
+    reads key-value head h // (n_heads / n_kv_heads), as transformers' repeat_kv does."""
 
     def __init__(self, cfg: ModelConfig, compute: ComputeConfig, *, rngs: nnx.Rngs):
         self.cfg, self.kernel = cfg, compute.attention_kernel
@@ -108,16 +111,18 @@ class AttentionProjections(nnx.Module):
                              f"platform first (minids_jax.kernels.resolve).")
         self.rope, self.query_scale = Rope.of(cfg, cfg.head_dim), softmax_mscale(cfg)
         make = dict(rngs=rngs, dtype=compute.dtype, param_dtype=cfg.param_dtype)
-        self.q = linear(cfg.d_model, cfg.d_model, ("embed", "heads"), **make)
-        self.k = linear(cfg.d_model, cfg.d_model, ("embed", "heads"), **make)
-        self.v = linear(cfg.d_model, cfg.d_model, ("embed", "heads"), **make)
-        self.out = linear(cfg.d_model, cfg.d_model, ("heads", "embed"), **make)
+        queries, keys = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q = linear(cfg.d_model, queries, ("embed", "heads"), bias=cfg.qkv_bias, **make)
+        self.k = linear(cfg.d_model, keys, ("embed", "heads"), bias=cfg.qkv_bias, **make)
+        self.v = linear(cfg.d_model, keys, ("embed", "heads"), bias=cfg.qkv_bias, **make)
+        self.out = linear(queries, cfg.d_model, ("heads", "embed"), bias=cfg.out_bias, **make)
 
-    def heads(self, x_BxLxD: jax.Array) -> jax.Array:
-        return x_BxLxD.reshape(*x_BxLxD.shape[:2], self.cfg.n_heads, self.cfg.head_dim)
+    def heads(self, x_BxLxF: jax.Array) -> jax.Array:
+        """[B, L, heads * Dh] as [B, L, heads, Dh] (query or key-value heads)."""
+        return x_BxLxF.reshape(*x_BxLxF.shape[:2], -1, self.cfg.head_dim)
 
     def keys_values(self, sources_BxSxD: jax.Array, source_pos_BxS: jax.Array) -> KeysValues:
-        """RoPE'd keys and values [B, S, H, Dh]: what a cache stores per source."""
+        """RoPE'd keys and values [B, S, KV, Dh]: what a cache stores per source."""
         k_BxSxHxDh = self.rope(self.heads(self.k(sources_BxSxD)), source_pos_BxS)
         return KeysValues(k_BxSxHxDh, self.heads(self.v(sources_BxSxD)))
 
@@ -127,9 +132,13 @@ class AttentionProjections(nnx.Module):
         q_BxQxHxDh = self.rope(self.heads(self.q(queries_BxQxD)), query_pos_BxQ)
         if self.query_scale != 1.0:  # YaRN's softmax correction
             q_BxQxHxDh = q_BxQxHxDh * self.query_scale
-        attended_BxQxHxDh = multi_head_attention(q_BxQxHxDh, *keys_values, kernel=self.kernel,
-                                                 mask_BxQxS=mask_BxQxS, is_causal=is_causal)
-        return self.out(attended_BxQxHxDh.reshape(queries_BxQxD.shape))
+        group = self.cfg.n_heads // self.cfg.n_kv_heads
+        k_BxSxHxDh, v_BxSxHxDh = (jnp.repeat(a, group, axis=2) if group > 1 else a
+                                  for a in keys_values)
+        attended_BxQxHxDh = multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh,
+                                                 kernel=self.kernel, mask_BxQxS=mask_BxQxS,
+                                                 is_causal=is_causal)
+        return self.out(attended_BxQxHxDh.reshape(*queries_BxQxD.shape[:2], -1))
 
 
 class MHACache(NamedTuple):

@@ -31,7 +31,7 @@ class Block(nnx.Module):
             self.moe = MoE(cfg, compute, rngs=rngs)
         else:
             self.mlp = MLP(cfg.d_model, cfg.dense_mlp_dim, rngs=rngs, dtype=compute.dtype,
-                           param_dtype=cfg.param_dtype)
+                           param_dtype=cfg.param_dtype, bias=cfg.mlp_bias)
 
     def __call__(self, x_BxLxD, positions_BxL, cache=None, moe_dispatch: str | None = None,
                  segments_BxL=None):

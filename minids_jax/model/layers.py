@@ -29,13 +29,15 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel, bias-free, the kernel [in, out] carrying logical axis names; with
-    adapters (lora.py) also + scale * (x @ lora_a) @ lora_b."""
+    """y = x @ kernel (+ bias if it has one), the kernel [in, out] carrying logical axis
+    names; with adapters (lora.py) also + scale * (x @ lora_a) @ lora_b."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *,
-                 rngs: nnx.Rngs, dtype: str, param_dtype: str):
+                 rngs: nnx.Rngs, dtype: str, param_dtype: str, bias: bool = False):
         init = nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.dtype(param_dtype)))
+        self.bias = nnx.data(nnx.Param(jnp.zeros((d_out,), jnp.dtype(param_dtype)),
+                                       out_sharding=(axes[1],)) if bias else None)
         self.dtype, self.axes = jnp.dtype(dtype), axes
         self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)  # adapters (lora.py)
         self.lora_scale = 0.0
@@ -69,6 +71,8 @@ class Linear(nnx.Module):
             low_rank_NxO = (adapter_input(x_NxI) @ self.lora_a[...].astype(self.dtype)) @ \
                 self.lora_b[...].astype(self.dtype)
             y_NxO = y_NxO + self.lora_scale * low_rank_NxO
+        if self.bias is not None:
+            y_NxO = y_NxO + self.bias[...].astype(self.dtype)
         return y_NxO.reshape(*x.shape[:-1], y_NxO.shape[-1])
 
 
@@ -124,8 +128,9 @@ def adapter_input(x: jax.Array) -> jax.Array:
 
 
 def linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
-           dtype: str, param_dtype: str) -> Linear:
-    return Linear(d_in, d_out, axes, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+           dtype: str, param_dtype: str, bias: bool = False) -> Linear:
+    return Linear(d_in, d_out, axes, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                  bias=bias)
 
 
 def swiglu(x_TxD: jax.Array, w1_DxF: jax.Array, w2_DxF: jax.Array, w3_FxD: jax.Array) -> jax.Array:
@@ -138,8 +143,8 @@ class MLP(nnx.Module):
     experts (HF gate_proj = w1, up_proj = w2, down_proj = w3, transposed)."""
 
     def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, dtype: str,
-                 param_dtype: str):
-        make = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                 param_dtype: str, bias: bool = False):
+        make = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias=bias)
         self.w1 = linear(d_model, hidden, ("embed", "mlp"), **make)
         self.w2 = linear(d_model, hidden, ("embed", "mlp"), **make)
         self.w3 = linear(hidden, d_model, ("mlp", "embed"), **make)

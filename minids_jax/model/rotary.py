@@ -13,6 +13,10 @@ where the ramp climbs from 0 at the dims that turn beta_fast times over the orig
 mscale(f, mscale) / mscale(f, mscale_all_dim) (1 for DeepSeek-V3), and, as DeepSeek-V3 does,
 the softmax scale by mscale(f, mscale_all_dim)^2, where mscale(f, m) = 0.1 m ln f + 1.
 
+`model.rope_scaling` scales the frequencies as transformers' rope types do: 'linear' divides
+them by the factor; 'llama3' divides those whose wavelength exceeds original_max_len /
+low_freq_factor, keeps those below original_max_len / high_freq_factor, and blends in between.
+
 Shapes: B batch, L length, H heads, Dh rotated width, P pairs (Dh/2).
 """
 
@@ -51,6 +55,31 @@ def yarn_inv_freq(dim: int, theta: float, factor: float, original_max_len: int,
     return base_P / factor * ramp_P + base_P * (1 - ramp_P)
 
 
+def llama3_inv_freq(base_P: np.ndarray, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_len: int) -> np.ndarray:
+    """Llama 3's frequencies (transformers' `_compute_llama3_parameters`)."""
+    wavelength_P = 2 * math.pi / base_P
+    blend_P = ((original_max_len / wavelength_P - low_freq_factor)
+               / (high_freq_factor - low_freq_factor))
+    blended_P = (1 - blend_P) * base_P / factor + blend_P * base_P
+    return np.where(wavelength_P > original_max_len / low_freq_factor, base_P / factor,
+                    np.where(wavelength_P < original_max_len / high_freq_factor, base_P,
+                             blended_P))
+
+
+def inv_freq(cfg: ModelConfig, dim: int) -> np.ndarray:
+    """The P = dim/2 frequencies (float64) of a RoPE over `dim` dims, as the config scales
+    them."""
+    if cfg.rope_scaling == "linear":
+        return yarn_inv_freq(dim, cfg.rope_theta, 1.0, 1, 2.0, 1.0) / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        return llama3_inv_freq(yarn_inv_freq(dim, cfg.rope_theta, 1.0, 1, 2.0, 1.0),
+                               cfg.rope_factor, cfg.rope_low_freq_factor,
+                               cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+    return yarn_inv_freq(dim, cfg.rope_theta, cfg.rope_yarn_factor, cfg.rope_original_max_len,
+                         cfg.rope_beta_fast, cfg.rope_beta_slow)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rope:
     """The rotation of one attention's rotated dims: frequencies and amplitude."""
@@ -60,16 +89,14 @@ class Rope:
 
     @classmethod
     def of(cls, cfg: ModelConfig, dim: int) -> Rope:
-        inv_freq = yarn_inv_freq(dim, cfg.rope_theta, cfg.rope_yarn_factor,
-                                 cfg.rope_original_max_len, cfg.rope_beta_fast,
-                                 cfg.rope_beta_slow)
+        frequencies = inv_freq(cfg, dim)
         amplitude = 1.0
         if cfg.rope_yarn_factor > 1:
             amplitude = (_mscale(cfg.rope_yarn_factor, cfg.rope_mscale) /
                          _mscale(cfg.rope_yarn_factor, cfg.rope_mscale_all_dim)
                          if cfg.rope_mscale and cfg.rope_mscale_all_dim else
                          _mscale(cfg.rope_yarn_factor, 1.0))
-        return cls(tuple(float(f) for f in inv_freq), amplitude)
+        return cls(tuple(float(f) for f in frequencies), amplitude)
 
     @classmethod
     def plain(cls, dim: int, theta: float = 10000.0) -> Rope:

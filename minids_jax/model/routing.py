@@ -34,12 +34,17 @@ class Routing(NamedTuple):
     expert_TxK: jax.Array  # int32 expert ids
 
 
-def kept_groups(biased_TxE: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+def kept_groups(biased_TxE: jax.Array, n_group: int, topk_group: int,
+                group_score: str = "top2_sum") -> jax.Array:
     """[T, E] True for the experts of each token's `topk_group` best groups, a group scored by
-    the sum of its two highest biased scores."""
+    the sum of its two highest biased scores (DeepSeek-V3) or by its highest (`max`,
+    DeepSeek-V2's group_limited_greedy)."""
     tokens, experts = biased_TxE.shape
     grouped_TxGxM = biased_TxE.reshape(tokens, n_group, experts // n_group)
-    group_score_TxG = jnp.sum(jax.lax.top_k(grouped_TxGxM, 2)[0], axis=-1)
+    if group_score == "max":
+        group_score_TxG = jnp.max(grouped_TxGxM, axis=-1)
+    else:
+        group_score_TxG = jnp.sum(jax.lax.top_k(grouped_TxGxM, 2)[0], axis=-1)
     _, kept_TxK = jax.lax.top_k(group_score_TxG, topk_group)
     kept_TxG = jnp.any(jax.nn.one_hot(kept_TxK, n_group, dtype=bool), axis=1)
     return jnp.repeat(kept_TxG, experts // n_group, axis=1)
@@ -53,7 +58,8 @@ def route(logits_TxE: jax.Array, bias_E: jax.Array | None, cfg: ModelConfig) -> 
         scores_TxE = jax.nn.softmax(logits_TxE, axis=-1)
     biased_TxE = scores_TxE if bias_E is None else scores_TxE + bias_E.astype(jnp.float32)
     if cfg.n_group > 1:
-        biased_TxE = jnp.where(kept_groups(biased_TxE, cfg.n_group, cfg.topk_group),
+        biased_TxE = jnp.where(kept_groups(biased_TxE, cfg.n_group, cfg.topk_group,
+                                           cfg.group_score),
                                biased_TxE, -jnp.inf)
     _, expert_TxK = jax.lax.top_k(biased_TxE, cfg.top_k)
     weight_TxK = jnp.take_along_axis(scores_TxE, expert_TxK, axis=-1)

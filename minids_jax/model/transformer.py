@@ -51,8 +51,10 @@ class MiniDeepSeek(nnx.Module):
                                     for i in range(cfg.n_layers)])
             self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=compute.dtype,
                                       param_dtype=cfg.param_dtype)
-            self.head = linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
-                               dtype=compute.dtype, param_dtype=cfg.param_dtype)
+            # Tied: the head is the embedding, transposed (logits, head_matmul).
+            self.head = nnx.data(None if cfg.tie_embeddings else linear(
+                cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
+                dtype=compute.dtype, param_dtype=cfg.param_dtype))
             # Last, so the main parameters of a seed do not depend on mtp_depth; None: no state.
             self.mtp = nnx.List([MTPModule(cfg, compute, k, rngs=rngs)
                                  for k in range(1, cfg.mtp_depth + 1)]) if cfg.mtp_depth else None
@@ -75,7 +77,19 @@ class MiniDeepSeek(nnx.Module):
         hidden_BxLxD, aux, cache = self.hidden(tokens_BxL, positions_BxL, cache,
                                                moe_dispatch=moe_dispatch,
                                                segments_BxL=segments_BxL)
-        return Output(self.head(hidden_BxLxD).astype(jnp.float32), aux, cache)
+        return Output(self.logits(hidden_BxLxD), aux, cache)
+
+    def logits(self, features_BxLxD: jax.Array) -> jax.Array:
+        """The head's float32 logits of final-normed features."""
+        if self.head is None:
+            return self.embed.attend(features_BxLxD).astype(jnp.float32)
+        return self.head(features_BxLxD).astype(jnp.float32)
+
+    def head_matmul(self, features_BxLxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(x, kernel_DxV) with x @ kernel = the head's logits, for the chunked head loss."""
+        if self.head is None:
+            return features_BxLxD, self.embed.embedding[...].T
+        return self.head.as_one_matmul(features_BxLxD)
 
     def hidden(self, tokens_BxL, positions_BxL=None, cache=None, *,
                moe_dispatch: str | None = None, segments_BxL=None) -> tuple[jax.Array, dict, Any]:

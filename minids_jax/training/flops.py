@@ -54,8 +54,9 @@ def _add_layer(cfg: ModelConfig, layer: int, parts: dict[str, float]) -> None:
     d, length, k_lat = cfg.d_model, cfg.max_seq_len, cfg.latent_k
     kind = cfg.attention_kind(layer)
     if kind == "mha":
-        parts["attention_projections"] += 2 * 4 * d * d  # q, k, v, out
-        parts["attention_scores"] += 2 * 2 * d * (length + 1) / 2  # q.k and p.v, causal
+        queries, keys = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        parts["attention_projections"] += 2 * d * (2 * queries + 2 * keys)  # q, out; k, v
+        parts["attention_scores"] += 2 * 2 * queries * (length + 1) / 2  # q.k and p.v, causal
     elif kind == "mla":
         heads, query_dims = cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         rank = cfg.kv_lora_rank

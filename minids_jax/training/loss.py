@@ -54,7 +54,7 @@ def denominators(batch: dict[str, jax.Array], mtp_depth: int) -> jax.Array:
 
 def _head_loss(model: MiniDeepSeek, features_BxLxD, targets_BxL, weights_BxL, chunk: int,
                denominator):
-    features_BxLxD, kernel_DxV = model.head.as_one_matmul(features_BxLxD)
+    features_BxLxD, kernel_DxV = model.head_matmul(features_BxLxD)
     loss_sum = head_cross_entropy(features_BxLxD, kernel_DxV.astype(features_BxLxD.dtype),
                                   targets_BxL, weights_BxL, chunk)
     return loss_sum / denominator

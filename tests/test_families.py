@@ -1,0 +1,172 @@
+"""The architecture features of DeepSeek's dense releases (llama, qwen2) and of DeepSeek-V2:
+grouped-query attention, an explicit head width, projection biases, tied embeddings, llama3
+and linear RoPE scaling, and the max-scored expert groups."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from minids_jax import generation
+from minids_jax.model import MiniDeepSeek, routing
+from minids_jax.model.attention import MHA
+from minids_jax.model.rotary import Rope
+from minids_jax.training import loss as loss_lib
+from tests.factories import compute_config, small_model_config
+
+# llama/qwen2-like: 4 query heads sharing 2 key-value heads, heads wider than d_model / n_heads.
+GQA = dict(attn_pattern=("mha",), n_heads=4, n_kv_heads=2, head_dim=12)
+
+
+def randomized(module: nnx.Module, seed: int = 0) -> nnx.Module:
+    """`module` with every parameter random (biases and norm gains are not zero or one)."""
+    keys = iter(jax.random.split(jax.random.key(seed), 500))
+    for variable in jax.tree.leaves(nnx.state(module, nnx.Param),
+                                    is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        variable[...] = 0.3 * jax.random.normal(next(keys), variable.shape, variable.dtype)
+    return module
+
+
+def test_grouped_query_attention_is_attention_with_each_kv_head_repeated_for_its_group():
+    cfg = small_model_config(**GQA, qkv_bias=True, out_bias=True)
+    grouped = randomized(MHA(cfg, compute_config(), rngs=nnx.Rngs(0)))
+    proj = grouped.attention
+    assert proj.q.kernel.shape == (cfg.d_model, 4 * 12)
+    assert proj.k.kernel.shape == proj.v.kernel.shape == (cfg.d_model, 2 * 12)
+    assert proj.out.kernel.shape == (4 * 12, cfg.d_model)
+    # The same layer with 4 kv heads, kv head h // 2 copied to head h (transformers' repeat_kv).
+    full = MHA(small_model_config(**{**GQA, "n_kv_heads": 4}, qkv_bias=True, out_bias=True),
+               compute_config(), rngs=nnx.Rngs(1))
+    for name in ("q", "out"):
+        nnx.update(getattr(full.attention, name), nnx.state(getattr(proj, name)))
+    for name in ("k", "v"):
+        kernel = getattr(proj, name).kernel[...].reshape(cfg.d_model, 2, 1, 12)
+        bias = getattr(proj, name).bias[...].reshape(2, 1, 12)
+        getattr(full.attention, name).kernel[...] = jnp.repeat(kernel, 2, 2).reshape(
+            cfg.d_model, 48)
+        getattr(full.attention, name).bias[...] = jnp.repeat(bias, 2, 1).reshape(48)
+    x = jax.random.normal(jax.random.key(2), (2, 10, cfg.d_model))
+    positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    np.testing.assert_allclose(grouped(x, positions)[0], full(x, positions)[0], rtol=1e-5,
+                               atol=1e-6)
+    # Its cache holds the key-value heads only.
+    assert grouped.init_cache(2, 16, jnp.float32).keys_values.k_BxSxHxDh.shape == (2, 16, 2, 12)
+
+
+def test_biases_are_added_where_the_config_asks():
+    cfg = small_model_config(**GQA, qkv_bias=True, mlp_bias=True, first_k_dense=1, n_layers=2)
+    model = MiniDeepSeek(cfg, compute_config(), rngs=nnx.Rngs(0))
+    attention = model.blocks[0].attn.attention
+    assert [getattr(attention, n).bias is not None for n in ("q", "k", "v", "out")] == \
+        [True, True, True, False]
+    assert all(getattr(model.blocks[0].mlp, n).bias is not None for n in ("w1", "w2", "w3"))
+    assert model.blocks[1].moe.shared is None or model.blocks[1].moe.shared.w1.bias is None
+    tokens = jnp.arange(8)[None] % cfg.vocab_size
+    before = model(tokens).logits_BxLxV
+    attention.q.bias[...] = jnp.ones_like(attention.q.bias[...])
+    model.blocks[0].mlp.w3.bias[...] = jnp.ones_like(model.blocks[0].mlp.w3.bias[...])
+    assert not np.allclose(model(tokens).logits_BxLxV, before)
+
+
+def test_tied_embeddings_score_with_the_embedding_and_have_no_head():
+    cfg = small_model_config(**GQA, tie_embeddings=True)
+    model = randomized(MiniDeepSeek(cfg, compute_config(), rngs=nnx.Rngs(0)))
+    assert model.head is None
+    assert not any("head" in str(path) for path, _ in nnx.to_flat_state(nnx.state(model)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+    features, _, _ = model.hidden(tokens[:, :-1])
+    logits = model(tokens[:, :-1]).logits_BxLxV
+    np.testing.assert_allclose(logits, features @ model.embed.embedding[...].T, rtol=1e-5,
+                               atol=1e-5)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((2, 8))}
+    fused, _ = loss_lib.model_loss(model, batch, chunk=4)
+    np.testing.assert_allclose(fused, loss_lib.cross_entropy(logits, batch["targets"],
+                                                             batch["weights"]), rtol=1e-5)
+    grads = nnx.grad(lambda m: loss_lib.model_loss(m, batch, chunk=4)[0])(model)
+    assert float(jnp.abs(grads.embed.embedding[...]).sum()) > 0
+
+
+def test_a_llama_like_model_decodes_through_its_cache_as_its_full_forward():
+    cfg = small_model_config(**GQA, qkv_bias=True, out_bias=True, tie_embeddings=True,
+                             rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=8)
+    model = randomized(MiniDeepSeek(cfg, compute_config(), rngs=nnx.Rngs(0)), seed=3)
+    prompt = np.array([[5, 9, 2], [7, 1, 3]])
+    new = generation.generate(model, prompt, 6)
+    window = prompt
+    forward = nnx.jit(lambda model, tokens: model(tokens).logits_BxLxV)
+    for n in range(6):
+        window = np.concatenate([window, np.argmax(forward(model, window)[:, -1], -1)[:, None]],
+                                axis=1)
+    np.testing.assert_array_equal(new, window[:, 3:])
+
+
+def llama3_reference(dim, theta, factor, low, high, original):
+    """transformers' `_compute_llama3_parameters`, written out per frequency."""
+    out = []
+    for i in range(0, dim, 2):
+        freq = 1.0 / theta ** (i / dim)
+        wavelength = 2 * math.pi / freq
+        if wavelength < original / high:
+            out.append(freq)
+        elif wavelength > original / low:
+            out.append(freq / factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return np.array(out)
+
+
+def test_llama3_and_linear_rope_scaling_give_transformers_frequencies():
+    cfg = small_model_config(**GQA, rope_theta=500000.0, rope_scaling="llama3",
+                             rope_factor=8.0, rope_low_freq_factor=1.0,
+                             rope_high_freq_factor=4.0, rope_original_max_len=64)
+    frequencies = np.array(Rope.of(cfg, 128).inv_freq)
+    expected = llama3_reference(128, 500000.0, 8.0, 1.0, 4.0, 64)
+    np.testing.assert_allclose(frequencies, expected, rtol=1e-6)
+    # Each of the three regimes occurs.
+    plain = 500000.0 ** (-np.arange(0, 128, 2) / 128)
+    ratio = frequencies / plain
+    assert np.isclose(ratio, 1).any() and np.isclose(ratio, 1 / 8).any()
+    assert ((ratio > 1 / 8 + 1e-6) & (ratio < 1 - 1e-6)).any()
+    linear = small_model_config(**GQA, rope_scaling="linear", rope_factor=4.0)
+    np.testing.assert_allclose(Rope.of(linear, 12).inv_freq,
+                               10000.0 ** (-np.arange(0, 12, 2) / 12) / 4, rtol=1e-6)
+    assert Rope.of(cfg, 128).amplitude == 1.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_kv_heads=3), "n_kv_heads=3 must divide model.n_heads=4"),
+    (dict(head_dim=7), "head_dim=7 must be even"),
+    (dict(rope_scaling="llama3", rope_yarn_factor=4.0), "use one of them"),
+])
+def test_inconsistent_features_are_refused_by_name(overrides, message):
+    from minids_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        small_model_config(**{**GQA, **overrides})
+
+
+def test_deepseek_v2_groups_score_their_best_expert():
+    """group_limited_greedy: softmax scores, a group scored by its max, the top topk_group
+    groups kept, then top-k, weights not renormalized but scaled."""
+    cfg = small_model_config(router_scoring="softmax", n_experts=8, n_group=4, topk_group=2,
+                             top_k=3, norm_topk_prob=False, routed_scaling_factor=16.0,
+                             group_score="max")
+    logits = jax.random.normal(jax.random.key(0), (64, 8))
+    result = routing.route(logits, None, cfg)
+    for row_logits, weights, experts in zip(np.asarray(logits, np.float64),
+                                            np.asarray(result.weight_TxK),
+                                            np.asarray(result.expert_TxK)):
+        scores = np.exp(row_logits - row_logits.max())
+        scores /= scores.sum()
+        best_groups = np.argsort(-scores.reshape(4, 2).max(axis=1), kind="stable")[:2]
+        allowed = [e for e in range(8) if e // 2 in best_groups]
+        chosen = sorted(allowed, key=lambda e: (-scores[e], e))[:3]
+        assert list(experts) == chosen
+        np.testing.assert_allclose(weights, 16.0 * scores[chosen], rtol=1e-5)
+    top2 = routing.route(logits, None, small_model_config(
+        **{**cfg.__dict__, "group_score": "top2_sum"}))
+    assert not np.array_equal(top2.expert_TxK, result.expert_TxK)  # the two rules differ
