@@ -223,7 +223,7 @@ def hf_cases(c: Cases) -> None:
     for what, directory in (
             ("hf import: no config.json", broken("no_config", lambda d: (d / "config.json")
                                                   .unlink())),
-            ("hf import: another model_type", broken("llama", edit(model_type="llama"))),
+            ("hf import: another model_type", broken("mistral", edit(model_type="mistral"))),
             ("hf import: a field the model cannot honour",
              broken("bias", edit(attention_bias=True))),
             ("hf import: a truncated tensor file", broken("cut", cut)),

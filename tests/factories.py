@@ -168,9 +168,9 @@ def read_until(process, pattern: str, timeout: float = 240) -> list[str]:
     raise AssertionError(f"{pattern!r} never appeared:\n{''.join(lines)}")
 
 
-def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0):
-    """(base workdir, LoRA workdir): a random DeepSeek-V3-format base and a LoRA run on it whose
-    adapters are random (as after training)."""
+def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0, model=None):
+    """(base workdir, LoRA workdir): a random base (DeepSeek-V3-format, or of `model`) and a
+    LoRA run on it whose adapters are random (as after training)."""
     import jax
     from flax import nnx
 
@@ -178,7 +178,7 @@ def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0):
     from minids_jax.checkpoint import base as checkpoint_base
     from minids_jax.model import MiniDeepSeek, lora
 
-    config = tiny_config(model=dict(V3_MODEL, n_layers=2, mtp_depth=0))
+    config = tiny_config(model=model or dict(V3_MODEL, n_layers=2, mtp_depth=0))
     model = MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(4))
     checkpoint.save_model(tmp_path / "base", config, nnx.to_pure_dict(nnx.state(model)))
     tuned = dataclasses.replace(
@@ -195,3 +195,11 @@ def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0):
     checkpoint.save_model(tmp_path / "lora", tuned, nnx.to_pure_dict(nnx.state(
         model, nnx.LoRAParam)), base=checkpoint_base.base_reference(base_dir, checkpoint.read_meta(base_dir)))
     return tmp_path / "base", tmp_path / "lora"
+
+
+def assert_close_logits(ours, theirs):
+    """Logits equal to a reference's within 1e-4 of its largest magnitude (float32)."""
+    import numpy as np
+
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(ours / scale, theirs / scale, atol=1e-4)

@@ -170,3 +170,42 @@ def test_deepseek_v2_groups_score_their_best_expert():
     top2 = routing.route(logits, None, small_model_config(
         **{**cfg.__dict__, "group_score": "top2_sum"}))
     assert not np.array_equal(top2.expert_TxK, result.expert_TxK)  # the two rules differ
+
+
+def test_a_dense_model_trains_with_no_balancing_to_report():
+    """first_k_dense = n_layers: every block a dense SwiGLU, as llama and qwen2 are; no expert
+    statistics (no balance or load in the log), and the sizes inspect reports are its own."""
+    from minids_jax import inspect
+    from minids_jax.model import count_params
+    from minids_jax.training import reporting, trainer
+    from tests.factories import Repeating, tiny_config
+
+    config = tiny_config(model=dict(GQA, n_layers=2, first_k_dense=2, dense_hidden_dim=48,
+                                    tie_embeddings=True, qkv_bias=True),
+                         optim=dict(lr=1e-2, warmup_steps=1, total_steps=12),
+                         train=dict(log_every=1))
+    run = trainer.Trainer(config)
+    run.source = Repeating()
+    steps = [record for record in run.train() if "loss" in record]
+    assert not hasattr(run.model().blocks[0], "moe")
+    assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]
+    assert np.size(steps[-1]["expert_load"]) == 0 and steps[-1]["aux_loss"] == 0
+    line = reporting.format_train_line(12, 12, steps[-1])
+    assert "balance" not in line and "load" not in line
+    assert inspect.sizes(config, 1)["parameters"] == count_params(run.model())
+
+
+@pytest.mark.parametrize("name, parameters", [
+    ("deepseek_llm_7b", 6_910_365_696),  # the safetensors' total, as the hub lists it
+    ("r1_distill_llama_8b", 8_030_261_248),
+    ("r1_distill_qwen_1_5b", 1_777_088_000),
+    ("deepseek_v2_lite", 15_706_484_224),
+])
+def test_the_release_configs_have_the_published_parameter_counts(name, parameters):
+    import importlib
+
+    from minids_jax import inspect
+    from minids_jax.config import from_config_dict
+
+    config = from_config_dict(importlib.import_module(f"configs.{name}").get_config())
+    assert inspect.sizes(config, 1)["parameters"] == parameters

@@ -134,7 +134,8 @@ def edit_config(directory: pathlib.Path, **changes):
 
 @pytest.mark.parametrize("breakage, message", [
     (lambda d: (d / "config.json").unlink(), r"has no config.json"),
-    (lambda d: edit_config(d, model_type="llama"), r"model_type is 'llama'"),
+    (lambda d: edit_config(d, model_type="mistral"), r"model_type is 'mistral'; the families "
+                                                      r"that can be imported are llama, qwen2"),
     (lambda d: edit_config(d, hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
     (lambda d: edit_config(d, num_key_value_heads=1), r"num_key_value_heads=1"),
     (lambda d: edit_config(d, rope_scaling={"type": "linear", "factor": 2.0}),

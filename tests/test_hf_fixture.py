@@ -18,7 +18,7 @@ from minids_jax.data.tokenization import HFTokenizer
 from minids_jax.generation import generate
 from minids_jax.hf import convert
 from minids_jax.model.mtp import mtp_chain
-from tests.factories import REPO, tiny_config
+from tests.factories import REPO, assert_close_logits, tiny_config
 
 FIXTURE = REPO / "tests" / "fixtures" / "hf_tiny"
 FIXTURE_FP8 = REPO / "tests" / "fixtures" / "hf_tiny_fp8"
@@ -34,11 +34,6 @@ def imported(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("imported")
     convert.import_dir(FIXTURE, workdir, tiny_config(), log=lambda _: None)
     return (workdir, *minids_jax.load(workdir))
-
-
-def assert_close_logits(ours, theirs):
-    scale = np.abs(theirs).max()
-    np.testing.assert_allclose(ours / scale, theirs / scale, atol=1e-4)
 
 
 def test_imported_logits_and_greedy_tokens_are_transformers(imported, reference):

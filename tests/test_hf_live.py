@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 import minids_jax  # noqa: E402
 from minids_jax.generation import generate  # noqa: E402
 from minids_jax.hf import adapter, convert  # noqa: E402
-from tests.factories import tiny_config  # noqa: E402
+from tests.factories import assert_close_logits, tiny_config  # noqa: E402
 
 HF_TINY = dict(
     vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
@@ -44,11 +44,6 @@ def hf_model(seed: int, **changes):
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-
-
-def assert_close_logits(ours, theirs):
-    scale = np.abs(theirs).max()
-    np.testing.assert_allclose(ours / scale, theirs / scale, atol=1e-4)
 
 
 @pytest.mark.parametrize("changes", [
@@ -104,4 +99,50 @@ def test_the_peft_adapter_loads_in_peft_onto_the_exported_base(tmp_path):
     base_logits = np.asarray(minids_jax.load(base)[0](tokens).logits_BxLxV)
     adapted = np.asarray(ours(tokens).logits_BxLxV)
     assert np.abs(adapted - base_logits).max() > 1e-2  # the adapters matter
+    assert_close_logits(adapted, hf_logits(theirs, tokens))
+
+
+@pytest.mark.parametrize("family, model", [
+    ("llama", dict(n_kv_heads=2, head_dim=24, qkv_bias=True, out_bias=True, mlp_bias=True,
+                   rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=8)),
+    ("qwen2", dict(n_kv_heads=2, qkv_bias=True, tie_embeddings=True)),
+])
+def test_a_dense_model_trained_here_exports_as_its_family_with_our_logits(family, model,
+                                                                         tmp_path):
+    from minids_jax.training.trainer import Trainer
+
+    config = tiny_config(model=dict(model, attn_pattern=("mha",), n_heads=4, n_layers=2,
+                                    first_k_dense=2, dense_hidden_dim=48, mtp_depth=0),
+                         optim=dict(total_steps=3), checkpoint=dict(every=3))
+    Trainer(config, str(tmp_path / "run")).train()
+    ours, _ = minids_jax.load(tmp_path / "run")
+    convert.export_run(tmp_path / "run", tmp_path / "hf", dtype="float32", log=lambda _: None)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager").eval()
+    assert theirs.config.model_type == family
+    tokens = np.random.RandomState(3).randint(0, 64, (2, 16)).astype(np.int32)
+    assert_close_logits(np.asarray(ours(tokens).logits_BxLxV), hf_logits(theirs, tokens))
+
+
+@pytest.mark.parametrize("targets", [("attention.q",), ("attn.*", "mlp.*", "head")],
+                         ids=["q", "attention_mlp_head"])
+def test_a_llama_peft_adapter_loads_in_peft_with_our_logits(targets, tmp_path):
+    """q and k adapters' B rows go out in transformers' RoPE order; MLP adapters load too."""
+    peft = pytest.importorskip("peft")
+    from tests.factories import saved_lora_run
+
+    llama = dict(attn_pattern=("mha",), n_heads=4, n_kv_heads=2, head_dim=24, n_layers=2,
+                 first_k_dense=2, dense_hidden_dim=48, mtp_depth=0, qkv_bias=True,
+                 out_bias=True)
+    base, run = saved_lora_run(tmp_path, targets=targets, model=llama)
+    convert.export_run(base, tmp_path / "hf_base", dtype="float32", log=lambda _: None)
+    adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base",
+                                                               attn_implementation="eager")
+    assert theirs.config.model_type == "llama"
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
+    ours, _ = minids_jax.load(run)
+    tokens = np.random.RandomState(4).randint(0, 64, (2, 16)).astype(np.int32)
+    adapted = np.asarray(ours(tokens).logits_BxLxV)
+    assert np.abs(adapted - np.asarray(minids_jax.load(base)[0](tokens).logits_BxLxV)).max() > 1e-2
     assert_close_logits(adapted, hf_logits(theirs, tokens))

@@ -64,8 +64,9 @@ class ModelConfig(Group):
                                    "routed ones", ARCHITECTURE, low=0)
     moe_hidden_dim: int = option(0, "hidden width of each routed (and shared) expert; 0: "
                                  "mlp_mult * d_model", ARCHITECTURE, low=0)
-    first_k_dense: int = option(0, "the first k layers have a dense SwiGLU instead of an MoE",
-                                ARCHITECTURE, low=0)
+    first_k_dense: int = option(0, "the first k layers have a dense SwiGLU instead of an MoE "
+                                "(n_layers: a dense model, as llama and qwen2)", ARCHITECTURE,
+                                low=0)
     dense_hidden_dim: int = option(0, "hidden width of those dense SwiGLUs; 0: mlp_mult * "
                                    "d_model", ARCHITECTURE, low=0)
     mtp_depth: int = option(0, "multi-token prediction modules: module k also predicts the "
@@ -142,9 +143,9 @@ class ModelConfig(Group):
         check(self.topk_group <= groups and self.top_k <= self.topk_group * (experts // groups),
               f"model.topk_group={self.topk_group} must be <= model.n_group={groups}, and its "
               f"groups must hold model.top_k={self.top_k} experts.")
-        check(self.first_k_dense < self.n_layers,
-              f"model.first_k_dense={self.first_k_dense} leaves no MoE layer among "
-              f"model.n_layers={self.n_layers}; lower it.")
+        check(self.first_k_dense <= self.n_layers,
+              f"model.first_k_dense={self.first_k_dense} exceeds model.n_layers="
+              f"{self.n_layers}; set it to n_layers for a dense model (llama, qwen2).")
         check(len(self.attn_pattern) > 0, "model.attn_pattern is empty; use e.g. ('mha', 'mhla').")
         for kind in self.attn_pattern:
             check(kind in ATTENTION_KINDS, f"model.attn_pattern has unknown attention kind "

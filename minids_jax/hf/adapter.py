@@ -15,6 +15,7 @@ import numpy as np
 
 from minids_jax import checkpoint
 from minids_jax.hf import config as hf_config
+from minids_jax.hf import dense
 from minids_jax.hf import weights
 from minids_jax.hf.convert import flat_paths
 from minids_jax.model import lora
@@ -29,7 +30,7 @@ def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     exported merged); the MTP modules' adapters are left out."""
     config = checkpoint.read_config(workdir, step)
     cfg, lora_cfg = config.model, config.lora
-    hf_config.to_hf(cfg)  # raises if the base is not a DeepSeek-V3-format model
+    hf_config.to_hf(cfg)  # raises if the base has no Hugging Face form
     if not lora_cfg.rank:
         raise hf_config.HFFormatError(f"{workdir} is not a LoRA run (lora.rank=0); export it "
                                       f"without --adapter_only.")
@@ -47,7 +48,8 @@ def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     by_path = {tensor.path[:-1]: tensor for tensor in weights.layout(cfg)
                if tensor.kind == weights.LINEAR}
     mlps = sorted(".".join(path) for path in adapted if path[0] != "mtp" and by_path[path].name
-                  .endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")))
+                  .endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+                  and dense.family_of(cfg) is None)  # llama's and qwen2's MLPs load
     if mlps:
         # peft (0.21, with transformers 5) reads target modules named gate_proj, up_proj or
         # down_proj of a DeepSeek-V3 model as the fused routed experts: it would drop these.
@@ -65,7 +67,9 @@ def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
         modules.add(module)
         a, b = params[module_path + ("lora_a",)], params[module_path + ("lora_b",)]
         tensors[f"base_model.model.{module}.lora_A.weight"] = np.asarray(a, np.float32).T
-        tensors[f"base_model.model.{module}.lora_B.weight"] = np.asarray(b, np.float32).T
+        # B's rows are the projection's outputs: q and k rows in the checkpoint's order.
+        tensors[f"base_model.model.{module}.lora_B.weight"] = by_path[module_path].rows_to_hf(
+            np.asarray(b, np.float32).T)
     out = pathlib.Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save_file

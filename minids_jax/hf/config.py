@@ -12,9 +12,14 @@ from typing import Any
 
 from minids_jax.config.model import ModelConfig
 from minids_jax.errors import UserError
+from minids_jax.hf import dense
 
 MODEL_TYPE = "deepseek_v3"
 ARCHITECTURE = "DeepseekV3ForCausalLM"
+# DeepSeek-V2: the same MLA, and routing by softmax scores, `greedy` or with groups scored by
+# their best expert (`group_limited_greedy`), weights never renormalized, no selection bias.
+V2_TYPE, V2_ARCHITECTURE = "deepseek_v2", "DeepseekV2ForCausalLM"
+V2_TOPK = ("greedy", "group_limited_greedy")
 
 # (ours, theirs) for the fields that are the same number under another name.
 RENAMED = (
@@ -49,12 +54,21 @@ def inexpressible(cfg: ModelConfig) -> list[str]:
     if set(cfg.attn_pattern) != {"mla"}:
         problems.append(f"model.attn_pattern={cfg.attn_pattern}: DeepSeek-V3 has MLA layers "
                         f"only; use ('mla',)")
-    if cfg.router_scoring != "sigmoid":
-        problems.append(f"model.router_scoring={cfg.router_scoring!r}: DeepSeek-V3 routes by "
-                        f"sigmoid scores; use 'sigmoid'")
-    if cfg.group_score != "top2_sum":
-        problems.append(f"model.group_score={cfg.group_score!r}: DeepSeek-V3 scores a group by "
-                        f"its top 2; use 'top2_sum'")
+    if is_v2(cfg):  # softmax routing: DeepSeek-V2's
+        if cfg.n_group > 1 and cfg.group_score != "max":
+            problems.append(f"model.group_score={cfg.group_score!r}: DeepSeek-V2 scores a "
+                            f"group by its best expert; use 'max'")
+        if cfg.norm_topk_prob and cfg.top_k > 1:
+            problems.append("model.norm_topk_prob=True: DeepSeek-V2 never renormalizes the "
+                            "routing weights; use False")
+    else:
+        if cfg.router_scoring != "sigmoid":
+            problems.append(f"model.router_scoring={cfg.router_scoring!r}: DeepSeek-V3 routes "
+                            f"by sigmoid scores (DeepSeek-V2 by softmax, with MLA layers only); "
+                            f"use 'sigmoid'")
+        if cfg.group_score != "top2_sum":
+            problems.append(f"model.group_score={cfg.group_score!r}: DeepSeek-V3 scores a group "
+                            f"by its top 2; use 'top2_sum'")
     for name in ("tie_embeddings", "mlp_bias"):
         if getattr(cfg, name):
             problems.append(f"model.{name}=True: DeepSeek-V3 has none; use False")
@@ -66,12 +80,24 @@ def inexpressible(cfg: ModelConfig) -> list[str]:
 
 def to_hf(cfg: ModelConfig, *, dtype: str = "float32",
           special_ids: dict[str, int | None] | None = None) -> dict[str, Any]:
-    """The `config.json` of `cfg` for transformers (DeepseekV3Config) and vLLM."""
+    """The `config.json` of `cfg` for transformers and vLLM: a dense MHA model as llama or
+    qwen2 (dense.py), an MLA model with softmax routing as DeepSeek-V2, any other as
+    DeepSeek-V3."""
+    family = dense.family_of(cfg)
+    if family is not None:
+        problems = dense.inexpressible(cfg)
+        if problems:
+            raise HFFormatError(f"this model cannot be written as a {family} checkpoint: "
+                                + "; ".join(problems) + ".")
+        return dense.to_hf(cfg, family, dtype=dtype, special_ids=special_ids or {})
     problems = inexpressible(cfg)
     if problems:
-        raise HFFormatError("this model cannot be written as a DeepSeek-V3 checkpoint: "
+        raise HFFormatError(f"this model cannot be written as a "
+                            f"{'DeepSeek-V2' if is_v2(cfg) else 'DeepSeek-V3'} checkpoint: "
                             + "; ".join(problems) + ".")
-    hf: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
+    v2 = is_v2(cfg)
+    hf: dict[str, Any] = {"architectures": [V2_ARCHITECTURE if v2 else ARCHITECTURE],
+                          "model_type": V2_TYPE if v2 else MODEL_TYPE}
     for ours, theirs in RENAMED:
         hf[theirs] = getattr(cfg, ours)
     hf.update(
@@ -83,6 +109,11 @@ def to_hf(cfg: ModelConfig, *, dtype: str = "float32",
         # Fields transformers ignores but the official code and vLLM read.
         scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1,
         torch_dtype=dtype, use_cache=True, initializer_range=0.02)
+    if v2:
+        hf.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy",
+                  scoring_func="softmax", norm_topk_prob=False)
+        for name in ("rope_interleave", "num_nextn_predict_layers"):
+            hf.pop(name)
     if cfg.rope_yarn_factor > 1:  # (an mscale of 0 is one the config leaves out)
         hf["rope_scaling"] = {"type": "yarn", **{theirs: getattr(cfg, ours)
                                                  for ours, theirs in YARN
@@ -92,17 +123,30 @@ def to_hf(cfg: ModelConfig, *, dtype: str = "float32",
     return hf
 
 
+def is_v2(cfg: ModelConfig) -> bool:
+    """Whether an MLA model exports as DeepSeek-V2 (softmax routing) rather than V3."""
+    return cfg.router_scoring == "softmax" and set(cfg.attn_pattern) == {"mla"}
+
+
 def from_hf(hf: dict[str, Any], origin: str) -> dict[str, Any]:
     """The `model` fields of a DeepSeek-V3 `config.json` (read from `origin`, for errors)."""
     def fail(message: str):
         raise HFFormatError(f"{origin}: {message}")
 
-    if hf.get("model_type") != MODEL_TYPE:
-        fail(f"model_type is {hf.get('model_type')!r}; only DeepSeek-V3-family models "
-             f"(model_type {MODEL_TYPE!r}) can be imported.")
+    if hf.get("model_type") in dense.FAMILIES:
+        return dense.from_hf(hf, hf["model_type"], fail)
+    v2 = hf.get("model_type") == V2_TYPE
+    if hf.get("model_type") not in (MODEL_TYPE, V2_TYPE):
+        fail(f"model_type is {hf.get('model_type')!r}; the families that can be imported are "
+             f"{', '.join([*dense.FAMILIES, V2_TYPE, MODEL_TYPE])}.")
+    if v2:  # a greedy V2 may leave its groups unset
+        hf = {"n_group": 1, "topk_group": 1, **{k: v for k, v in hf.items() if v is not None
+                                                  or k not in ("n_group", "topk_group")}}
+        hf.setdefault("norm_topk_prob", False)
     missing = [theirs for _, theirs in RENAMED if theirs not in hf]
     if missing:
-        fail(f"lacks the fields {missing}; is it a complete DeepSeek-V3 config?")
+        fail(f"lacks the fields {missing}; is it a complete "
+             f"{'DeepSeek-V2' if v2 else 'DeepSeek-V3'} config?")
     fields = {ours: hf[theirs] for ours, theirs in RENAMED}
     # What the format allows but the model here does not compute: refuse, naming the field.
     refused = {
@@ -112,15 +156,23 @@ def from_hf(hf: dict[str, Any], origin: str) -> dict[str, Any]:
         "attention_bias": (hf.get("attention_bias", False), False),
         "tie_word_embeddings": (hf.get("tie_word_embeddings", False), False),
         "rope_interleave": (hf.get("rope_interleave", True), True),
-        "scoring_func": (hf.get("scoring_func", "sigmoid"), "sigmoid"),
-        "topk_method": (hf.get("topk_method", "noaux_tc"), "noaux_tc"),
+        "scoring_func": (hf.get("scoring_func", "softmax" if v2 else "sigmoid"),
+                         "softmax" if v2 else "sigmoid"),
+        "topk_method": (hf.get("topk_method", "greedy" if v2 else "noaux_tc"),
+                        hf.get("topk_method") if v2 and hf.get("topk_method") in V2_TOPK
+                        else "greedy" if v2 else "noaux_tc"),
         "moe_layer_freq": (hf.get("moe_layer_freq", 1), 1),
     }
     for name, (value, supported) in refused.items():
         if value != supported:
             fail(f"{name}={value!r} is not supported (only {supported!r}).")
+    if v2:  # transformers' DeepseekV2 never renormalizes, whatever norm_topk_prob says
+        fields.update(router_scoring="softmax", group_score="max", norm_topk_prob=False)
+        if hf.get("topk_method", "greedy") == "greedy":
+            fields.update(n_group=1, topk_group=1)
     fields.update(
-        attn_pattern=("mla",), router_scoring="sigmoid", q_lora_rank=hf.get("q_lora_rank") or 0,
+        attn_pattern=("mla",), router_scoring=fields.get("router_scoring", "sigmoid"),
+        q_lora_rank=hf.get("q_lora_rank") or 0,
         mtp_depth=int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0),
         **rope_fields(hf, fail))
     fields["routed_scaling_factor"] = float(fields["routed_scaling_factor"])

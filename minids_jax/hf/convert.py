@@ -100,7 +100,7 @@ class Reader:
         tensors."""
         expected = weights.hf_shape(tensor, shape)
         if tensor.kind != EXPERTS:
-            array = self(tensor.name, expected)
+            array = tensor.rows_to_ours(self(tensor.name, expected))
             return array if tensor.kind == weights.COPY else array.T
         if tensor.name.format(e=0) in self.files:
             return np.stack([self(tensor.name.format(e=e), expected).T

@@ -8,6 +8,11 @@ transformers' fused in-memory `experts.gate_up_proj` [E, 2F, D] / `experts.down_
 `num_hidden_layers + k - 1`. FP8 weights (e4m3 with per-block `weight_scale_inv`, the
 published DeepSeek-V3 files) are dequantized as they are read. Shapes: D model width, F
 expert/MLP hidden width, E experts.
+
+MHA layers are llama's and qwen2's: `q_proj`, `k_proj`, `v_proj`, `o_proj` (with their
+biases where the model has them) and a dense `mlp`. Their q and k rows hold each head's
+rotated dims as halves (transformers' rotate_half), ours as interleaved pairs (rotary.py):
+the rows are reordered on the way in and back on the way out, which leaves q.k unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +39,20 @@ class Tensor:
     name: str
     kind: str
     n_experts: int = 0
+    rope_head_dim: int = 0  # q/k rows of heads this wide: halves there, pairs here
+
+    def rows_to_ours(self, array: np.ndarray) -> np.ndarray:
+        """A checkpoint tensor's rows (its first axis) in our order."""
+        if not self.rope_head_dim:
+            return array
+        half = self.rope_head_dim // 2
+        return array.reshape(-1, 2, half, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+
+    def rows_to_hf(self, array: np.ndarray) -> np.ndarray:
+        if not self.rope_head_dim:
+            return array
+        half = self.rope_head_dim // 2
+        return array.reshape(-1, half, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
 
     def fused(self) -> tuple[str, int | None]:
         """(transformers' fused in-memory name, the half of it: 0 gate, 1 up, None whole)."""
@@ -43,29 +62,45 @@ class Tensor:
                 part[1])
 
 
-def _block(cfg: ModelConfig, ours: Path, hf: str, moe: bool) -> list[Tensor]:
+def _block(cfg: ModelConfig, ours: Path, hf: str, layer: int) -> list[Tensor]:
     def t(path, name, kind=LINEAR):
         return Tensor(ours + path, hf + name, kind)
 
     out = [t(("norm1", "scale"), "input_layernorm.weight", COPY),
            t(("norm2", "scale"), "post_attention_layernorm.weight", COPY)]
     attn = "self_attn."
-    if cfg.q_lora_rank:
+    moe = cfg.is_moe_layer(layer)
+    if cfg.attention_kind(layer) == "mha":  # llama, qwen2
+        for name, bias in (("q", cfg.qkv_bias), ("k", cfg.qkv_bias), ("v", cfg.qkv_bias),
+                           ("o", cfg.out_bias)):
+            mine, rope = ("out" if name == "o" else name), (
+                cfg.head_dim if name in "qk" else 0)
+            out.append(Tensor(ours + ("attn", "attention", mine, "kernel"),
+                              f"{hf}{attn}{name}_proj.weight", LINEAR, rope_head_dim=rope))
+            if bias:
+                out.append(Tensor(ours + ("attn", "attention", mine, "bias"),
+                                  f"{hf}{attn}{name}_proj.bias", COPY, rope_head_dim=rope))
+    elif cfg.q_lora_rank:
         out += [t(("attn", "q_down", "kernel"), attn + "q_a_proj.weight"),
                 t(("attn", "q_norm", "scale"), attn + "q_a_layernorm.weight", COPY),
                 t(("attn", "q_up", "kernel"), attn + "q_b_proj.weight")]
     else:
         out.append(t(("attn", "q", "kernel"), attn + "q_proj.weight"))
-    out += [t(("attn", "kv_down", "kernel"), attn + "kv_a_proj_with_mqa.weight"),
-            t(("attn", "kv_norm", "scale"), attn + "kv_a_layernorm.weight", COPY),
-            t(("attn", "kv_up", "kernel"), attn + "kv_b_proj.weight"),
-            t(("attn", "out", "kernel"), attn + "o_proj.weight")]
+    if cfg.attention_kind(layer) == "mla":
+        out += [t(("attn", "kv_down", "kernel"), attn + "kv_a_proj_with_mqa.weight"),
+                t(("attn", "kv_norm", "scale"), attn + "kv_a_layernorm.weight", COPY),
+                t(("attn", "kv_up", "kernel"), attn + "kv_b_proj.weight"),
+                t(("attn", "out", "kernel"), attn + "o_proj.weight")]
     mlp_parts = (("w1", "gate_proj"), ("w2", "up_proj"), ("w3", "down_proj"))
     if not moe:
-        return out + [t(("mlp", ours_, "kernel"), f"mlp.{theirs}.weight")
-                      for ours_, theirs in mlp_parts]
-    out += [t(("moe", "gate", "kernel"), "mlp.gate.weight"),
-            t(("moe", "bias"), "mlp.gate.e_score_correction_bias", COPY)]
+        out += [t(("mlp", ours_, "kernel"), f"mlp.{theirs}.weight") for ours_, theirs in mlp_parts]
+        if cfg.mlp_bias:
+            out += [t(("mlp", ours_, "bias"), f"mlp.{theirs}.bias", COPY)
+                    for ours_, theirs in mlp_parts]
+        return out
+    out.append(t(("moe", "gate", "kernel"), "mlp.gate.weight"))
+    if cfg.router_scoring == "sigmoid":  # DeepSeek-V3's selection bias; V2 has none
+        out.append(t(("moe", "bias"), "mlp.gate.e_score_correction_bias", COPY))
     out += [Tensor(ours + ("moe", ours_), f"{hf}mlp.experts.{{e}}.{theirs}.weight", EXPERTS,
                    cfg.n_experts) for ours_, theirs in mlp_parts]
     if cfg.n_shared_experts:
@@ -78,16 +113,17 @@ def layout(cfg: ModelConfig, with_mtp: bool = True) -> list[Tensor]:
     """Every array of a DeepSeek-V3-format model and its checkpoint tensor."""
     out = [Tensor(("embed", "embedding"), "model.embed_tokens.weight", COPY)]
     for i in range(cfg.n_layers):
-        out += _block(cfg, ("blocks", str(i)), f"model.layers.{i}.", cfg.is_moe_layer(i))
-    out += [Tensor(("final_norm", "scale"), "model.norm.weight", COPY),
-            Tensor(("head", "kernel"), "lm_head.weight", LINEAR)]
+        out += _block(cfg, ("blocks", str(i)), f"model.layers.{i}.", i)
+    out.append(Tensor(("final_norm", "scale"), "model.norm.weight", COPY))
+    if not cfg.tie_embeddings:  # tied: no lm_head.weight in the files
+        out.append(Tensor(("head", "kernel"), "lm_head.weight", LINEAR))
     for k in range(cfg.mtp_depth if with_mtp else 0):
         ours, hf = ("mtp", str(k)), f"model.layers.{cfg.n_layers + k}."
         out += [Tensor(ours + ("embed_norm", "scale"), hf + "enorm.weight", COPY),
                 Tensor(ours + ("hidden_norm", "scale"), hf + "hnorm.weight", COPY),
                 Tensor(ours + ("proj", "kernel"), hf + "eh_proj.weight", LINEAR),
                 Tensor(ours + ("out_norm", "scale"), hf + "shared_head.norm.weight", COPY)]
-        out += _block(cfg, ours + ("block",), hf, moe=True)
+        out += _block(cfg, ours + ("block",), hf, cfg.n_layers + k)
     return out
 
 
@@ -116,18 +152,18 @@ def dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]
 def to_ours(tensor: Tensor, read: Callable[[str], np.ndarray]) -> np.ndarray:
     """Our float32 array of `tensor`, from `read(name)` (float32, dequantized)."""
     if tensor.kind == COPY:
-        return read(tensor.name)
+        return tensor.rows_to_ours(read(tensor.name))
     if tensor.kind == LINEAR:
-        return read(tensor.name).T
+        return tensor.rows_to_ours(read(tensor.name)).T
     return np.stack([read(tensor.name.format(e=e)).T for e in range(tensor.n_experts)])
 
 
 def to_hf(tensor: Tensor, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
     """The checkpoint tensors of our `array`: (name, array) pairs."""
     if tensor.kind == COPY:
-        yield tensor.name, array
+        yield tensor.name, tensor.rows_to_hf(array)
     elif tensor.kind == LINEAR:
-        yield tensor.name, array.T
+        yield tensor.name, tensor.rows_to_hf(array.T)
     else:
         for e in range(tensor.n_experts):
             yield tensor.name.format(e=e), array[e].T

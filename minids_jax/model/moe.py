@@ -181,7 +181,12 @@ class MoE(nnx.Module):
 
 def moe_aux(stats: list[MoEStats]) -> dict[str, jax.Array]:
     """The MoE layers' statistics as `Output.aux` holds them: balancing losses and dropped
-    share averaged over the layers, and each layer's expert load (a row of expert_load_NxE)."""
+    share averaged over the layers, and each layer's expert load (a row of expert_load_NxE).
+    A dense model (no MoE layer) has no balancing to do: zeros, and no load rows."""
+    if not stats:
+        zero = jnp.zeros((), jnp.float32)
+        return {"aux_loss": zero, "expert_load_NxE": jnp.zeros((0, 0), jnp.float32),
+                "dropped_fraction": zero, "sequence_aux_loss": zero}
     return {
         "aux_loss": jnp.mean(jnp.stack([s.aux_loss for s in stats])),
         "expert_load_NxE": jnp.stack([s.load_E for s in stats]),

@@ -75,6 +75,8 @@ def with_more_moe_layers(aux: dict[str, jax.Array], stats: list[MoEStats]) -> di
     """`aux` of N MoE layers extended by the layers of `stats` (the MTP modules' blocks): the
     means cover all of them, and their loads follow as the last rows of expert_load_NxE."""
     n_before, more = aux["expert_load_NxE"].shape[0], moe_aux(stats)
+    if not n_before:  # a dense main model: the modules' layers are all there is
+        return {**aux, **more}
     weights = (n_before / (n_before + len(stats)), len(stats) / (n_before + len(stats)))
     merged = {key: weights[0] * aux[key] + weights[1] * more[key]
               for key in ("aux_loss", "dropped_fraction", "sequence_aux_loss")}

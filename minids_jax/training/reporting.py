@@ -48,8 +48,10 @@ def expert_load_text(load_NxE) -> str:
 
 def format_train_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     line = (f"step {step}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-            f"grad_norm {metrics['grad_norm']:.3f} | balance {metrics['aux_loss']:.3f} | "
-            f"load {expert_load_text(metrics['expert_load'])}")
+            f"grad_norm {metrics['grad_norm']:.3f}")
+    if np.size(metrics["expert_load"]):  # a model with MoE layers
+        line += (f" | balance {metrics['aux_loss']:.3f} | "
+                 f"load {expert_load_text(metrics['expert_load'])}")
     if metrics.get("dropped_fraction", 0) > 0:
         line += f" | dropped {metrics['dropped_fraction']:.3f}"
     if "tokens_per_sec" in metrics:
@@ -68,7 +70,7 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for name, value in metrics.items():
         value = np.asarray(value)
-        if name == "expert_load":
+        if name == "expert_load" and value.size:
             load_E = value.mean(axis=0)
             out.update({f"expert_load/{e}": float(x) for e, x in enumerate(load_E[:64])})
             out["expert_load/max"], out["expert_load/min"] = float(value.max()), float(value.min())
@@ -76,7 +78,7 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
             imbalance_N = value.max(axis=-1) / np.maximum(value.min(axis=-1), 1e-9)
             out.update({f"expert_load/imbalance_layer{n}": float(x)
                         for n, x in enumerate(imbalance_N)})
-        elif value.size == 1 and np.issubdtype(value.dtype, np.number) and name != "step":
+        elif name != "expert_load" and value.size == 1 and np.issubdtype(value.dtype, np.number) and name != "step":
             out[name] = float(value)
     return out
 
