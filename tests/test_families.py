@@ -50,8 +50,9 @@ def test_grouped_query_attention_is_attention_with_each_kv_head_repeated_for_its
         getattr(full.attention, name).bias[...] = jnp.repeat(bias, 2, 1).reshape(48)
     x = jax.random.normal(jax.random.key(2), (2, 10, cfg.d_model))
     positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-    np.testing.assert_allclose(grouped(x, positions)[0], full(x, positions)[0], rtol=1e-5,
-                               atol=1e-6)
+    attend = nnx.jit(lambda layer, x, positions: layer(x, positions)[0])
+    np.testing.assert_allclose(attend(grouped, x, positions), attend(full, x, positions),
+                               rtol=1e-5, atol=1e-6)
     # Its cache holds the key-value heads only.
     assert grouped.init_cache(2, 16, jnp.float32).keys_values.k_BxSxHxDh.shape == (2, 16, 2, 12)
 
@@ -65,10 +66,11 @@ def test_biases_are_added_where_the_config_asks():
     assert all(getattr(model.blocks[0].mlp, n).bias is not None for n in ("w1", "w2", "w3"))
     assert model.blocks[1].moe.shared is None or model.blocks[1].moe.shared.w1.bias is None
     tokens = jnp.arange(8)[None] % cfg.vocab_size
-    before = model(tokens).logits_BxLxV
+    forward = nnx.jit(lambda model, tokens: model(tokens).logits_BxLxV)
+    before = forward(model, tokens)
     attention.q.bias[...] = jnp.ones_like(attention.q.bias[...])
     model.blocks[0].mlp.w3.bias[...] = jnp.ones_like(model.blocks[0].mlp.w3.bias[...])
-    assert not np.allclose(model(tokens).logits_BxLxV, before)
+    assert not np.allclose(forward(model, tokens), before)
 
 
 def test_tied_embeddings_score_with_the_embedding_and_have_no_head():
@@ -77,15 +79,19 @@ def test_tied_embeddings_score_with_the_embedding_and_have_no_head():
     assert model.head is None
     assert not any("head" in str(path) for path, _ in nnx.to_flat_state(nnx.state(model)))
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
-    features, _, _ = model.hidden(tokens[:, :-1])
-    logits = model(tokens[:, :-1]).logits_BxLxV
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((2, 8))}
+
+    @nnx.jit  # one program: eager, each op would compile on its own
+    def check(model, batch):
+        features, _, _ = model.hidden(batch["inputs"])
+        fused = nnx.value_and_grad(lambda m: loss_lib.model_loss(m, batch, chunk=4)[0])
+        return features, model(batch["inputs"]).logits_BxLxV, *fused(model)
+
+    features, logits, loss, grads = check(model, batch)
     np.testing.assert_allclose(logits, features @ model.embed.embedding[...].T, rtol=1e-5,
                                atol=1e-5)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((2, 8))}
-    fused, _ = loss_lib.model_loss(model, batch, chunk=4)
-    np.testing.assert_allclose(fused, loss_lib.cross_entropy(logits, batch["targets"],
-                                                             batch["weights"]), rtol=1e-5)
-    grads = nnx.grad(lambda m: loss_lib.model_loss(m, batch, chunk=4)[0])(model)
+    np.testing.assert_allclose(loss, loss_lib.cross_entropy(logits, batch["targets"],
+                                                            batch["weights"]), rtol=1e-5)
     assert float(jnp.abs(grads.embed.embedding[...]).sum()) > 0
 
 
@@ -95,12 +101,10 @@ def test_a_llama_like_model_decodes_through_its_cache_as_its_full_forward():
     model = randomized(MiniDeepSeek(cfg, compute_config(), rngs=nnx.Rngs(0)), seed=3)
     prompt = np.array([[5, 9, 2], [7, 1, 3]])
     new = generation.generate(model, prompt, 6)
-    window = prompt
-    forward = nnx.jit(lambda model, tokens: model(tokens).logits_BxLxV)
-    for n in range(6):
-        window = np.concatenate([window, np.argmax(forward(model, window)[:, -1], -1)[:, None]],
-                                axis=1)
-    np.testing.assert_array_equal(new, window[:, 3:])
+    # The full forward over the result (causal): each position's argmax is the next token.
+    logits = nnx.jit(lambda model, tokens: model(tokens).logits_BxLxV)(
+        model, np.concatenate([prompt, new[:, :-1]], axis=1))
+    np.testing.assert_array_equal(np.argmax(logits[:, 2:], axis=-1), new)
 
 
 def llama3_reference(dim, theta, factor, low, high, original):

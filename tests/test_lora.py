@@ -283,6 +283,7 @@ def test_adapter_dropout_masks_do_not_depend_on_scanning_and_are_refused_for_exp
                           nnx.Rngs(1))
 
 
+@pytest.mark.slow  # trains end to end
 def test_a_lora_step_with_dropout_draws_its_masks_from_the_seed_and_step():
     def updates(dropout, steps):
         """The adapters after one update from the first state, at each optimizer step."""
