@@ -1,4 +1,5 @@
-"""A Hugging Face DeepSeek-V3 `config.json` <-> the `model` group, field by field.
+"""A Hugging Face DeepSeek-V3 or DeepSeek-V2 `config.json` <-> the `model` group, field by
+field (llama and qwen2: dense.py).
 
 Every field the published models use maps to one of ours (docs/huggingface.md has the table);
 a value we cannot honour is an error that names it, never a silent difference. The other way,
@@ -129,7 +130,8 @@ def is_v2(cfg: ModelConfig) -> bool:
 
 
 def from_hf(hf: dict[str, Any], origin: str) -> dict[str, Any]:
-    """The `model` fields of a DeepSeek-V3 `config.json` (read from `origin`, for errors)."""
+    """The `model` fields of a DeepSeek-V3, DeepSeek-V2, llama or qwen2 `config.json` (read
+    from `origin`, for errors)."""
     def fail(message: str):
         raise HFFormatError(f"{origin}: {message}")
 
@@ -139,9 +141,8 @@ def from_hf(hf: dict[str, Any], origin: str) -> dict[str, Any]:
     if hf.get("model_type") not in (MODEL_TYPE, V2_TYPE):
         fail(f"model_type is {hf.get('model_type')!r}; the families that can be imported are "
              f"{', '.join([*dense.FAMILIES, V2_TYPE, MODEL_TYPE])}.")
-    if v2:  # a greedy V2 may leave its groups unset
-        hf = {"n_group": 1, "topk_group": 1, **{k: v for k, v in hf.items() if v is not None
-                                                  or k not in ("n_group", "topk_group")}}
+    if v2:  # a greedy V2 may leave its groups unset (None)
+        hf = dict(hf, n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1)
         hf.setdefault("norm_topk_prob", False)
     missing = [theirs for _, theirs in RENAMED if theirs not in hf]
     if missing:
@@ -158,14 +159,14 @@ def from_hf(hf: dict[str, Any], origin: str) -> dict[str, Any]:
         "rope_interleave": (hf.get("rope_interleave", True), True),
         "scoring_func": (hf.get("scoring_func", "softmax" if v2 else "sigmoid"),
                          "softmax" if v2 else "sigmoid"),
-        "topk_method": (hf.get("topk_method", "greedy" if v2 else "noaux_tc"),
-                        hf.get("topk_method") if v2 and hf.get("topk_method") in V2_TOPK
-                        else "greedy" if v2 else "noaux_tc"),
         "moe_layer_freq": (hf.get("moe_layer_freq", 1), 1),
     }
     for name, (value, supported) in refused.items():
         if value != supported:
             fail(f"{name}={value!r} is not supported (only {supported!r}).")
+    topk_method, methods = hf.get("topk_method"), V2_TOPK if v2 else ("noaux_tc",)
+    if (topk_method or methods[0]) not in methods:
+        fail(f"topk_method={topk_method!r} is not supported (only {', '.join(methods)}).")
     if v2:  # transformers' DeepseekV2 never renormalizes, whatever norm_topk_prob says
         fields.update(router_scoring="softmax", group_score="max", norm_topk_prob=False)
         if hf.get("topk_method", "greedy") == "greedy":
