@@ -107,3 +107,19 @@ def test_fields_a_family_sets_that_cannot_be_honoured_are_named(family, changes,
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
     with pytest.raises(hf_config.HFFormatError, match=message):
         convert.import_dir(tmp_path / "hf", tmp_path / "run", tiny_config(), log=lambda _: None)
+
+
+def test_bos_and_eos_come_from_the_tokenizer_files_not_config_json(tmp_path):
+    """R1-Distill-Qwen's config.json names its end-of-sentence token as BOS; the tokenizer's
+    own files are right, and they are what the run uses and the export writes."""
+    shutil.copytree(FIXTURES["qwen2"], tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "bos_token_id": 1}))  # = EOS
+    convert.import_dir(tmp_path / "hf", tmp_path / "run", tiny_config(), log=lambda _: None)
+    from minids_jax.data import load_tokenizer
+
+    tokenizer = load_tokenizer(minids_jax.read_config(tmp_path / "run"), str(tmp_path / "run"))
+    assert (tokenizer.BOS, tokenizer.EOS) == (0, 1)  # <｜begin▁of▁sentence｜>, <｜end▁...｜>
+    convert.export_run(tmp_path / "run", tmp_path / "out", dtype="float32", log=lambda _: None)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"]) == (0, 1)
