@@ -124,8 +124,8 @@ def test_a_dense_model_trained_here_exports_as_its_family_with_our_logits(family
     assert_close_logits(np.asarray(ours(tokens).logits_BxLxV), hf_logits(theirs, tokens))
 
 
-@pytest.mark.parametrize("targets", [("attention.q",), ("attn.*", "mlp.*", "head")],
-                         ids=["q", "attention_mlp_head"])
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj"), ("attn.*", "mlp.*", "head")],
+                         ids=["peft_names_q_k", "attention_mlp_head"])
 def test_a_llama_peft_adapter_loads_in_peft_with_our_logits(targets, tmp_path):
     """q and k adapters' B rows go out in transformers' RoPE order; MLP adapters load too."""
     peft = pytest.importorskip("peft")

@@ -305,3 +305,33 @@ def test_a_lora_step_with_dropout_draws_its_masks_from_the_seed_and_step():
         np.testing.assert_array_equal(again[path], dropped[path], err_msg=str(path))
     b = ("blocks", "0", "attn", "q_up", "lora_b")
     assert not np.allclose(dropped[b], plain[b]) and not np.allclose(dropped[b], later[b])
+
+
+@pytest.mark.parametrize("targets, expected", [
+    (("q_proj", "v_proj"), {"attn.attention.q", "attn.attention.v"}),
+    (("o_proj", "gate_proj", "down_proj"), {"attn.attention.out", "mlp.w1", "mlp.w3"}),
+    (("all-linear",), {f"attn.attention.{p}" for p in ("q", "k", "v", "out")}
+     | {f"mlp.w{i}" for i in (1, 2, 3)}),
+])
+def test_peft_target_names_name_the_same_projections(targets, expected):
+    """What a PEFT user writes in target_modules works as lora.targets: transformers' module
+    names, and 'all-linear' (every Linear but the head; routed experts are no Linear)."""
+    config = tiny_config(model=dict(attn_pattern=("mha",), n_heads=4, n_kv_heads=2,
+                                    n_layers=2, first_k_dense=2, mtp_depth=0),
+                         lora=dict(rank=2, targets=targets))
+    model = MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(0))
+    adapted = lora.add_adapters(model, config.lora, nnx.Rngs(1))
+    assert {path.split(".", 2)[2] for path in adapted} == expected
+    assert {path.split(".")[1] for path in adapted} == {"0", "1"}
+
+
+def test_all_linear_leaves_the_routed_experts_and_the_head_of_a_deepseek_model():
+    config = tiny_config(model=dict(V3_MODEL, n_layers=2, mtp_depth=0),
+                         lora=dict(rank=2, targets=("all-linear",)))
+    model = MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(0))
+    adapted = lora.add_adapters(model, config.lora, nnx.Rngs(1))
+    assert "blocks.1.attn.kv_up" in adapted and "blocks.1.moe.shared.w1" in adapted
+    assert not [p for p in adapted if p == "head" or p.endswith(("moe.w1", "moe.w2", "moe.w3"))]
+    with pytest.raises(ConfigError, match=r"\['k_proj'\] match no projection.*'q_proj'"):
+        lora.add_adapters(MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(0)),
+                          dataclasses.replace(config.lora, targets=("k_proj",)), nnx.Rngs(1))

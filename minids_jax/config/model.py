@@ -190,7 +190,9 @@ class LoRAConfig(Group):
                           ARCHITECTURE, above=0)
     targets: tuple = option(("attn.*",), "projections that get adapters: names like 'q_up' or "
                             "'attn.*', 'mlp.*' (dense), 'shared.*', 'moe.w1' (routed experts, "
-                            "one adapter each), 'head', or fnmatch patterns on the path",
+                            "one adapter each), 'head', fnmatch patterns on the path, or PEFT's "
+                            "names ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', "
+                            "'up_proj', 'down_proj', 'all-linear', ...)",
                             ARCHITECTURE)
     dropout: float = option(0.0, "share of each adapter's input dropped while training "
                             "(PEFT's lora_dropout); not for routed experts' adapters",

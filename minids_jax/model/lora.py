@@ -34,6 +34,16 @@ from minids_jax.model.layers import Linear
 from minids_jax.model.moe import MoE
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
+# PEFT's target names (transformers' module names) -> the projections here they name.
+PEFT_NAMES = {
+    "q_proj": ("attention.q", "attn.q"), "k_proj": ("attention.k",),
+    "v_proj": ("attention.v",), "o_proj": ("attention.out", "attn.out"),
+    "q_a_proj": ("attn.q_down",), "q_b_proj": ("attn.q_up",),
+    "kv_a_proj_with_mqa": ("attn.kv_down",), "kv_b_proj": ("attn.kv_up",),
+    "gate_proj": ("mlp.w1", "shared.w1"), "up_proj": ("mlp.w2", "shared.w2"),
+    "down_proj": ("mlp.w3", "shared.w3"), "lm_head": ("head",),
+}
+ALL_LINEAR = "all-linear"  # PEFT's: every Linear but the output layer (experts are no Linear)
 NEVER_ADAPTED = ("gate",)  # the router: adapting it would move routing, not features
 
 
@@ -49,8 +59,13 @@ def projections(model: nnx.Module) -> dict[str, tuple[nnx.Module, str | None]]:
     return out
 
 
-def matches(path: str, target: str) -> bool:
-    return fnmatch.fnmatchcase(path, target) or fnmatch.fnmatchcase(path, f"*.{target}")
+def matches(path: str, target: str, expert: bool = False) -> bool:
+    """Whether a projection's path is one `target` names: a pattern of ours, one of PEFT's
+    module names, or 'all-linear' (`expert`: the path is a routed expert weight)."""
+    if target == ALL_LINEAR:
+        return not expert and path != "head"
+    return any(fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, f"*.{pattern}")
+               for pattern in PEFT_NAMES.get(target, (target,)))
 
 
 def short_names(paths) -> list[str]:
@@ -92,13 +107,17 @@ def add_adapters(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str
     paths. A target that matches nothing, or a rank above a projection's smaller side, is a
     ConfigError naming the projections there are."""
     found = projections(model)
-    unmatched = [t for t in cfg.targets if not any(matches(path, t) for path in found)]
+    unmatched = [t for t in cfg.targets
+                 if not any(matches(path, t, weight is not None)
+                            for path, (_, weight) in found.items())]
     if unmatched:
         raise ConfigError(
             f"lora.targets {unmatched} match no projection of this model; the projections are "
             f"{', '.join(short_names(found))} (e.g. 'attn.*' for all attention projections, "
-            f"'moe.w1' for the routed experts' first weights).")
-    chosen = [path for path in found if any(matches(path, t) for t in cfg.targets)]
+            f"'moe.w1' for the routed experts' first weights; PEFT's names such as 'q_proj' "
+            f"and 'all-linear' work too).")
+    chosen = [path for path, (_, weight) in found.items()
+              if any(matches(path, t, weight is not None) for t in cfg.targets)]
     experts = [path for path in chosen if found[path][1] is not None]
     if cfg.dropout and experts:
         # The dispatches apply each expert's merged weight: no separate adapter path to drop
