@@ -139,8 +139,8 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
     hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), pathlib.Path(workdir).expanduser()
     saved = workdir / CHECKPOINTS
     if complete_steps(saved):
-        raise CheckpointError(f"{saved} already holds checkpoints; import into a "
-                                           f"new --workdir.")
+        raise CheckpointError(f"{saved} already holds checkpoints; import into a new "
+                              f"--workdir.")
     hf = read_hf_config(hf_dir)
     origin = str(hf_dir / "config.json")
     fields = hf_config.from_hf(hf, origin)
@@ -190,8 +190,7 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
             f"{hf_dir} has tensors this model would not use: {unused[:4]}"
             f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}; are config.json and "
             f"the *.safetensors files one model?")
-    store.save_model(workdir, run_config, unflatten_dict(placed),
-                            imported_from=str(hf_dir))
+    store.save_model(workdir, run_config, unflatten_dict(placed), imported_from=str(hf_dir))
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, workdir / name)
