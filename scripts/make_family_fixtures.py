@@ -13,8 +13,13 @@ head to the embedding (no lm_head.weight in the file) and is saved as transforme
 (`rope_parameters`). The DeepSeek-V2 models have MLA without query compression, YaRN with
 mscale 0.707, a dense first layer, shared and routed experts with softmax scores; one picks
 them with group_limited_greedy (8 experts in 4 groups, routed_scaling_factor 16), the other
-greedily. All carry hf_tiny's tokenizer. `reference.npz` holds transformers'
-logits (eager attention, float32) and greedy tokens.
+greedily. All carry hf_tiny's tokenizer with their family's published chat template:
+DeepSeek-R1-Distill's (reasoning cut from past answers, a generation prompt that opens
+`<think>`) for the llama, saved as `chat_template.jinja` the way transformers 5 saves it, and
+for the qwen2 in tokenizer_config.json; deepseek-llm-7b-chat's (DeepSeek-V2-Chat's too) for the
+V2 models. `reference.npz` holds transformers' logits (eager attention, float32), greedy
+tokens, and the token ids `apply_chat_template` gives for a conversation and for its
+generation prompt.
 """
 
 from __future__ import annotations
@@ -33,6 +38,40 @@ COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_l
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=2,
               attn_implementation="eager")
+# The chat templates of the published models' tokenizer_config.json.
+R1_DISTILL_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
+    "{% endif %}{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, "
+    "system_prompt='') %}{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{bos_token}}"
+    "{{ns.system_prompt}}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + "
+    "'<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}{%- else %}"
+    "{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
+    "{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}"
+    "{% endif %}")
+DEEPSEEK_LLM_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
+    "{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'Assistant:' }}{% endif %}")
+TEMPLATES = {"llama_tiny": R1_DISTILL_TEMPLATE, "qwen2_tiny": R1_DISTILL_TEMPLATE,
+             "deepseek_v2_tiny": DEEPSEEK_LLM_TEMPLATE,
+             "deepseek_v2_greedy_tiny": DEEPSEEK_LLM_TEMPLATE}
+CONVERSATION = [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "<think>\nTwo plus three.\n</think>\n\n5"},
+    {"role": "user", "content": "And 4 + 4?"},
+    {"role": "assistant", "content": "8, the sum."},
+]
+
 FAMILIES = {
     "llama_tiny": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
         head_dim=24, attention_bias=True, mlp_bias=True, rope_theta=500000.0,
@@ -82,14 +121,35 @@ def legacy_rope(directory: pathlib.Path) -> None:
     path.write_text(json.dumps(hf, indent=2) + "\n")
 
 
+def save_tokenizer(out: pathlib.Path, name: str) -> dict[str, np.ndarray]:
+    """hf_tiny's tokenizer with the family's template; the ids transformers renders with it."""
+    shutil.copyfile(TOKENIZER / "tokenizer.json", out / "tokenizer.json")
+    tokenizer_config = json.loads((TOKENIZER / "tokenizer_config.json").read_text())
+    if name == "llama_tiny":  # transformers 5's form: the template in a file of its own
+        tokenizer_config.pop("chat_template")
+        (out / "chat_template.jinja").write_text(TEMPLATES[name])
+    else:
+        tokenizer_config["chat_template"] = TEMPLATES[name]
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    # (AutoTokenizer would take a qwen2's for a Qwen2Tokenizer and add its own tokens.)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(out)
+    assert tokenizer.chat_template == TEMPLATES[name]
+
+    def ids(messages, add_generation_prompt):
+        rendered = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                 add_generation_prompt=add_generation_prompt)
+        return np.asarray(rendered["input_ids"], np.int32)
+
+    return dict(chat=ids(CONVERSATION, False), chat_prompt=ids(CONVERSATION[:-1], True))
+
+
 def main() -> None:
     for seed, name in enumerate(FAMILIES):
         out = FIXTURES / name
         shutil.rmtree(out, ignore_errors=True)
         model = build(name, seed)
         model.save_pretrained(out, safe_serialization=True)
-        for file in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(TOKENIZER / file, out / file)
+        chat = save_tokenizer(out, name)
         if name == "llama_tiny":
             legacy_rope(out)
         reloaded = type(model).from_pretrained(out, attn_implementation="eager").float().eval()
@@ -101,7 +161,7 @@ def main() -> None:
                                        min_new_tokens=8, pad_token_id=2)
         np.savez(out / "reference.npz", tokens=tokens.numpy().astype(np.int32),
                  logits=logits.numpy(), prompt=tokens[:, :5].numpy().astype(np.int32),
-                 greedy=greedy.numpy().astype(np.int32))
+                 greedy=greedy.numpy().astype(np.int32), **chat)
         size = sum(f.stat().st_size for f in out.iterdir()) >> 10
         print(f"{out}: {size} KiB; lm_head in file: "
               f"{'lm_head.weight' in open(out / 'model.safetensors', 'rb').read(4096).decode('latin1')}")

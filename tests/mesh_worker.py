@@ -50,6 +50,23 @@ MESHES = {
 LORA = dict(rank=2, targets=("attn.*", "shared.*", "moe.w1"))
 LORA_MESHES = ("fsdp8", "data2_expert4")
 
+# The families' features on the meshes that split them. A llama: grouped-query attention (2 KV
+# heads for 4 heads, so tensor=2 splits the KV heads too), biases on q/k/v, the output and the
+# MLP, llama3 RoPE, a tied head, dense MLPs. A DeepSeek-V2: MLA without query compression,
+# softmax scores picked group_limited_greedy (group score = the max), no selection bias.
+FAMILIES = {
+    "llama": dict(model=dict(
+        n_layers=2, attn_pattern=("mha",), n_heads=4, n_kv_heads=2, first_k_dense=2,
+        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
+        rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=4)),
+    "deepseek_v2": dict(model=dict(
+        n_layers=2, attn_pattern=("mla",), n_heads=4, q_lora_rank=0, first_k_dense=1,
+        n_experts=8, top_k=2, router_scoring="softmax", n_group=4,
+        topk_group=2, group_score="max", norm_topk_prob=False, routed_scaling_factor=16.0)),
+}
+FAMILY_MESHES = {"llama": ("data2_fsdp2_tensor2", "fsdp8"),
+                 "deepseek_v2": ("data2_expert4", "data2_fsdp2_tensor2")}
+
 
 def tiny_config(mesh: dict, **overrides):
     from tests.factories import tiny_config as shared_tiny_config
@@ -78,6 +95,10 @@ def run_meshes(out_dir: str) -> None:
     cases = {name: (mesh, {}) for name, mesh in {"one_device": dict(data=1), **MESHES}.items()}
     cases.update({f"lora_{name}": (mesh, dict(lora=LORA)) for name, mesh in
                   {"one_device": dict(data=1), **{m: MESHES[m] for m in LORA_MESHES}}.items()})
+    for family, overrides in FAMILIES.items():
+        cases.update({f"{family}_{name}": (mesh, overrides) for name, mesh in
+                      {"one_device": dict(data=1),
+                       **{m: MESHES[m] for m in FAMILY_MESHES[family]}}.items()})
     for name, (mesh, overrides) in cases.items():
         devices = jax.devices()[:1] if name.endswith("one_device") else jax.devices()
         run = trainer.Trainer(tiny_config(mesh, **overrides), devices=devices)

@@ -15,8 +15,10 @@ import pytest
 from flax import nnx
 
 import minids_jax
+from minids_jax.data import chat, load_tokenizer
 from minids_jax.hf import config as hf_config
 from minids_jax.hf import convert
+from minids_jax.data.tokenization import HFTokenizer
 from minids_jax.hf.files import TensorFiles
 from tests.factories import REPO, assert_close_logits, tiny_config
 
@@ -116,10 +118,37 @@ def test_bos_and_eos_come_from_the_tokenizer_files_not_config_json(tmp_path):
     path = tmp_path / "hf" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "bos_token_id": 1}))  # = EOS
     convert.import_dir(tmp_path / "hf", tmp_path / "run", tiny_config(), log=lambda _: None)
-    from minids_jax.data import load_tokenizer
-
     tokenizer = load_tokenizer(minids_jax.read_config(tmp_path / "run"), str(tmp_path / "run"))
     assert (tokenizer.BOS, tokenizer.EOS) == (0, 1)  # <｜begin▁of▁sentence｜>, <｜end▁...｜>
     convert.export_run(tmp_path / "run", tmp_path / "out", dtype="float32", log=lambda _: None)
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (written["bos_token_id"], written["eos_token_id"]) == (0, 1)
+
+
+# The conversation scripts/make_family_fixtures.py rendered with transformers.
+CONVERSATION = [("user", "What is 2 + 3?"),
+                ("assistant", "<think>\nTwo plus three.\n</think>\n\n5"),
+                ("user", "And 4 + 4?"), ("assistant", "8, the sum.")]
+
+
+def test_each_familys_chat_template_gives_transformers_tokens_and_survives_export(imported,
+                                                                                 tmp_path):
+    """R1-Distill's template (a llama's in chat_template.jinja, a qwen2's in tokenizer_config)
+    and deepseek-llm-7b-chat's (the V2 models'): the run renders transformers' ids for a whole
+    conversation and for a generation prompt, scores the answers only, and exports the
+    template unchanged."""
+    family, workdir, _, config, reference = imported
+    tokenizer = load_tokenizer(config, str(workdir))
+    tokens, scored = chat.encode(tokenizer, CONVERSATION)
+    np.testing.assert_array_equal(tokens, reference["chat"])
+    prompt, _ = chat.encode(tokenizer, CONVERSATION[:-1], add_generation_prompt=True)
+    np.testing.assert_array_equal(prompt, reference["chat_prompt"])
+    answers = tokenizer.hf.decode(tokens[scored].tolist(), skip_special_tokens=False)
+    end = "<｜end▁of▁sentence｜>"
+    if family in ("llama", "qwen2"):  # R1's template drops the reasoning of past answers
+        assert answers == f"\n\n5{end}8, the sum.{end}"
+    else:  # deepseek-llm's generation prompt ends at "Assistant:", before the answer's space
+        assert answers == f" <think>\nTwo plus three.\n</think>\n\n5{end} 8, the sum.{end}"
+    convert.export_run(workdir, tmp_path / "hf", dtype="float32", log=lambda _: None)
+    source = HFTokenizer(FIXTURES[family]).chat_template
+    assert source and HFTokenizer(tmp_path / "hf").chat_template == source

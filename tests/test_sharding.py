@@ -77,6 +77,35 @@ def test_a_lora_step_matches_one_device_and_fsdp_shards_the_frozen_base(mesh_run
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family, mesh_name", [
+    (family, mesh) for family, meshes in mesh_worker.FAMILY_MESHES.items() for mesh in meshes])
+def test_each_family_steps_on_its_meshes_as_on_one_device(mesh_runs, family, mesh_name):
+    """GQA's KV heads split over tensor, biases and a tied head split over fsdp, V2's softmax
+    group-limited routing over expert: each mesh gives one device's loss and update."""
+    report, states = mesh_runs
+    ref, run = states[f"{family}_one_device"], states[f"{family}_{mesh_name}"]
+    np.testing.assert_allclose(report[f"{family}_{mesh_name}"]["loss"],
+                               report[f"{family}_one_device"]["loss"], rtol=1e-5)
+    assert set(run) == set(ref)
+    for path in ref:
+        np.testing.assert_allclose(run[path], ref[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    shards = report[f"{family}_{mesh_name}"]["shards"]
+    if family == "llama":
+        assert not any("head" in p and "kernel" in p for p in shards)  # tied: no head matrix
+        biases = [p for p in ref if p.startswith(".model") and p.endswith("['bias']")]
+        assert len(biases) >= 2 * 5 and all(np.abs(ref[p]).max() > 0 for p in biases)
+        if mesh_name == "data2_fsdp2_tensor2":  # the 2 KV heads: one per tensor shard
+            keys = [p for p in shards if "['k']['kernel']" in p]
+            assert keys and all(shards[p]["device_size"] * 4 == shards[p]["size"] for p in keys)
+    else:
+        assert not any(p.endswith("['moe']['bias']") for p in ref)  # V2: no selection bias
+        if mesh_name == "data2_expert4":
+            experts = [p for p in shards if "['moe']['w1']" in p and p.startswith(".model")]
+            assert experts and all(shards[p]["device_size"] * 4 == shards[p]["size"]
+                                   for p in experts)
+
+
+@pytest.mark.slow
 def test_fsdp_holds_one_eighth_of_each_weight_and_moment(mesh_runs):
     report, _ = mesh_runs
     shards = report["fsdp8"]["shards"]
