@@ -1,6 +1,7 @@
 """Against transformers live (skipped unless torch and transformers are importable: the `hf`
-extra): its random DeepseekV3ForCausalLM models imported here give its logits and greedy
-tokens, and a model trained here, exported, gives ours in transformers."""
+extra): its random DeepseekV3ForCausalLM and DeepseekV2ForCausalLM models imported here give
+its logits and greedy tokens, and a model trained here (V3, V2, llama, qwen2), exported, gives
+ours in transformers; PEFT adapters exported here load in peft with our logits."""
 
 from __future__ import annotations
 
@@ -41,6 +42,28 @@ def hf_model(seed: int, **changes):
     return model
 
 
+HF_V2_TINY = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+    n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=False,
+    kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+    max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.2,
+    topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0)
+
+
+def hf_v2_model(seed: int, **changes):
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV2Config(**{**HF_V2_TINY, **changes})
+    model = transformers.DeepseekV2ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.add_(0.1 * torch.randn_like(tensor))
+            if name.endswith("gate.weight"):  # routers far from ties between the two sides
+                tensor.mul_(10.0)
+    return model
+
+
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
@@ -64,6 +87,47 @@ def test_transformers_models_import_with_their_logits_and_greedy_tokens(tmp_path
         theirs = model.generate(torch.tensor(prompt, dtype=torch.long), do_sample=False,
                                 max_new_tokens=8, min_new_tokens=8).numpy()[:, 5:]
     np.testing.assert_array_equal(generate(ours, prompt, 8), theirs)
+
+
+@pytest.mark.parametrize("changes", [
+    {},  # greedy top-k, one q_proj
+    {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "q_lora_rank": 24,
+     "routed_scaling_factor": 16.0},
+    {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                      "mscale": 0.707, "mscale_all_dim": 0.707}},
+], ids=["greedy", "group_limited_q_lora", "yarn"])
+def test_transformers_deepseek_v2_models_import_with_their_logits_and_greedy_tokens(tmp_path,
+                                                                                    changes):
+    model = hf_v2_model(0, **changes)
+    model.save_pretrained(tmp_path / "hf")
+    convert.import_dir(tmp_path / "hf", tmp_path / "run", tiny_config(), log=lambda _: None)
+    ours, config = minids_jax.load(tmp_path / "run")
+    assert config.model.router_scoring == "softmax"
+    tokens = np.random.RandomState(0).randint(0, 96, (2, 20)).astype(np.int32)
+    assert_close_logits(np.asarray(ours(tokens).logits_BxLxV), hf_logits(model, tokens))
+    prompt = tokens[:1, :5]
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor(prompt, dtype=torch.long), do_sample=False,
+                                max_new_tokens=8, min_new_tokens=8).numpy()[:, 5:]
+    np.testing.assert_array_equal(generate(ours, prompt, 8), theirs)
+
+
+def test_a_deepseek_v2_trained_here_exports_as_deepseek_v2_with_our_logits(tmp_path):
+    from minids_jax.training.trainer import Trainer
+
+    v2 = dict(attn_pattern=("mla",), n_layers=2, n_heads=4, q_lora_rank=0, first_k_dense=1,
+              dense_hidden_dim=24, n_experts=8, top_k=2, moe_hidden_dim=16, n_shared_experts=1,
+              router_scoring="softmax", n_group=4, topk_group=2, group_score="max",
+              norm_topk_prob=False, routed_scaling_factor=16.0, mtp_depth=0)
+    config = tiny_config(model=v2, optim=dict(total_steps=3), checkpoint=dict(every=3))
+    Trainer(config, str(tmp_path / "run")).train()
+    ours, _ = minids_jax.load(tmp_path / "run")
+    convert.export_run(tmp_path / "run", tmp_path / "hf", dtype="float32", log=lambda _: None)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (theirs.config.model_type, theirs.config.topk_method) == (
+        "deepseek_v2", "group_limited_greedy")
+    tokens = np.random.RandomState(1).randint(0, 64, (2, 16)).astype(np.int32)
+    assert_close_logits(np.asarray(ours(tokens).logits_BxLxV), hf_logits(theirs, tokens))
 
 
 def test_a_model_trained_here_exports_to_transformers_with_our_logits(tmp_path):

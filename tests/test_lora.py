@@ -179,6 +179,14 @@ def test_a_lora_run_trains_only_its_adapters_and_exports_merged(tmp_path, compil
     assert f"the base of these adapters is now {tmp_path / 'moved'}" in lines[0], lines
 
 
+def test_peft_targets_are_short_names_only_where_they_cover_every_such_module():
+    every = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "o_proj")]
+    assert adapter.peft_targets(set(every), every + ["lm_head"]) == ["o_proj", "q_proj"]
+    # Layer 1's o_proj alone: "o_proj" would adapt layer 0's too.
+    assert adapter.peft_targets({every[0], every[2], every[3]}, every) == [
+        "model.layers.1.self_attn.o_proj", "q_proj"]
+
+
 def test_the_peft_adapter_has_peft_names_shapes_and_scaling(tmp_path):
     from minids_jax.hf.files import TensorFiles
 
@@ -187,8 +195,9 @@ def test_the_peft_adapter_has_peft_names_shapes_and_scaling(tmp_path):
     settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (settings["peft_type"], settings["r"], settings["lora_alpha"],
             settings["lora_dropout"]) == ("LORA", 2, 4.0, 0.1)
-    assert {"model.layers.0.self_attn.q_a_proj", "model.layers.1.self_attn.o_proj",
-            "lm_head"} <= set(settings["target_modules"])
+    # PEFT's short names, as its users write them: every layer's projections are adapted.
+    assert settings["target_modules"] == ["kv_a_proj_with_mqa", "kv_b_proj", "lm_head",
+                                          "o_proj", "q_a_proj", "q_b_proj"]
     files = TensorFiles(tmp_path / "adapter")
     prefix = "base_model.model.model.layers.0.self_attn.kv_b_proj"
     assert files.shape(f"{prefix}.lora_A.weight") == (2, 16)  # [rank, in]

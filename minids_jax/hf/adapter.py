@@ -21,6 +21,20 @@ from minids_jax.hf.convert import flat_paths
 from minids_jax.model import lora
 
 
+def peft_targets(adapted: set[str], every_module: list[str]) -> list[str]:
+    """`target_modules` as PEFT users write them: a projection's short name (`q_proj`) where
+    the adapters cover every module of that name, the full module names where they do not (a
+    short name would put adapters on the other layers' modules too)."""
+    by_short: dict[str, set[str]] = {}
+    for module in every_module:
+        by_short.setdefault(module.rsplit(".", 1)[-1], set()).add(module)
+    targets = set()
+    for module in adapted:
+        short = module.rsplit(".", 1)[-1]
+        targets |= {short} if by_short[short] <= adapted else {module}
+    return sorted(targets)
+
+
 def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                    step: int | None = None, log: Callable[[str], None] = print) -> list[str]:
     """Writes a LoRA run's adapters as a PEFT adapter (adapter_config.json,
@@ -70,6 +84,8 @@ def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
         # B's rows are the projection's outputs: q and k rows in the checkpoint's order.
         tensors[f"base_model.model.{module}.lora_B.weight"] = by_path[module_path].rows_to_hf(
             np.asarray(b, np.float32).T)
+    every_module = [tensor.name[:-len(".weight")] for path, tensor in by_path.items()
+                    if path[0] != "mtp"]
     out = pathlib.Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save_file
@@ -79,7 +95,7 @@ def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank,
         "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout, "bias": "none",
-        "target_modules": sorted(modules), "fan_in_fan_out": False, "use_rslora": False,
+        "target_modules": peft_targets(modules, every_module), "fan_in_fan_out": False, "use_rslora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": config.checkpoint.init_from or None}
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
