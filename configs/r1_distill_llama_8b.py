@@ -9,7 +9,7 @@ def get_config():
     config = mini.get_config()
     config.model.update(
         vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-        max_seq_len=131072, attn_pattern=("mha",), first_k_dense=32, dense_hidden_dim=14336,
+        max_seq_len=131072, attn_pattern=("mha",), first_k_dense=-1, dense_hidden_dim=14336,
         mtp_depth=0, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0,
         rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
         norm_eps=1e-5, param_dtype="bfloat16",

@@ -9,7 +9,7 @@ def get_config():
     config = mini.get_config()
     config.model.update(
         vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,
-        max_seq_len=131072, attn_pattern=("mha",), first_k_dense=28, dense_hidden_dim=8960,
+        max_seq_len=131072, attn_pattern=("mha",), first_k_dense=-1, dense_hidden_dim=8960,
         qkv_bias=True, mtp_depth=0, rope_theta=10000.0, norm_eps=1e-6, param_dtype="bfloat16",
     )
     config.compute.update(dtype="bfloat16")

@@ -203,10 +203,8 @@ def checkpoint_cases(c: Cases) -> None:
 
 def hf_cases(c: Cases) -> None:
     hf = [sys.executable, "-m", "minids_jax.hf"]
-    fixture = REPO / "tests" / "fixtures" / "hf_tiny"
-
-    def broken(name: str, change) -> str:
-        shutil.copytree(fixture, c.path(name))
+    def broken(name: str, change, family: str = "hf") -> str:
+        shutil.copytree(REPO / "tests" / "fixtures" / f"{family}_tiny", c.path(name))
         change(c.path(name))
         return str(c.path(name))
 
@@ -228,7 +226,16 @@ def hf_cases(c: Cases) -> None:
              broken("bias", edit(attention_bias=True))),
             ("hf import: a truncated tensor file", broken("cut", cut)),
             ("hf import: a tensor of the wrong shape",
-             broken("shape", edit(moe_intermediate_size=16)))):
+             broken("shape", edit(moe_intermediate_size=16))),
+            ("hf import: a qwen2 with sliding-window attention",
+             broken("sliding", edit(use_sliding_window=True), "qwen2")),
+            ("hf import: a llama with an unknown RoPE scaling",
+             broken("longrope", edit(rope_scaling={"rope_type": "longrope", "factor": 2.0}),
+                    "llama")),
+            ("hf import: a llama whose KV heads do not divide the heads",
+             broken("kv_heads", edit(num_key_value_heads=3), "llama")),
+            ("hf import: a DeepSeek-V2 with another top-k method",
+             broken("topk", edit(topk_method="noaux_tc"), "deepseek_v2"))):
         c.run(what, [*hf, "import", directory, "--workdir", str(c.path("imported"))])
     c.run("hf export: a model the format cannot express (MHLA)",
           [*hf, "export", "--workdir", str(c.path("run")), "--out", str(c.path("exported"))])

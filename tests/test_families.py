@@ -213,3 +213,18 @@ def test_the_release_configs_have_the_published_parameter_counts(name, parameter
 
     config = from_config_dict(importlib.import_module(f"configs.{name}").get_config())
     assert inspect.sizes(config, 1)["parameters"] == parameters
+
+
+def test_a_dense_config_stays_dense_when_its_depth_is_overridden():
+    """first_k_dense=-1 (every layer) resolves after the overrides, so --config.model.n_layers
+    on a llama or qwen2 config gives a shallower dense model, not an error or an MoE layer."""
+    import importlib
+
+    from minids_jax.config import ConfigError, ModelConfig, from_config_dict
+
+    fields = importlib.import_module("configs.deepseek_llm_7b").get_config()
+    fields.model.n_layers = 2
+    assert from_config_dict(fields).model.first_k_dense == 2
+    with pytest.raises(ConfigError, match=r"first_k_dense=3 exceeds model.n_layers=2; set it "
+                                          r"to -1 for a dense model"):
+        ModelConfig(n_layers=2, first_k_dense=3)

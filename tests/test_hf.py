@@ -66,6 +66,31 @@ def test_large_exports_are_sharded_with_an_index(tmp_path):
     convert.import_dir(tmp_path / "hf", tmp_path / "back", tiny_config(), log=lambda _: None)
 
 
+def test_the_streamed_shards_are_what_the_safetensors_library_reads(tmp_path):
+    """files.save writes the format by hand (a tensor at a time); the library must agree."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    from minids_jax.hf import files
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.normal(size=(3, 5)).astype(np.float32),
+               "b": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
+               "c": np.arange(6, dtype=np.int32).reshape(2, 3),
+               "d": rng.normal(size=(2, 2)).astype(np.float16), "e": np.zeros((0,), np.float32)}
+    written = files.save(tensors.items(), tmp_path, max_shard_bytes=64)
+    assert written[-1] == files.INDEX_FILE and len(written) > 2
+    for name in written[:-1]:
+        assert oct((tmp_path / name).stat().st_mode & 0o044) == oct(0o044)  # others may read
+        with safe_open(tmp_path / name, framework="flax") as opened:
+            assert opened.metadata() == {"format": "pt"}
+            for key in opened.keys():
+                np.testing.assert_array_equal(np.asarray(opened.get_tensor(key)), tensors[key])
+    index = json.loads((tmp_path / files.INDEX_FILE).read_text())
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    assert not list(tmp_path.glob("*.spool")) and not list(tmp_path.glob(".shard-*"))
+
+
 def test_fused_expert_tensors_load_like_per_expert_ones(tmp_path):
     from safetensors.numpy import save_file
 

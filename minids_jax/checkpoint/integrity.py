@@ -60,7 +60,10 @@ def _checksum(x: jax.Array) -> jax.Array:
     return jnp.stack([weighted, mixed])
 
 
-_checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+# One array at a time: a whole tree in one program would copy every host (numpy) array to the
+# device at once, doubling a restored model's memory (measured: 12.2 GB peak for 3.7 GB of
+# parameters); one compile per distinct shape and sharding.
+_checksum_jit = jax.jit(_checksum)
 
 
 def _key(path) -> str:
@@ -69,10 +72,12 @@ def _key(path) -> str:
 
 def checksums(tree: Any) -> dict[str, str]:
     """{'a/b/c': 16 hex digits} for every array leaf of a nested dict (device or numpy)."""
-    # The sums are replicated: any local copy is the value (also in a multi-process job).
-    sums = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), _checksums(tree))
-    return {_key(path): f"{int(pair[0]):08x}{int(pair[1]):08x}"
-            for path, pair in jax.tree_util.tree_flatten_with_path(sums)[0]}
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        # The sums are replicated: any local copy is the value (also in a multi-process job).
+        pair = np.asarray(_checksum_jit(leaf).addressable_data(0))
+        out[_key(path)] = f"{int(pair[0]):08x}{int(pair[1]):08x}"
+    return out
 
 
 def mismatches(tree: Any, expected: dict[str, str]) -> list[str]:

@@ -64,9 +64,9 @@ class ModelConfig(Group):
                                    "routed ones", ARCHITECTURE, low=0)
     moe_hidden_dim: int = option(0, "hidden width of each routed (and shared) expert; 0: "
                                  "mlp_mult * d_model", ARCHITECTURE, low=0)
-    first_k_dense: int = option(0, "the first k layers have a dense SwiGLU instead of an MoE "
-                                "(n_layers: a dense model, as llama and qwen2)", ARCHITECTURE,
-                                low=0)
+    first_k_dense: int = option(0, "the first k layers have a dense SwiGLU instead of an MoE; "
+                                "-1: every layer (a dense model, as llama and qwen2)",
+                                ARCHITECTURE, low=-1)
     dense_hidden_dim: int = option(0, "hidden width of those dense SwiGLUs; 0: mlp_mult * "
                                    "d_model", ARCHITECTURE, low=0)
     mtp_depth: int = option(0, "multi-token prediction modules: module k also predicts the "
@@ -118,6 +118,8 @@ class ModelConfig(Group):
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if not self.n_kv_heads:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.first_k_dense == -1:  # a dense model keeps being one when n_layers changes
+            object.__setattr__(self, "first_k_dense", self.n_layers)
         check(self.head_dim % 2 == 0,
               f"model.head_dim={self.head_dim} must be even for rotary embeddings; change "
               f"model.head_dim (or model.d_model / model.n_heads).")
@@ -145,7 +147,7 @@ class ModelConfig(Group):
               f"groups must hold model.top_k={self.top_k} experts.")
         check(self.first_k_dense <= self.n_layers,
               f"model.first_k_dense={self.first_k_dense} exceeds model.n_layers="
-              f"{self.n_layers}; set it to n_layers for a dense model (llama, qwen2).")
+              f"{self.n_layers}; set it to -1 for a dense model (llama, qwen2).")
         check(len(self.attn_pattern) > 0, "model.attn_pattern is empty; use e.g. ('mha', 'mhla').")
         for kind in self.attn_pattern:
             check(kind in ATTENTION_KINDS, f"model.attn_pattern has unknown attention kind "

@@ -4,15 +4,16 @@
 Reading maps the files with numpy rather than using the `safetensors` library's numpy API,
 which has no bfloat16 or float8 (the dtypes of the published files); `ml_dtypes` (a jax
 dependency) supplies those. A tensor is a view of the mapped file until it is converted, so
-only the pages it touches are read. Writing uses the library (`safetensors.flax.save_file`
-takes numpy arrays of every dtype here).
+only the pages it touches are read. Writing streams for the same reason: the library's
+`save_file` serializes a whole file in memory (a 5 GB shard held twice beside the model), so a
+tensor's bytes go to a spool file as it is made, and the shard is its header then the spool.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
+import shutil
 import struct
 from typing import Iterable, Iterator
 
@@ -28,6 +29,7 @@ DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+DTYPE_NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
 
 
 class TensorFileError(UserError):
@@ -113,45 +115,62 @@ def _header(path: pathlib.Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+class _Shard:
+    """One safetensors file written a tensor at a time (see the module docstring)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path, self.spool_path = path, path.with_suffix(".spool")
+        self.spool = open(self.spool_path, "wb")
+        self.header: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        self.header[name] = {"dtype": DTYPE_NAMES[array.dtype], "shape": list(array.shape),
+                             "data_offsets": [self.size, self.size + array.nbytes]}
+        self.spool.write(array.reshape(-1).view(np.uint8).data)  # (bfloat16 has no buffer)
+        self.size += array.nbytes
+
+    def close(self) -> None:
+        self.spool.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        with open(self.path, "wb") as file, open(self.spool_path, "rb") as spool:
+            file.write(struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(spool, file, 16 << 20)
+        self.spool_path.unlink()
+
+
 def save(tensors: Iterable[tuple[str, np.ndarray]], out: pathlib.Path,
          max_shard_bytes: int) -> list[str]:
     """Writes the (name, array) pairs as model.safetensors, or as shards with an index past
-    `max_shard_bytes`, a shard as soon as it is full (so only one is held at a time); returns
+    `max_shard_bytes`, each tensor to disk as it comes (only one is held at a time); returns
     the file names written."""
-    from safetensors.flax import save_file
-
-    written: list[tuple[pathlib.Path, list[str]]] = []
-    shard: dict[str, np.ndarray] = {}
-    size = total = 0
-
-    def flush():
-        path = out / f".shard-{len(written)}.tmp"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        written.append((path, list(shard)))
-        shard.clear()
-
+    written: list[_Shard] = []
+    total = 0
     for name, array in tensors:
-        if shard and size + array.nbytes > max_shard_bytes:
-            flush()
-            size = 0
-        shard[name] = np.ascontiguousarray(array)
-        size += array.nbytes
+        if not written or (written[-1].header and
+                           written[-1].size + array.nbytes > max_shard_bytes):
+            if written:
+                written[-1].close()
+            written.append(_Shard(out / f".shard-{len(written)}.tmp"))
+        written[-1].add(name, array)
         total += array.nbytes
-    flush()
+    if not written:
+        written.append(_Shard(out / ".shard-0.tmp"))
+    written[-1].close()
     if len(written) == 1:
         names = ["model.safetensors"]
     else:
         names = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
                  for i in range(len(written))]
-    umask = os.umask(0)
-    os.umask(umask)
-    for name, (path, _) in zip(names, written):
-        os.chmod(path, 0o666 & ~umask)  # the library writes 0600: a server may be another user
-        path.rename(out / name)
+    for name, shard in zip(names, written):
+        shard.path.rename(out / name)
     if len(written) > 1:
         index = {"metadata": {"total_size": total},
-                 "weight_map": {key: name for name, (_, keys) in zip(names, written)
-                                for key in keys}}
+                 "weight_map": {key: name for name, shard in zip(names, written)
+                                for key in shard.header}}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         names.append(INDEX_FILE)
     return names
