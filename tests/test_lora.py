@@ -344,3 +344,22 @@ def test_all_linear_leaves_the_routed_experts_and_the_head_of_a_deepseek_model()
     with pytest.raises(ConfigError, match=r"\['k_proj'\] match no projection.*'q_proj'"):
         lora.add_adapters(MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(0)),
                           dataclasses.replace(config.lora, targets=("k_proj",)), nnx.Rngs(1))
+
+
+def test_lora_a_starts_as_peft_does_uniform_within_one_over_root_fan_in():
+    """PEFT draws lora_A by kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)), std
+    1/sqrt(3 in), `in` the projection's input width (an expert's own, not E times it)."""
+    fan_in = 4096
+    config = tiny_config(model=dict(SMALL, moe_hidden_dim=fan_in, mtp_depth=0),
+                         lora=dict(rank=8, targets=("moe.w3", "shared.w3")))
+    model = MiniDeepSeek(config.model, compute_config(), rngs=nnx.Rngs(0))
+    lora.add_adapters(model, config.lora, nnx.Rngs(1))
+    moe = model.blocks[1].moe
+    bound = 1 / np.sqrt(fan_in)
+    for a in (moe.w3_lora_a[...], moe.shared.w3.lora_a[...]):
+        assert a.shape[-2] == fan_in
+        a = np.asarray(a)
+        assert np.abs(a).max() <= bound
+        assert np.abs(a).max() > 0.99 * bound
+        np.testing.assert_allclose(a.std(), bound / np.sqrt(3), rtol=0.03)
+        assert abs(a.mean()) < 0.02 * bound

@@ -10,9 +10,9 @@ an adapter per expert, with the expert axis leading, so expert parallelism split
 Its path names it, e.g. `blocks.3.attn.q_up`, `blocks.1.moe.w1`, `blocks.1.moe.shared.w2`,
 `mtp.0.block.attn.out`. A target matches a path equal to it or ending in `.target`, or matching
 it as an fnmatch pattern (also after any prefix): `q_up`, `attn.*`, `moe.w1`, `blocks.0.*`.
-The router gate and the embedding are never adapted. `lora_b` starts at zero, so an adapted
-model computes exactly its base at first; the adapter adds `alpha / rank * x @ lora_a @
-lora_b` (PEFT's scaling).
+The router gate and the embedding are never adapted. As in PEFT, `lora_a` starts uniform in
+[-1/sqrt(in), 1/sqrt(in)] and `lora_b` at zero, so an adapted model computes exactly its base
+at first; the adapter adds `alpha / rank * x @ lora_a @ lora_b` (PEFT's scaling).
 
 A LoRA run started from a base (checkpoint.init_from) saves only what trains, on that base
 (checkpoint/base.py).
@@ -143,7 +143,11 @@ def add_adapters(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str
 
 
 def _pair(shape_a, shape_b, axes_a, axes_b, rngs: nnx.Rngs, dtype):
-    init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1)
+    # PEFT's kaiming_uniform_(lora_A, a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)), so that its
+    # learning rates and alphas carry over; the fan-in is one expert's, not E times it.
+    experts_axis = tuple(range(len(shape_a) - 2))  # (0,) for [E, in, R], () for [in, R]
+    init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-2,
+                                             out_axis=-1, batch_axis=experts_axis)
     a = nnx.LoRAParam(init(rngs.params(), shape_a, dtype), out_sharding=axes_a)
     b = nnx.LoRAParam(jnp.zeros(shape_b, dtype), out_sharding=axes_b)
     return a, b
