@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +201,21 @@ def test_balancing_loss_is_minimal_for_uniform_routing():
                                          jnp.zeros((tokens, 1), int), n_experts)
     assert float(loss_skewed) > 1.0
     np.testing.assert_allclose(float(collapsed), n_experts)
+
+
+def test_the_router_stays_float32_whatever_the_parameters_dtype():
+    """transformers keeps the router in float32: with bfloat16 parameters the gate kernel and
+    the correction bias are float32, and route as a float32 model's router does."""
+    cfg = small_model_config(router_scoring="sigmoid", n_experts=8, top_k=2, n_group=2,
+                             topk_group=1)
+    compute = compute_config(dtype="bfloat16")
+    half = MoE(dataclasses.replace(cfg, param_dtype="bfloat16"), compute, rngs=nnx.Rngs(0))
+    full = MoE(cfg, compute, rngs=nnx.Rngs(0))
+    assert half.gate.kernel.dtype == half.bias.dtype == jnp.float32
+    assert half.w1.dtype == jnp.bfloat16  # the experts follow param_dtype
+    bias_E = jax.random.normal(jax.random.key(2), (cfg.n_experts,)) * 0.01
+    half.bias[...], full.bias[...] = bias_E, bias_E
+    x_TxD = jax.random.normal(jax.random.key(1), (4096, cfg.d_model))
+    ours, reference = half.route(x_TxD), full.route(x_TxD)
+    np.testing.assert_array_equal(ours.expert_TxK, reference.expert_TxK)
+    np.testing.assert_array_equal(ours.weight_TxK, reference.weight_TxK)

@@ -93,9 +93,10 @@ class MoE(nnx.Module):
         self.cfg, self.dtype = cfg, jnp.dtype(compute.dtype)
         self.dispatch, self.capacity_factor = compute.moe_dispatch, compute.capacity_factor
         d, f, e = cfg.d_model, cfg.expert_hidden_dim, cfg.n_experts
-        # The router stays float32: routing decisions are sensitive to rounding.
+        # The router is stored, trained and applied in float32 whatever model.param_dtype
+        # (as transformers keeps it): in bfloat16, 1 to 2% of tokens change their experts.
         self.gate = linear(d, e, ("embed", None), rngs=rngs, dtype="float32",
-                           param_dtype=cfg.param_dtype)
+                           param_dtype="float32")
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.w1 = nnx.Param(init(rngs.params(), (e, d, f), param_dtype),
@@ -116,9 +117,12 @@ class MoE(nnx.Module):
 
     def route(self, x_TxD: jax.Array, gate_DxE: jax.Array | None = None,
               bias_E: jax.Array | None = None) -> routing.Routing:
-        """Each token's top-k experts and their weights (routing.py), in float32."""
-        x_TxD = x_TxD.astype(jnp.float32)
-        logits_TxE = self.gate(x_TxD) if gate_DxE is None else x_TxD @ gate_DxE
+        """Each token's top-k experts and their weights (routing.py), in float32: the logits
+        at full float32 precision too, where a GPU or TPU would otherwise multiply float32 in
+        TF32 or bfloat16 passes."""
+        gate_DxE = self.gate.kernel[...] if gate_DxE is None else gate_DxE
+        logits_TxE = jnp.matmul(x_TxD.astype(jnp.float32), gate_DxE.astype(jnp.float32),
+                                precision=jax.lax.Precision.HIGHEST)
         if bias_E is None and self.bias is not None:
             bias_E = self.bias[...]
         return routing.route(logits_TxE, bias_E, self.cfg)
