@@ -90,8 +90,10 @@ def test_the_modules_moe_layers_are_balanced_like_the_main_ones():
     from minids_jax.training.steps import update_router_biases
 
     model = MiniDeepSeek(CFG, compute_config(), rngs=nnx.Rngs(2))
+    # Both count the positions the main loss scores.
     loads = nnx.jit(lambda model, data: (loss_lib.model_loss(model, data, chunk=16)[1],
-                                         model.trunk(data["inputs"])[1]))
+                                         model.trunk(data["inputs"],
+                                                     scored_BxL=data["weights"] > 0)[1]))
     aux, main_aux = loads(model, batch())
     load_NxE = aux["expert_load_NxE"]
     assert load_NxE.shape[0] == main_aux["expert_load_NxE"].shape[0] + CFG.mtp_depth

@@ -34,12 +34,13 @@ class Block(nnx.Module):
                            param_dtype=cfg.param_dtype, bias=cfg.mlp_bias)
 
     def __call__(self, x_BxLxD, positions_BxL, cache=None, moe_dispatch: str | None = None,
-                 segments_BxL=None):
-        """(x, MoEStats or None for a dense layer, cache)."""
+                 segments_BxL=None, scored_BxL=None):
+        """(x, MoEStats or None for a dense layer, cache); the MoE's statistics count the
+        tokens `scored_BxL` marks (all without it)."""
         attended_BxLxD, cache = self.attn(self.norm1(x_BxLxD), positions_BxL, cache,
                                           segments_BxL)
         x_BxLxD = x_BxLxD + attended_BxLxD
         if not hasattr(self, "moe"):
             return x_BxLxD + self.mlp(self.norm2(x_BxLxD)), None, cache
-        moe_out_BxLxD, stats = self.moe(self.norm2(x_BxLxD), moe_dispatch)
+        moe_out_BxLxD, stats = self.moe(self.norm2(x_BxLxD), moe_dispatch, scored_BxL)
         return x_BxLxD + moe_out_BxLxD, stats, cache

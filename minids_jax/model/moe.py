@@ -10,6 +10,10 @@ whose batch axes are split (data parallel, FSDP), routing and dispatch run per d
 tokens (`shard_map` over those axes): left to the compiler, the global top-k and sort would
 gather every token onto every device and repeat the expert work there.
 
+The balancing statistics (expert loads, balance losses) count the scored tokens only, given as
+a mask (`scored_BxL`, the loss's weights > 0): padding is routed like any token but must not
+move the router biases or the balance losses, as it moves no loss.
+
 Shapes: B batch, L length, D model width, F expert hidden width, E experts, T tokens (B*L),
 k experts per token.
 """
@@ -38,34 +42,59 @@ class RouterBias(nnx.Variable):
 
 class MoEStats(NamedTuple):
     aux_loss: jax.Array  # scalar, Switch balancing loss, 1.0 at perfectly uniform routing
-    load_E: jax.Array  # fraction of assignments routed to each expert (sums to 1)
+    load_E: jax.Array  # fraction of the scored tokens' assignments per expert (sums to 1)
     dropped_fraction: jax.Array  # scalar, assignments dropped for lack of capacity
     sequence_loss: jax.Array  # scalar, DeepSeek-V3's sequence-wise balance loss (1 if uniform)
+    scored_tokens: jax.Array  # scalar, the tokens the loads and losses count
+
+
+def _scored(scored, shape) -> jax.Array:
+    """The mask as float32 weights (every token where there is no mask)."""
+    return jnp.ones(shape, jnp.float32) if scored is None else scored.astype(jnp.float32)
 
 
 def sequence_balancing_loss(probs_BxLxE: jax.Array, expert_BxLxK: jax.Array, n_experts: int,
-                            axis_names: tuple[str, ...] = ()):
+                            axis_names: tuple[str, ...] = (), *,
+                            scored_BxL: jax.Array | None = None):
     """sum_e f_e P_e per sequence, averaged over sequences (DeepSeek-V3, eq. 17-20): f_e =
-    E / (K L) * assignments to e in the sequence, P_e = the mean normalized score of e."""
-    length, top_k = expert_BxLxK.shape[1:]
-    counts_BxE = jnp.sum(jax.nn.one_hot(expert_BxLxK, n_experts, dtype=jnp.float32), (1, 2))
-    f_BxE = counts_BxE * n_experts / (top_k * length)
-    loss = jnp.mean(jnp.sum(f_BxE * jnp.mean(probs_BxLxE, axis=1), axis=-1))
-    return jax.lax.pmean(loss, axis_names) if axis_names else loss
+    E / (K L) * assignments to e in the sequence, P_e = the mean normalized score of e, over
+    the sequence's L scored tokens (`scored_BxL`; all by default). A sequence without scored
+    tokens counts for nothing; inside a shard_map over `axis_names`, the mean is over every
+    shard's sequences."""
+    top_k = expert_BxLxK.shape[-1]
+    scored_BxL = _scored(scored_BxL, expert_BxLxK.shape[:2])
+    tokens_B = jnp.sum(scored_BxL, axis=1)
+    onehot_BxLxKxE = jax.nn.one_hot(expert_BxLxK, n_experts, dtype=jnp.float32)
+    counts_BxE = jnp.sum(onehot_BxLxKxE * scored_BxL[..., None, None], axis=(1, 2))
+    prob_sums_BxE = jnp.sum(probs_BxLxE * scored_BxL[..., None], axis=1)
+    per_token_B = 1.0 / jnp.maximum(tokens_B, 1.0)
+    f_BxE = counts_BxE * (n_experts / top_k) * per_token_B[:, None]
+    loss_sum = jnp.sum(jnp.sum(f_BxE * prob_sums_BxE, axis=-1) * per_token_B)
+    sequences = jnp.sum((tokens_B > 0).astype(jnp.float32))
+    if axis_names:
+        loss_sum, sequences = jax.lax.psum((loss_sum, sequences), axis_names)
+    return loss_sum / jnp.maximum(sequences, 1.0)
 
 
 def switch_balancing_loss(probs_TxE: jax.Array, expert_TxK: jax.Array, n_experts: int,
-                          axis_names: tuple[str, ...] = ()):
-    """E * sum_e f_e * P_e (Switch Transformer); f_e: assignment share, P_e: mean probability.
+                          axis_names: tuple[str, ...] = (), *, scored_T: jax.Array | None = None):
+    """E * sum_e f_e * P_e (Switch Transformer); f_e: assignment share, P_e: mean probability,
+    both over the scored tokens (`scored_T`; all by default). Returns the loss and f.
 
-    Inside a shard_map over `axis_names`, f and P are averaged over all shards first (equal
-    shard sizes: the mean of the means is the global mean), so the loss is the global one.
+    Inside a shard_map over `axis_names`, f and P are sums over all shards divided by all
+    shards' scored tokens, so the loss is the global one.
     """
-    load_E = jnp.mean(jax.nn.one_hot(expert_TxK, n_experts, dtype=jnp.float32), axis=(0, 1))
-    mean_prob_E = jnp.mean(probs_TxE, axis=0)
+    top_k = expert_TxK.shape[-1]
+    scored_T = _scored(scored_T, expert_TxK.shape[:1])
+    onehot_TxKxE = jax.nn.one_hot(expert_TxK, n_experts, dtype=jnp.float32)
+    counts_E = jnp.sum(onehot_TxKxE * scored_T[:, None, None], axis=(0, 1))
+    prob_sums_E = jnp.sum(probs_TxE * scored_T[:, None], axis=0)
+    tokens = jnp.sum(scored_T)
     if axis_names:
-        load_E, mean_prob_E = jax.lax.pmean((load_E, mean_prob_E), axis_names)
-    return n_experts * jnp.sum(load_E * mean_prob_E), load_E
+        counts_E, prob_sums_E, tokens = jax.lax.psum((counts_E, prob_sums_E, tokens), axis_names)
+    per_token = 1.0 / jnp.maximum(tokens, 1.0)
+    load_E = counts_E * per_token / top_k
+    return n_experts * jnp.sum(load_E * prob_sums_E * per_token), load_E
 
 
 def local_batch_axes() -> tuple[jax.sharding.AbstractMesh, tuple[str, ...]]:
@@ -84,7 +113,8 @@ def local_batch_axes() -> tuple[jax.sharding.AbstractMesh, tuple[str, ...]]:
 
 
 class MoE(nnx.Module):
-    """`moe(x_BxLxD) -> (y_BxLxD, MoEStats)`, with the dispatch it was built with."""
+    """`moe(x_BxLxD, scored_BxL=None) -> (y_BxLxD, MoEStats)`, with the dispatch it was built
+    with; the statistics count the tokens `scored_BxL` marks (all without it)."""
 
     def __init__(self, cfg: ModelConfig, compute: ComputeConfig, *, rngs: nnx.Rngs):
         if compute.moe_dispatch not in DISPATCHES:
@@ -142,58 +172,68 @@ class MoE(nnx.Module):
         return Experts(*(self.expert_weight(name).astype(self.dtype)
                          for name in ("w1", "w2", "w3")))
 
-    def __call__(self, x_BxLxD: jax.Array, dispatch: str | None = None):
+    def __call__(self, x_BxLxD: jax.Array, dispatch: str | None = None,
+                 scored_BxL: jax.Array | None = None):
         """`dispatch` overrides the built-in one (decoding asks for an exact one)."""
         dispatch = DISPATCHES[dispatch or self.dispatch]
+        scored_BxL = _scored(scored_BxL, x_BxLxD.shape[:2])
         gate_DxE = self.gate.kernel[...].astype(jnp.float32)
         bias_E = (jnp.zeros((self.cfg.n_experts,), jnp.float32) if self.bias is None
                   else jax.lax.stop_gradient(self.bias[...]))
         shared_BxLxD = 0.0 if self.shared is None else self.shared(x_BxLxD)
         mesh, axes = local_batch_axes()
         if not axes:
-            y_BxLxD, stats = self._forward(x_BxLxD, gate_DxE, bias_E, self.experts(), dispatch)
+            y_BxLxD, stats = self._forward(x_BxLxD, scored_BxL, gate_DxE, bias_E,
+                                           self.experts(), dispatch)
             return y_BxLxD + shared_BxLxD, stats
         # Each device routes and dispatches its own tokens; weights enter whole over `axes`
         # (under FSDP that is the usual all-gather, and the gradient's reduce-scatter).
         tokens, replicated = P(axes), P()
         y_BxLxD, stats = jax.shard_map(
             functools.partial(self._forward, dispatch=dispatch, axis_names=axes), mesh=mesh,
-            in_specs=(tokens, replicated, replicated, replicated),
-            out_specs=(tokens, MoEStats(replicated, replicated, replicated, replicated)),
-            axis_names=set(axes), check_vma=False)(x_BxLxD, gate_DxE, bias_E, self.experts())
+            in_specs=(tokens, tokens, replicated, replicated, replicated),
+            out_specs=(tokens, MoEStats(*[replicated] * len(MoEStats._fields))),
+            axis_names=set(axes), check_vma=False)(x_BxLxD, scored_BxL, gate_DxE, bias_E,
+                                                   self.experts())
         return y_BxLxD + shared_BxLxD, stats
 
-    def _forward(self, x_BxLxD, gate_DxE, bias_E, experts: Experts, dispatch,
+    def _forward(self, x_BxLxD, scored_BxL, gate_DxE, bias_E, experts: Experts, dispatch,
                  axis_names: tuple[str, ...] = ()):
         batch, length, d = x_BxLxD.shape
         routed = self.route(x_BxLxD.reshape(-1, d), gate_DxE, bias_E)
         weight_TxK, expert_TxK = routed.weight_TxK, routed.expert_TxK
         probs_TxE = routing.balance_probabilities(routed)
         aux_loss, load_E = switch_balancing_loss(probs_TxE, expert_TxK, self.cfg.n_experts,
-                                                 axis_names)
+                                                 axis_names, scored_T=scored_BxL.reshape(-1))
         sequence_loss = sequence_balancing_loss(
             probs_TxE.reshape(batch, length, -1), expert_TxK.reshape(batch, length, -1),
-            self.cfg.n_experts, axis_names)
+            self.cfg.n_experts, axis_names, scored_BxL=scored_BxL)
+        scored_tokens = jnp.sum(scored_BxL)
+        if axis_names:
+            scored_tokens = jax.lax.psum(scored_tokens, axis_names)
         y_BxLxKxD, dropped = dispatch(x_BxLxD, expert_TxK.reshape(batch, length, -1), experts,
                                       self.capacity_factor)
         if axis_names:
             dropped = jax.lax.pmean(dropped, axis_names)
         weight_BxLxK = weight_TxK.reshape(batch, length, -1).astype(y_BxLxKxD.dtype)
         y_BxLxD = jnp.einsum("blkd,blk->bld", y_BxLxKxD, weight_BxLxK)
-        return y_BxLxD, MoEStats(aux_loss, load_E, dropped, sequence_loss)
+        return y_BxLxD, MoEStats(aux_loss, load_E, dropped, sequence_loss, scored_tokens)
 
 
 def moe_aux(stats: list[MoEStats]) -> dict[str, jax.Array]:
     """The MoE layers' statistics as `Output.aux` holds them: balancing losses and dropped
-    share averaged over the layers, and each layer's expert load (a row of expert_load_NxE).
-    A dense model (no MoE layer) has no balancing to do: zeros, and no load rows."""
+    share averaged over the layers, and each layer's expert load (a row of expert_load_NxE)
+    and the scored tokens it counts (scored_tokens_N). A dense model (no MoE layer) has no
+    balancing to do: zeros, and no rows."""
     if not stats:
         zero = jnp.zeros((), jnp.float32)
         return {"aux_loss": zero, "expert_load_NxE": jnp.zeros((0, 0), jnp.float32),
-                "dropped_fraction": zero, "sequence_aux_loss": zero}
+                "dropped_fraction": zero, "sequence_aux_loss": zero,
+                "scored_tokens_N": jnp.zeros((0,), jnp.float32)}
     return {
         "aux_loss": jnp.mean(jnp.stack([s.aux_loss for s in stats])),
         "expert_load_NxE": jnp.stack([s.load_E for s in stats]),
         "dropped_fraction": jnp.mean(jnp.stack([s.dropped_fraction for s in stats])),
         "sequence_aux_loss": jnp.mean(jnp.stack([s.sequence_loss for s in stats])),
+        "scored_tokens_N": jnp.stack([s.scored_tokens for s in stats]),
     }

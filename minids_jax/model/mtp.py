@@ -39,14 +39,16 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, compute, cfg.n_layers + depth - 1, rngs=rngs)
         self.out_norm = RMSNorm(cfg.d_model, **norm)
 
-    def __call__(self, hidden_BxLxD, ahead_embedded_BxLxD, positions_BxL, segments_BxL=None):
+    def __call__(self, hidden_BxLxD, ahead_embedded_BxLxD, positions_BxL, segments_BxL=None,
+                 scored_BxL=None):
         """(h^k before out_norm, out_norm(h^k), the block's MoEStats) from h^{k-1} and the
         embeddings k ahead; with segments, attention stays inside each document (loss.py
-        scores no target beyond a position's document)."""
+        scores no target beyond a position's document); the statistics count the positions
+        `scored_BxL` marks (all without it)."""
         joined_BxLx2D = jnp.concatenate([self.embed_norm(ahead_embedded_BxLxD),
                                          self.hidden_norm(hidden_BxLxD)], axis=-1)
         hidden_BxLxD, stats, _ = self.block(self.proj(joined_BxLx2D), positions_BxL,
-                                            segments_BxL=segments_BxL)
+                                            segments_BxL=segments_BxL, scored_BxL=scored_BxL)
         return hidden_BxLxD, self.out_norm(hidden_BxLxD), stats
 
 
@@ -57,15 +59,17 @@ def shift_left(a_BxL: jax.Array, k: int, fill=0) -> jax.Array:
 
 
 def mtp_chain(modules, embed, tokens_BxL, features_BxLxD, positions_BxL,
-              segments_BxL=None) -> tuple[list[jax.Array], list[MoEStats]]:
+              segments_BxL=None, scored=None) -> tuple[list[jax.Array], list[MoEStats]]:
     """The features out_norm(h^k) of modules k = 1..depth, whose scores at position i are
-    for the token k + 1 ahead, and the modules' MoE statistics. `features_BxLxD` are the main
+    for the token k + 1 ahead, and the modules' MoE statistics (module k's of the positions
+    `scored[k - 1]` marks, [B, L] each; all without `scored`). `features_BxLxD` are the main
     model's final-normed features (h^0), `embed` its embedding."""
     hidden_BxLxD, features, stats = features_BxLxD, [], []
     for k, module in enumerate(modules, start=1):
         ahead_BxLxD = embed(shift_left(tokens_BxL, k))
-        hidden_BxLxD, features_BxLxD, module_stats = module(hidden_BxLxD, ahead_BxLxD,
-                                                            positions_BxL, segments_BxL)
+        hidden_BxLxD, features_BxLxD, module_stats = module(
+            hidden_BxLxD, ahead_BxLxD, positions_BxL, segments_BxL,
+            None if scored is None else scored[k - 1])
         features.append(features_BxLxD)
         stats.append(module_stats)
     return features, stats
@@ -80,5 +84,6 @@ def with_more_moe_layers(aux: dict[str, jax.Array], stats: list[MoEStats]) -> di
     weights = (n_before / (n_before + len(stats)), len(stats) / (n_before + len(stats)))
     merged = {key: weights[0] * aux[key] + weights[1] * more[key]
               for key in ("aux_loss", "dropped_fraction", "sequence_aux_loss")}
-    return {**aux, **merged, "expert_load_NxE": jnp.concatenate(
-        [aux["expert_load_NxE"], more["expert_load_NxE"]])}
+    rows = {key: jnp.concatenate([aux[key], more[key]])
+            for key in ("expert_load_NxE", "scored_tokens_N")}
+    return {**aux, **merged, **rows}

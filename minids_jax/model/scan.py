@@ -60,13 +60,13 @@ def _split(block) -> tuple[Callable, list]:
 
 
 def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch,
-              segments_BxL) -> Callable:
+              segments_BxL, scored_BxL) -> Callable:
     """(x, the block's leaves, its layer number) -> (x, MoEStats or None), rematerialized
     if asked (the recomputation draws the same adapter-dropout masks: same keys)."""
     def apply(x_BxLxD, leaves, layer):
         with adapter_dropout_of_layer(layer):
             x_BxLxD, stats, _ = rebuild(leaves)(x_BxLxD, positions_BxL, None, moe_dispatch,
-                                                segments_BxL)
+                                                segments_BxL, scored_BxL)
         return x_BxLxD, stats
 
     if remat == "none":
@@ -76,13 +76,14 @@ def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch,
 
 def apply_blocks(blocks: Sequence[nnx.Module], x_BxLxD, positions_BxL, *, period: int,
                  scan_min_repeats: int | None, remat: str, moe_dispatch=None,
-                 segments_BxL=None):
-    """x after every block, and the MoE layers' statistics in layer order; runs of at least
-    `scan_min_repeats` identical units scanned (none with None)."""
+                 segments_BxL=None, scored_BxL=None):
+    """x after every block, and the MoE layers' statistics (of the tokens `scored_BxL` marks)
+    in layer order; runs of at least `scan_min_repeats` identical units scanned (none with
+    None)."""
     all_stats = []
     for first, repeats, length in runs(blocks, period, scan_min_repeats):
         unit = [_split(block) for block in blocks[first:first + length]]
-        fns = [_block_fn(rebuild, remat, positions_BxL, moe_dispatch, segments_BxL)
+        fns = [_block_fn(rebuild, remat, positions_BxL, moe_dispatch, segments_BxL, scored_BxL)
                for rebuild, _ in unit]
         if repeats == 1:
             x_BxLxD, stats = fns[0](x_BxLxD, unit[0][1], first)

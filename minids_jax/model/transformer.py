@@ -25,7 +25,7 @@ from minids_jax.model.mtp import MTPModule
 
 class Output(NamedTuple):
     logits_BxLxV: jax.Array  # float32
-    aux: dict[str, jax.Array]  # aux_loss, expert_load_NxE, dropped_fraction
+    aux: dict[str, jax.Array]  # moe.moe_aux: aux_loss, expert_load_NxE, dropped_fraction, ...
     cache: Any  # the updated per-layer caches; None without a cache
 
 
@@ -101,12 +101,15 @@ class MiniDeepSeek(nnx.Module):
         return self.final_norm(features_BxLxD), aux, cache
 
     def trunk(self, tokens_BxL, positions_BxL=None, cache=None, *,
-              moe_dispatch: str | None = None, segments_BxL=None) -> tuple[jax.Array, dict, Any]:
+              moe_dispatch: str | None = None, segments_BxL=None,
+              scored_BxL=None) -> tuple[jax.Array, dict, Any]:
         """(last block's output, aux, cache): `hidden` before the final norm, which is what
         the multi-token-prediction modules read. Positions default to the cache's next slots.
         `moe_dispatch` overrides the MoE's own (decoding asks for an exact one). With
         `segments_BxL` (a packed window's document numbers; no cache), attention stays
-        inside each document, and the positions should restart in each."""
+        inside each document, and the positions should restart in each. With `scored_BxL`
+        (True where the loss scores the position), the MoE statistics count those tokens only:
+        padding moves neither the expert loads nor the balance losses."""
         if segments_BxL is not None and cache is not None:
             raise ValueError("segments_BxL masks a whole packed window; a cache decodes one "
                              "sequence: pass one or the other.")
@@ -120,12 +123,13 @@ class MiniDeepSeek(nnx.Module):
                 self.blocks, x_BxLxD, positions_BxL, period=len(self.cfg.attn_pattern),
                 scan_min_repeats=(self.compute.scan_min_repeats if self.compute.scan_layers
                                   else None), remat=self.compute.remat,
-                moe_dispatch=moe_dispatch, segments_BxL=segments_BxL)
+                moe_dispatch=moe_dispatch, segments_BxL=segments_BxL, scored_BxL=scored_BxL)
             return x_BxLxD, moe_aux(all_stats), None
         all_stats: list[MoEStats] = []
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x_BxLxD, stats, layer_cache = block(x_BxLxD, positions_BxL, cache[i], moe_dispatch)
+            x_BxLxD, stats, layer_cache = block(x_BxLxD, positions_BxL, cache[i], moe_dispatch,
+                                                scored_BxL=scored_BxL)
             if stats is not None:
                 all_stats.append(stats)
             new_cache.append(layer_cache)

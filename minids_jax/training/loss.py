@@ -69,23 +69,27 @@ def model_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
     ahead), weighted by `ahead_weights` (nothing past the window or the document); the
     modules' MoE layers join the balancing statistics (the last rows of expert_load_NxE).
     Each loss is a weighted sum over `denominators_K` (default: this batch's `denominators`).
+    The balancing statistics of each MoE layer count the positions its loss scores (weight
+    > 0): padding moves neither the expert loads nor the balance losses.
     """
     segments_BxL = batch.get("segments")  # a document-masked batch (sources.py)
-    trunk_BxLxD, aux, _ = model.trunk(batch["inputs"], batch.get("positions"),
-                                      segments_BxL=segments_BxL)
     depth = len(model.mtp) if model.mtp is not None and with_mtp else 0
+    weights = [ahead_weights(batch, k) for k in range(depth + 1)]  # [B, L] of each loss
+    trunk_BxLxD, aux, _ = model.trunk(batch["inputs"], batch.get("positions"),
+                                      segments_BxL=segments_BxL, scored_BxL=weights[0] > 0)
     if denominators_K is None:
         denominators_K = denominators(batch, depth)
     features_BxLxD = model.final_norm(trunk_BxLxD)
-    ce = _head_loss(model, features_BxLxD, batch["targets"], ahead_weights(batch, 0), chunk,
+    ce = _head_loss(model, features_BxLxD, batch["targets"], weights[0], chunk,
                     denominators_K[0])
     if depth:
         positions_BxL = batch.get("positions", jnp.broadcast_to(
             jnp.arange(trunk_BxLxD.shape[1]), batch["inputs"].shape))
         features, mtp_stats = mtp_chain(model.mtp, model.embed, batch["inputs"],
-                                        features_BxLxD, positions_BxL, segments_BxL)
+                                        features_BxLxD, positions_BxL, segments_BxL,
+                                        scored=[w > 0 for w in weights[1:]])
         losses = [_head_loss(model, features_BxLxD, shift_left(batch["targets"], k),
-                             ahead_weights(batch, k), chunk, denominators_K[k])
+                             weights[k], chunk, denominators_K[k])
                   for k, features_BxLxD in enumerate(features, start=1)]
         aux = {**with_more_moe_layers(aux, mtp_stats), "mtp_loss": jnp.mean(jnp.stack(losses))}
     return ce, aux

@@ -1,6 +1,6 @@
 """The train state and the jitted train and eval steps.
 
-Shapes: B batch, L length, N layers, E experts.
+Shapes: B batch, L length, N layers, E experts, M parts of a batch (train.grad_accum_steps).
 """
 
 from __future__ import annotations
@@ -95,10 +95,7 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
                              nnx.state(model, trainable))
         grads, (losses, ces, auxs) = jax.lax.scan(accumulate, zeros,
                                                   (parts, jnp.arange(microbatches)))
-        # Losses are shares of the batch's (they add up); statistics of parts are averaged.
-        aux = {key: (jnp.sum(v, 0) if key == "mtp_loss" else jnp.mean(v, 0))
-               for key, v in auxs.items()}
-        return (jnp.sum(losses), (jnp.sum(ces), aux)), grads
+        return (jnp.sum(losses), (jnp.sum(ces), merge_parts(auxs))), grads
 
     @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
     def train_step(state: TrainState, batch):
@@ -121,6 +118,19 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
 
     return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=0)
+
+
+def merge_parts(auxs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The aux of a batch from its M parts' (each value stacked on a leading axis of M): the
+    MTP loss, a share of the batch's, and the scored tokens add up; each layer's expert load
+    is its parts' weighted by their scored tokens (the batch's own share, with a part of
+    padding counting for nothing); the other statistics are averaged."""
+    merged = {key: (jnp.sum(v, 0) if key in ("mtp_loss", "scored_tokens_N") else jnp.mean(v, 0))
+              for key, v in auxs.items()}
+    tokens_MxNx1 = auxs["scored_tokens_N"][..., None]
+    merged["expert_load_NxE"] = (jnp.sum(auxs["expert_load_NxE"] * tokens_MxNx1, 0)
+                                 / jnp.maximum(jnp.sum(tokens_MxNx1, 0), 1.0))
+    return merged
 
 
 def update_router_biases(model, load_NxE: jax.Array, rate: float) -> dict[str, jax.Array]:
