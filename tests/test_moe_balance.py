@@ -1,5 +1,6 @@
 """What the MoE balancing sees: the scored tokens only (padding counts toward neither the
-expert loads that move the router biases nor the balance losses)."""
+expert loads that move the router biases nor the balance losses), and how the layers' balance
+losses add up."""
 
 from __future__ import annotations
 
@@ -65,3 +66,29 @@ def test_a_part_of_padding_moves_no_expert_load_when_parts_are_merged():
                                 parts[0]["expert_load_NxE"], rtol=1e-6)
     np.testing.assert_allclose(merged(parts[0], parts[1])["expert_load_NxE"],
                                 whole["expert_load_NxE"], rtol=1e-5)
+
+
+def test_the_balance_losses_add_up_over_the_moe_layers():
+    """As DeepSeek's code adds each MoE layer's alpha-weighted balance loss, two identical
+    layers (each passing its input on unchanged, so both route the same tokens) weigh twice as
+    much as one; the metrics stay per-layer means (1.0 when routing is uniform)."""
+    @nnx.jit
+    def balance(model, batch):
+        total, (ce, aux) = loss_lib.total_loss(model, batch, 16, 0.5, 0.25)
+        return total - ce, aux
+
+    results = []
+    for n_layers in (1, 2):
+        cfg = small_model_config(attn_pattern=("mha",), n_layers=n_layers, n_experts=4, top_k=2)
+        model = MiniDeepSeek(cfg, compute_config(), rngs=nnx.Rngs(0))
+        first = model.blocks[0]
+        first.attn.attention.out.kernel[...] = jnp.zeros_like(first.attn.attention.out.kernel)
+        first.moe.w3[...] = jnp.zeros_like(first.moe.w3)
+        for block in model.blocks[1:]:
+            nnx.update(block, nnx.state(first))
+        results.append(balance(model, scored_batch()))
+    (one, one_aux), (two, two_aux) = results
+    assert float(one) > 0.5  # the Switch loss is at least 1 per layer
+    np.testing.assert_allclose(two, 2 * one, rtol=1e-6)
+    for key in ("aux_loss", "sequence_aux_loss"):
+        np.testing.assert_allclose(two_aux[key], one_aux[key], rtol=1e-6)

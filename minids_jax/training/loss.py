@@ -102,8 +102,14 @@ def total_loss(model: MiniDeepSeek, batch: dict[str, jax.Array], chunk: int,
     """The loss the optimizer minimizes, and (cross-entropy, aux) for the metrics. For one of
     `microbatches` parts of a batch (with the whole batch's `denominators_K`), the part's
     share: the parts' losses, and so their gradients, add up to the whole batch's (the
-    balancing terms, statistics of each part, are averaged over the parts)."""
+    balancing terms, statistics of each part, are averaged over the parts).
+
+    The balance losses are summed over the MoE layers (the MTP modules' included), each
+    weighted by its coefficient, as DeepSeek's code adds every layer's alpha-weighted loss:
+    the paper's alpha is the coefficient itself. aux holds their per-layer means."""
     ce, aux = model_loss(model, batch, chunk, denominators_K=denominators_K)
-    balance = aux_loss_coef * aux["aux_loss"] + sequence_aux_loss_coef * aux["sequence_aux_loss"]
+    moe_layers = aux["expert_load_NxE"].shape[0]
+    balance = moe_layers * (aux_loss_coef * aux["aux_loss"]
+                            + sequence_aux_loss_coef * aux["sequence_aux_loss"])
     return (ce + balance / microbatches + mtp_loss_coef * aux.get("mtp_loss", 0.0),
             (ce, aux))
