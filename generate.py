@@ -21,6 +21,7 @@ from absl import flags
 
 from minids_jax import cli
 from minids_jax.errors import UserError
+from minids_jax.workdir import read_records
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json).",
                                required=True)
@@ -61,11 +62,11 @@ class TextStream:
 
 def _timing(start: float, token_times: list[float], prompt: str = "") -> str:
     # Token 1 comes from the prefill, token 2 from the first decode step: both compile.
-    count, rate = len(token_times), float("nan")
+    count = len(token_times)
+    speed = "too few tokens to time the decoding"
     if count > 2 and token_times[-1] > token_times[1]:
-        rate = (count - 2) / (token_times[-1] - token_times[1])
-    return (f"[{prompt}{count} tokens in {time.perf_counter() - start:.1f}s | "
-            f"{rate:.1f} tokens/s once compiled]")
+        speed = f"{(count - 2) / (token_times[-1] - token_times[1]):.1f} tokens/s once compiled"
+    return f"[{prompt}{count} tokens in {time.perf_counter() - start:.1f}s | {speed}]"
 
 
 def _check_chat_flags():
@@ -88,6 +89,12 @@ def converse(generator, tokenizer, context: int, sampling) -> None:
         template = chat.template_for(tokenizer)
     except chat.TemplateError as error:
         raise UserError(str(error)) from error
+    records = read_records(_WORKDIR.value)
+    if records.get("alpaca") and not records.get("chat"):
+        print("warning: this run was fine-tuned on instruction records (instruction, input, "
+              "output), laid out as '### Instruction: ... ### Response:', never on chat turns; "
+              "prompt it that way with --instruction for answers like its training",
+              file=sys.stderr, flush=True)
     history = [("system", _SYSTEM.value)] if _SYSTEM.value else []
     room = min(_MAX_NEW_TOKENS.value, context // 2)  # kept free for the answer if it can be
     interactive = sys.stdin.isatty()

@@ -28,7 +28,9 @@ def main(argv):
     startup.reuse_host_memory(config.devices)
     gpus = startup.select_gpus(config.devices)
     visible = f"CUDA_VISIBLE_DEVICES={gpus.visible}: " if gpus.visible else ""
-    logging.info("%s GPUs: %s%s", socket.gethostname(), visible, gpus.reason)
+    # On a machine without NVIDIA's library the line says nothing: shown with --verbosity=1.
+    logging.log(logging.INFO if gpus.visible or "NVML unavailable" not in gpus.reason
+                else logging.DEBUG, "%s GPUs: %s%s", socket.gethostname(), visible, gpus.reason)
     job = startup.initialize_distributed(config.devices, gpus)
     if job:
         logging.info("%s jax.distributed: %s", socket.gethostname(), job)

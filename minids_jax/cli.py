@@ -266,6 +266,13 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
     return True
 
 
+def _quiet_backends(record: logging.LogRecord) -> bool:
+    """Drops JAX's INFO lines about the backends it could not start (TPU, CUDA plugins) that
+    open every command on a CPU machine; `--verbosity=1` shows them."""
+    return (record.levelno >= logging.WARNING or absl_logging.get_verbosity() >= 1
+            or not record.pathname.endswith(f"jax{os.sep}_src{os.sep}xla_bridge.py"))
+
+
 INTERRUPTED = ("interrupted; stopped without saving the current step (checkpoints already "
                "written are kept).")
 
@@ -283,6 +290,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     sys.unraisablehook = _drop_abandoned_callbacks
     # orbax logs dozens of INFO lines per save through absl, which the commands show at INFO.
     absl_logging.get_absl_logger().addFilter(_quiet_orbax)
+    absl_logging.get_absl_handler().addFilter(_quiet_backends)  # (JAX logs through the root)
 
     def guarded(argv):
         try:

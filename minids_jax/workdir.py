@@ -34,6 +34,9 @@ from minids_jax.errors import UserError
 LOCK_FILE = "run.lock"
 CHECKPOINTS = "checkpoints"  # a run's checkpoints: <workdir>/checkpoints/<step>/<item>/
 SAVED_ITEM = "metadata"  # the file of an orbax JSON item: <step>/config/metadata
+# What kinds of instruction records a run trained on ({"alpaca": n, "chat": m}): generate.py
+# --chat warns when a model never saw chat turns.
+RECORDS_FILE = "records.json"
 
 
 class WorkdirError(UserError):
@@ -47,6 +50,15 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(content.encode() if isinstance(content, str) else content)
     os.replace(tmp, path)
+
+
+def read_records(workdir: str | os.PathLike) -> dict[str, int]:
+    """The run's RECORDS_FILE ({} when it trained on no instruction data)."""
+    path = pathlib.Path(workdir) / RECORDS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def complete_steps(directory: str | os.PathLike) -> list[int]:

@@ -5,6 +5,7 @@ exported. (test_hf_fixture.py compares against transformers' numbers.)"""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import pathlib
 
@@ -218,8 +219,21 @@ def test_the_command_line_reports_mistakes_in_one_line(tmp_path):
          "is not a directory"),
         (("export", "--workdir", str(tmp_path / "w")), "export needs --out"),
         (("convert", "x"), "usage: python -m minids_jax.hf import"),
+        (("make-tiny", "--family", "mistral", "--out", str(tmp_path / "t")),
+         "--family='mistral' is unknown; choose from llama, qwen2, deepseek_v2, deepseek_v3"),
     ]:
         result = run(*args)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+    # A refused import leaves no half-made run behind (and keeps a directory it did not make).
+    broken = tmp_path / "broken"
+    shutil.copytree(REPO / "tests" / "fixtures" / "llama_tiny", broken)
+    (broken / "config.json").write_text(json.dumps(
+        {**json.loads((broken / "config.json").read_text()), "hidden_act": "gelu"}))
+    result = run("import", str(broken), "--workdir", str(tmp_path / "new_run"))
+    assert result.returncode == 2 and "hidden_act='gelu'" in result.stderr, result.stderr
+    assert not (tmp_path / "new_run").exists()
+    (tmp_path / "mine").mkdir()
+    assert run("import", str(broken), "--workdir", str(tmp_path / "mine")).returncode == 2
+    assert (tmp_path / "mine").is_dir()

@@ -26,6 +26,7 @@ from minids_jax.data.corpus import (
     text_files,
 )
 from minids_jax.data.instructions import (
+    Example,
     fit_examples,
     held_out,
     read_instructions,
@@ -271,8 +272,9 @@ def make_source(config: Config, workdir: str | None = None) -> TokenSource:
         splits = {split: fit_examples(tokenized, chosen, examples, model.max_seq_len,
                                       data.overlong, split)
                   for split, chosen in (("train", ~is_val), ("val", is_val))}
+        alpaca = sum(isinstance(example, Example) for example in examples)
         source = InstructionSource(splits, model.max_seq_len, seed, tokenizer.PAD, data.pack,
-                                   data.doc_mask)
+                                   data.doc_mask, {"alpaca": alpaca, "chat": len(examples) - alpaca})
         logging.info("%s: %d train / %d val examples in %d / %d rows (%.0f%% tokens, rest padding)",
                      data.path, len(splits["train"]), len(splits["val"]),
                      len(source.rows["train"]), len(source.rows["val"]), 100 * source.fill("train"))

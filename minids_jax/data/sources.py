@@ -149,9 +149,10 @@ class InstructionSource:
     """
 
     def __init__(self, splits: dict[str, TokenizedExamples], seq_len: int, seed: int, pad_id: int,
-                 pack: bool, doc_mask: bool = False):
+                 pack: bool, doc_mask: bool = False, records: dict[str, int] | None = None):
         self.splits, self.seq_len, self.seed, self.pad_id = splits, seq_len, seed, pad_id
         self.doc_mask = doc_mask
+        self.records = records or {}  # how many alpaca and chat records the examples came from
         self.rows = {}
         for split, examples in splits.items():
             if pack:

@@ -1,8 +1,10 @@
-"""Hugging Face DeepSeek-V3 checkpoints in and out (docs/huggingface.md).
+"""Hugging Face checkpoints in and out: deepseek_v3, deepseek_v2, llama, qwen2
+(docs/huggingface.md).
 
     python -m minids_jax.hf import HF_DIR --workdir WD [--config C] [--max_seq_len N] [--nomtp]
     python -m minids_jax.hf export --workdir WD --out OUT [--step N] [--dtype bfloat16|float32]
         [--nomtp] [--adapter_only]
+    python -m minids_jax.hf make-tiny --family llama|qwen2|deepseek_v2|deepseek_v3 --out OUT
 
 `import` writes WD as a run at step 0 of the model in HF_DIR (config.json, *.safetensors,
 tokenizer files): load it with `minids_jax.load(WD)`, generate from it, train it with
@@ -10,11 +12,14 @@ tokenizer files): load it with `minids_jax.load(WD)`, generate from it, train it
 `--config.checkpoint.init_from=WD`. `--config` gives the rest of that run's config (mesh,
 training, data); its model group is replaced by the imported one. `export` writes OUT for
 `transformers.AutoModelForCausalLM.from_pretrained(OUT)` and vLLM (a LoRA run merged, or with
-`--adapter_only` its adapters for `peft.PeftModel.from_pretrained`).
+`--adapter_only` its adapters for `peft.PeftModel.from_pretrained`). `make-tiny` writes a
+small random model of a family, with a tokenizer and chat template, to practise on.
 """
 
 from __future__ import annotations
 
+import pathlib
+import shutil
 import time
 
 from absl import flags
@@ -34,8 +39,10 @@ _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "import: the run's cont
 _ADAPTER_ONLY = flags.DEFINE_bool("adapter_only", False, "export of a LoRA run: write its "
                                   "adapters as a PEFT adapter instead of the merged model.")
 _MTP = flags.DEFINE_bool("mtp", True, "Import/export the MTP layers when there are some.")
+_FAMILY = flags.DEFINE_string("family", None, "make-tiny: llama, qwen2, deepseek_v2 or "
+                              "deepseek_v3.")
 USAGE = ("usage: python -m minids_jax.hf import HF_DIR --workdir WD | python -m minids_jax.hf "
-         "export --workdir WD --out OUT")
+         "export --workdir WD --out OUT | python -m minids_jax.hf make-tiny --family F --out OUT")
 
 
 def main(argv: list[str]) -> None:
@@ -43,8 +50,15 @@ def main(argv: list[str]) -> None:
     from minids_jax.workdir import WorkdirLock, writable_directory
 
     command, *rest = argv[1:] or [""]
-    if command not in ("import", "export") or len(rest) != (command == "import"):
+    if command not in ("import", "export", "make-tiny") or len(rest) != (command == "import"):
         raise cli.UserError(f"{' '.join(argv[1:]) or 'no command'}: {USAGE}")
+    if command == "make-tiny":
+        if not (_FAMILY.value and _OUT.value):
+            raise cli.UserError(f"make-tiny needs --family and --out; {USAGE}")
+        from minids_jax.hf import tiny
+
+        tiny.make_tiny(_FAMILY.value, writable_directory(_OUT.value, "--out"))
+        return
     if not _WORKDIR.value:
         raise cli.UserError(f"--workdir is required; {USAGE}")
     from minids_jax.hf import convert
@@ -53,10 +67,16 @@ def main(argv: list[str]) -> None:
     if command == "import":
         config = (config_lib.Config() if _CONFIG.value is None
                   else cli.config_from_flag(_CONFIG))
+        new = not pathlib.Path(_WORKDIR.value).expanduser().exists()
         workdir = writable_directory(_WORKDIR.value, "--workdir")
-        with WorkdirLock(workdir):
-            run_config = convert.import_dir(rest[0], workdir, config, with_mtp=_MTP.value,
-                                            max_seq_len=_MAX_SEQ_LEN.value)
+        try:
+            with WorkdirLock(workdir):
+                run_config = convert.import_dir(rest[0], workdir, config, with_mtp=_MTP.value,
+                                                max_seq_len=_MAX_SEQ_LEN.value)
+        except BaseException:
+            if new:  # a refused import leaves no half-made run behind
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
         from minids_jax import inspect
 
         sizes = inspect.sizes(run_config, 1)

@@ -8,7 +8,9 @@ loss or gradient was not finite.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import pathlib
 import shlex
 import sys
 from typing import Any, Callable
@@ -49,19 +51,37 @@ def check_finite(step: int, metrics: dict[str, Any], kept: str) -> float:
         f"set optim.clip_norm, then {'run again' if kept.startswith('no ') else 'resume'}.")
 
 
+FEW_STEPS = 20  # fewer steps than this rarely move a fine-tune's loss
+
+
 def steps_for_epochs(config: Config, source, log) -> Config:
     """`config` with optim.total_steps = train.epochs passes over the training rows (examples,
-    or packed rows), rounded up to whole steps."""
+    or packed rows), rounded up to whole steps; says what that makes, and warns when it is too
+    short for the loss to move or for its warm-up."""
     rows = getattr(source, "rows", {}).get("train")
     if rows is None:
         raise ConfigError(f"train.epochs={config.train.epochs} counts passes over instruction "
                           f"examples, but data.source={config.data.source!r} has none; set "
                           f"optim.total_steps instead, or use data.source='jsonl' or 'json'.")
-    steps = max(1, math.ceil(config.train.epochs * len(rows) / config.train.batch_size))
-    log(f"train.epochs={config.train.epochs:g}: {len(rows)} training rows in batches of "
-        f"{config.train.batch_size} make {steps} steps (optim.total_steps)")
-    return dataclasses.replace(config, optim=dataclasses.replace(config.optim,
-                                                                 total_steps=steps))
+    train, optim = config.train, config.optim
+    steps = max(1, math.ceil(train.epochs * len(rows) / train.batch_size))
+    examples = {split: len(split_examples) for split, split_examples in source.splits.items()}
+    log(f"data: {examples['train']} examples to train on ({examples['val']} held out) in "
+        f"{len(rows)} rows; train.epochs={train.epochs:g} in batches of {train.batch_size} make "
+        f"{steps} steps (optim.total_steps)")
+    if steps < FEW_STEPS:
+        log(f"warning: {steps} steps are too few for the loss to move much; add examples, raise "
+            f"train.epochs or lower train.batch_size")
+    warmup = optim.warmup_steps
+    if 2 * warmup > steps:
+        warmup = min(warmup, steps - 1)
+        log(f"warning: the learning-rate warm-up (optim.warmup_steps={optim.warmup_steps}) "
+            f"takes {'all' if warmup == steps - 1 else 'most'} of this {steps}-step run"
+            f"{f', so it warms up for {warmup} steps' if warmup < optim.warmup_steps else ''} "
+            f"and the {optim.schedule} schedule has little room; lower optim.warmup_steps or "
+            f"train for more steps")
+    return dataclasses.replace(config, optim=dataclasses.replace(
+        optim, total_steps=steps, warmup_steps=warmup))
 
 
 class Trainer:
@@ -80,6 +100,13 @@ class Trainer:
             self.mesh, sharding.batch_spec(config.mesh.axis_rules))
         self.rows = sharding.process_rows(self.batch_sharding, config.train.batch_size)
         self.source = data_lib.make_source(config, workdir)
+        records = getattr(self.source, "records", None)
+        if workdir and records and jax.process_index() == 0:
+            workdir_lib.write_atomic(pathlib.Path(workdir) / workdir_lib.RECORDS_FILE,
+                                     json.dumps(records) + "\n")
+        if config.data.source == "random" and jax.process_index() == 0:
+            print("data: random tokens (data.source='random'), from which the model learns "
+                  "nothing; set data.source and data.path (docs/data.md)", flush=True)
         if config.train.epochs:
             config = self.config = steps_for_epochs(
                 config, self.source, lambda line: jax.process_index() or print(line, flush=True))
