@@ -139,12 +139,15 @@ class Generator:
 
     def stream(self, prompt_BxP, max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0, stop_token: int | None = None,
-               with_logits: bool = False) -> Iterator:
+               with_logits: bool = False, pad_token: int | None = None) -> Iterator:
         """Yields each new token [B] (with its logits [B, V] if `with_logits`) as it is made.
 
-        Stops after `max_new_tokens`, or once every row has produced `stop_token`. The token
-        at index n is drawn with fold_in(key(seed), n), so a seed gives the same text every run.
+        A row that has produced `stop_token` yields `pad_token` (default: the stop token)
+        after it, whatever the sampling draws; the stream stops after `max_new_tokens`, or
+        once every row has stopped. The token at index n is drawn with fold_in(key(seed), n),
+        so a seed gives the same text every run.
         """
+        pad_token = stop_token if pad_token is None else pad_token
         prompt_BxP = self.check_prompt(prompt_BxP)
         context, keep = self.cfg.max_seq_len, self.cfg.max_seq_len // 2
         key, params = jax.random.key(seed), sampling.arrays()
@@ -158,6 +161,8 @@ class Generator:
                 token_B, logits_BxV, cache = self.step_fn(self.state, cache, window_BxT[:, -1],
                                                         key, np.int32(n), params)
             token_B = np.asarray(token_B)
+            if stop_token is not None:  # what a row draws after its stop is not its text
+                token_B = np.where(stopped_B, pad_token, token_B).astype(np.int32)
             window_BxT = np.concatenate([window_BxT, token_B[:, None]], axis=1)
             yield (token_B, logits_BxV) if with_logits else token_B
             if stop_token is not None:
@@ -189,18 +194,15 @@ def prompt_tokens(tokenizer, text: str = "", instruction: str | None = None,
 
 def generate(model: MiniDeepSeek, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_token: int | None = None) -> np.ndarray:
+             stop_token: int | None = None, pad_token: int | None = None) -> np.ndarray:
     """The new token ids after each prompt, [B, N] int32 (`prompt_ids` [B, P] or one prompt
     [P]; the rows share a length P). Greedy at temperature 0, else sampled as `Sampling`
     says, token n drawn with fold_in(key(seed), n). A row stops at its first `stop_token`
-    (included) and is padded with `stop_token` after it; N < max_new_tokens once every row
-    has stopped."""
+    (included) and is padded with `pad_token` (default: `stop_token`) after it; N <
+    max_new_tokens once every row has stopped."""
     sampling = Sampling(temperature, top_k, top_p)
-    tokens = list(Generator(model).stream(prompt_ids, max_new_tokens, sampling, seed, stop_token))
+    tokens = list(Generator(model).stream(prompt_ids, max_new_tokens, sampling, seed, stop_token,
+                                          pad_token=pad_token))
     rows = np.atleast_2d(np.asarray(prompt_ids)).shape[0]
     new_BxN = np.stack(tokens, axis=1) if tokens else np.zeros((rows, 0), np.int32)
-    if stop_token is not None:  # what a row made after its stop is not its text
-        stopped_BxN = np.cumsum(new_BxN == stop_token, axis=1) > 0
-        after_stop_BxN = np.concatenate([np.zeros((rows, 1), bool), stopped_BxN[:, :-1]], 1)
-        new_BxN = np.where(after_stop_BxN[:, :new_BxN.shape[1]], stop_token, new_BxN)
     return new_BxN.astype(np.int32)

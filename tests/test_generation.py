@@ -198,3 +198,28 @@ def test_prompt_tokens_follow_the_training_layout():
     assert tokenizer.decode(tokens[1:]) == format_prompt("Add the numbers.", "2 3")
     np.testing.assert_array_equal(generation.prompt_tokens(tokenizer, ""), [tokenizer.EOS])
     np.testing.assert_array_equal(generation.prompt_tokens(tokenizer, "hi"), [104, 105])
+
+
+def test_a_row_that_stopped_emits_padding_and_the_other_decodes_as_alone(model, generator):
+    """The stop token is what greedy decoding makes at step 2 of row 0: after it row 0 emits
+    only the pad id, from the stream too, while row 1 goes on as it would alone."""
+    prompt = np.array([[5, 9, 2], [7, 1, 3]])
+    greedy = generation.generate(model, prompt, 8)
+    stop, pad = int(greedy[0, 2]), CFG.vocab_size - 1
+    assert stop not in greedy[0, :2] and stop not in greedy[1]  # only row 0 stops
+    got = minids_jax.generate(model, prompt, 8, stop_token=stop, pad_token=pad)
+    np.testing.assert_array_equal(got[0], [*greedy[0, :3], *[pad] * 5])
+    alone = minids_jax.generate(model, prompt[1:], 8, stop_token=stop, pad_token=pad)
+    np.testing.assert_array_equal(got[1:], alone)
+    np.testing.assert_array_equal(alone[0], greedy[1])
+    streamed = np.stack(list(generator.stream(prompt, 8, GREEDY, stop_token=stop,
+                                              pad_token=pad)), 1)
+    np.testing.assert_array_equal(streamed, got)
+    # Sampled: once row 0 has made its stop token, it pads.
+    free = generation.generate(model, prompt, 8, temperature=1.0, seed=4)
+    stop = int(free[0, 1])
+    first = list(free[0]).index(stop)
+    sampled = generation.generate(model, prompt, 8, temperature=1.0, seed=4, stop_token=stop,
+                                  pad_token=pad)
+    np.testing.assert_array_equal(sampled[0, :first + 1], free[0, :first + 1])
+    assert sampled.shape[1] > first + 1 and set(sampled[0, first + 1:]) == {pad}
