@@ -19,5 +19,6 @@ def get_config():
         norm_eps=1e-6, param_dtype="bfloat16",
     )
     config.compute.update(dtype="bfloat16")
-    config.train.update(aux_loss_coef=0.001)
+    # V2-Lite's seq_aux=true: its aux_loss_alpha weighs the sequence-wise loss.
+    config.train.update(aux_loss_coef=0.0, sequence_aux_loss_coef=0.001)
     return config

@@ -107,7 +107,8 @@ class ModelConfig(Group):
     rope_mscale_all_dim: float = option(0.0, "YaRN: mscale of the softmax scale (DeepSeek-V3: "
                                         "1.0); 0: none", ARCHITECTURE, low=0)
     norm_eps: float = option(1e-5, "RMSNorm epsilon", ARCHITECTURE, above=0)
-    param_dtype: str = option("float32", "dtype the parameters are stored in", ARCHITECTURE,
+    param_dtype: str = option("float32", "dtype the parameters are stored in (the MoE routers' "
+                              "gate and bias stay float32)", ARCHITECTURE,
                               choices=DTYPES)
 
     def validate(self):

@@ -89,9 +89,12 @@ class TrainConfig(Group):
     grad_accum_steps: int = option(1, "microbatches per step: the batch is split in this many, "
                                    "their gradients summed before one update (less memory)",
                                    QUIET, low=1)
-    aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss", low=0)
-    sequence_aux_loss_coef: float = option(0.0, "weight of DeepSeek-V3's sequence-wise "
-                                           "balance loss (the paper: 1e-4)", low=0)
+    aux_loss_coef: float = option(0.01, "weight of each MoE layer's Switch load-balancing loss "
+                                  "(the layers' losses are summed, as DeepSeek's code does)",
+                                  low=0)
+    sequence_aux_loss_coef: float = option(0.0, "weight of each MoE layer's DeepSeek-V3 "
+                                           "sequence-wise balance loss, summed over the layers "
+                                           "(the paper's alpha: 1e-4)", low=0)
     mtp_loss_coef: float = option(0.3, "weight of the mean multi-token-prediction loss "
                                   "(with model.mtp_depth > 0)", low=0)
     router_bias_rate: float = option(0.001, "aux-loss-free balancing of sigmoid routers: "

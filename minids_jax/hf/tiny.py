@@ -14,7 +14,16 @@ import pathlib
 import tempfile
 from typing import Callable
 
+import tokenizers
+from flax import nnx
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from minids_jax import checkpoint
+from minids_jax import config as config_lib
 from minids_jax.config import ConfigError
+from minids_jax.data.corpus import builtin_corpus_files, read_text_corpus
+from minids_jax.hf import convert
+from minids_jax.model import build, count_params
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -85,11 +94,6 @@ TRAINING_BYTES = 4 << 20  # of the standard library's sources: enough for 1024 t
 def train_tokenizer(directory: pathlib.Path, template: str) -> int:
     """Writes tokenizer.json and tokenizer_config.json (with `template`); returns the
     vocabulary size."""
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from minids_jax.data.corpus import builtin_corpus_files, read_text_corpus
-
     corpus = read_text_corpus(builtin_corpus_files(), "the builtin corpus", TRAINING_BYTES,
                               expect_skips=True)
     tokenizer = tokenizers.Tokenizer(models.BPE())
@@ -109,13 +113,6 @@ def train_tokenizer(directory: pathlib.Path, template: str) -> int:
 def make_tiny(family: str, out: str | pathlib.Path, seed: int = 0,
               log: Callable[[str], None] = print) -> list[str]:
     """Writes a random `family` model with its tokenizer to `out`; returns the files."""
-    from flax import nnx
-
-    from minids_jax import checkpoint
-    from minids_jax import config as config_lib
-    from minids_jax.hf import convert
-    from minids_jax.model import build, count_params
-
     if family not in FAMILIES:
         raise ConfigError(f"--family={family!r} is unknown; choose from "
                           f"{', '.join(FAMILIES)}.")
