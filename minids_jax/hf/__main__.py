@@ -4,6 +4,8 @@
     python -m minids_jax.hf import HF_DIR --workdir WD [--config C] [--max_seq_len N] [--nomtp]
     python -m minids_jax.hf export --workdir WD --out OUT [--step N] [--dtype bfloat16|float32]
         [--nomtp] [--adapter_only]
+    python -m minids_jax.hf export --workdir WD --out OUT --format gguf
+        [--dtype f32|f16|bf16|q8_0] [--step N]
     python -m minids_jax.hf make-tiny --family llama|qwen2|deepseek_v2|deepseek_v3 --out OUT
 
 `import` writes WD as a run at step 0 of the model in HF_DIR (config.json, *.safetensors,
@@ -14,6 +16,8 @@ training, data); its model group is replaced by the imported one. `export` write
 `transformers.AutoModelForCausalLM.from_pretrained(OUT)` and vLLM (a LoRA run merged, or with
 `--adapter_only` its adapters for `peft.PeftModel.from_pretrained`). `make-tiny` writes a
 small random model of a family, with a tokenizer and chat template, to practise on.
+`--format gguf` writes OUT/model.gguf for llama.cpp and an Ollama OUT/Modelfile instead
+(docs/serving.md; needs the `gguf` package).
 """
 
 from __future__ import annotations
@@ -30,8 +34,13 @@ _CONFIG = cli.define_config_flag(default=None)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (import: a new one).")
 _OUT = flags.DEFINE_string("out", None, "export: the directory to write.")
 _STEP = flags.DEFINE_integer("step", None, "export: the checkpoint's step (default: latest).")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
-                           "export: the dtype of the written weights.")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "gguf"], "export: a Hugging Face "
+                            "directory (hf), or model.gguf and an Ollama Modelfile (gguf).")
+# One flag for both formats, each with its own names; the default depends on --format.
+HF_DTYPES, GGUF_DTYPES = ("bfloat16", "float32"), ("f32", "f16", "bf16", "q8_0")
+_DTYPE = flags.DEFINE_string("dtype", None, "export: the dtype of the written weights: "
+                             "bfloat16 (default) or float32 for --format=hf; f16 (default), "
+                             "f32, bf16 or q8_0 for --format=gguf.")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest tensor file; "
                                    "past it the weights are sharded with an index.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "import: the run's context and "
@@ -86,13 +95,28 @@ def main(argv: list[str]) -> None:
         return
     if not _OUT.value:
         raise cli.UserError(f"export needs --out; {USAGE}")
+    dtypes = GGUF_DTYPES if _FORMAT.value == "gguf" else HF_DTYPES
+    dtype = _DTYPE.value or ("f16" if _FORMAT.value == "gguf" else "bfloat16")
+    if dtype not in dtypes:
+        raise cli.UserError(f"--dtype={dtype} is not a --format={_FORMAT.value} dtype; use one "
+                            f"of {', '.join(dtypes)}.")
+    if _FORMAT.value == "gguf" and _ADAPTER_ONLY.value:
+        raise cli.UserError("--adapter_only writes a PEFT adapter; --format=gguf merges the "
+                            "adapters into model.gguf: use one of them.")
     out = writable_directory(_OUT.value, "--out")
+    if _FORMAT.value == "gguf":
+        from minids_jax.hf import to_gguf
+
+        to_gguf.export_gguf(_WORKDIR.value, out, step=_STEP.value, dtype=dtype)
+        print(f"exported in {time.perf_counter() - started:.1f} s; serve it with: ollama create "
+              f"NAME -f {out}/Modelfile, or llama-server -m {out}/model.gguf")
+        return
     if _ADAPTER_ONLY.value:
         from minids_jax.hf import adapter
 
         adapter.export_adapter(_WORKDIR.value, out, step=_STEP.value)
         return
-    convert.export_run(_WORKDIR.value, out, step=_STEP.value, dtype=_DTYPE.value,
+    convert.export_run(_WORKDIR.value, out, step=_STEP.value, dtype=dtype,
                        max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30), with_mtp=_MTP.value)
     print(f"exported in {time.perf_counter() - started:.1f} s")
 

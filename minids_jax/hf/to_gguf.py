@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from typing import Any, Callable
@@ -497,6 +498,7 @@ def _write_file(path: pathlib.Path, planned: list[Planned], arch: str, dtype: st
     """Header from the shapes, then each tensor converted and written in turn; the file
     appears under its name only once complete."""
     partial = path.with_name(path.name + ".partial")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its per-file plan lines
     writer = gguf.GGUFWriter(partial, arch)
     try:
         write_model_keys(writer, cfg, arch, dtype, name)
