@@ -481,3 +481,36 @@ def test_notebook_cells_run(straight, monkeypatch, tmp_path):
     assert namespace["moe_layers"] == moe_layers
     assert namespace["load_NxE"].shape == (len(moe_layers), config.model.n_experts)
     np.testing.assert_allclose(namespace["load_NxE"].sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_checkpoint_saved_with_a_bfloat16_router_loads_and_verifies(tmp_path):
+    """Routers are float32 now; before, model.param_dtype=bfloat16 stored them in bfloat16.
+    Such a checkpoint restores (exactly: bfloat16 widens without loss) and its checksums,
+    taken of the bfloat16 arrays, still verify; a damaged array still does not."""
+    import jax.numpy as jnp
+
+    from minids_jax.model import build
+    from tests.factories import V3_MODEL
+
+    config = tiny_config(model=dict(V3_MODEL, param_dtype="bfloat16"))
+    state = nnx.to_pure_dict(nnx.state(build(config, "cpu", nnx.Rngs(0))))
+
+    def as_before(path, x):
+        keys = [getattr(k, "key", k) for k in path]
+        return x.astype(jnp.bfloat16) if keys[-2:] == ["gate", "kernel"] else x
+
+    old = jax.tree_util.tree_map_with_path(as_before, state)
+    checkpoint.save_model(tmp_path / "old", config, old)
+    model, _ = minids_jax.load(tmp_path / "old")
+    kernel = model.blocks[1].moe.gate.kernel[...]
+    assert kernel.dtype == jnp.float32
+    np.testing.assert_array_equal(kernel, np.asarray(old["blocks"][1]["moe"]["gate"]["kernel"],
+                                                     np.float32))
+    from minids_jax.checkpoint import integrity
+
+    assert integrity.mismatches(old, integrity.checksums(old),
+                                {"blocks/1/moe/gate/kernel": jnp.bfloat16}) == []
+    damaged = jax.tree.map(lambda x: x, old)
+    damaged["blocks"][1]["moe"]["gate"]["kernel"] = kernel.astype(jnp.bfloat16).at[0, 0].add(1)
+    assert integrity.mismatches(damaged, integrity.checksums(old), {
+        "blocks/1/moe/gate/kernel": jnp.bfloat16}) == ["blocks/1/moe/gate/kernel"]

@@ -106,11 +106,26 @@ def checksums(tree: Any) -> dict[str, str]:
     return {key: f"{sums[key][0]:08x}{sums[key][1]:08x}" for key in leaves}
 
 
-def mismatches(tree: Any, expected: dict[str, str]) -> list[str]:
-    """The paths whose checksum differs from `expected` (or that are missing from one side)."""
-    actual = checksums(tree)
+def mismatches(tree: Any, expected: dict[str, str],
+               saved_dtypes: dict[str, Any] | None = None) -> list[str]:
+    """The paths whose checksum differs from `expected` (or that are missing from one side).
+    An array restored in another dtype than it was saved in (a float32 router restored from a
+    bfloat16 checkpoint) is checked as the saved dtype, to which it converts back exactly."""
+    saved_dtypes = saved_dtypes or {}
+
+    def as_saved(path, leaf):
+        dtype = saved_dtypes.get(_key(path))
+        return leaf if dtype is None or dtype == leaf.dtype else leaf.astype(dtype)
+
+    actual = checksums(jax.tree_util.tree_map_with_path(as_saved, tree))
     return sorted(key for key in set(actual) | set(expected)
                   if actual.get(key) != expected.get(key))
+
+
+def leaf_dtypes(tree: Any) -> dict[str, Any]:
+    """{'a/b/c': dtype} of a tree of arrays or of orbax's array metadata."""
+    return {_key(path): leaf.dtype for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(leaf, "dtype")}
 
 
 def digest(sums: dict[str, str] | None) -> str | None:

@@ -172,6 +172,14 @@ def unreadable(step_dir: epath.Path, error: Exception) -> UnreadableCheckpointEr
         step_dir, f"is unreadable, its files truncated or corrupted ({message})")
 
 
+def _saved_dtypes(item_dir: epath.Path) -> dict[str, Any]:
+    """The dtypes an item's arrays were saved in ({} when orbax cannot say)."""
+    try:
+        return integrity.leaf_dtypes(ocp.PyTreeCheckpointHandler().metadata(item_dir).tree)
+    except Exception:  # noqa: BLE001 (a JSON item, or an older layout: checked as restored)
+        return {}
+
+
 def verify(step_dir: epath.Path, meta: dict, **trees) -> bool:
     """Checks restored arrays against the checksums saved in `meta`: raises
     UnreadableCheckpointError naming the first ones that differ; False if the checkpoint has
@@ -180,7 +188,7 @@ def verify(step_dir: epath.Path, meta: dict, **trees) -> bool:
     if saved is None:
         return False
     for item, tree in trees.items():
-        bad = integrity.mismatches(tree, saved.get(item, {}))
+        bad = integrity.mismatches(tree, saved.get(item, {}), _saved_dtypes(step_dir / item))
         if bad:
             more = f" and {len(bad) - 2} more" if len(bad) > 2 else ""
             raise UnreadableCheckpointError(
