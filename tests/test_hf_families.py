@@ -152,3 +152,37 @@ def test_each_familys_chat_template_gives_transformers_tokens_and_survives_expor
     convert.export_run(workdir, tmp_path / "hf", dtype="float32", log=lambda _: None)
     source = HFTokenizer(FIXTURES[family]).chat_template
     assert source and HFTokenizer(tmp_path / "hf").chat_template == source
+
+
+def test_the_peft_adapter_names_the_hugging_face_model_its_base_came_from(tmp_path):
+    """PeftModel.from_pretrained(base, adapter) looks the base up by base_model_name_or_path:
+    the directory the base was imported from, not the run directory, which no loader opens."""
+    import dataclasses
+
+    from flax import nnx
+
+    from minids_jax import checkpoint
+    from minids_jax.checkpoint.base import base_reference
+    from minids_jax.hf import adapter
+    from minids_jax.model import lora
+
+    convert.import_dir(FIXTURES["llama"], tmp_path / "base", tiny_config(), log=lambda _: None)
+    model, config = minids_jax.load(tmp_path / "base")
+    tuned = dataclasses.replace(
+        config, lora=dataclasses.replace(config.lora, rank=2, targets=("q_proj",)),
+        checkpoint=dataclasses.replace(config.checkpoint, init_from=str(tmp_path / "base")))
+    lora.add_adapters(model, tuned.lora, nnx.Rngs(1))
+    step_dir = tmp_path / "base" / "checkpoints" / "0"
+    checkpoint.save_model(tmp_path / "lora", tuned,
+                          nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)),
+                          base=base_reference(step_dir, checkpoint.read_meta(step_dir)))
+
+    def base_named(**flags) -> str:
+        adapter.export_adapter(tmp_path / "lora", tmp_path / "adapter", log=lambda _: None,
+                               **flags)
+        return json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+            "base_model_name_or_path"]
+
+    assert base_named() == str(FIXTURES["llama"].resolve())
+    assert base_named(base_model="deepseek-ai/DeepSeek-R1-Distill-Llama-8B") == \
+        "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"

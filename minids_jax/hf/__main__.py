@@ -45,6 +45,9 @@ _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export: the largest ten
                                    "past it the weights are sharded with an index.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", None, "import: the run's context and "
                                     "training window (default: max_position_embeddings).")
+_BASE_MODEL = flags.DEFINE_string("base_model", None, "export --adapter_only: the base's "
+                                  "directory or hub id for adapter_config.json (default: the "
+                                  "Hugging Face directory the base was imported from).")
 _ADAPTER_ONLY = flags.DEFINE_bool("adapter_only", False, "export of a LoRA run: write its "
                                   "adapters as a PEFT adapter instead of the merged model.")
 _MTP = flags.DEFINE_bool("mtp", True, "Import/export the MTP layers when there are some.")
@@ -114,7 +117,8 @@ def main(argv: list[str]) -> None:
     if _ADAPTER_ONLY.value:
         from minids_jax.hf import adapter
 
-        adapter.export_adapter(_WORKDIR.value, out, step=_STEP.value)
+        adapter.export_adapter(_WORKDIR.value, out, step=_STEP.value,
+                               base_model=_BASE_MODEL.value)
         return
     convert.export_run(_WORKDIR.value, out, step=_STEP.value, dtype=dtype,
                        max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30), with_mtp=_MTP.value)

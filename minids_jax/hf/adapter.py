@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from minids_jax import checkpoint
+from minids_jax.checkpoint.base import locate_base
 from minids_jax.hf import config as hf_config
 from minids_jax.hf import dense
 from minids_jax.hf import weights
@@ -35,15 +36,35 @@ def peft_targets(adapted: set[str], every_module: list[str]) -> list[str]:
     return sorted(targets)
 
 
+def imported_base(workdir: str | pathlib.Path, step: int | None = None) -> str | None:
+    """The Hugging Face directory a LoRA run's base was imported from, as the import recorded
+    it in the base's metadata (None for a base trained here)."""
+    directory, step = checkpoint.resolve(workdir, step)
+    base = checkpoint.read_meta(directory, step).get("base")
+    if base is None:
+        return None
+    base_directory, base_step = locate_base(base, directory / str(step))
+    return checkpoint.read_meta(base_directory, base_step).get("imported_from")
+
+
 def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
-                   step: int | None = None, log: Callable[[str], None] = print) -> list[str]:
+                   step: int | None = None, base_model: str | None = None,
+                   log: Callable[[str], None] = print) -> list[str]:
     """Writes a LoRA run's adapters as a PEFT adapter (adapter_config.json,
     adapter_model.safetensors) for `peft.PeftModel.from_pretrained` on the base model exported
     from `checkpoint.init_from`'s run: the attention projections' and the head's. Adapters of
     MLPs and routed experts and trained norm gains have no form peft loads (those runs are
-    exported merged); the MTP modules' adapters are left out."""
+    exported merged); the MTP modules' adapters are left out. `adapter_config.json` names as
+    its base `base_model` (a directory or hub id), else the Hugging Face directory the base was
+    imported from, so that `PeftModel.from_pretrained(base, adapter)` finds it."""
     config = checkpoint.read_config(workdir, step)
     cfg, lora_cfg = config.model, config.lora
+    base_model = base_model or imported_base(workdir, step)
+    if base_model is None:
+        log(f"the base of {workdir} was not imported from a Hugging Face model: export it "
+            f"(python -m minids_jax.hf export --workdir {config.checkpoint.init_from} --out "
+            f"BASE) and pass --base_model BASE, or set base_model_name_or_path in "
+            f"adapter_config.json")
     hf_config.to_hf(cfg)  # raises if the base has no Hugging Face form
     if not lora_cfg.rank:
         raise hf_config.HFFormatError(f"{workdir} is not a LoRA run (lora.rank=0); export it "
@@ -97,7 +118,7 @@ def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
         "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout, "bias": "none",
         "target_modules": peft_targets(modules, every_module), "fan_in_fan_out": False, "use_rslora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "base_model_name_or_path": config.checkpoint.init_from or None}
+        "base_model_name_or_path": base_model}
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     written = ["adapter_config.json", "adapter_model.safetensors"]
     log(f"wrote {out}: {', '.join(written)} ({len(modules)} adapted projections)")
