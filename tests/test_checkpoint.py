@@ -514,3 +514,25 @@ def test_a_checkpoint_saved_with_a_bfloat16_router_loads_and_verifies(tmp_path):
     damaged["blocks"][1]["moe"]["gate"]["kernel"] = kernel.astype(jnp.bfloat16).at[0, 0].add(1)
     assert integrity.mismatches(damaged, integrity.checksums(old), {
         "blocks/1/moe/gate/kernel": jnp.bfloat16}) == ["blocks/1/moe/gate/kernel"]
+
+
+def test_saved_params_read_one_array_at_a_time_as_load_params_gives_them(tmp_path):
+    """What exports read: a LoRA run's arrays one by one, adapters merged as they are read,
+    equal to merging the whole loaded tree; shapes from the metadata alone."""
+    from flax.traverse_util import flatten_dict
+
+    from minids_jax.checkpoint.loading import SavedParams
+    from minids_jax.model import lora
+    from tests.factories import saved_lora_run
+
+    _, run = saved_lora_run(tmp_path, targets=("attn.*", "moe.w1", "head"))
+    config = minids_jax.read_config(run)
+    whole = {tuple(map(str, path)): leaf for path, leaf in flatten_dict(
+        lora.merged_params(minids_jax.load_params(run), config.lora)).items()}
+    lazy = SavedParams(run, merge=config.lora)
+    assert sorted(lazy) == sorted(whole)
+    for path in whole:
+        assert lazy.shape(path) == whole[path].shape
+        np.testing.assert_array_equal(lazy[path], whole[path], err_msg=str(path))
+    # Unmerged, the adapters are there as saved.
+    assert any(path[-1] == "lora_a" for path in SavedParams(run))

@@ -1,11 +1,13 @@
-"""Loading a saved model in notebooks and tools: onto this machine's devices (`load`), or as
-numpy arrays without building a model (`load_params`).
+"""Loading a saved model in notebooks and tools: onto this machine's devices (`load`), as
+numpy arrays without building a model (`load_params`), or one array at a time
+(`SavedParams`, for exports of models larger than host memory).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -16,6 +18,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from minids_jax import sharding
 from minids_jax.checkpoint.base import locate_base
 from minids_jax.checkpoint.store import (
+    UnreadableCheckpointError,
     read_config,
     read_meta,
     read_only_manager,
@@ -24,7 +27,8 @@ from minids_jax.checkpoint.store import (
     unreadable,
     verify,
 )
-from minids_jax.config import MeshConfig
+from minids_jax.checkpoint import integrity
+from minids_jax.config import LoRAConfig, MeshConfig
 from minids_jax.model import build, lora
 
 
@@ -79,3 +83,73 @@ def load(path: str | os.PathLike, step: int | None = None, *,
     restored = restore_items(directory, step, model=target)
     nnx.replace_by_pure_dict(abstract_state, restored["model"])
     return nnx.merge(graphdef, abstract_state), config
+
+
+class SavedParams(Mapping):
+    """A checkpoint's parameters as {key path (str, ...): numpy array}, each read from disk,
+    and checked against its saved checksum, when it is looked up: an export holds one tensor
+    at a time instead of the model. A LoRA run's adapters (small) are read at the start; with
+    `merge` (its LoRAConfig) they are added into their weights as those are read, and the
+    mapping has the base's keys only, as `lora.merged_params(load_params(...))` has."""
+
+    def __init__(self, path: str | os.PathLike, step: int | None = None, *,
+                 merge: LoRAConfig | None = None):
+        directory, step = resolve(path, step)
+        step_dir = directory / str(step)
+        self._merge = merge
+        # path: (step dir, saved checksums, orbax's metadata of the array)
+        self._sources: dict[tuple[str, ...], tuple[Any, dict | None, Any]] = {}
+        meta = read_meta(directory, step)
+        base = meta.get("base")
+        if base is not None:  # adapters only: the other arrays are the base's
+            base_dir, base_step = locate_base(base, step_dir)
+            self._add_source(base_dir / str(base_step), read_meta(base_dir, base_step))
+        self._add_source(step_dir, meta)
+        self._adapters: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+        if merge is not None:
+            for a_path in [p for p in self._sources if p[-1].endswith("lora_a")]:
+                weight, b_path = lora.adapted_weight(a_path)
+                self._adapters[weight] = (self._read(a_path), self._read(b_path))
+                del self._sources[a_path], self._sources[b_path]
+
+    def _add_source(self, step_dir, meta: dict) -> None:
+        try:
+            tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / "model").tree
+        except Exception as error:  # orbax and tensorstore raise many kinds
+            raise unreadable(step_dir, error) from error
+        sums = meta.get("checksums", {}).get("model")
+        for path, array_metadata in flatten_dict(tree).items():
+            self._sources[tuple(map(str, path))] = (step_dir, sums, array_metadata)
+
+    def _read(self, path: tuple[str, ...]) -> np.ndarray:
+        step_dir, sums, array_metadata = self._sources[path]
+        try:
+            restored = ocp.PyTreeCheckpointHandler().restore(
+                step_dir / "model", args=ocp.args.PyTreeRestore(
+                    item=unflatten_dict({path: array_metadata}),
+                    restore_args=unflatten_dict({path: ocp.RestoreArgs(
+                        restore_type=np.ndarray)}), partial_restore=True))
+        except Exception as error:  # orbax and tensorstore raise many kinds
+            raise unreadable(step_dir, error) from error
+        key = "/".join(path)
+        if sums is not None and integrity.mismatches(restored, {key: sums.get(key)}):
+            raise UnreadableCheckpointError(
+                step_dir, f"is damaged: model array {key} differs from the checksum saved "
+                          f"with it")
+        return flatten_dict(restored)[path]
+
+    def __getitem__(self, path: tuple[str, ...]) -> np.ndarray:
+        array = self._read(path)
+        if path in self._adapters:
+            array = lora.merged_weight(array, *self._adapters[path], self._merge)
+        return array
+
+    def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+        """The array's shape, from the checkpoint's metadata (nothing read)."""
+        return tuple(self._sources[path][2].shape)
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)

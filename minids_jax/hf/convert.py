@@ -25,7 +25,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minids_jax import sharding
 from minids_jax.checkpoint import store
-from minids_jax.checkpoint.loading import load_params
+from minids_jax.checkpoint.loading import SavedParams
 from minids_jax.checkpoint.store import CheckpointError
 from minids_jax.config import Config, ConfigError
 from minids_jax.config.model import ModelConfig
@@ -35,7 +35,7 @@ from minids_jax.hf import config as hf_config
 from minids_jax.hf import weights
 from minids_jax.hf.files import TensorFiles, save
 from minids_jax.hf.weights import EXPERTS, Tensor
-from minids_jax.model import build, lora
+from minids_jax.model import build
 from minids_jax.workdir import CHECKPOINTS, complete_steps
 
 # Newer transformers save the chat template as chat_template.jinja, not in tokenizer_config.
@@ -261,10 +261,8 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
     hf = hf_config.to_hf(cfg, dtype=dtype, special_ids=special)  # raises if inexpressible
     out = pathlib.Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    params = load_params(workdir, step)
-    if config.lora.rank:  # the adapted model: adapters merged into their weights
-        params = lora.merged_params(params, config.lora)
-    params = flat_paths(params)
+    # Read a tensor at a time, LoRA adapters merged into their weights as they are read.
+    params = SavedParams(workdir, step, merge=config.lora if config.lora.rank else None)
     target = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
 
     layout = weights.layout(cfg)

@@ -41,7 +41,7 @@ except ImportError:
     gguf = None
 
 from minids_jax.checkpoint import store
-from minids_jax.checkpoint.loading import load_params
+from minids_jax.checkpoint.loading import SavedParams
 from minids_jax.config import Config
 from minids_jax.config.model import ModelConfig
 from minids_jax.data import pipeline as data_lib
@@ -50,9 +50,8 @@ from minids_jax.errors import UserError
 from minids_jax.hf import config as hf_config
 from minids_jax.hf import dense, modelfile, weights
 from minids_jax.hf.config import HFFormatError
-from minids_jax.hf.convert import flat_paths
 from minids_jax.hf.weights import Tensor
-from minids_jax.model import lora, rotary
+from minids_jax.model import rotary
 
 GGUF_FILE = "model.gguf"
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -477,12 +476,9 @@ def export_gguf(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
             f"run DeepSeek-V3's multi-token prediction")
     vocab = vocab_of(_run_tokenizer(config, workdir), workdir, cfg, _family(cfg, arch), log)
 
-    params = load_params(workdir, step)
-    if config.lora.rank:  # the adapted model: adapters merged into their weights
-        params = lora.merged_params(params, config.lora)
-    flat = flat_paths(params)
-    planned = plan(cfg, arch, lambda path: np.shape(flat[path]),
-                   lambda path: np.asarray(flat[path], np.float32))
+    # Read a tensor at a time, LoRA adapters merged into their weights as they are read.
+    params = SavedParams(workdir, step, merge=config.lora if config.lora.rank else None)
+    planned = plan(cfg, arch, params.shape, lambda path: np.asarray(params[path], np.float32))
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_file(out_dir / GGUF_FILE, planned, arch, dtype, cfg, vocab, workdir.name, log)
     modelfile.write_modelfile(out_dir, chat_template=vocab.chat_template,

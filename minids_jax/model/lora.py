@@ -93,13 +93,22 @@ def merged_params(params: dict, cfg: LoRAConfig) -> dict:
     weights and removed: the base layout, computing the adapted model."""
     flat = flatten_dict(params)
     for path in [p for p in flat if str(p[-1]).endswith("lora_a")]:
-        weight = str(path[-1])[:-len("_lora_a")] or "kernel"  # w1_lora_a -> w1; lora_a -> kernel
-        base = path[:-1] + (weight,)
-        a, b = flat.pop(path), flat.pop(path[:-1] + (str(path[-1])[:-1] + "b",))
-        delta = np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))
-        flat[base] = (np.asarray(flat[base], np.float32) + cfg.alpha / cfg.rank * delta
-                      ).astype(np.asarray(flat[base]).dtype)
+        weight, b_path = adapted_weight(path)
+        flat[weight] = merged_weight(flat[weight], flat.pop(path), flat.pop(b_path), cfg)
     return unflatten_dict(flat)
+
+
+def adapted_weight(a_path: tuple) -> tuple[tuple, tuple]:
+    """(the weight's path, the B matrix's path) of an adapter's A matrix path."""
+    weight = str(a_path[-1])[:-len("_lora_a")] or "kernel"  # w1_lora_a -> w1; lora_a -> kernel
+    return a_path[:-1] + (weight,), a_path[:-1] + (str(a_path[-1])[:-1] + "b",)
+
+
+def merged_weight(weight, a, b, cfg: LoRAConfig) -> np.ndarray:
+    """weight + alpha / rank * A @ B, in the weight's dtype."""
+    delta = np.matmul(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    return (np.asarray(weight, np.float32) + cfg.alpha / cfg.rank * delta
+            ).astype(np.asarray(weight).dtype)
 
 
 def add_adapters(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str]:
