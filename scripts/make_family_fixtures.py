@@ -32,36 +32,14 @@ import numpy as np
 import torch
 import transformers
 
+from minids_jax.hf.tiny import DEEPSEEK_LLM_TEMPLATE, R1_DISTILL_TEMPLATE
+
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 TOKENIZER = FIXTURES / "hf_tiny"
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=2,
               attn_implementation="eager")
-# The chat templates of the published models' tokenizer_config.json.
-R1_DISTILL_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
-    "{% endif %}{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, "
-    "system_prompt='') %}{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{bos_token}}"
-    "{{ns.system_prompt}}{%- for message in messages %}{%- if message['role'] == 'user' %}"
-    "{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
-    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
-    "{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + "
-    "'<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}{%- else %}"
-    "{% set content = message['content'] %}{% if '</think>' in content %}"
-    "{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
-    "{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
-    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}"
-    "{% endif %}")
-DEEPSEEK_LLM_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
-    "{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
-    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
-    "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "{{ 'Assistant:' }}{% endif %}")
 TEMPLATES = {"llama_tiny": R1_DISTILL_TEMPLATE, "qwen2_tiny": R1_DISTILL_TEMPLATE,
              "deepseek_v2_tiny": DEEPSEEK_LLM_TEMPLATE,
              "deepseek_v2_greedy_tiny": DEEPSEEK_LLM_TEMPLATE}
