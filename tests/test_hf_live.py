@@ -166,6 +166,44 @@ def test_the_peft_adapter_loads_in_peft_onto_the_exported_base(tmp_path):
     assert_close_logits(adapted, hf_logits(theirs, tokens))
 
 
+@pytest.mark.parametrize("targets, model", [
+    (("attn.*", "moe.w1", "moe.w2", "moe.w3"), None),
+    # Gate and down only (gate_up_proj at rank R, its up rows zero), no attention adapters.
+    (("moe.w1", "moe.w3"), None),
+    # Layer 1's gate and up (gate_up_proj at rank 2R by its full name), every layer's down.
+    (("blocks.1.moe.w1", "blocks.1.moe.w2", "moe.w3"), dict(n_layers=3)),
+    # DeepSeek-V2 (exported as deepseek_v2): the same fused experts in transformers.
+    (("attn.*", "moe.w1", "moe.w2", "moe.w3"),
+     dict(n_heads=4, q_lora_rank=0, n_experts=8, router_scoring="softmax", n_group=4,
+          topk_group=2, group_score="max", norm_topk_prob=False, routed_scaling_factor=16.0)),
+], ids=["attention_and_experts", "gate_and_down", "one_layers_gate_up", "deepseek_v2"])
+def test_routed_expert_adapters_load_in_peft_on_the_fused_experts(targets, model, tmp_path):
+    """peft's target_parameters on transformers' gate_up_proj and down_proj give our logits."""
+    peft = pytest.importorskip("peft", minversion="0.17")
+    from tests.factories import V3_MODEL, saved_lora_run
+
+    base, run = saved_lora_run(tmp_path, targets=targets,
+                               model={**V3_MODEL, "n_layers": 2, "mtp_depth": 0, **(model or {})})
+    convert.export_run(base, tmp_path / "hf_base", dtype="float32", log=lambda _: None)
+    adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base")
+    assert theirs.config.model_type == ("deepseek_v2" if "q_lora_rank" in (model or {})
+                                        else "deepseek_v3")
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
+    theirs.base_model.model.set_experts_implementation("eager")
+    wrapped = {name for name, module in theirs.named_modules()
+               if isinstance(module, peft.tuners.lora.ParamWrapper)}
+    assert wrapped  # the experts' adapters were placed, not skipped
+    ours, _ = minids_jax.load(run)
+    tokens = np.random.RandomState(5).randint(0, 64, (2, 16)).astype(np.int32)
+    base_logits = np.asarray(minids_jax.load(base)[0](tokens).logits_BxLxV)
+    adapted = np.asarray(ours(tokens).logits_BxLxV)
+    assert np.abs(adapted - base_logits).max() > 1e-2  # the adapters matter
+    assert_close_logits(adapted, hf_logits(theirs, tokens))
+    with theirs.disable_adapter():  # without the adapters, peft's model is the base again
+        assert_close_logits(base_logits, hf_logits(theirs, tokens))
+
+
 @pytest.mark.parametrize("family, model", [
     ("llama", dict(n_kv_heads=2, head_dim=24, qkv_bias=True, out_bias=True, mlp_bias=True,
                    rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=8)),

@@ -208,7 +208,6 @@ def test_the_peft_adapter_has_peft_names_shapes_and_scaling(tmp_path):
 
 
 @pytest.mark.parametrize("targets, message", [
-    (("moe.w1",), r"routed experts' adapters .* export the merged model"),
     (("shared.*",), r"MLPs' adapters .* would not load in peft"),
 ])
 def test_adapters_peft_cannot_load_are_refused(tmp_path, targets, message):
@@ -217,6 +216,45 @@ def test_adapters_peft_cannot_load_are_refused(tmp_path, targets, message):
     _, run = saved_lora_run(tmp_path, targets=targets)
     with pytest.raises(UserError, match=message):
         adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+
+
+def test_routed_expert_adapters_go_out_in_peft_form_on_the_fused_experts(tmp_path):
+    """gate (w1) and up (w2) share gate_up_proj's A and B at rank 2R (B block-diagonal, alpha
+    doubled); each expert's delta, computed from the files as peft computes it, is ours."""
+    from minids_jax.hf.files import TensorFiles
+
+    _, run = saved_lora_run(tmp_path, targets=("attn.*", "moe.w1", "moe.w2", "moe.w3"),
+                            model=dict(V3_MODEL, n_layers=2))  # with an MTP module
+    logs = []
+    adapter.export_adapter(run, tmp_path / "adapter", log=logs.append)
+    assert any(line.startswith("skipping the adapters of mtp.0.block.moe.w1") for line in logs)
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert settings["target_parameters"] == ["mlp.experts.down_proj",
+                                             "mlp.experts.gate_up_proj"]
+    assert (settings["r"], settings["lora_alpha"]) == (2, 4.0)
+    assert settings["rank_pattern"] == {"mlp.experts.gate_up_proj": 4}
+    assert settings["alpha_pattern"] == {"mlp.experts.gate_up_proj": 8.0}
+    files = TensorFiles(tmp_path / "adapter")
+    params = convert.flat_paths(checkpoint.load_params(run))
+    n_experts, d_model, rank = params[("blocks", "1", "moe", "w1_lora_a")].shape
+
+    def ours(weight):  # [E, out, in], as transformers stores the experts
+        a = params[("blocks", "1", "moe", f"{weight}_lora_a")]
+        b = params[("blocks", "1", "moe", f"{weight}_lora_b")]
+        return np.swapaxes(4.0 / rank * (a @ b), 1, 2)
+
+    def peft_delta(prefix, rank, alpha):  # peft's ParamWrapper.get_delta_weight
+        a, b = files[f"{prefix}.lora_A.weight"], files[f"{prefix}.lora_B.weight"]
+        a = a.reshape(n_experts, rank, a.shape[-1])
+        b = b.reshape(b.shape[0], rank, n_experts).transpose(2, 0, 1)
+        return alpha / rank * (b @ a)
+
+    experts = "base_model.model.model.layers.1.mlp.experts"
+    # Both parameters wrapped: gate_up_proj's wrapper is the inner one, peft's `base_layer`.
+    assert files.shape(f"{experts}.base_layer.lora_A.weight") == (n_experts * 2 * rank, d_model)
+    np.testing.assert_allclose(peft_delta(f"{experts}.base_layer", 2 * rank, 8.0),
+                               np.concatenate([ours("w1"), ours("w2")], axis=1), atol=1e-6)
+    np.testing.assert_allclose(peft_delta(experts, rank, 4.0), ours("w3"), atol=1e-6)
 
 
 def test_epochs_set_the_steps_from_the_examples(tmp_path):
