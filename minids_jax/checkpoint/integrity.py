@@ -60,7 +60,9 @@ def _checksum(x: jax.Array) -> jax.Array:
     return jnp.stack([weighted, mixed])
 
 
-_checksums = jax.jit(lambda leaves: [_checksum(x) for x in leaves])
+# One array per program: a program over the whole tree holds every array's temporaries at once
+# (measured: an import of 1.1B parameters peaked at 13.2 GB instead of 6.4 GB).
+_checksum_jit = jax.jit(_checksum)
 
 
 @jax.jit
@@ -99,10 +101,10 @@ def checksums(tree: Any) -> dict[str, str]:
     leaves = {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     sums = {key: _checksum_on_host(leaf) for key, leaf in leaves.items()
             if isinstance(leaf, np.ndarray)}
-    on_device = [key for key in leaves if key not in sums]
-    for key, pair in zip(on_device, _checksums([leaves[key] for key in on_device])):
+    for key in [key for key in leaves if key not in sums]:
         # The sums are replicated: any local copy is the value (also in a multi-process job).
-        sums[key] = tuple(int(v) for v in np.asarray(pair.addressable_data(0)))
+        pair = np.asarray(_checksum_jit(leaves[key]).addressable_data(0))
+        sums[key] = (int(pair[0]), int(pair[1]))
     return {key: f"{sums[key][0]:08x}{sums[key][1]:08x}" for key in leaves}
 
 
