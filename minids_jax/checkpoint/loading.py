@@ -148,6 +148,9 @@ class SavedParams(Mapping):
         """The array's shape, from the checkpoint's metadata (nothing read)."""
         return tuple(self._sources[path][2].shape)
 
+    def __contains__(self, path) -> bool:  # (Mapping's would read the array)
+        return path in self._sources
+
     def __iter__(self) -> Iterator[tuple[str, ...]]:
         return iter(self._sources)
 

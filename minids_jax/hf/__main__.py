@@ -49,7 +49,8 @@ _BASE_MODEL = flags.DEFINE_string("base_model", None, "export --adapter_only: th
                                   "directory or hub id for adapter_config.json (default: the "
                                   "Hugging Face directory the base was imported from).")
 _ADAPTER_ONLY = flags.DEFINE_bool("adapter_only", False, "export of a LoRA run: write its "
-                                  "adapters as a PEFT adapter instead of the merged model.")
+                                  "adapters as a PEFT adapter instead of the merged model "
+                                  "(routed experts' in peft's target_parameters form).")
 _MTP = flags.DEFINE_bool("mtp", True, "Import/export the MTP layers when there are some.")
 _FAMILY = flags.DEFINE_string("family", None, "make-tiny: llama, qwen2, deepseek_v2 or "
                               "deepseek_v3.")

@@ -25,10 +25,10 @@ import numpy as np
 
 from minids_jax import checkpoint
 from minids_jax.checkpoint.base import locate_base
+from minids_jax.checkpoint.loading import SavedParams
 from minids_jax.hf import config as hf_config
 from minids_jax.hf import dense
 from minids_jax.hf import weights
-from minids_jax.hf.convert import flat_paths
 
 
 # transformers registers the experts' gate_up_proj before down_proj, and peft wraps the targeted
@@ -143,7 +143,8 @@ def export_adapter(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     if lora_cfg.train_norms:
         raise hf_config.HFFormatError("lora.train_norms=True changed the norm gains, which a "
                                       "PEFT adapter cannot hold; export the merged model.")
-    params = flat_paths(checkpoint.load_params(workdir, step))
+    # Only the adapters are read (not the base, a model's worth of memory).
+    params = SavedParams(workdir, step)
     adapted = sorted({path[:-1] for path in params if path[-1] in ("lora_a", "lora_b")})
     by_path = {tensor.path[:-1]: tensor for tensor in weights.layout(cfg)
                if tensor.kind == weights.LINEAR}
