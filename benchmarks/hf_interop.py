@@ -1,4 +1,5 @@
-"""Time and peak host memory of `python -m minids_jax.hf export` and `import`.
+"""Time and peak host memory of `python -m minids_jax.hf export` (Hugging Face and GGUF) and
+`import`.
 
     python benchmarks/hf_interop.py --config configs/v3_mini.py --config.model.n_layers=2 \
         --config.model.mtp_depth=0                      # a random model of about 120M params
@@ -6,11 +7,13 @@
 
 Each step runs as its own process (the CLI a user runs), and its peak resident memory is that
 process's own (`ru_maxrss` from `os.wait4`). With `--config`, a random model of that config is saved
-as a run first, then exported (float32 and bfloat16) and the float32 export imported back.
+as a run first (with a small BPE tokenizer, which GGUF needs), then exported (float32 and
+bfloat16; with `--gguf`, also as GGUF at f16 and q8_0) and the float32 export imported back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -24,9 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from minids_jax import cli  # noqa: E402
+from minids_jax.data.tokenization import TOKENIZER_FILE, BpeTokenizer  # noqa: E402
 
 _CONFIG = cli.define_config_flag(default=None)
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Import this Hugging Face directory instead.")
+_GGUF = flags.DEFINE_bool("gguf", False, "Also export as GGUF (needs the gguf package).")
 
 SAVE_RANDOM = """
 import sys
@@ -73,11 +78,20 @@ def main(argv):
         if _CONFIG.value is None:
             raise cli.UserError("pass --config (a model to make) or --hf_dir (one to import).")
         config = cli.config_from_flag(_CONFIG)
+        config = dataclasses.replace(config, data=dataclasses.replace(  # (the tokenizer's)
+            config.data, tokenizer="bpe", source="text", path=str(REPO / "README.md")))
         (tmp / "config.json").write_text(config.to_json())
         out = timed("save a random model",
                     [sys.executable, "-c", SAVE_RANDOM, str(tmp / "config.json"),
                      str(tmp / "run")])
         print(out.strip())
+        BpeTokenizer.train([(REPO / "README.md").read_text()] * 3, 2000).save(
+            tmp / "run" / TOKENIZER_FILE)
+        for dtype in ("f16", "q8_0") if _GGUF.value else ():
+            timed(f"export gguf ({dtype})", hf + ["export", "--workdir", str(tmp / "run"),
+                                                  "--out", str(tmp / dtype), "--format", "gguf",
+                                                  "--dtype", dtype])
+            print(f"  {directory_mb(tmp / dtype):,.0f} MB written")
         for dtype in ("float32", "bfloat16"):
             timed(f"export ({dtype})", hf + ["export", "--workdir", str(tmp / "run"), "--out",
                                              str(tmp / f"hf_{dtype}"), "--dtype", dtype])
