@@ -86,3 +86,23 @@ def test_make_tiny_writes_a_model_of_its_family_that_imports_and_chats(family, t
     assert prompt[0] == tokenizer.BOS
     tokens = minids_jax.generate(model, prompt[None], 4)
     assert tokens.shape == (1, 4) and np.all(tokens < config.model.vocab_size)
+
+
+def test_an_import_without_a_tokenizer_says_its_run_learns_from_random_tokens(tmp_path, capsys):
+    import shutil
+
+    from minids_jax.hf import convert
+    from minids_jax.training.trainer import Trainer
+    from tests.factories import REPO
+
+    shutil.copytree(REPO / "tests" / "fixtures" / "llama_tiny", tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tmp_path / "hf" / name).unlink()
+    lines = []
+    config = convert.import_dir(tmp_path / "hf", tmp_path / "run", tiny_config(),
+                                log=lines.append)
+    assert config.data.source == "random"
+    assert any("has no tokenizer.json: the run trains on data.source='random'" in line
+               for line in lines), lines
+    Trainer(config).close()
+    assert "data: random tokens (data.source='random'" in capsys.readouterr().out

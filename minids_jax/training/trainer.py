@@ -105,8 +105,9 @@ class Trainer:
             workdir_lib.write_atomic(pathlib.Path(workdir) / workdir_lib.RECORDS_FILE,
                                      json.dumps(records) + "\n")
         if config.data.source == "random" and jax.process_index() == 0:
-            print("data: random tokens (data.source='random'), from which the model learns "
-                  "nothing; set data.source and data.path (docs/data.md)", flush=True)
+            print("data: random tokens (data.source='random', the original's benchmark data): "
+                  "the run measures speed, and the model learns nothing; to learn from text or "
+                  "instructions, set data.source and data.path (docs/data.md)", flush=True)
         if config.train.epochs:
             config = self.config = steps_for_epochs(
                 config, self.source, lambda line: jax.process_index() or print(line, flush=True))
