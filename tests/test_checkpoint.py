@@ -483,6 +483,7 @@ def test_notebook_cells_run(straight, monkeypatch, tmp_path):
     np.testing.assert_allclose(namespace["load_NxE"].sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow  # saves and restores a model
 def test_a_checkpoint_saved_with_a_bfloat16_router_loads_and_verifies(tmp_path):
     """Routers are float32 now; before, model.param_dtype=bfloat16 stored them in bfloat16.
     Such a checkpoint restores (exactly: bfloat16 widens without loss) and its checksums,
@@ -516,6 +517,7 @@ def test_a_checkpoint_saved_with_a_bfloat16_router_loads_and_verifies(tmp_path):
         "blocks/1/moe/gate/kernel": jnp.bfloat16}) == ["blocks/1/moe/gate/kernel"]
 
 
+@pytest.mark.slow  # saves and restores a model
 def test_saved_params_read_one_array_at_a_time_as_load_params_gives_them(tmp_path):
     """What exports read: a LoRA run's arrays one by one, adapters merged as they are read,
     equal to merging the whole loaded tree; shapes from the metadata alone."""
