@@ -29,7 +29,7 @@ from minids_jax.data import chat  # noqa: E402
 from minids_jax.data.tokenization import BpeTokenizer, HFTokenizer  # noqa: E402
 from minids_jax.errors import UserError  # noqa: E402
 from minids_jax.hf import config as hf_config  # noqa: E402
-from minids_jax.hf import convert, modelfile, to_gguf, weights  # noqa: E402
+from minids_jax.hf import convert, gguf_keys, modelfile, to_gguf, weights  # noqa: E402
 from minids_jax.hf.config import HFFormatError  # noqa: E402
 from minids_jax.checkpoint.loading import load_params  # noqa: E402
 from tests.factories import REPO, tiny_config  # noqa: E402
@@ -251,13 +251,13 @@ def test_the_projects_template_in_jinja_is_simple_template():
     conversation = [("system", "Be brief."), ("user", "Hi."), ("assistant", "Hello!"),
                     ("user", "Name a colour.")]
     for messages, prompt in ((conversation, True), (conversation[1:3], False)):
-        rendered = chat._compile(to_gguf.SIMPLE_TEMPLATE_JINJA).render(
+        rendered = chat._compile(gguf_keys.SIMPLE_TEMPLATE_JINJA).render(
             messages=[{"role": r, "content": c} for r, c in messages],
             add_generation_prompt=prompt, bos_token="<bos>", eos_token="<eos>")
         layout = chat.SimpleTemplate.layout(messages, -1, -2, prompt)
         assert rendered == "".join({-1: "<bos>", -2: "<eos>"}.get(p, p) if isinstance(p, int)
                                    else p for p, _ in layout)
-    fmt = modelfile.turn_format(to_gguf.SIMPLE_TEMPLATE_JINJA, "<bos>", "<eos>")
+    fmt = modelfile.turn_format(gguf_keys.SIMPLE_TEMPLATE_JINJA, "<bos>", "<eos>")
     assert fmt.wraps["user"] == ("### User:\n", "\n\n") and fmt.generation == "### Assistant:\n"
     assert modelfile.stop_words(fmt, "<eos>") == ["<eos>", "### User:", "### Assistant:"]
 
@@ -276,19 +276,19 @@ def test_an_untranslatable_template_gets_no_template_and_a_sentence(tmp_path):
 
 def test_the_projects_bpe_tokenizer(tmp_path):
     tokenizer = BpeTokenizer.train(["hello world, hello there " * 20], 300)
-    vocab = to_gguf.vocab_of(tokenizer, tmp_path, ModelConfig(vocab_size=320), "llama",
+    vocab = gguf_keys.vocab_of(tokenizer, tmp_path, ModelConfig(vocab_size=320), "llama",
                              log=pytest.fail)
     assert vocab.pre == "gpt-2" and vocab.add_bos  # the project's data puts BOS first
     assert (vocab.bos, vocab.eos, vocab.pad) == (tokenizer.BOS, tokenizer.EOS, tokenizer.PAD)
     assert [vocab.types[i] for i in range(3)] == [gguf.TokenType.CONTROL] * 3
-    assert vocab.chat_template == to_gguf.SIMPLE_TEMPLATE_JINJA
+    assert vocab.chat_template == gguf_keys.SIMPLE_TEMPLATE_JINJA
     assert len(vocab.tokens) == 320 and vocab.tokens[-1] == "[PAD319]"
 
 
 def test_a_byte_tokenizer_is_refused(tmp_path):
     config = Config(data=DataConfig(tokenizer="byte"))
     with pytest.raises(HFFormatError, match="GGUF needs a BPE tokenizer"):
-        to_gguf._run_tokenizer(config, tmp_path)
+        gguf_keys.run_tokenizer(config, tmp_path)
 
 
 def family_config(fixture: str, **changes) -> ModelConfig:

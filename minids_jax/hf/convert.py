@@ -190,7 +190,8 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, config: 
             f"{hf_dir} has tensors this model would not use: {unused[:4]}"
             f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}; are config.json and "
             f"the *.safetensors files one model?")
-    store.save_model(workdir, run_config, unflatten_dict(placed), imported_from=str(hf_dir.resolve()))
+    store.save_model(workdir, run_config, unflatten_dict(placed),
+                     imported_from=str(hf_dir.resolve()))
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, workdir / name)
