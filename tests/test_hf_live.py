@@ -76,17 +76,22 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
                       "mscale": 1.0, "mscale_all_dim": 1.0}},
 ])
 def test_transformers_models_import_with_their_logits_and_greedy_tokens(tmp_path, changes):
-    model = hf_model(0, **changes)
+    assert_imports_as_transformers(hf_model(0, **changes), tmp_path)
+
+
+def assert_imports_as_transformers(model, tmp_path):
+    """`model` saved, imported here: its logits and greedy tokens; returns the run's config."""
     model.save_pretrained(tmp_path / "hf")
     convert.import_dir(tmp_path / "hf", tmp_path / "run", tiny_config(), log=lambda _: None)
-    ours, _ = minids_jax.load(tmp_path / "run")
-    tokens = np.random.RandomState(0).randint(0, HF_TINY["vocab_size"], (2, 20)).astype(np.int32)
+    ours, config = minids_jax.load(tmp_path / "run")
+    tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (2, 20)).astype(np.int32)
     assert_close_logits(np.asarray(ours(tokens).logits_BxLxV), hf_logits(model, tokens))
     prompt = tokens[:1, :5]
     with torch.no_grad():
         theirs = model.generate(torch.tensor(prompt, dtype=torch.long), do_sample=False,
                                 max_new_tokens=8, min_new_tokens=8).numpy()[:, 5:]
     np.testing.assert_array_equal(generate(ours, prompt, 8), theirs)
+    return config
 
 
 @pytest.mark.parametrize("changes", [
@@ -98,18 +103,8 @@ def test_transformers_models_import_with_their_logits_and_greedy_tokens(tmp_path
 ], ids=["greedy", "group_limited_q_lora", "yarn"])
 def test_transformers_deepseek_v2_models_import_with_their_logits_and_greedy_tokens(tmp_path,
                                                                                     changes):
-    model = hf_v2_model(0, **changes)
-    model.save_pretrained(tmp_path / "hf")
-    convert.import_dir(tmp_path / "hf", tmp_path / "run", tiny_config(), log=lambda _: None)
-    ours, config = minids_jax.load(tmp_path / "run")
+    config = assert_imports_as_transformers(hf_v2_model(0, **changes), tmp_path)
     assert config.model.router_scoring == "softmax"
-    tokens = np.random.RandomState(0).randint(0, 96, (2, 20)).astype(np.int32)
-    assert_close_logits(np.asarray(ours(tokens).logits_BxLxV), hf_logits(model, tokens))
-    prompt = tokens[:1, :5]
-    with torch.no_grad():
-        theirs = model.generate(torch.tensor(prompt, dtype=torch.long), do_sample=False,
-                                max_new_tokens=8, min_new_tokens=8).numpy()[:, 5:]
-    np.testing.assert_array_equal(generate(ours, prompt, 8), theirs)
 
 
 def test_a_deepseek_v2_trained_here_exports_as_deepseek_v2_with_our_logits(tmp_path):
