@@ -9,6 +9,14 @@ mesh's logical-axis rules: the total and per-token active parameter counts (rout
 count top_k / n_experts; the MTP modules apart), the training FLOPs per token (flops.py), and
 the bytes per device of the parameters and the AdamW state (two moments of each parameter)
 under the configured mesh on `--devices` devices.
+
+    python -m minids_jax.inspect --config configs/deepseek_llm_7b.py --memory \
+        --device_memory 24GB --config.lora.rank=16 --config.compute.remat=full
+
+`--memory` adds memory.py's plan of the train step on each device (parameters by dtype,
+gradients, optimizer state, activations, ...) and, against `--device_memory` (default: the
+total memory of this machine's first GPU, from NVML), whether it fits and the cheapest
+change that does. `--platform gpu` plans a GPU run's kernels from a machine without one.
 """
 
 from __future__ import annotations
@@ -101,10 +109,18 @@ def count(n: int) -> str:
 def main() -> None:
     config_flag = cli.define_config_flag()
     devices_flag = flags.DEFINE_integer("devices", 1, "Devices the mesh spans.", lower_bound=1)
+    memory_flag = flags.DEFINE_boolean("memory", False, "Also print the memory plan of the "
+                                       "train step per device (minids_jax/memory.py).")
+    device_memory_flag = flags.DEFINE_string(
+        "device_memory", None, "Memory of each device, e.g. 24GB or 80GiB; default: the "
+        "local GPU's total memory (NVML).")
+    platform_flag = flags.DEFINE_enum("platform", None, ["cpu", "gpu", "tpu"], "Kernels the "
+                                      "memory plan assumes; default: this machine's.")
 
     def run(argv):
         del argv
         config = cli.config_from_flag(config_flag)
+        device_bytes = _device_bytes(device_memory_flag.value) if memory_flag.value else None
         figures = sizes(config, devices_flag.value)
         print(f"parameters:          {count(figures['parameters'])} in the main model "
               f"(+ {count(figures['mtp_parameters'])} in {config.model.mtp_depth} MTP "
@@ -115,8 +131,39 @@ def main() -> None:
         print(f"mesh:                {figures['mesh']} on {devices_flag.value} device(s)")
         print(f"per device:          {figures['bytes_per_device'] / GB:,.2f} GB of parameters "
               f"and AdamW moments ({config.model.param_dtype})")
+        if memory_flag.value:
+            from minids_jax import memory
+
+            plan = memory.plan(config, devices_flag.value, device_bytes, platform_flag.value)
+            print(f"memory plan:         the train step on each device, "
+                  f"{platform_flag.value or 'this machine'}'s kernels")
+            for line in plan.lines():
+                print(f"  {line}")
 
     cli.run(run)
+
+
+def _device_bytes(text: str | None) -> float | None:
+    """--device_memory in bytes; without it the local GPU's total memory (NVML), else None."""
+    from minids_jax import memory
+    from minids_jax.config import ConfigError
+
+    if text is not None:
+        try:
+            return memory.parse_bytes(text)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return float(pynvml.nvmlDeviceGetMemoryInfo(
+                pynvml.nvmlDeviceGetHandleByIndex(0)).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML, driver or GPU: the plan says the verdict needs the flag
+        return None
 
 
 if __name__ == "__main__":
