@@ -29,7 +29,7 @@ from minids_jax.checkpoint.store import (
 )
 from minids_jax.checkpoint import integrity
 from minids_jax.config import LoRAConfig, MeshConfig
-from minids_jax.model import build, lora
+from minids_jax.model import build, lora, quant
 
 
 def load_params(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
@@ -76,8 +76,8 @@ def load(path: str | os.PathLike, step: int | None = None, *,
     target = nnx.to_pure_dict(abstract_state)
     base = read_meta(directory, step).get("base")
     if base is not None:  # adapters only: the rest from the base
-        restored = restore_items(*locate_base(base, directory / str(step)),
-                                 model=lora.without_adapters(target))
+        restored = restore_base(*locate_base(base, directory / str(step)),
+                                lora.without_adapters(target))
         target = nnx.to_pure_dict(nnx.filter_state(abstract_state, lora.trainable(config.lora)))
         nnx.replace_by_pure_dict(abstract_state, restored["model"])
     restored = restore_items(directory, step, model=target)
@@ -85,12 +85,55 @@ def load(path: str | os.PathLike, step: int | None = None, *,
     return nnx.merge(graphdef, abstract_state), config
 
 
+def restore_base(directory, step: int, target: dict) -> dict[str, Any]:
+    """`restore_items(directory, step, model=target)` for a base model's state `target` (a
+    pure dict of ShapeDtypeStructs with shardings) that may hold weights quantized
+    (lora.base_quant) where the checkpoint holds them at full precision: those are read one
+    at a time, checked against their checksums, and quantized on their devices, so neither
+    the host nor a device ever holds the whole full-precision model."""
+    step_dir = directory / str(step)
+    flat = flatten_dict(target)
+    saved = SavedParams(directory, step)
+    to_quantize: dict[tuple, dict[str, Any]] = {}  # the weight's path: its stored arrays
+    for path, leaf in flat.items():
+        if not saved.holds(tuple(map(str, path))) and saved.holds(tuple(map(str, path[:-1]))):
+            to_quantize.setdefault(path[:-1], {})[path[-1]] = leaf
+    if not to_quantize:
+        return restore_items(directory, step, model=target)
+    model = {}
+    for path, leaf in flat.items():
+        key = tuple(map(str, path))
+        if path[:-1] in to_quantize or not saved.holds(key):
+            continue
+        model[path] = _placed(saved[key].astype(leaf.dtype), leaf.sharding)
+    for path, leaves in to_quantize.items():
+        kind = "nf4" if "codes" in leaves else "int8"
+        weight = saved[tuple(map(str, path))]
+        placed = _placed(weight, leaves["codes" if kind == "nf4" else "values"].sharding)
+        shardings = {name: leaf.sharding for name, leaf in leaves.items()}
+        arrays = jax.jit(lambda w: quant.quantize(w, kind), out_shardings=shardings)(placed)
+        model.update({path + (name,): array for name, array in arrays.items()})
+        del placed
+    missing = set(flat) - set(model)
+    if missing:
+        raise unreadable(step_dir, ValueError(f"it holds no {'/'.join(map(str, min(missing)))}"))
+    return {"model": unflatten_dict(model), "meta": read_meta(directory, step),
+            "verified": True}
+
+
+def _placed(array: np.ndarray, sharding) -> jax.Array:
+    """A host array as a global array of `sharding` (each device takes its part)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 class SavedParams(Mapping):
     """A checkpoint's parameters as {key path (str, ...): numpy array}, each read from disk,
     and checked against its saved checksum, when it is looked up: an export holds one tensor
     at a time instead of the model. A LoRA run's adapters (small) are read at the start; with
     `merge` (its LoRAConfig) they are added into their weights as those are read, and the
-    mapping has the base's keys only, as `lora.merged_params(load_params(...))` has."""
+    mapping has the base's keys only, as `lora.merged_params(load_params(...))` has. A weight
+    saved quantized (lora.base_quant) is one key, read dequantized to float32 (`dequantized`
+    lists them)."""
 
     def __init__(self, path: str | os.PathLike, step: int | None = None, *,
                  merge: LoRAConfig | None = None):
@@ -105,6 +148,10 @@ class SavedParams(Mapping):
             base_dir, base_step = locate_base(base, step_dir)
             self._add_source(base_dir / str(base_step), read_meta(base_dir, base_step))
         self._add_source(step_dir, meta)
+        self._quantized: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+        for path in [p for p in self._sources if p[-1] in quant.STORED_NAMES]:
+            self._quantized.setdefault(path[:-1], []).append(path)
+        self.dequantized = sorted(self._quantized)
         self._adapters: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
         if merge is not None:
             for a_path in [p for p in self._sources if p[-1].endswith("lora_a")]:
@@ -139,20 +186,48 @@ class SavedParams(Mapping):
         return flatten_dict(restored)[path]
 
     def __getitem__(self, path: tuple[str, ...]) -> np.ndarray:
-        array = self._read(path)
+        if path in self._quantized:
+            stored = {part[-1]: self._read(part) for part in self._quantized[path]}
+            array = np.asarray(quant.dequantize(stored, np.float32))
+        else:
+            array = self._read(path)
         if path in self._adapters:
             array = lora.merged_weight(array, *self._adapters[path], self._merge)
         return array
 
     def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
         """The array's shape, from the checkpoint's metadata (nothing read)."""
+        if path in self._quantized:
+            stored = {part[-1]: self._sources[part][2].shape for part in self._quantized[path]}
+            return quant.full_shape(stored)
         return tuple(self._sources[path][2].shape)
 
-    def __contains__(self, path) -> bool:  # (Mapping's would read the array)
+    def quantization_note(self, base_quant: str) -> str | None:
+        """What an export of these parameters should say of a quantized base (lora.base_quant)."""
+        if self.dequantized:
+            return (f"note: {len(self.dequantized)} weights were saved quantized "
+                    f"(lora.base_quant={base_quant}); they are written dequantized, their "
+                    f"quantization error included")
+        if base_quant != "none":
+            return (f"note: the adapters were trained on the base quantized as {base_quant}; "
+                    f"they are merged into its full-precision weights, as QLoRA's merge does")
+        return None
+
+    def holds(self, path: tuple[str, ...]) -> bool:
+        """Whether the checkpoint holds an array at exactly `path` (a quantized weight's
+        stored parts, not the weight)."""
         return path in self._sources
 
+    def _keys(self) -> list[tuple[str, ...]]:
+        stored = {part for parts in self._quantized.values() for part in parts}
+        return [p for p in self._sources if p not in stored] + list(self._quantized)
+
+    def __contains__(self, path) -> bool:  # (Mapping's would read the array)
+        return path in self._quantized or path in self._sources and \
+            path[:-1] not in self._quantized
+
     def __iter__(self) -> Iterator[tuple[str, ...]]:
-        return iter(self._sources)
+        return iter(self._keys())
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return len(self._keys())

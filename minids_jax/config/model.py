@@ -201,7 +201,16 @@ class LoRAConfig(Group):
                             "(PEFT's lora_dropout); not for routed experts' adapters",
                             low=0.0, below=1.0)
     train_norms: bool = option(False, "also train the RMSNorm gains", ARCHITECTURE)
+    base_quant: str = option("none", "store the frozen base quantized: 'int8' (per output "
+                             "channel) or 'nf4' (QLoRA's 4-bit NormalFloat, blocks of 64, "
+                             "double-quantized scales), every frozen projection but the head "
+                             "and the routers (model/quant.py)", ARCHITECTURE,
+                             choices=("none", "int8", "nf4"))
 
     def validate(self):
         check(len(self.targets) > 0 or not self.rank,
               "lora.targets is empty; name the projections to adapt, e.g. ('attn.*',).")
+        check(self.base_quant == "none" or self.rank > 0,
+              f"lora.base_quant={self.base_quant!r} quantizes the frozen base of a LoRA run, "
+              f"and lora.rank=0 trains every parameter; set lora.rank (e.g. 16) or "
+              f"lora.base_quant='none'.")

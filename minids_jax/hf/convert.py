@@ -264,6 +264,9 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
     out.mkdir(parents=True, exist_ok=True)
     # Read a tensor at a time, LoRA adapters merged into their weights as they are read.
     params = SavedParams(workdir, step, merge=config.lora if config.lora.rank else None)
+    note = params.quantization_note(config.lora.base_quant)
+    if note:
+        log(note)
     target = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
 
     layout = weights.layout(cfg)

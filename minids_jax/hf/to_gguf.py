@@ -256,6 +256,9 @@ def export_gguf(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     # Read a tensor at a time, LoRA adapters merged into their weights as they are read.
     params = SavedParams(workdir, step, merge=config.lora if config.lora.rank else None)
+    note = params.quantization_note(config.lora.base_quant)
+    if note:
+        log(note)
     planned = plan(cfg, arch, params.shape, lambda path: np.asarray(params[path], np.float32))
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_file(out_dir / GGUF_FILE, planned, arch, dtype, cfg, vocab, workdir.name, log)

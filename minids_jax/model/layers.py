@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minids_jax.model.quant import is_quantized, quantized_matmul
+
 
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 for stability."""
@@ -30,7 +32,8 @@ class RMSNorm(nnx.Module):
 
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias if it has one), the kernel [in, out] carrying logical axis
-    names; with adapters (lora.py) also + scale * (x @ lora_a) @ lora_b."""
+    names; with adapters (lora.py) also + scale * (x @ lora_a) @ lora_b. A frozen kernel may
+    be stored quantized (quant.py): reading it dequantizes."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *,
                  rngs: nnx.Rngs, dtype: str, param_dtype: str, bias: bool = False):
@@ -66,7 +69,10 @@ class Linear(nnx.Module):
         # for the kernel's gradient, which XLA's CPU backend lays out through a transposed
         # copy fused with whatever produced the gradient (docs/performance.md measures it).
         x_NxI = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y_NxO = x_NxI @ self.kernel[...].astype(self.dtype)
+        if is_quantized(self.kernel):
+            y_NxO = quantized_matmul(x_NxI, self.kernel, self.dtype)
+        else:
+            y_NxO = x_NxI @ self.kernel[...].astype(self.dtype)
         if self.lora_a is not None:
             low_rank_NxO = (adapter_input(x_NxI) @ self.lora_a[...].astype(self.dtype)) @ \
                 self.lora_b[...].astype(self.dtype)

@@ -30,8 +30,9 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from minids_jax.config import ConfigError, LoRAConfig
+from minids_jax.model import quant
 from minids_jax.model.layers import Linear
-from minids_jax.model.moe import MoE
+from minids_jax.model.moe import EXPERT_AXES, MoE
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 # PEFT's target names (transformers' module names) -> the projections here they name.
@@ -172,13 +173,37 @@ def _adapt_linear(module: Linear, cfg: LoRAConfig, rngs: nnx.Rngs) -> None:
 
 def _adapt_experts(module: MoE, weight: str, cfg: LoRAConfig, rngs: nnx.Rngs) -> None:
     experts, d_in, d_out = getattr(module, weight).shape
-    axes = {"w1": ("embed", "mlp"), "w2": ("embed", "mlp"), "w3": ("mlp", "embed")}[weight]
+    _, axis_in, axis_out = EXPERT_AXES[weight]
     a, b = _pair((experts, d_in, cfg.rank), (experts, cfg.rank, d_out),
-                 ("expert", axes[0], None), ("expert", None, axes[1]), rngs,
+                 ("expert", axis_in, None), ("expert", None, axis_out), rngs,
                  getattr(module, weight).dtype)
     setattr(module, f"{weight}_lora_a", a)
     setattr(module, f"{weight}_lora_b", b)
     module.lora_scale = cfg.alpha / cfg.rank
+
+
+def quantize_base(model: nnx.Module, cfg: LoRAConfig) -> list[str]:
+    """Stores every frozen projection weight as `cfg.base_quant` (quant.py): each Linear's
+    kernel but the head's (kept at full precision, as bitsandbytes keeps the output layer)
+    and the routers' (never adapted), and the routed experts' weights. Returns their paths. A
+    weight the format cannot hold is a ConfigError, raised before anything changes."""
+    if cfg.base_quant == "none":
+        return []
+    frozen = {path: found for path, found in projections(model).items() if path != "head"}
+    for path, (module, weight) in frozen.items():
+        shape = (module.kernel if weight is None else getattr(module, weight)).shape
+        problem = quant.check_shape(cfg.base_quant, shape, path)
+        if problem:
+            raise ConfigError(problem)
+    with nnx.use_eager_sharding(False):
+        for module, weight in frozen.values():
+            if weight is None:
+                module.kernel = quant.QuantizedWeight.of(module.kernel[...], cfg.base_quant,
+                                                         module.axes)
+            else:
+                setattr(module, weight, quant.QuantizedWeight.of(
+                    getattr(module, weight)[...], cfg.base_quant, EXPERT_AXES[weight]))
+    return list(frozen)
 
 
 def trainable(cfg: LoRAConfig):
@@ -192,14 +217,23 @@ def trainable(cfg: LoRAConfig):
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """A copy of `model` with every adapter merged into its weight and removed."""
+    """A copy of `model` with every adapter merged into its weight and removed; a quantized
+    base is dequantized (every weight at full precision again)."""
     model = nnx.clone(model)
     for module, weight in projections(model).values():
-        if weight is None and module.lora_a is not None:
-            module.kernel[...] = module.weight()
+        name = weight or "kernel"
+        adapted = getattr(module, f"{weight}_lora_a" if weight else "lora_a") is not None
+        if not adapted and not quant.is_quantized(getattr(module, name)):
+            continue
+        full = module.weight() if weight is None else module.expert_weight(weight)
+        if quant.is_quantized(getattr(module, name)):
+            with nnx.use_eager_sharding(False):
+                setattr(module, name, nnx.Param(full, out_sharding=getattr(module, name).axes))
+        else:
+            getattr(module, name)[...] = full
+        if weight is None:
             module.lora_a = module.lora_b = None
-        elif weight is not None and getattr(module, f"{weight}_lora_a") is not None:
-            getattr(module, weight)[...] = module.expert_weight(weight)
+        else:
             setattr(module, f"{weight}_lora_a", None)
             setattr(module, f"{weight}_lora_b", None)
     return model

@@ -34,6 +34,10 @@ from minids_jax.config.run import as_axes
 from minids_jax.model import routing
 from minids_jax.model.dispatch import DISPATCHES, Experts
 from minids_jax.model.layers import MLP, linear
+from minids_jax.model.quant import is_quantized
+
+EXPERT_AXES = {"w1": ("expert", "embed", "mlp"), "w2": ("expert", "embed", "mlp"),
+               "w3": ("expert", "mlp", "embed")}  # the logical axes of the routed experts
 
 
 class RouterBias(nnx.Variable):
@@ -130,11 +134,11 @@ class MoE(nnx.Module):
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.w1 = nnx.Param(init(rngs.params(), (e, d, f), param_dtype),
-                            out_sharding=("expert", "embed", "mlp"))
+                            out_sharding=EXPERT_AXES["w1"])
         self.w2 = nnx.Param(init(rngs.params(), (e, d, f), param_dtype),
-                            out_sharding=("expert", "embed", "mlp"))
+                            out_sharding=EXPERT_AXES["w2"])
         self.w3 = nnx.Param(init(rngs.params(), (e, f, d), param_dtype),
-                            out_sharding=("expert", "mlp", "embed"))
+                            out_sharding=EXPERT_AXES["w3"])
         # Adapters of w1, w2, w3 (lora.py): [E, in, R] and [E, R, out], or None.
         for name in ("w1", "w2", "w3"):
             setattr(self, f"{name}_lora_a", nnx.data(None))
@@ -160,7 +164,7 @@ class MoE(nnx.Module):
     def expert_weight(self, name: str) -> jax.Array:
         """Expert weight `name` ('w1', 'w2', 'w3'), its adapters merged in if it has some
         (the dispatches take whole weights; the merge costs E * in * out * rank, far below the
-        tokens' work)."""
+        tokens' work). A quantized weight is dequantized (see `__call__`)."""
         weight, a, b = (getattr(self, name), getattr(self, f"{name}_lora_a"),
                         getattr(self, f"{name}_lora_b"))
         if a is None:
@@ -175,6 +179,14 @@ class MoE(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array, dispatch: str | None = None,
                  scored_BxL: jax.Array | None = None):
         """`dispatch` overrides the built-in one (decoding asks for an exact one)."""
+        if not is_quantized(self.w1):
+            return self._apply(x_BxLxD, dispatch, scored_BxL)
+        # A quantized base: the backward pass runs the layer again from its input (as
+        # compute.remat does) instead of keeping every layer's experts dequantized.
+        return nnx.remat(type(self)._apply, static_argnums=(2,))(
+            self, x_BxLxD, dispatch, scored_BxL)
+
+    def _apply(self, x_BxLxD, dispatch, scored_BxL):
         dispatch = DISPATCHES[dispatch or self.dispatch]
         scored_BxL = _scored(scored_BxL, x_BxLxD.shape[:2])
         gate_DxE = self.gate.kernel[...].astype(jnp.float32)

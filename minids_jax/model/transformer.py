@@ -9,6 +9,7 @@ Shapes: B batch, L length, D model width, V vocab, N layers, E experts.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -21,6 +22,7 @@ from minids_jax.model.block import Block
 from minids_jax.model.layers import RMSNorm, linear
 from minids_jax.model.moe import MoE, MoEStats, moe_aux
 from minids_jax.model.mtp import MTPModule
+from minids_jax.model.quant import is_quantized
 
 
 class Output(NamedTuple):
@@ -137,4 +139,7 @@ class MiniDeepSeek(nnx.Module):
 
 
 def count_params(model: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """Parameters, a weight stored quantized (lora.base_quant) counting as its full shape."""
+    quantized = sum(math.prod(module.shape) for _, module in nnx.iter_modules(model)
+                    if is_quantized(module))
+    return quantized + sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

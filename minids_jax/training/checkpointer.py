@@ -25,6 +25,7 @@ from flax import nnx
 
 from minids_jax.checkpoint import store as ckpt
 from minids_jax.checkpoint.base import base_reference, locate_base
+from minids_jax.checkpoint.loading import restore_base
 from minids_jax.checkpoint.store import CheckpointError, UnreadableCheckpointError
 from minids_jax.config import NOTED, Config, ConfigError, compat
 from minids_jax.errors import UserError
@@ -223,7 +224,7 @@ class Checkpointer:
         """Restores the base model (all but the adapters) of checkpoint `where` into `state`,
         in place; returns its metadata."""
         base = lora.without_adapters(nnx.to_pure_dict(state.model))
-        restored = ckpt.restore_items(*where, model=ckpt.restore_target(base))
+        restored = restore_base(*where, ckpt.restore_target(base))
         nnx.replace_by_pure_dict(state.model, restored["model"])
         return restored["meta"]
 
