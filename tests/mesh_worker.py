@@ -64,6 +64,12 @@ FAMILIES = {
         n_experts=8, top_k=2, router_scoring="softmax", n_group=4,
         topk_group=2, group_score="max", norm_topk_prob=False, routed_scaling_factor=16.0)),
 }
+# A QLoRA run: an NF4 base whose blocks of 64 inputs split over fsdp=8 (widths 512; values
+# 4 x 16)
+# under LoRA on attention and routed experts.
+QLORA = dict(model=dict(d_model=512, kv_lora_rank=512, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                        v_head_dim=16, latent_k=4),
+             lora=dict(LORA, targets=("attn.*", "moe.w1"), base_quant="nf4"))
 FAMILY_MESHES = {"llama": ("data2_fsdp2_tensor2", "fsdp8"),
                  "deepseek_v2": ("data2_expert4", "data2_fsdp2_tensor2")}
 
@@ -95,6 +101,8 @@ def run_meshes(out_dir: str) -> None:
     cases = {name: (mesh, {}) for name, mesh in {"one_device": dict(data=1), **MESHES}.items()}
     cases.update({f"lora_{name}": (mesh, dict(lora=LORA)) for name, mesh in
                   {"one_device": dict(data=1), **{m: MESHES[m] for m in LORA_MESHES}}.items()})
+    cases.update({f"qlora_{name}": (mesh, QLORA) for name, mesh in
+                  {"one_device": dict(data=1), "fsdp8": MESHES["fsdp8"]}.items()})
     for family, overrides in FAMILIES.items():
         cases.update({f"{family}_{name}": (mesh, overrides) for name, mesh in
                       {"one_device": dict(data=1),

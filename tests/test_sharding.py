@@ -77,6 +77,26 @@ def test_a_lora_step_matches_one_device_and_fsdp_shards_the_frozen_base(mesh_run
 
 
 @pytest.mark.slow
+def test_a_qlora_step_on_fsdp8_matches_one_device_with_the_nf4_base_split_like_its_weights(
+        mesh_runs):
+    report, states = mesh_runs
+    ref, run = states["qlora_one_device"], states["qlora_fsdp8"]
+    np.testing.assert_allclose(report["qlora_fsdp8"]["loss"], report["qlora_one_device"]["loss"],
+                               rtol=1e-5)
+    assert set(run) == set(ref)
+    for path in ref:
+        np.testing.assert_allclose(run[path], ref[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    shards = report["qlora_fsdp8"]["shards"]
+    codes = [p for p in shards if p.endswith("['codes']")]
+    assert any("['moe']['w1']" in p for p in codes) and any("['attn']" in p for p in codes)
+    # Codes and block maxima are split over fsdp as their weights are.
+    split = [p for p in shards if p.endswith(("['codes']", "['absmax']"))
+             and "'fsdp'" in shards[p]["spec"]]
+    assert len(split) == 2 * len(codes)
+    assert all(shards[p]["device_size"] * 8 == shards[p]["size"] for p in split)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family, mesh_name", [
     (family, mesh) for family, meshes in mesh_worker.FAMILY_MESHES.items() for mesh in meshes])
 def test_each_family_steps_on_its_meshes_as_on_one_device(mesh_runs, family, mesh_name):

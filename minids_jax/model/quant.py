@@ -8,7 +8,7 @@ int8: one float32 scale per output channel (absmax / 127) and int8 values.
 NF4 (Dettmers et al., 2023): blocks of 64 consecutive inputs of each output channel (as
 bitsandbytes blocks a torch [out, in] weight), each scaled by its absolute maximum onto the
 16 NormalFloat levels (two 4-bit codes per byte, along the input axis); the blocks' absmax
-values are themselves quantized ("double quantization"): offset by their mean, in int8 codes
+values are themselves quantized ("double quantization"): centred, in int8 codes
 with one float32 scale per 256 of them along the output axis (per row when the output width
 is no multiple of 256). bitsandbytes stores those second-level codes in its 8-bit dynamic
 float format; the linear int8 codes here take the same 8 bits, and their error is bounded in
@@ -70,8 +70,12 @@ def _nf4(weight: jax.Array) -> dict[str, jax.Array]:
     codes = sum((normed > m).astype(jnp.uint8) for m in midpoints.tolist())
     codes = codes.reshape(*lead, d_in // 2, 2, d_out)
     packed = (codes[..., 0, :] << 4) | codes[..., 1, :]
-    # Double quantization: absmax - mean in int8, a float32 scale per block of them.
-    offset = jnp.mean(absmax, axis=(-2, -1), keepdims=True)
+    # Double quantization: absmax - offset in int8, a float32 scale per block of them. The
+    # offset is the middle of their range where QLoRA takes their mean: it centres them as
+    # well, and needs no sum, whose rounding would depend on how the weight is split over
+    # devices (one code in ten thousand moved between fsdp=8 and one device).
+    offset = (jnp.max(absmax, axis=(-2, -1), keepdims=True)
+              + jnp.min(absmax, axis=(-2, -1), keepdims=True)) / 2
     block = scale_block(d_out)
     centred = (absmax - offset).reshape(*lead, d_in // NF4_BLOCK, d_out // block, block)
     scale = jnp.max(jnp.abs(centred), axis=-1) / 127.0  # [..., I/64, O/B]
