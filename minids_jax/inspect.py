@@ -13,7 +13,7 @@ under the configured mesh on `--devices` devices.
     python -m minids_jax.inspect --config configs/deepseek_llm_7b.py --memory \
         --device_memory 24GB --config.lora.rank=16 --config.compute.remat=full
 
-`--memory` adds memory.py's plan of the train step on each device (parameters by dtype,
+`--memory` adds training/memory.py's plan of the train step on each device (parameters by dtype,
 gradients, optimizer state, activations, ...) and, against `--device_memory` (default: the
 total memory of this machine's first GPU, from NVML), whether it fits and the cheapest
 change that does. `--platform gpu` plans a GPU run's kernels from a machine without one.
@@ -30,29 +30,6 @@ from minids_jax import cli
 GB = 1e9
 
 
-def representative(cfg):
-    """(a model config of fewer than 3 * P layers, holding each kind of layer the model has;
-    for each real layer, the layer of that config with its shapes). Layers of one kind
-    (attention kind, and dense or MoE) have equal shapes, and tracing all 61 of DeepSeek-V3's
-    takes a minute: flax updates its RNG counter in a way whose cost grows with the traced
-    program. The MTP modules' blocks follow the last layer's kinds, so they stay the same."""
-    import dataclasses
-
-    period = len(cfg.attn_pattern)
-    kind = lambda c, i: (c.attention_kind(i), c.is_moe_layer(i))  # noqa: E731
-    dense, moe_layers = min(cfg.first_k_dense, period), cfg.n_layers - cfg.first_k_dense
-    moe = min(moe_layers, period)
-    while moe < moe_layers and (dense + moe - cfg.n_layers) % period:
-        moe += 1  # the same layer count mod P: the same kinds of MTP blocks
-    small = dataclasses.replace(cfg, first_k_dense=dense, n_layers=dense + moe)
-    index = {kind(small, j): j for j in range(small.n_layers)}
-    if any(kind(cfg, i) not in index for i in range(cfg.n_layers)) or any(
-            kind(cfg, cfg.n_layers + d) != kind(small, small.n_layers + d)
-            for d in range(cfg.mtp_depth)):
-        return cfg, list(range(cfg.n_layers))  # a kind the small stack lacks: build them all
-    return small, [index[kind(cfg, i)] for i in range(cfg.n_layers)]
-
-
 def sizes(config, n_devices: int) -> dict:
     """The figures `inspect` prints, as numbers."""
     import collections
@@ -65,10 +42,10 @@ def sizes(config, n_devices: int) -> dict:
     from minids_jax.config import LoRAConfig
     from minids_jax.config.run import as_axes
     from minids_jax.model import build
-    from minids_jax.training import flops
+    from minids_jax.training import flops, footprint
 
     cfg = config.model
-    small, layer_of = representative(cfg)
+    small, layer_of = footprint.representative(cfg)
     copies = collections.Counter(layer_of)  # how many real layers each built one stands for
     with nnx.logical_axis_rules(config.mesh.axis_rules), nnx.use_eager_sharding(False):
         base = dataclasses.replace(config, model=small, lora=LoRAConfig())  # no adapters
@@ -110,7 +87,7 @@ def main() -> None:
     config_flag = cli.define_config_flag()
     devices_flag = flags.DEFINE_integer("devices", 1, "Devices the mesh spans.", lower_bound=1)
     memory_flag = flags.DEFINE_boolean("memory", False, "Also print the memory plan of the "
-                                       "train step per device (minids_jax/memory.py).")
+                                       "train step per device (minids_jax/training/memory.py).")
     device_memory_flag = flags.DEFINE_string(
         "device_memory", None, "Memory of each device, e.g. 24GB or 80GiB; default: the "
         "local GPU's total memory (NVML).")
@@ -132,7 +109,7 @@ def main() -> None:
         print(f"per device:          {figures['bytes_per_device'] / GB:,.2f} GB of parameters "
               f"and AdamW moments ({config.model.param_dtype})")
         if memory_flag.value:
-            from minids_jax import memory
+            from minids_jax.training import memory
 
             plan = memory.plan(config, devices_flag.value, device_bytes, platform_flag.value)
             print(f"memory plan:         the train step on each device, "
@@ -145,25 +122,10 @@ def main() -> None:
 
 def _device_bytes(text: str | None) -> float | None:
     """--device_memory in bytes; without it the local GPU's total memory (NVML), else None."""
-    from minids_jax import memory
-    from minids_jax.config import ConfigError
+    from minids_jax.config.run import parse_size
+    from minids_jax.training import memory
 
-    if text is not None:
-        try:
-            return memory.parse_bytes(text)
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return float(pynvml.nvmlDeviceGetMemoryInfo(
-                pynvml.nvmlDeviceGetHandleByIndex(0)).total)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no NVML, driver or GPU: the plan says the verdict needs the flag
-        return None
+    return parse_size(text, "--device_memory") if text is not None else memory.gpu_memory()
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def check_layout(config: Config, mesh: jax.sharding.Mesh) -> None:
         ("heads", config.model.n_heads, "model.n_heads", "attention heads"),
         ("expert", config.model.n_experts, "model.n_experts", "experts"),
     )
-    accum = config.train.grad_accum_steps
+    accum = max(config.train.grad_accum_steps, 1)  # 0: chosen later, 1 at least
     for logical, count, field, what in checks:
         axes = mesh_axes_of(rules, logical)
         n = ways(mesh, axes)

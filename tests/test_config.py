@@ -117,12 +117,13 @@ def test_the_deepseek_v3_config_has_the_published_parameter_counts():
     from configs import deepseek_v3
     from minids_jax import inspect
     from minids_jax.model import MiniDeepSeek
+    from minids_jax.training import footprint
 
     config = config_lib.from_config_dict(deepseek_v3.get_config())
     figures = inspect.sizes(config, 1)
     assert round(figures["parameters"] / 1e9, 2) == 671.03
     assert 11.4e9 < figures["mtp_parameters"] < 11.7e9  # one MoE block, its 2D -> D projection
-    small, layer_of = inspect.representative(config.model)
+    small, layer_of = footprint.representative(config.model)
     assert small.n_layers == 2 and layer_of == [0] * 3 + [1] * 58  # 3 dense, then MoE
     layer = nnx.eval_shape(lambda: MiniDeepSeek(small, compute_config(),
                                                 rngs=nnx.Rngs(0))).blocks[1].attn

@@ -1,4 +1,4 @@
-"""memory.py's plan against XLA's memory analysis of the real compiled train step, its verdict
+"""training/memory.py's plan against XLA's memory analysis of the real compiled train step, its verdict
 and suggested fix, and inspect's --memory flags (in-process: no subprocess)."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def xla_bytes(config) -> float:
 @pytest.mark.parametrize("groups", [TINY, pytest.param(V3, marks=pytest.mark.slow), LORA],
                          ids=["tiny", "v3", "lora_remat_accum"])  # v3: 10 s of compile
 def test_plan_agrees_with_xla(groups):
-    from minids_jax import memory
+    from minids_jax.training import memory
 
     config = tiny_config(**groups)
     plan = memory.plan(config, 1, platform="cpu")
@@ -70,7 +70,7 @@ def test_plan_agrees_with_xla(groups):
 
 
 def test_parts_follow_the_config():
-    from minids_jax import memory
+    from minids_jax.training import memory
 
     full = memory.plan(tiny_config(**TINY), 1, platform="cpu")
     assert full.trainable == sum(full.parameters_by_dtype.values()) / 4  # float32, all train
@@ -80,21 +80,14 @@ def test_parts_follow_the_config():
     assert remat.parts["activations"] < 0.2 * full.parts["activations"]
     lora = memory.plan(tiny_config(**LORA), 1, platform="cpu")
     assert lora.trainable < 0.1 * lora.parts["parameters"] / 4
-    nf4 = memory.plan(tiny_config(**LORA), 1, platform="cpu", base_quant="nf4")
+    nf4 = memory.plan(tiny_config(**{**LORA, "lora": dict(LORA["lora"], base_quant="nf4")}),
+                      1, platform="cpu")
     assert "nf4" in nf4.parameters_by_dtype
     assert nf4.parts["parameters"] < 0.5 * lora.parts["parameters"]
 
 
-def test_quantized_sizes_follow_the_formulas():
-    from minids_jax import memory
-
-    assert memory.quantized_bytes((4096, 11008), "int8") == 4096 * 11008 + 4 * 11008
-    assert memory.quantized_bytes((2, 128, 512), "nf4") == 2 * (
-        128 * 512 // 2 + 2 * 512 + 4 * 2 * 2 + 4)
-
-
 def test_verdict_and_the_fix_that_fits():
-    from minids_jax import memory
+    from minids_jax.training import memory
 
     config = tiny_config(model=dict(max_seq_len=64, n_layers=2), train=dict(batch_size=4))
     needed = memory.plan(config, 1, platform="cpu").total
@@ -110,10 +103,10 @@ def test_verdict_and_the_fix_that_fits():
 
 @pytest.mark.parametrize("text, expected", [("24GB", 24e9), ("80GiB", 80 * 2 ** 30),
                                             ("512 MB", 512e6), ("1e9", 1e9)])
-def test_parse_bytes(text, expected):
-    from minids_jax import memory
+def test_sizes_parse_in_decimal_and_binary_units(text, expected):
+    from minids_jax.config.run import parse_size
 
-    assert memory.parse_bytes(text) == expected
+    assert parse_size(text, "devices.memory") == expected
 
 
 def run_inspect(monkeypatch, capsys, *args) -> tuple[int, str, str]:
@@ -149,3 +142,33 @@ def test_inspect_mistakes_are_one_line(monkeypatch, capsys, args, fragment):
     assert "Traceback" not in out + err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and fragment in last, err
+
+
+def test_auto_remat_and_microbatch_are_the_least_that_fit_and_a_hopeless_run_stops_first():
+    import jax
+
+    from minids_jax import sharding
+    from minids_jax.config import ConfigError
+    from minids_jax.training import memory
+
+    auto = {**LORA, "compute": dict(remat="auto"), "train": dict(batch_size=8,
+                                                                  grad_accum_steps=0)}
+    mesh = sharding.make_mesh(tiny_config(**auto).mesh, jax.devices()[:1])
+    said = []
+    roomy = memory.settle(tiny_config(**auto, devices=dict(memory="1GB")), mesh, said.append)
+    assert (roomy.compute.remat, roomy.train.grad_accum_steps) == ("none", 1)
+    whole = xla_bytes(roomy)
+    tight = memory.settle(tiny_config(**auto, devices=dict(memory=f"{0.6 * whole:.0f}")), mesh,
+                          said.append)
+    assert (tight.compute.remat, tight.train.grad_accum_steps) != ("none", 1)
+    assert xla_bytes(tight) < 0.6 * whole * 1.15  # what XLA compiles fits, to the plan's 15%
+    assert said[-1].startswith("memory plan: ") and "compute.remat=" in said[-1]
+    # Set by hand, the fields stay; a run that cannot fit stops with the plan's verdict.
+    fixed = tiny_config(**{**auto, "compute": dict(remat="save_dots")}, devices=dict(
+        memory="1GB"))
+    assert memory.settle(fixed, mesh, said.append).compute.remat == "save_dots"
+    with pytest.raises(ConfigError, match=r"would not fit in memory \(the memory plan: does "
+                                          r"not fit: .* of 1.00 MB; .*devices.memory='off'"):
+        memory.settle(tiny_config(**auto, devices=dict(memory="1MB")), mesh, said.append)
+    plain = tiny_config(**LORA)  # on a CPU without auto fields: nothing planned
+    assert memory.settle(plain, mesh, said.append) is plain

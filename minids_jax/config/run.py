@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 from minids_jax.config.fields import QUIET, Group, check, option
 from minids_jax.config.model import DTYPES
@@ -15,6 +16,7 @@ MOE_DISPATCHES = ("dropless", "ragged", "blocked", "capacity", "dense")
 OPTIMIZERS = ("adamw", "adafactor", "lion", "muon")
 SCHEDULES = ("linear", "cosine", "wsd")
 REMAT_POLICIES = ("none", "full", "save_dots")
+AUTO = "auto"  # compute.remat, devices.memory: chosen by the memory plan (training/memory.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +40,10 @@ class ComputeConfig(Group):
                                    "often: shorter runs compile fast anyway, and step faster "
                                    "as a loop (docs/scale.md)", QUIET, low=2)
     remat: str = option("none", "recompute activations in the backward pass, per block: none "
-                        "| full | save_dots (keep matmul outputs, recompute the rest)", QUIET,
-                        choices=REMAT_POLICIES)
+                        "| full | save_dots (keep matmul outputs, recompute the rest) | auto "
+                        "(none if the memory plan fits devices.memory, else full, or "
+                        "scan_layers off, as fits)", QUIET,
+                        choices=(*REMAT_POLICIES, AUTO))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +91,9 @@ class TrainConfig(Group):
                              low=1)
     seed: int = option(42, "initialization and batch order")
     grad_accum_steps: int = option(1, "microbatches per step: the batch is split in this many, "
-                                   "their gradients summed before one update (less memory)",
-                                   QUIET, low=1)
+                                   "their gradients summed before one update (less memory); "
+                                   "0: the fewest with which the memory plan fits "
+                                   "devices.memory", QUIET, low=0)
     aux_loss_coef: float = option(0.01, "weight of each MoE layer's Switch load-balancing loss "
                                   "(the layers' losses are summed, as DeepSeek's code does)",
                                   low=0)
@@ -171,6 +176,16 @@ DEFAULT_AXIS_RULES = (
 )
 
 
+def parse_size(text: str, name: str) -> float:
+    """'24GB', '80GiB', '512MB', '1.5e9' -> bytes; a ConfigError naming `name` otherwise."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
+    check(match is not None and match.group(1).count(".") <= 1,
+          f"{name}={text!r} is not a size; write it like 24GB or 80GiB.")
+    unit = (match.group(2) or "B").upper().rstrip("B")
+    power = " KMGT".index(unit[0]) if unit else 0
+    return float(match.group(1)) * (1024 if unit.endswith("I") else 1000) ** power
+
+
 def as_axes(axes) -> tuple[str, ...]:
     """The mesh axes of an axis rule's target or a PartitionSpec entry (None, one mesh axis or
     several) as a tuple."""
@@ -223,8 +238,14 @@ class DevicesConfig(Group):
                                  QUIET, low=1)
     reuse_host_memory: bool = option(True, "keep freed host memory mapped, so CPU steps do "
                                      "not page-fault their memory in again", QUIET)
+    memory: str = option(AUTO, "each device's memory, which a run's memory plan must fit "
+                         "before it compiles (training/memory.py): a size (24GB, 80GiB), auto "
+                         "(a GPU's own; on a CPU this machine's RAM, and only for compute.remat"
+                         "=auto or train.grad_accum_steps=0) or off", QUIET)
 
     def validate(self):
+        if self.memory not in (AUTO, "off"):
+            parse_size(self.memory, "devices.memory")
         check(not self.coordinator_address or ":" in self.coordinator_address,
               f"devices.coordinator_address={self.coordinator_address!r} needs a port, "
               f"e.g. '10.0.0.1:1234'.")

@@ -69,7 +69,7 @@ def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch,
                                                 segments_BxL, scored_BxL)
         return x_BxLxD, stats
 
-    if remat == "none":
+    if remat not in REMAT_POLICIES:  # none, or auto left to a trainer to choose: no gradient
         return apply
     return jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
 

@@ -26,7 +26,7 @@ from minids_jax.config import Config, ConfigError
 from minids_jax.data import pipeline as data_lib
 from minids_jax.errors import UserError
 from minids_jax.model import MiniDeepSeek, count_params
-from minids_jax.training import flops, reporting, steps
+from minids_jax.training import flops, memory, reporting, steps
 from minids_jax.training.checkpointer import Checkpointer
 from minids_jax.training.loss import loss_chunk
 from minids_jax.training.preemption import StopGuard
@@ -111,6 +111,8 @@ class Trainer:
         if config.train.epochs:
             config = self.config = steps_for_epochs(
                 config, self.source, lambda line: jax.process_index() or print(line, flush=True))
+        config = self.config = memory.settle(
+            config, self.mesh, lambda line: jax.process_index() or print(line, flush=True))
         self.graphdefs, self.state, self.shardings = steps.create_train_state(
             config, self.mesh)
         shardings = self.shardings
