@@ -21,7 +21,7 @@ from minids_jax import checkpoint
 from minids_jax.checkpoint.loading import SavedParams
 from minids_jax.config import ConfigError
 from minids_jax.hf import convert
-from minids_jax.model import build, quant
+from minids_jax.model import build, lora, quant
 from minids_jax.training import checkpointer
 from minids_jax.training.trainer import Trainer
 from tests.factories import tiny_config
@@ -123,13 +123,13 @@ def test_the_backward_pass_keeps_no_dequantized_weight():
             if line.startswith("f32[") and "constant" not in line]
     shapes = {tuple(int(n) for n in line[4:line.index("]")].split(",") if n) for line in kept}
     assert kept and not shapes & full, [line for line in kept if "quant" in line]
-    # ... and the quantized model computes close to the full-precision one it was made from.
-    reference = build(dataclasses.replace(config, lora=dataclasses.replace(
-        config.lora, base_quant="none")), "cpu", nnx.Rngs(0))
+    # ... and computes what its weights dequantized compute (lora.merge_lora), while no
+    # full-precision random weight was ever drawn for it (the init program holds codes).
     forward = nnx.jit(lambda model: model(tokens_BxL).logits_BxLxV)
-    ours, theirs = forward(model), forward(reference)
-    error = float(jnp.sqrt(jnp.mean((ours - theirs) ** 2) / jnp.mean(theirs ** 2)))
-    assert error < 0.25, error  # 4 bits: ~10% of each weight, through 2 layers and routing
+    np.testing.assert_allclose(forward(model), forward(lora.merge_lora(model)), rtol=1e-5,
+                               atol=1e-5)
+    codes = model.blocks[1].moe.w1.codes[...]
+    assert len(np.unique(np.asarray(codes))) > 200  # random codes, both nibbles
 
 
 def logits(model, tokens_BxL):

@@ -20,5 +20,5 @@ def build(config: Config, platform: str, rngs: nnx.Rngs) -> MiniDeepSeek:
     model = MiniDeepSeek(config.model, kernels.resolve(config.compute, platform), rngs=rngs)
     if config.lora.rank:
         lora.add_adapters(model, config.lora, rngs)
-        lora.quantize_base(model, config.lora)
+        lora.quantize_base(model, config.lora, rngs)
     return model

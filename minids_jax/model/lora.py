@@ -182,11 +182,12 @@ def _adapt_experts(module: MoE, weight: str, cfg: LoRAConfig, rngs: nnx.Rngs) ->
     module.lora_scale = cfg.alpha / cfg.rank
 
 
-def quantize_base(model: nnx.Module, cfg: LoRAConfig) -> list[str]:
-    """Stores every frozen projection weight as `cfg.base_quant` (quant.py): each Linear's
-    kernel but the head's (kept at full precision, as bitsandbytes keeps the output layer)
-    and the routers' (never adapted), and the routed experts' weights. Returns their paths. A
-    weight the format cannot hold is a ConfigError, raised before anything changes."""
+def quantize_base(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str]:
+    """Stores every frozen projection weight as `cfg.base_quant` (quant.py), drawn afresh
+    from `rngs` in that form (a base is restored over it: checkpoint.init_from): each
+    Linear's kernel but the head's (kept at full precision, as bitsandbytes keeps the output
+    layer) and the routers' (never adapted), and the routed experts' weights. Returns their
+    paths. A weight the format cannot hold is a ConfigError, raised before anything changes."""
     if cfg.base_quant == "none":
         return []
     frozen = {path: found for path, found in projections(model).items() if path != "head"}
@@ -197,12 +198,10 @@ def quantize_base(model: nnx.Module, cfg: LoRAConfig) -> list[str]:
             raise ConfigError(problem)
     with nnx.use_eager_sharding(False):
         for module, weight in frozen.values():
-            if weight is None:
-                module.kernel = quant.QuantizedWeight.of(module.kernel[...], cfg.base_quant,
-                                                         module.axes)
-            else:
-                setattr(module, weight, quant.QuantizedWeight.of(
-                    getattr(module, weight)[...], cfg.base_quant, EXPERT_AXES[weight]))
+            name, axes = (weight, EXPERT_AXES[weight]) if weight else ("kernel", module.axes)
+            full = getattr(module, name)
+            setattr(module, name, quant.QuantizedWeight.drawn(
+                rngs.params(), full.shape, full.dtype, cfg.base_quant, axes))
     return list(frozen)
 
 

@@ -91,6 +91,26 @@ def quantize(weight: jax.Array, kind: str) -> dict[str, jax.Array]:
     return {"int8": _int8, "nf4": _nf4}[kind](weight)
 
 
+def random(key: jax.Array, shape: tuple[int, ...], kind: str, std: float) -> dict[str, jax.Array]:
+    """The stored arrays of a random weight of `shape` with standard deviation `std`, drawn
+    as codes: a model built with a quantized base never holds its full-precision random
+    weights (all of them at once, while the initialization runs, would be the largest
+    allocation of a QLoRA run). Uniform int8 values; uniform NF4 codes (each NF4 level is
+    equally likely for normal weights: the levels are its quantiles) under one block maximum."""
+    *lead, d_in, d_out = shape
+    if kind == "int8":
+        values = jax.random.randint(key, shape, -127, 128, jnp.int32).astype(jnp.int8)
+        step = std * np.sqrt(3.0) / 127  # a uniform [-127, 127] step: the std asked for
+        return {"values": values, "value_scale": jnp.full((*lead, 1, d_out), step, jnp.float32)}
+    codes = jax.random.randint(key, (*lead, d_in // 2, d_out), 0, 256, jnp.int32)
+    level_rms = float(np.sqrt(np.mean(NF4_LEVELS ** 2)))
+    return {"codes": codes.astype(jnp.uint8),
+            "absmax": jnp.zeros((*lead, d_in // NF4_BLOCK, d_out), jnp.int8),
+            "absmax_scale": jnp.zeros((*lead, d_in // NF4_BLOCK, d_out // scale_block(d_out)),
+                                      jnp.float32),
+            "absmax_offset": jnp.full((*lead, 1, 1), std / level_rms, jnp.float32)}
+
+
 def dequantize(arrays: dict[str, jax.Array], dtype) -> jax.Array:
     """The weight `quantize` made `arrays` of, in `dtype` (computed in float32)."""
     if "values" in arrays:
@@ -148,6 +168,11 @@ class QuantizedWeight(nnx.Module):
     @classmethod
     def of(cls, weight: jax.Array, kind: str, axes: tuple) -> "QuantizedWeight":
         return cls(quantize(weight, kind), kind, axes, weight.shape, weight.dtype)
+
+    @classmethod
+    def drawn(cls, key: jax.Array, shape, dtype, kind: str, axes: tuple) -> "QuantizedWeight":
+        """A random weight with lecun_normal's deviation (1 / sqrt(inputs)), as `random`."""
+        return cls(random(key, tuple(shape), kind, shape[-2] ** -0.5), kind, axes, shape, dtype)
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in stored_axes(self.kind, self.axes)}
