@@ -94,6 +94,15 @@ def config_cases(c: Cases) -> None:
     c.train("LoRA dropout of the whole input", "--config.lora.rank=2", "--config.lora.dropout=1")
     c.train("LoRA dropout on routed experts' adapters", *lora,
             "--config.lora.targets=('attn.*','moe.w1')")
+    c.train("a quantized base without LoRA", "--config.lora.base_quant=nf4")
+    c.train("NF4 on widths that are no multiple of its blocks", "--config.lora.rank=2",
+            "--config.lora.base_quant=nf4", config=c.config())
+    c.train("a device memory that is no size", "--config.devices.memory=lots")
+    c.train("a run that cannot fit devices.memory", "--config.devices.memory=1MB",
+            config=c.config())
+    c.run("a memory plan for devices the mesh does not divide",
+          [sys.executable, "-m", "minids_jax.inspect", "--config", "configs/tiny.py", "--memory",
+           "--devices", "3", "--config.mesh.fsdp=2"])
     c.train("a mesh larger than the machine", "--config.mesh.data=3", config=c.config())
     c.train("more GPUs than the machine has", "--config.devices.num_gpus=4", config=c.config())
     c.train("batch not divisible by the mesh", "--config.train.batch_size=3",

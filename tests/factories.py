@@ -168,9 +168,11 @@ def read_until(process, pattern: str, timeout: float = 240) -> list[str]:
     raise AssertionError(f"{pattern!r} never appeared:\n{''.join(lines)}")
 
 
-def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0, model=None):
+def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0, model=None,
+                   base_quant="none"):
     """(base workdir, LoRA workdir): a random base (DeepSeek-V3-format, or of `model`) and a
-    LoRA run on it whose adapters are random (as after training)."""
+    LoRA run on it whose adapters are random (as after training), its base held as
+    `base_quant` says."""
     import jax
     from flax import nnx
 
@@ -183,7 +185,7 @@ def saved_lora_run(tmp_path, targets=("attn.*", "head"), dropout=0.0, model=None
     checkpoint.save_model(tmp_path / "base", config, nnx.to_pure_dict(nnx.state(model)))
     tuned = dataclasses.replace(
         config, lora=dataclasses.replace(config.lora, rank=2, alpha=4.0, targets=targets,
-                                         dropout=dropout),
+                                         dropout=dropout, base_quant=base_quant),
         checkpoint=dataclasses.replace(config.checkpoint, init_from=str(tmp_path / "base")))
     lora.add_adapters(model, tuned.lora, nnx.Rngs(5))
     keys = iter(jax.random.split(jax.random.key(6), 200))

@@ -243,3 +243,27 @@ def test_a_llama_peft_adapter_loads_in_peft_with_our_logits(targets, tmp_path):
     adapted = np.asarray(ours(tokens).logits_BxLxV)
     assert np.abs(adapted - np.asarray(minids_jax.load(base)[0](tokens).logits_BxLxV)).max() > 1e-2
     assert_close_logits(adapted, hf_logits(theirs, tokens))
+
+
+def test_an_adapter_trained_on_an_nf4_base_loads_in_peft_onto_the_full_precision_base(tmp_path):
+    """QLoRA's way out: the adapters go onto the unquantized base, in peft as in our merge."""
+    peft = pytest.importorskip("peft")
+    from tests.factories import saved_lora_run
+
+    llama = dict(attn_pattern=("mha",), d_model=64, n_heads=4, n_kv_heads=2, n_layers=2,
+                 first_k_dense=2, dense_hidden_dim=128, mtp_depth=0)
+    base, run = saved_lora_run(tmp_path, targets=("all-linear",), model=llama,
+                               base_quant="nf4")
+    convert.export_run(base, tmp_path / "hf_base", dtype="float32", log=lambda _: None)
+    adapter.export_adapter(run, tmp_path / "adapter", log=lambda _: None)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base",
+                                                               attn_implementation="eager")
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
+    convert.export_run(run, tmp_path / "merged", dtype="float32", log=lambda _: None)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", attn_implementation="eager").eval()
+    tokens = np.random.RandomState(5).randint(0, 64, (2, 16)).astype(np.int32)
+    assert_close_logits(hf_logits(merged, tokens), hf_logits(theirs, tokens))
+    ours = np.asarray(minids_jax.load(run)[0](tokens).logits_BxLxV)  # on the nf4 base
+    reference = hf_logits(theirs, tokens)
+    assert np.sqrt(np.mean((ours - reference) ** 2) / np.mean(reference ** 2)) < 0.25

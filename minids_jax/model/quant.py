@@ -1,8 +1,9 @@
 """A quantized frozen base for LoRA (lora.base_quant): int8 per output channel, or QLoRA's NF4.
 
-    weight = QuantizedWeight.of(kernel_IxO, "nf4", axes)   # replaces a frozen nnx.Param
-    weight[...]                                             # the dequantized array
-    quantized_matmul(x_NxI, weight, dtype)                  # x @ weight, nothing kept whole
+    stored = quantize(kernel_IxO, "nf4")                 # {codes, absmax, ...}: the arrays
+    weight = QuantizedWeight(stored, "nf4", axes, shape, dtype)   # a frozen projection's
+    weight[...]                                          # the dequantized array
+    quantized_matmul(x_NxI, weight, dtype)               # x @ weight, nothing kept whole
 
 int8: one float32 scale per output channel (absmax / 127) and int8 values.
 NF4 (Dettmers et al., 2023): blocks of 64 consecutive inputs of each output channel (as
@@ -30,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-KINDS = ("none", "int8", "nf4")
 NF4_BLOCK = 64
 SCALE_BLOCK = 256  # absmax values per second-level scale (QLoRA's)
 # The 16 NormalFloat levels (QLoRA, appendix E; bitsandbytes' NF4 table).
@@ -164,10 +164,6 @@ class QuantizedWeight(nnx.Module):
         self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
         for name, array_axes in stored_axes(kind, self.axes).items():
             setattr(self, name, QuantizedBase(arrays[name], out_sharding=array_axes))
-
-    @classmethod
-    def of(cls, weight: jax.Array, kind: str, axes: tuple) -> "QuantizedWeight":
-        return cls(quantize(weight, kind), kind, axes, weight.shape, weight.dtype)
 
     @classmethod
     def drawn(cls, key: jax.Array, shape, dtype, kind: str, axes: tuple) -> "QuantizedWeight":

@@ -224,7 +224,10 @@ class Checkpointer:
         """Restores the base model (all but the adapters) of checkpoint `where` into `state`,
         in place; returns its metadata."""
         base = lora.without_adapters(nnx.to_pure_dict(state.model))
-        restored = restore_base(*where, ckpt.restore_target(base))
+        target = ckpt.restore_target(base)
+        for array in jax.tree.leaves(base):  # (zeros, steps.create_train_state): room for it
+            array.delete()
+        restored = restore_base(*where, target)
         nnx.replace_by_pure_dict(state.model, restored["model"])
         return restored["meta"]
 

@@ -42,9 +42,15 @@ def build_model_and_optimizer(config: Config, platform: str):
 
 
 def create_train_state(config: Config, mesh):
-    """(graphdefs, state, shardings), each a TrainState; the arrays created sharded."""
+    """(graphdefs, state, shardings), each a TrainState; the arrays created sharded. With
+    checkpoint.init_from, the model's arrays but the adapters start as zeros: the base's are
+    restored over them (training/checkpointer.py)."""
+    def from_base(module: int, name: str) -> bool:
+        return module == 0 and not lora.is_adapter(name.split("'")[-2])
+
     graphdefs, states, shardings = sharding.create_sharded(
-        lambda: build_model_and_optimizer(config, sharding.mesh_platform(mesh)), mesh, config.mesh.axis_rules)
+        lambda: build_model_and_optimizer(config, sharding.mesh_platform(mesh)), mesh,
+        config.mesh.axis_rules, restored=from_base if config.checkpoint.init_from else None)
     return TrainState(*graphdefs), TrainState(*states), TrainState(*shardings)
 
 
