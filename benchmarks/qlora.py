@@ -3,9 +3,11 @@
     python benchmarks/qlora.py                       # a ~1B llama (deepseek-llm-7b, narrowed)
     python benchmarks/qlora.py --config configs/deepseek_llm_7b.py --config.model.n_layers=2
 
-Each base runs in a process of its own, so that its peak resident memory (`ru_maxrss`) is its
-own: build the model with adapters (rank 16 on every linear layer), compile the train step,
-take three steps on random tokens. Printed per base: the memory plan's total
+A random float32 model of the config is saved first, as an import would save it. Then each
+base runs in a process of its own, so that its peak resident memory (`ru_maxrss`) is its own:
+a fine-tune from that checkpoint (checkpoint.init_from) with adapters of rank 16 on every
+linear layer, its base restored at full precision or quantized as it is read; compile the
+train step and take three steps on random tokens. Printed per base: the memory plan's total
 (training/memory.py), XLA's memory analysis of the compiled step (arguments + outputs -
 aliased + temporaries), the process's peak RSS, and the mean step time.
 """
@@ -29,7 +31,23 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per base.")
 
 # deepseek-llm-7b's shape at a quarter of its width and half its depth: about 1B parameters.
 ONE_B = dict(d_model=2048, n_heads=16, n_kv_heads=16, dense_hidden_dim=5504, n_layers=15,
+             first_k_dense=-1,
              max_seq_len=256)
+
+SAVE_BASE = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import jax
+from flax import nnx
+from minids_jax import checkpoint, sharding
+from minids_jax import config as config_lib
+from minids_jax.model import build
+config = config_lib.from_json(open(sys.argv[1]).read())
+mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+_, (state,), _ = sharding.create_sharded(lambda: (build(config, "cpu", nnx.Rngs(0)),), mesh,
+                                         config.mesh.axis_rules)
+checkpoint.save_model(sys.argv[2], config, nnx.to_pure_dict(state))
+"""
 
 WORKER = """
 import json, resource, sys
@@ -66,21 +84,33 @@ def main(argv):
         train=dataclasses.replace(config.train, batch_size=1, grad_accum_steps=1, log_every=1),
         data=dataclasses.replace(config.data, source="random"),
         lora=dataclasses.replace(config.lora, rank=16, alpha=32.0, targets=("all-linear",)))
+    scratch = tempfile.TemporaryDirectory()
+    base = Path(scratch.name) / "base"
+    plain = dataclasses.replace(config, lora=dataclasses.replace(config.lora, rank=0))
+    run(SAVE_BASE, plain, str(base), "saving the base")
     print(f"{'base':<6}{'params':>8}{'plan GB':>10}{'XLA GB':>9}{'peak RSS GB':>13}"
           f"{'step s':>9}")
     for kind in ("none", "int8", "nf4"):
-        tried = dataclasses.replace(config, lora=dataclasses.replace(config.lora,
-                                                                     base_quant=kind))
-        with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
-            file.write(tried.to_json())
-            file.flush()
-            done = subprocess.run([sys.executable, "-c", WORKER, file.name, str(_STEPS.value),
-                                   str(REPO)], capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"the {kind} run failed:\n{done.stderr[-3000:]}")
-        got = json.loads(done.stdout.strip().splitlines()[-1])
+        tried = dataclasses.replace(
+            config, lora=dataclasses.replace(config.lora, base_quant=kind),
+            checkpoint=dataclasses.replace(config.checkpoint, init_from=str(base)))
+        got = json.loads(run(WORKER, tried, str(_STEPS.value), f"the {kind} run"))
         print(f"{kind:<6}{got['parameters'] / 1e9:>7.2f}B{got['plan'] / 1e9:>10.2f}"
               f"{got['xla'] / 1e9:>9.2f}{got['rss'] / 1e9:>13.2f}{got['step_s']:>9.2f}")
+
+
+def run(script: str, config, argument: str, what: str) -> str:
+    """Runs `script` in a new process with `config` (a file) and `argument`; its last line."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        file.write(config.to_json())
+        file.flush()
+        done = subprocess.run([sys.executable, "-c", script, file.name, argument, str(REPO)],
+                              capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
 
 if __name__ == "__main__":

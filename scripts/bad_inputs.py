@@ -98,7 +98,7 @@ def config_cases(c: Cases) -> None:
     c.train("NF4 on widths that are no multiple of its blocks", "--config.lora.rank=2",
             "--config.lora.base_quant=nf4", config=c.config())
     c.train("a device memory that is no size", "--config.devices.memory=lots")
-    c.train("a run that cannot fit devices.memory", "--config.devices.memory=1MB",
+    c.train("a run that cannot fit devices.memory", "--config.devices.memory=10KB",
             config=c.config())
     c.run("a memory plan for devices the mesh does not divide",
           [sys.executable, "-m", "minids_jax.inspect", "--config", "configs/tiny.py", "--memory",

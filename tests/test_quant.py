@@ -20,6 +20,7 @@ import minids_jax
 from minids_jax import checkpoint
 from minids_jax.checkpoint.loading import SavedParams
 from minids_jax.config import ConfigError
+from minids_jax.generation import generate
 from minids_jax.hf import convert
 from minids_jax.model import build, lora, quant
 from minids_jax.training import checkpointer
@@ -166,6 +167,10 @@ def test_a_lora_run_on_an_nf4_base_learns_resumes_bitwise_and_merges_onto_the_fu
     tokens = np.arange(2 * 24).reshape(2, 24) % 259
     model, _ = minids_jax.load(tmp_path / "qlora")
     np.testing.assert_array_equal(logits(model, tokens), logits(run.model(), tokens))
+    # It generates: cached greedy decoding continues as the whole-sequence forward does.
+    new = generate(model, tokens[0, :8], 6)[0]
+    sequence = np.concatenate([tokens[0, :8], new])[None]
+    np.testing.assert_array_equal(logits(model, sequence)[0, 7:-1].argmax(-1), new)
 
     # Resumed from step 4, the run goes on as if never stopped.
     shutil.copytree(tmp_path / "qlora", tmp_path / "resumed")
