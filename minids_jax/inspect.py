@@ -106,8 +106,9 @@ def main() -> None:
         print(f"training FLOPs:      {figures['train_flops_per_token'] / GB:,.1f} GFLOPs per "
               f"token")
         print(f"mesh:                {figures['mesh']} on {devices_flag.value} device(s)")
+        every = " if every parameter trained" if config.lora.rank else ""
         print(f"per device:          {figures['bytes_per_device'] / GB:,.2f} GB of parameters "
-              f"and AdamW moments ({config.model.param_dtype})")
+              f"and AdamW moments{every} ({config.model.param_dtype})")
         if memory_flag.value:
             from minids_jax.training import memory
 

@@ -27,10 +27,10 @@ from minids_jax.training import checkpointer
 from minids_jax.training.trainer import Trainer
 from tests.factories import tiny_config
 
-# Widths in multiples of NF4's block of 64: MLA (latents 64, values 2 x 32), a dense first
-# layer, then 4 routed experts of width 128 and an MTP module.
-QUANTIZABLE = dict(d_model=64, n_layers=2, n_heads=2, attn_pattern=("mla",), first_k_dense=1,
-                   n_experts=4, top_k=2, mtp_depth=1, kv_lora_rank=64, qk_nope_head_dim=16,
+# Widths in multiples of NF4's block of 64: MLA (latents 64, values 2 x 32) and 4 routed
+# experts of width 128.
+QUANTIZABLE = dict(d_model=64, n_layers=1, n_heads=2, attn_pattern=("mla",), first_k_dense=0,
+                   n_experts=4, top_k=2, mtp_depth=0, kv_lora_rank=64, qk_nope_head_dim=16,
                    qk_rope_head_dim=8, v_head_dim=32)
 # A llama shape (grouped-query attention, dense SwiGLU) of the same widths.
 LLAMA = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_pattern=("mha",),
@@ -110,7 +110,7 @@ def test_the_backward_pass_keeps_no_dequantized_weight():
             if quant.is_quantized(module)}
     assert (4, 64, 128) in full and (64, 64) in full  # experts and attention are quantized
     assert not quant.is_quantized(model.head.kernel) and not quant.is_quantized(
-        model.blocks[1].moe.gate.kernel)
+        model.blocks[0].moe.gate.kernel)
     graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
     tokens_BxL = jnp.arange(32).reshape(2, 16) % 64
 
@@ -129,7 +129,7 @@ def test_the_backward_pass_keeps_no_dequantized_weight():
     forward = nnx.jit(lambda model: model(tokens_BxL).logits_BxLxV)
     np.testing.assert_allclose(forward(model), forward(lora.merge_lora(model)), rtol=1e-5,
                                atol=1e-5)
-    codes = model.blocks[1].moe.w1.codes[...]
+    codes = model.blocks[0].moe.w1.codes[...]
     assert len(np.unique(np.asarray(codes))) > 200  # random codes, both nibbles
 
 
