@@ -18,6 +18,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from minids_jax import sharding
 from minids_jax.checkpoint.base import locate_base
 from minids_jax.checkpoint.store import (
+    CheckpointError,
     UnreadableCheckpointError,
     read_config,
     read_meta,
@@ -98,6 +99,14 @@ def restore_base(directory, step: int, target: dict) -> dict[str, Any]:
     for path, leaf in flat.items():
         if not saved.holds(tuple(map(str, path))) and saved.holds(tuple(map(str, path[:-1]))):
             to_quantize.setdefault(path[:-1], {})[path[-1]] = leaf
+    quantized_there = set(saved.dequantized)
+    if any(not saved.holds(key) and (key in quantized_there or key[:-1] in quantized_there)
+           for key in (tuple(map(str, path)) for path in flat)):
+        saved_quant = read_config(directory, step).lora.base_quant
+        raise CheckpointError(
+            f"{step_dir} holds its base quantized as {saved_quant}, and this run asks for "
+            f"another form; run with --config.lora.base_quant={saved_quant}, or start from the "
+            f"full-precision checkpoint it was made from.")
     if not to_quantize:
         return restore_items(directory, step, model=target)
     model = {}
@@ -117,8 +126,8 @@ def restore_base(directory, step: int, target: dict) -> dict[str, Any]:
     missing = set(flat) - set(model)
     if missing:
         raise unreadable(step_dir, ValueError(f"it holds no {'/'.join(map(str, min(missing)))}"))
-    return {"model": unflatten_dict(model), "meta": read_meta(directory, step),
-            "verified": True}
+    meta = read_meta(directory, step)
+    return {"model": unflatten_dict(model), "meta": meta, "verified": bool(meta.get("checksums"))}
 
 
 def _placed(array: np.ndarray, sharding) -> jax.Array:
