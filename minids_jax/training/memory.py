@@ -5,6 +5,9 @@
     plan(config, n_devices, device_bytes=24e9)    -> with a verdict and, if it does not fit,
                                                      the cheapest change that does
     fitting(config, n_devices, device_bytes)      -> {'compute.remat': ..., ...} or None
+    settle(config, mesh, log)                     -> the config with compute.remat='auto' and
+                                                     train.grad_accum_steps=0 chosen (the
+                                                     trainer's, before it compiles)
 
 Nothing is allocated or compiled: footprint.py reads the state's arrays from abstract shapes
 and the activations the backward pass keeps from the traced loss. What XLA adds on top while
