@@ -69,6 +69,16 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
 
 
+def adapted_and_base_logits(run, base, seed: int):
+    """(tokens, our adapted run's logits, its base's logits), the adapters asserted to
+    matter."""
+    tokens = np.random.RandomState(seed).randint(0, 64, (2, 16)).astype(np.int32)
+    adapted = np.asarray(minids_jax.load(run)[0](tokens).logits_BxLxV)
+    base_logits = np.asarray(minids_jax.load(base)[0](tokens).logits_BxLxV)
+    assert np.abs(adapted - base_logits).max() > 1e-2  # the adapters matter
+    return tokens, adapted, base_logits
+
+
 @pytest.mark.parametrize("changes", [
     {},  # low-rank query, group-limited routing
     {"q_lora_rank": None, "n_group": 1, "topk_group": 1},  # one q_proj, no groups
@@ -153,11 +163,7 @@ def test_the_peft_adapter_loads_in_peft_onto_the_exported_base(tmp_path):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_base")
     theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
     theirs.base_model.model.set_experts_implementation("eager")
-    ours, _ = minids_jax.load(run)
-    tokens = np.random.RandomState(2).randint(0, 64, (2, 16)).astype(np.int32)
-    base_logits = np.asarray(minids_jax.load(base)[0](tokens).logits_BxLxV)
-    adapted = np.asarray(ours(tokens).logits_BxLxV)
-    assert np.abs(adapted - base_logits).max() > 1e-2  # the adapters matter
+    tokens, adapted, _ = adapted_and_base_logits(run, base, seed=2)
     assert_close_logits(adapted, hf_logits(theirs, tokens))
 
 
@@ -189,11 +195,7 @@ def test_routed_expert_adapters_load_in_peft_on_the_fused_experts(targets, model
     wrapped = {name for name, module in theirs.named_modules()
                if isinstance(module, peft.tuners.lora.ParamWrapper)}
     assert wrapped  # the experts' adapters were placed, not skipped
-    ours, _ = minids_jax.load(run)
-    tokens = np.random.RandomState(5).randint(0, 64, (2, 16)).astype(np.int32)
-    base_logits = np.asarray(minids_jax.load(base)[0](tokens).logits_BxLxV)
-    adapted = np.asarray(ours(tokens).logits_BxLxV)
-    assert np.abs(adapted - base_logits).max() > 1e-2  # the adapters matter
+    tokens, adapted, base_logits = adapted_and_base_logits(run, base, seed=5)
     assert_close_logits(adapted, hf_logits(theirs, tokens))
     with theirs.disable_adapter():  # without the adapters, peft's model is the base again
         assert_close_logits(base_logits, hf_logits(theirs, tokens))
@@ -238,10 +240,7 @@ def test_a_llama_peft_adapter_loads_in_peft_with_our_logits(targets, tmp_path):
                                                                attn_implementation="eager")
     assert theirs.config.model_type == "llama"
     theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
-    ours, _ = minids_jax.load(run)
-    tokens = np.random.RandomState(4).randint(0, 64, (2, 16)).astype(np.int32)
-    adapted = np.asarray(ours(tokens).logits_BxLxV)
-    assert np.abs(adapted - np.asarray(minids_jax.load(base)[0](tokens).logits_BxLxV)).max() > 1e-2
+    tokens, adapted, _ = adapted_and_base_logits(run, base, seed=4)
     assert_close_logits(adapted, hf_logits(theirs, tokens))
 
 

@@ -167,6 +167,8 @@ class SavedParams(Mapping):
                 weight, b_path = lora.adapted_weight(a_path)
                 self._adapters[weight] = (self._read(a_path), self._read(b_path))
                 del self._sources[a_path], self._sources[b_path]
+        stored = {part for parts in self._quantized.values() for part in parts}
+        self._keys = [p for p in self._sources if p not in stored] + list(self._quantized)
 
     def _add_source(self, step_dir, meta: dict) -> None:
         try:
@@ -227,16 +229,12 @@ class SavedParams(Mapping):
         stored parts, not the weight)."""
         return path in self._sources
 
-    def _keys(self) -> list[tuple[str, ...]]:
-        stored = {part for parts in self._quantized.values() for part in parts}
-        return [p for p in self._sources if p not in stored] + list(self._quantized)
-
     def __contains__(self, path) -> bool:  # (Mapping's would read the array)
         return path in self._quantized or path in self._sources and \
             path[:-1] not in self._quantized
 
     def __iter__(self) -> Iterator[tuple[str, ...]]:
-        return iter(self._keys())
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._keys())
+        return len(self._keys)

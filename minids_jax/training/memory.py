@@ -246,16 +246,16 @@ def settle(config: Config, mesh, log) -> Config:
         return chosen
     n_devices = mesh.devices.size
     changes = ("scan", "remat") * auto_remat + ("accum",) * auto_accum
-    overrides = fitting(chosen, n_devices, limit, platform, changes) if changes else {}
-    if overrides is None or not changes and not plan(
-            chosen, n_devices, limit, platform, suggest=False).fits:
+    as_set = plan(chosen, n_devices, limit, platform, suggest=False)
+    overrides, total = ({}, as_set.total) if as_set.fits else _search(
+        chosen, n_devices, limit, platform, changes)
+    if overrides is None:
         verdict = plan(chosen, n_devices, limit, platform).verdict()
         raise ConfigError(f"the train step would not fit in memory (the memory plan: "
                           f"{verdict}); python -m minids_jax.inspect --memory shows the plan, "
                           f"devices.memory='off' runs it anyway.")
     settled = with_overrides(chosen, overrides)
     if changes:
-        total = plan(settled, n_devices, limit, platform, suggest=False).total
         scan = "" if settled.compute.scan_layers == config.compute.scan_layers else \
             ", compute.scan_layers=False"
         log(f"memory plan: {gb(total)} of {gb(limit)} per device with compute.remat="
