@@ -71,7 +71,39 @@ def _block_fn(rebuild: Callable, remat: str, positions_BxL, moe_dispatch,
 
     if remat not in REMAT_POLICIES:  # none, or auto left to a trainer to choose: no gradient
         return apply
-    return jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
+    return lambda x_BxLxD, leaves, layer: rematerialized(
+        lambda x, block_leaves: apply(x, block_leaves, layer), REMAT_POLICIES[remat],
+        in_loop=not isinstance(layer, int))(x_BxLxD, leaves)
+
+
+def rematerialized(fn: Callable, policy, in_loop: bool) -> Callable:
+    """fn(x, leaves) as `jax.checkpoint(fn, policy=policy)`: what the policy does not keep
+    is computed again in the backward pass.
+
+    XLA's CPU compiler drops the optimization barriers that keep a recomputation apart from
+    the forward computation it repeats, and merges the two again as common subexpressions:
+    a block outside a loop (a scan's steps stay apart) then keeps every activation, as if not
+    rematerialized. On a CPU, the backward pass therefore reads what the forward kept through
+    a conditional on the incoming gradient that XLA cannot see through (always true), so the
+    recomputation can neither merge with the forward nor run before the gradient arrives."""
+    checkpointed = jax.checkpoint(fn, policy=policy)
+    if in_loop or jax.default_backend() != "cpu":
+        return checkpointed
+
+    @jax.custom_vjp
+    def run(x, leaves):
+        return fn(x, leaves)
+
+    def forward(x, leaves):
+        return jax.vjp(checkpointed, x, leaves)
+
+    def backward(vjp_fn, gradient):
+        first = jax.tree.leaves(gradient)[0].reshape(-1)[0]
+        return jax.lax.cond(jnp.isnan(first) | ~jnp.isnan(first), lambda kept: kept,
+                            lambda kept: jax.tree.map(jnp.zeros_like, kept), vjp_fn)(gradient)
+
+    run.defvjp(forward, backward)
+    return run
 
 
 def apply_blocks(blocks: Sequence[nnx.Module], x_BxLxD, positions_BxL, *, period: int,
