@@ -126,6 +126,21 @@ def test_only_runs_of_enough_repeats_are_scanned():
     assert layer_scan.runs(blocks, 2, None) == singles  # scan_layers=False
 
 
+def test_cpu_scans_only_longer_runs_by_default():
+    """scan_min_repeats=0 is the platform's: on a CPU a run must repeat 8 times (the scan's
+    copies cost more of a CPU step), elsewhere 4; a value set is kept."""
+    from minids_jax.training import footprint
+    from tests.factories import compute_config, small_model_config
+
+    assert compute_config("cpu").scan_min_repeats == 8
+    assert compute_config("gpu").scan_min_repeats == 4
+    assert compute_config("cpu", scan_min_repeats=2).scan_min_repeats == 2
+    cfg = small_model_config(n_layers=13, first_k_dense=1)  # dense, then 6 units of 2
+    unresolved = compute_config().__class__()
+    assert footprint.scanned_layers(cfg, unresolved, "cpu") == set()
+    assert footprint.scanned_layers(cfg, unresolved, "gpu") == set(range(1, 13))
+
+
 @pytest.mark.slow  # trains end to end
 def test_bfloat16_training_follows_float32():
     """Compute in bfloat16 (params, optimizer state, softmaxes, router and loss in float32):

@@ -36,9 +36,10 @@ class ComputeConfig(Group):
                                     "even share (capacity dispatch only)", above=0)
     scan_layers: bool = option(True, "run each repeating unit of the layers as one lax.scan "
                                "step, so compile time does not grow with depth", QUIET)
-    scan_min_repeats: int = option(4, "scan a run of identical units only if it repeats this "
+    scan_min_repeats: int = option(0, "scan a run of identical units only if it repeats this "
                                    "often: shorter runs compile fast anyway, and step faster "
-                                   "as a loop (docs/scale.md)", QUIET, low=2)
+                                   "as a loop; 0: 8 on a CPU, 4 elsewhere (docs/scale.md)",
+                                   QUIET, low=0)
     remat: str = option("none", "recompute activations in the backward pass, per block: none "
                         "| full | save_dots (keep matmul outputs, recompute the rest) | auto "
                         "(none if the memory plan fits devices.memory, else full, or "

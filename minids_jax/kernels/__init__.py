@@ -15,6 +15,10 @@ from minids_jax.config import ComputeConfig
 AUTO_ATTENTION = {"cpu": "fused"}  # elsewhere: dot_product_attention (XLA's) or cudnn
 HALF_DTYPES = ("bfloat16", "float16")  # what cuDNN's flash attention takes
 DROPLESS_DISPATCH = {"cpu": "blocked"}  # elsewhere: ragged (jax.lax.ragged_dot)
+# compute.scan_min_repeats=0: on a CPU a scan's copies (each layer's weights stacked, its saved
+# activations written into stacked buffers and read back) cost up to a quarter of the step
+# (docs/scale.md), so only runs long enough for the compile time to matter are scanned there.
+SCAN_MIN_REPEATS = {"cpu": 8}  # elsewhere 4
 
 
 def exact_dispatch(platform: str) -> str:
@@ -23,7 +27,8 @@ def exact_dispatch(platform: str) -> str:
 
 
 def resolve(compute: ComputeConfig, platform: str) -> ComputeConfig:
-    """`compute` with `auto` and `dropless` replaced by the kernels for `platform`."""
+    """`compute` with `auto` and `dropless` replaced by the kernels for `platform`, and the
+    platform's shortest scanned run where scan_min_repeats is 0."""
     attention = compute.attention_kernel
     if attention == "auto":
         half = platform == "gpu" and compute.dtype in HALF_DTYPES
@@ -31,5 +36,7 @@ def resolve(compute: ComputeConfig, platform: str) -> ComputeConfig:
     dispatch = compute.moe_dispatch
     if dispatch == "dropless":
         dispatch = exact_dispatch(platform)
-    return dataclasses.replace(compute, attention_kernel=attention, moe_dispatch=dispatch)
+    return dataclasses.replace(compute, attention_kernel=attention, moe_dispatch=dispatch,
+                               scan_min_repeats=(compute.scan_min_repeats
+                                                 or SCAN_MIN_REPEATS.get(platform, 4)))
 

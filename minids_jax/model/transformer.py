@@ -42,6 +42,9 @@ class MiniDeepSeek(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, compute: ComputeConfig, *, rngs: nnx.Rngs):
+        if not compute.scan_min_repeats:
+            raise ValueError("compute.scan_min_repeats=0: resolve it for a platform first "
+                             "(minids_jax.kernels.resolve).")
         self.cfg, self.compute = cfg, compute
         with nnx.use_eager_sharding(False):
             self.embed = nnx.Embed(

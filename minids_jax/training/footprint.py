@@ -62,8 +62,10 @@ def batch_ways(config, mesh_sizes) -> int:
     return math.prod(mesh_sizes[a] for a in as_axes(dict(config.mesh.axis_rules).get("batch")))
 
 
-def scanned_layers(cfg, compute) -> set[int]:
-    """The layers model/scan.py runs inside a lax.scan (their kinds repeat in units of P)."""
+def scanned_layers(cfg, compute, platform: str) -> set[int]:
+    """The layers model/scan.py runs inside a lax.scan on `platform` (their kinds repeat in
+    units of P)."""
+    compute = kernels.resolve(compute, platform)
     if not compute.scan_layers:
         return set()
     kinds = [(cfg.attention_kind(i), cfg.is_moe_layer(i)) for i in range(cfg.n_layers)]
@@ -203,7 +205,7 @@ def state_bytes(config, n_devices: int, platform: str) -> dict:
     if any("blocks" in target for target in config.lora.targets):  # targets naming layers
         small, layer_of = cfg, list(range(cfg.n_layers))
     copies = collections.Counter(layer_of)
-    scanned = collections.Counter(layer_of[i] for i in scanned_layers(cfg, config.compute))
+    scanned = collections.Counter(layer_of[i] for i in scanned_layers(cfg, config.compute, platform))
     built = dataclasses.replace(config, model=small)
     with nnx.logical_axis_rules(config.mesh.axis_rules), nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: build(built, platform, nnx.Rngs(0)))

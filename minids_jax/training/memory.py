@@ -129,13 +129,13 @@ def with_overrides(config, overrides: dict):
                                           for group, fields in groups.items()})
 
 
-def _candidates(config, n_devices: int, changes: tuple[str, ...]):
+def _candidates(config, n_devices: int, platform: str, changes: tuple[str, ...]):
     """Overrides to try, cheapest first, each keeping the ones before it: no scan (its stacked
     copy of the scanned layers' weights goes; compiling takes longer), remat='full', then
     more microbatches (each a divisor of a device's rows), an nf4 base (LoRA runs), more
     fsdp (each a divisor of the devices, data taking the rest)."""
     overrides = {}
-    if "scan" in changes and footprint.scanned_layers(config.model, config.compute):
+    if "scan" in changes and footprint.scanned_layers(config.model, config.compute, platform):
         overrides["compute.scan_layers"] = False
         yield dict(overrides)
     if "remat" in changes and config.compute.remat != "full":
@@ -170,7 +170,7 @@ def _search(config, n_devices, device_bytes, platform, changes):
             return None
         return tried.total if tried.fits else None
 
-    for overrides in _candidates(config, n_devices, changes):
+    for overrides in _candidates(config, n_devices, platform, changes):
         total = total_if_fits(overrides)
         if total is None:
             continue
