@@ -224,7 +224,8 @@ def compare_with_hf(config):
                       f"{theirs.cache_bytes_per_token:8,.0f} | {agree:.0%} agree", flush=True)
     print(f"transformers: {peer['model']} ({peer['attention']} attention, "
           f"{peer['parameters']:,} parameters, cache {peer['cases'][0]['cache_class']}), torch "
-          f"{peer['torch']}, transformers {peer['transformers']}, {peer['threads']} threads")
+          f"{peer['torch']}, transformers {peer['transformers']}, {peer.get('device', 'cpu')}, "
+          f"{peer['threads']} threads")
     print(f"decode vs transformers: {np.exp(np.mean(np.log(ratios))):.2f}x")
 
 

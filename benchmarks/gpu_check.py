@@ -160,9 +160,10 @@ def measure(config, steps: int, repeats: int = 3, hlo_dir: str | None = None) ->
     from timing import CompiledStepTimer
 
     from minids_jax import kernels
-    from minids_jax.training import flops, trainer
+    from minids_jax.training import flops, memory, trainer
 
     run = trainer.Trainer(config)
+    config = run.config  # as the memory plan settled it (compute.remat='auto', ...)
     compute = kernels.resolve(config.compute, run.platform)  # what the model was built with
     timer = CompiledStepTimer(run)
     rounds = [timer.time(steps) for _ in range(repeats)]
@@ -171,14 +172,14 @@ def measure(config, steps: int, repeats: int = 3, hlo_dir: str | None = None) ->
     devices = run.mesh.devices.flatten().tolist()
     peak, peak_source = flops.peak_flops_per_device(config.compute.dtype, config.train.peak_flops,
                                                     devices[0])
-    flops_per_token = flops.train_flops_per_token(config.model)
+    flops_per_token = flops.train_flops_per_token(config.model, frozen_base=config.lora.rank > 0)
     compiled_hlo, lowered_hlo = timer.compiled.as_text(), timer.lowered.as_text("hlo")
     if hlo_dir:
         Path(hlo_dir).mkdir(parents=True, exist_ok=True)
         Path(hlo_dir, "lowered.hlo.txt").write_text(lowered_hlo)
         Path(hlo_dir, "compiled.hlo.txt").write_text(compiled_hlo)
     kernels = hlo_kernels(compiled_hlo, lowered_hlo)
-    memory = timer.compiled.memory_analysis()
+    analysis = timer.compiled.memory_analysis()
     loss = timer.metrics.get("loss")
     return dict(
         platform=devices[0].platform, device=devices[0].device_kind, devices=len(devices),
@@ -190,8 +191,13 @@ def measure(config, steps: int, repeats: int = 3, hlo_dir: str | None = None) ->
         peak_flops_per_device=peak, peak_flops_source=peak_source,
         mfu=flops_per_token * tokens_per_s / (peak * len(devices)),
         peak_memory_bytes=peak_memory_bytes(devices),
-        compiled_temp_bytes=getattr(memory, "temp_size_in_bytes", None),
-        loss=None if loss is None else float(loss), kernels=kernels)
+        compiled_temp_bytes=getattr(analysis, "temp_size_in_bytes", None),
+        loss=None if loss is None else float(loss), kernels=kernels,
+        lora=(dict(rank=config.lora.rank, targets=list(config.lora.targets),
+                   base_quant=config.lora.base_quant) if config.lora.rank else None),
+        memory_plan=dict(bytes=memory.plan(config, len(devices), platform=run.platform).total,
+                         remat=config.compute.remat, scan_layers=config.compute.scan_layers,
+                         microbatches=config.train.grad_accum_steps))
 
 
 # (heading, how a row shows it); a row that failed shows its error instead.
@@ -203,6 +209,8 @@ COLUMNS = (
     ("MFU", lambda r: f"{r['mfu']:.1%}"),
     ("peak mem GiB", lambda r: "n/a" if r["peak_memory_bytes"] is None
      else f"{r['peak_memory_bytes'] / 2 ** 30:.2f}"),
+    ("plan GiB", lambda r: f"{r['memory_plan']['bytes'] / 2 ** 30:.2f}" if r.get("memory_plan")
+     else "n/a"),
     ("cuDNN attention", lambda r: kernel_summary(r["kernels"])[0]),
     ("ragged_dot", lambda r: kernel_summary(r["kernels"])[1]),
 )
@@ -211,6 +219,17 @@ COLUMNS = (
 def _flop_rate(flops_per_s: float) -> str:
     return (f"{flops_per_s / 1e12:.0f} TFLOP/s" if flops_per_s >= 1e12
             else f"{flops_per_s / 1e9:.0f} GFLOP/s")
+
+
+def _setup(row: dict) -> str:
+    """The LoRA and memory-plan part of a row's note ('' for a row without them)."""
+    lora, plan = row.get("lora"), row.get("memory_plan")
+    text = (f", LoRA rank {lora['rank']} on {','.join(lora['targets'])}, base "
+            f"{lora['base_quant']}" if lora else "")
+    if plan:
+        text += (f", memory plan: remat {plan['remat']}, {plan['microbatches']} "
+                 f"microbatch(es), scan {'on' if plan['scan_layers'] else 'off'}")
+    return text
 
 
 def format_table(rows: list[dict]) -> str:
@@ -227,7 +246,7 @@ def format_table(rows: list[dict]) -> str:
                      f"{row['attention_kernel']}, MoE {row['moe_dispatch']}, median of "
                      f"{row['repeats']} x {row['steps']} steps, MFU against "
                      f"{_flop_rate(row['peak_flops_per_device'])} per device "
-                     f"({row['peak_flops_source']})")
+                     f"({row['peak_flops_source']}){_setup(row)}")
     widths = [max(len(line[i]) for line in cells if i == 0 or len(line) == len(COLUMNS))
               for i in range(len(COLUMNS))]
     lines = []

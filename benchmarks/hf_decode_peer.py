@@ -5,7 +5,8 @@ neither jax nor minids_jax) and prints one JSON object.
     python benchmarks/hf_decode_peer.py HF_DIR PROMPTS_NPY --cases 1x128:32,8x4096:16
 
 HF_DIR is a directory written by `minids_jax.hf.convert.export_run` (DeepSeek-V3, llama or
-qwen2), loaded with `AutoModelForCausalLM.from_pretrained` in float32 with eager attention.
+qwen2), loaded with `AutoModelForCausalLM.from_pretrained` in float32 with eager attention, on
+the GPU where torch has one (`--device`), else the CPU.
 PROMPTS_NPY holds [batch, length] token ids; a case BxP:N decodes N tokens after the first P
 ids of its first B rows, `model.generate(do_sample=False, use_cache=True)` with
 min_new_tokens = max_new_tokens = N and no end-of-sequence token (so every row decodes N
@@ -29,12 +30,14 @@ class TokenClock:
     """A generate() streamer that records when each new token arrives (its first `put` is the
     prompt, before the prefill)."""
 
-    def __init__(self):
+    def __init__(self, synchronize=lambda: None):
         self.times: list[float] = []
         self.saw_prompt = False
+        self.synchronize = synchronize  # a GPU's work is asynchronous: wait for the token
 
     def put(self, value):
         if self.saw_prompt:
+            self.synchronize()
             self.times.append(time.perf_counter())
         self.saw_prompt = True
 
@@ -63,7 +66,7 @@ def decode_case(model, prompt_BxP, new_tokens: int) -> dict:
                 "attention_mask": torch.ones_like(prompt_BxP)}
     with torch.inference_mode():
         model.generate(prompt_BxP, max_new_tokens=2, min_new_tokens=2, **settings)  # warm-up
-        clock = TokenClock()
+        clock = TokenClock(torch.cuda.synchronize if prompt_BxP.is_cuda else lambda: None)
         start = time.perf_counter()
         out = model.generate(prompt_BxP, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              streamer=clock, return_dict_in_generate=True, **settings)
@@ -87,6 +90,7 @@ def main():
     parser.add_argument("prompts", help=".npy of [batch, length] token ids")
     parser.add_argument("--cases", required=True,
                         help="comma-separated BATCHxCONTEXT:NEW_TOKENS, e.g. 1x128:32,8x128:32")
+    parser.add_argument("--device", default="auto", help="auto (cuda if torch has it) | cpu | cuda")
     args = parser.parse_args()
     try:
         import numpy as np
@@ -98,9 +102,11 @@ def main():
                  f"--hf_python a Python with torch and transformers.")
 
     torch.set_num_threads(os.cpu_count())
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
-    prompts = torch.from_numpy(np.load(args.prompts).astype(np.int64))
+                                                 attn_implementation="eager").eval().to(device)
+    prompts = torch.from_numpy(np.load(args.prompts).astype(np.int64)).to(device)
     results = []
     for case in args.cases.split(","):
         shape, new_tokens = case.split(":")
@@ -110,7 +116,7 @@ def main():
     print(json.dumps({
         "model": type(model).__name__, "attention": model.config._attn_implementation,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch": torch.__version__, "transformers": transformers.__version__, "device": device,
         "threads": torch.get_num_threads(), "cases": results}))
 
 

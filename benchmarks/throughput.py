@@ -170,7 +170,8 @@ def main(argv):
     for label, timer in timers.items():
         step = float(np.median(step_s[label]))
         tokens_per_s = timer.tokens_per_s(step)
-        flops_per_token = flops.train_flops_per_token(timer.run.config.model)
+        flops_per_token = flops.train_flops_per_token(
+            timer.run.config.model, frozen_base=timer.run.config.lora.rank > 0)
         print(f"minids_jax ({labels[label]}): compile {timer.compile_s:.1f} s"
               f" | step {step * 1e3:.1f} ms (median of {len(step_s[label])} x {_STEPS.value})"
               f" | {tokens_per_s:,.0f} tokens/s on {jax.device_count()} device(s)"

@@ -18,7 +18,7 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402  (benchmarks/gpu_check.py)
 
-CONFIGS = ("configs/mini.py", "configs/v3_mini.py")
+CONFIGS = ("configs/mini.py", "configs/v3_mini.py", "configs/deepseek_llm_7b.py")
 
 
 def run_script(*args, env=None, path_dir=None, cwd=None):
@@ -84,7 +84,7 @@ def test_bad_arguments_give_one_line_before_anything_runs(args, named):
 
 
 @pytest.mark.slow  # runs the script
-def test_dry_run_lists_both_configs_in_bfloat16_with_the_overrides_last(tmp_path):
+def test_dry_run_lists_the_configs_in_bfloat16_with_the_overrides_last(tmp_path):
     commands = dry_run_commands("--steps", "5", "--config.train.batch_size=16",
                                 "--config.model.n_layers", "2", "--out", str(tmp_path / "t.json"))
     install = [c for c in commands if "pip" in c]
@@ -100,10 +100,22 @@ def test_dry_run_lists_both_configs_in_bfloat16_with_the_overrides_last(tmp_path
         assert argv.index("--config.train.batch_size=16") > dtype
         assert argv.index("--config.model.n_layers=2") > dtype
         assert option_value(argv, "--steps") == "5"
-    report = commands[-1]
+    # The 7B runs a LoRA step whose remat and microbatches the memory plan picks; a user's
+    # batch size still wins.
+    lora_7b = measures[2]
+    for setting in ("--config.lora.rank=16", "--config.compute.remat=auto",
+                    "--config.train.grad_accum_steps=0", '--config.lora.targets=("all-linear",)'):
+        assert lora_7b.index("--config.compute.dtype=bfloat16") < lora_7b.index(setting) \
+            < lora_7b.index("--config.train.batch_size=16"), setting
+    report, = [c for c in commands if "--rows" in c]
     assert option_value(report, "--rows").split(",") == [option_value(c, "--row_out")
                                                          for c in measures]
     assert option_value(report, "--out") == str(tmp_path / "t.json")
+    # Then V3 decoding against transformers, where the Python has torch and transformers.
+    decode = commands[-1]
+    assert decode[:decode.index("&&")] == ["python", "-c", "import torch, transformers"]
+    assert "benchmarks/decode.py" in decode and "--vs_hf" in decode
+    assert option_value(decode, "--config") == "configs/v3_tiny.py"
     assert not (tmp_path / "t.json").exists()  # nothing ran
 
 
@@ -112,7 +124,8 @@ def test_dry_run_resolves_a_relative_out_against_the_callers_directory(tmp_path)
     # The script runs from the repository root; `--out rows.json` means the caller's file.
     status, lines = run_script("--dry_run", "--out", "rows.json", env=cpu_env(), cwd=tmp_path)
     assert status == 0
-    assert option_value(shlex.split(lines[-1]), "--out") == str(tmp_path / "rows.json")
+    report, = [shlex.split(line) for line in lines if "--rows" in line]
+    assert option_value(report, "--out") == str(tmp_path / "rows.json")
 
 
 # --- no GPU ---------------------------------------------------------------------------------
@@ -129,7 +142,7 @@ def test_no_gpu_is_one_line_with_what_would_have_run_and_status_2(tmp_path):
     assert "Traceback" not in line
     for config in CONFIGS:
         assert f"--config {config} --config.compute.dtype=bfloat16" in line
-    assert "--steps 4" in line
+    assert "--steps 4" in line and "benchmarks/decode.py --vs_hf" in line
 
 
 @pytest.mark.slow  # runs the script
@@ -153,8 +166,13 @@ state = pathlib.Path({state!r})
 with open(state / "calls.log", "a") as log:
     log.write(json.dumps(sys.argv[1:]) + "\\n")
 args = sys.argv[1:]
+if args[0] == "-c" and "transformers" in args[1]:  # the decode comparison's peer
+    sys.exit(0 if os.environ.get("HAS_HF") else 1)
 if args[0] == "-c":
     sys.exit(0 if (state / "installed").exists() else 1)
+if args[0] == "benchmarks/decode.py":
+    print("decode vs transformers: 6.00x")
+    sys.exit(0)
 if args[:2] == ["-m", "pip"]:
     (state / "installed").touch()
     sys.exit(0)
@@ -177,7 +195,7 @@ pathlib.Path(args[args.index("--row_out") + 1]).write_text(json.dumps(row))
 
 
 @pytest.mark.slow  # runs the script
-def test_gpu_path_installs_only_when_needed_measures_both_and_reports(tmp_path):
+def test_gpu_path_installs_only_when_needed_measures_each_config_and_decodes(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     python = executable(tmp_path / "python", STAND_IN.format(python=sys.executable,
@@ -194,23 +212,28 @@ def test_gpu_path_installs_only_when_needed_measures_both_and_reports(tmp_path):
     installs = [i for i, call in enumerate(calls) if call[:2] == ["-m", "pip"]]
     measures = [i for i, call in enumerate(calls) if "--row_out" in call]
     assert len(installs) == 1 and calls[installs[0]][-1] == ".[cuda]"
-    assert len(measures) == 2 and installs[0] < measures[0]  # installed before measuring
+    assert len(measures) == 3 and installs[0] < measures[0]  # installed before measuring
     for i in measures:
         assert "--config.train.batch_size=4" in calls[i]
     rows = json.loads(out.read_text())
-    assert [row["config"] for row in rows] == ["mini", "v3_mini"]
+    assert [row["config"] for row in rows] == ["mini", "v3_mini", "deepseek_llm_7b"]
     assert "error" not in rows[0] and rows[1]["error"]
     table = "\n".join(lines)
     assert "yes (cuDNN 6, dense 3)" in table and "163,840" in table
     assert any(line.startswith("v3_mini") and "failed" in line for line in lines)
     assert not list(tmp_path.glob("gpu_check.*"))  # the rows' scratch directory is gone
+    # No torch and transformers: the decode comparison says so and does not run.
+    assert not any(call[0] == "benchmarks/decode.py" for call in calls)
+    assert any("decode comparison skipped" in line and "HF_PYTHON" in line for line in lines)
 
     (state / "calls.log").unlink()
-    env["FAIL"] = ""
+    env.update(FAIL="", HAS_HF="1")
     status, lines = run_script("--steps", "2", env=env, path_dir=bin_dir)
     calls = [json.loads(line) for line in (state / "calls.log").read_text().splitlines()]
     assert status == 0, lines
     assert not any(call[:2] == ["-m", "pip"] for call in calls)  # JAX has its GPU now
+    assert calls[-1][:2] == ["benchmarks/decode.py", "--vs_hf"]  # last, after the table
+    assert lines[-1] == "decode vs transformers: 6.00x"
 
 
 # --- kernels from HLO text ------------------------------------------------------------------
@@ -233,6 +256,23 @@ def test_cpu_compiled_step_uses_neither_cudnn_attention_nor_ragged_dot(compile_c
     assert row["tokens_per_s"] == pytest.approx(4 * 16 / row["step_s"])  # batch 4 x 16 tokens
     table = gpu_check.format_table([dict(config="tiny", **row)])
     assert table.splitlines()[1].split()[-2:] == ["no", "no"]
+    assert row["lora"] is None and row["memory_plan"]["bytes"] > 0
+
+
+@pytest.mark.slow  # a compile and a step
+def test_a_lora_row_has_the_memory_plans_choices_and_the_frozen_base_flops(compile_cache):
+    from minids_jax.training import flops
+
+    config = tiny_config(model=MHA, lora=dict(rank=4, targets=("all-linear",)),
+                         compute=dict(remat="auto"), train=dict(grad_accum_steps=0),
+                         devices=dict(memory="1GB"))
+    row = gpu_check.measure(config, steps=1, repeats=1)
+    assert row["lora"] == dict(rank=4, targets=["all-linear"], base_quant="none")
+    plan = row["memory_plan"]  # settled: what fits 1 GB is no remat and the whole batch
+    assert (plan["remat"], plan["microbatches"]) == ("none", 1) and 0 < plan["bytes"] < 2 ** 30
+    assert row["flops_per_token"] == flops.train_flops_per_token(config.model, frozen_base=True)
+    note = gpu_check.format_table([dict(config="tiny", **row)]).splitlines()[-1]
+    assert "LoRA rank 4 on all-linear, base none, memory plan: remat none, 1 microbatch" in note
 
 
 def test_ragged_dots_of_a_step_lowered_for_cuda_are_counted_once_each(compile_cache):

@@ -199,6 +199,9 @@ def test_flops_count_active_experts_only():
     assert many["experts"] == base["experts"] and two_active["experts"] == 2 * base["experts"]
     assert flops.train_flops_per_token(flops_model_config()) == pytest.approx(
         3 * flops.forward_flops_per_token(flops_model_config()))
+    # A frozen base (LoRA) computes no weight gradients: forward and input gradients only.
+    assert flops.train_flops_per_token(flops_model_config(), frozen_base=True) == pytest.approx(
+        2 * flops.forward_flops_per_token(flops_model_config()))
 
 
 DEEPSEEK_MOE = dict(attn_pattern=("mla",), router_scoring="sigmoid", n_experts=4, n_group=2,

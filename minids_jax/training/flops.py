@@ -91,9 +91,11 @@ def forward_flops_per_token(cfg: ModelConfig) -> float:
     return sum(flops_breakdown(cfg).values())
 
 
-def train_flops_per_token(cfg: ModelConfig) -> float:
-    """Forward plus backward (twice the forward: gradients for activations and weights)."""
-    return 3 * forward_flops_per_token(cfg)
+def train_flops_per_token(cfg: ModelConfig, frozen_base: bool = False) -> float:
+    """Forward plus backward: twice the forward (gradients for activations and weights), or
+    once with a `frozen_base` (LoRA: no weight gradients but the adapters', left out here as
+    a rank's worth of work)."""
+    return (2 if frozen_base else 3) * forward_flops_per_token(cfg)
 
 
 def measure_matmul_flops(dtype: str = "float32", size: int | None = None,

@@ -234,7 +234,7 @@ def make_reporter(cfg: Config, workdir, mesh, start_step: int) -> reporting.Repo
     FLOP/s of all devices (train.peak_flops per device, or see flops.py)."""
     peak, source = flops.peak_flops_per_device(cfg.compute.dtype, cfg.train.peak_flops,
                                                mesh.devices.flat[0])
-    flops_per_token = flops.train_flops_per_token(cfg.model)
+    flops_per_token = flops.train_flops_per_token(cfg.model, frozen_base=cfg.lora.rank > 0)
     reporter = reporting.Reporter(
         workdir, cfg.optim.total_steps, start_step, is_main=jax.process_index() == 0,
         config_dict=dataclasses.asdict(cfg), flops_per_token=flops_per_token,
