@@ -111,6 +111,22 @@ def test_scanned_and_rematerialized_layers_give_the_plain_loss_and_gradients(pat
     assert_trees_close(grads, loop_grads, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("pattern,remat", [("original", "full"),
+                                           ("mla_dense_first", "save_dots")])
+def test_rematerialized_layers_outside_a_scan_give_the_plain_loss_and_gradients(pattern,
+                                                                              remat):
+    """On a CPU a rematerialized block outside a scan reads what its forward kept through a
+    conditional (model/scan.py, `rematerialized`): the same numbers as no remat at all."""
+    from tests.factories import small_model_config
+
+    model_cfg = small_model_config(**PATTERNS[pattern])
+    loop_loss, loop_grads, _ = loss_and_grads(model_cfg, scan_layers=False)
+    loss, grads, jaxpr = loss_and_grads(model_cfg, scan_layers=False, remat=remat)
+    assert "cond[" in jaxpr  # the conditional that keeps XLA from merging it away
+    np.testing.assert_allclose(loss, loop_loss, rtol=1e-6)
+    assert_trees_close(grads, loop_grads, rtol=1e-5, atol=1e-7)
+
+
 def test_only_runs_of_enough_repeats_are_scanned():
     from flax import nnx
 
@@ -129,6 +145,7 @@ def test_only_runs_of_enough_repeats_are_scanned():
 def test_cpu_scans_only_longer_runs_by_default():
     """scan_min_repeats=0 is the platform's: on a CPU a run must repeat 8 times (the scan's
     copies cost more of a CPU step), elsewhere 4; a value set is kept."""
+    from minids_jax.config import ComputeConfig
     from minids_jax.training import footprint
     from tests.factories import compute_config, small_model_config
 
@@ -136,7 +153,7 @@ def test_cpu_scans_only_longer_runs_by_default():
     assert compute_config("gpu").scan_min_repeats == 4
     assert compute_config("cpu", scan_min_repeats=2).scan_min_repeats == 2
     cfg = small_model_config(n_layers=13, first_k_dense=1)  # dense, then 6 units of 2
-    unresolved = compute_config().__class__()
+    unresolved = ComputeConfig()
     assert footprint.scanned_layers(cfg, unresolved, "cpu") == set()
     assert footprint.scanned_layers(cfg, unresolved, "gpu") == set(range(1, 13))
 

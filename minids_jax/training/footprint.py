@@ -205,7 +205,8 @@ def state_bytes(config, n_devices: int, platform: str) -> dict:
     if any("blocks" in target for target in config.lora.targets):  # targets naming layers
         small, layer_of = cfg, list(range(cfg.n_layers))
     copies = collections.Counter(layer_of)
-    scanned = collections.Counter(layer_of[i] for i in scanned_layers(cfg, config.compute, platform))
+    scanned = collections.Counter(layer_of[i]
+                                  for i in scanned_layers(cfg, config.compute, platform))
     built = dataclasses.replace(config, model=small)
     with nnx.logical_axis_rules(config.mesh.axis_rules), nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: build(built, platform, nnx.Rngs(0)))
