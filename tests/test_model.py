@@ -40,3 +40,38 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)
     assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+def test_build_draws_as_a_plain_rngs_and_never_reads_a_tracers_sharding():
+    """`build` draws from a copy of its Rngs whose counters are array refs: the same parameters
+    as the plain Rngs of that seed, and, under one trace (nnx.eval_shape), no read of a tracer's
+    `.sharding`, which jax answers by walking the whole trace (a start quadratic in depth)."""
+    from unittest import mock
+
+    from jax._src import core
+
+    from minids_jax import kernels
+    from minids_jax.model import build
+    from tests.factories import tiny_config
+
+    config = tiny_config(model=dict(attn_pattern=("mla",), n_layers=3, router_scoring="sigmoid"))
+    plain = MiniDeepSeek(config.model, kernels.resolve(config.compute, "cpu"), rngs=nnx.Rngs(5))
+    given = nnx.Rngs(5)
+    built = build(config, "cpu", given)
+    assert int(given.default.count[...]) == 0  # the caller's counters do not move
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(built)),
+                 nnx.to_pure_dict(nnx.state(plain)))
+    reads = []
+    sharding = core.Tracer.sharding
+
+    def counted(tracer):
+        reads.append(tracer)
+        return sharding.fget(tracer)
+
+    with mock.patch.object(core.Tracer, "sharding", property(counted)):
+        nnx.eval_shape(lambda: build(config, "cpu", nnx.Rngs(0)))
+        assert not reads
+        # The probe does see such reads: a plain Rngs' counters make them.
+        nnx.eval_shape(lambda: MiniDeepSeek(config.model, kernels.resolve(config.compute, "cpu"),
+                                            rngs=nnx.Rngs(0)))
+        assert reads
