@@ -60,7 +60,7 @@ def measure(config, steps: int) -> dict:
     devices = None if -1 in sizes.values() else jax.devices()[:math.prod(sizes.values())]
     run = trainer.Trainer(config, devices=devices)
     first_device = jax.local_devices()[0]
-    state_bytes = sum(shard.data.nbytes for leaf in jax.tree.leaves(run.state)
+    state_bytes = sum(shard.data.nbytes for leaf in jax.tree.leaves(run.step_state)
                       for shard in leaf.addressable_shards if shard.device == first_device)
     timing = time_train_step(run, steps)
     memory = timing.compiled.memory_analysis()

@@ -30,18 +30,18 @@ class CompiledStepTimer:
     def __init__(self, run, warmup: int = 2):
         self.run = run
         start = time.perf_counter()
-        self.lowered = run.train_step.lower(run.state, run.batch(0))  # for its HLO text
+        self.lowered = run.train_step.lower(run.step_state, run.batch(0))  # for its HLO text
         self.compiled = self.lowered.compile()
         self.compile_s = time.perf_counter() - start  # tracing and lowering included
         self.next_step = 0
         self.metrics = self._advance(warmup) if warmup else {}
 
     def _advance(self, steps: int) -> dict:
-        state = self.run.state
+        state = self.run.step_state
         for step in range(self.next_step, self.next_step + steps):
             state, metrics = self.compiled(state, self.run.batch(step))
         jax.block_until_ready(metrics)
-        self.run.state, self.next_step = state, self.next_step + steps
+        self.run.step_state, self.next_step = state, self.next_step + steps
         return metrics
 
     def time(self, steps: int) -> float:

@@ -111,10 +111,10 @@ def run_meshes(out_dir: str) -> None:
         devices = jax.devices()[:1] if name.endswith("one_device") else jax.devices()
         run = trainer.Trainer(tiny_config(mesh, **overrides), devices=devices)
         batch = run.batch(0)
-        compiled = run.train_step.lower(run.state, batch).compile()
+        compiled = run.train_step.lower(run.step_state, batch).compile()
         memory = compiled.memory_analysis()
-        state, metrics = compiled(run.state, batch)
-        leaves = _leaves_by_path(state)
+        run.step_state, metrics = compiled(run.step_state, batch)
+        leaves = _leaves_by_path(run.state)  # one array per layer, as checkpoints hold them
         np.savez(os.path.join(out_dir, f"{name}.npz"),
                  **{path: np.asarray(jax.device_get(x)) for path, x in leaves.items()})
         report[name] = {

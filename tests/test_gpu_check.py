@@ -283,8 +283,8 @@ def test_ragged_dots_of_a_step_lowered_for_cuda_are_counted_once_each(compile_ca
     run = trainer.Trainer(tiny_config(model=MHA, compute=dict(
         attention_kernel="dot_product_attention", moe_dispatch="ragged")))
     batch = run.batch(0)
-    train = run.train_step.trace(run.state, batch).lower(lowering_platforms=("cuda",))
-    forward = run.eval_step.trace(run.state.model, batch).lower(lowering_platforms=("cuda",))
+    train = run.train_step.trace(run.step_state, batch).lower(lowering_platforms=("cuda",))
+    forward = run.eval_step.trace(run.step_state.model, batch).lower(lowering_platforms=("cuda",))
     in_forward = gpu_check.count_ragged_dots(forward.as_text("hlo"))
     assert in_forward >= 3  # w1, w2, w3 of the routed experts
     # Each forward ragged dot gives two more in the backward pass (inputs' and weights'

@@ -340,8 +340,8 @@ def test_a_lora_step_with_dropout_draws_its_masks_from_the_seed_and_step():
         out = []
         with Trainer(config) as run:
             for step in steps:
-                state = jax.tree.map(jax.numpy.copy, run.state)  # the step donates its input
-                state.optimizer["step"][...] = step
+                state = jax.tree.map(jax.numpy.copy, run.step_state)  # the step donates it
+                state = state._replace(step=jax.numpy.asarray(step, state.step.dtype))
                 after, _ = run.train_step(state, run.batch(0))
                 out.append({k: v for k, v in convert.flat_paths(jax.device_get(
                     nnx.to_pure_dict(after.model))).items() if lora.is_adapter(k[-1])})

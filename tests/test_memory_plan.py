@@ -31,6 +31,7 @@ def xla_bytes(config) -> float:
     from minids_jax import sharding
     from minids_jax.training import steps
     from minids_jax.training.loss import loss_chunk
+    from minids_jax.training.packing import Packing
 
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     with jax.set_mesh(mesh), nnx.logical_axis_rules(config.mesh.axis_rules), \
@@ -38,16 +39,19 @@ def xla_bytes(config) -> float:
         split = [nnx.split(m) for m in nnx.eval_shape(
             lambda: steps.build_model_and_optimizer(config, "cpu"))]
         shardings = [nnx.get_named_sharding(state, mesh) for _, state in split]
-    state = steps.TrainState(*[jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, place)
-        for (_, state), place in zip(split, shardings)])
+    graphdefs = steps.TrainState(*[g for g, _ in split])
+    abstract = steps.TrainState(*[state for _, state in split])
+    packing = Packing.of(graphdefs, abstract, config.optim.name)
+    step_shardings = packing.step_shardings(steps.TrainState(*shardings))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         jax.eval_shape(packing.step_state, abstract), step_shardings)
     batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(
         config.mesh.axis_rules))
     rows, length = config.train.batch_size, config.model.max_seq_len
     chunk = loss_chunk(rows // config.train.grad_accum_steps, length, config.model.vocab_size,
                        "cpu")
-    step = steps.make_train_step(steps.TrainState(*[g for g, _ in split]),
-                                 steps.TrainState(*shardings), config, batch_sharding, chunk)
+    step = steps.make_train_step(graphdefs, packing, step_shardings, config, batch_sharding,
+                                 chunk)
     batch = {name: jax.ShapeDtypeStruct((rows, length), dtype, sharding=batch_sharding)
              for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
                                  ("weights", jnp.float32))}

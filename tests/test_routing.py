@@ -152,8 +152,10 @@ def skewed_trainer(tmp_path=None, steps=60, **train):
                          optim=dict(lr=1e-9, warmup_steps=0, total_steps=steps),
                          train=dict(log_every=10, eval_batches=1, **train))
     run = trainer_lib.Trainer(config, None if tmp_path is None else str(tmp_path))
-    bias = run.state.model["blocks"][0]["moe"]["bias"]
+    state = run.state
+    bias = state.model["blocks"][0]["moe"]["bias"]
     bias[...] = bias[...].at[0].set(0.5)
+    run.state = state
     return run
 
 

@@ -18,7 +18,7 @@ def one_step(config):
     """(the model's state before, the train state after one step, its metrics)."""
     with trainer.Trainer(config) as run:
         before = jax.device_get(run.state.model)
-        state, metrics = run.train_step(run.state, run.batch(0))
+        state, metrics = run.train_step(run.step_state, run.batch(0))
         return before, jax.device_get((state, metrics))
 
 

@@ -18,6 +18,7 @@ from minids_jax.model import build, lora
 from minids_jax.model.layers import adapter_dropout
 from minids_jax.training import loss as loss_lib
 from minids_jax.training import optim
+from minids_jax.training.packing import Packing, StepState, part_like, with_part
 
 
 class TrainState(NamedTuple):
@@ -54,9 +55,11 @@ def create_train_state(config: Config, mesh):
     return TrainState(*graphdefs), TrainState(*states), TrainState(*shardings)
 
 
-def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config,
-                    batch_sharding, loss_chunk: int):
+def make_train_step(graphdefs: TrainState, packing: Packing, shardings: StepState,
+                    config: Config, batch_sharding, loss_chunk: int):
+    """The jitted step: (StepState, batch) -> (StepState, metrics), the state donated."""
     lr_schedule = optim.schedule(config.optim)
+    update_rule = optim.optimizer(config.optim)
     coefs = (config.train.aux_loss_coef, config.train.sequence_aux_loss_coef,
              config.train.mtp_loss_coef)
     # Adapters leave the base model as it is, its routers' balancing biases included.
@@ -104,14 +107,15 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
         return (jnp.sum(losses), (jnp.sum(ces), merge_parts(auxs))), grads
 
     @sharding.under_mesh(batch_sharding.mesh, config.mesh.axis_rules)
-    def train_step(state: TrainState, batch):
-        model = nnx.merge(graphdefs.model, state.model)
-        optimizer = nnx.merge(graphdefs.optimizer, state.optimizer)
-        lr = lr_schedule(optimizer.step[...])
+    def train_step(state: StepState, batch):
+        model = nnx.merge(graphdefs.model, packing.unpack(state.model))
+        lr = lr_schedule(state.step)
         # Masks that depend on the seed and the step only: a resumed run draws the same.
-        dropout_key = jax.random.fold_in(jax.random.key(config.train.seed), optimizer.step[...])
+        dropout_key = jax.random.fold_in(jax.random.key(config.train.seed), state.step)
         (loss, (ce, aux)), grads = gradients(model, batch, dropout_key)
-        optimizer.update(model, grads)
+        grads = packing.pack(nnx.as_pure(grads))
+        params = part_like(state.model, grads)
+        updates, opt_state = update_rule.update(grads, state.opt_state, params)
         metrics = {
             "loss": ce, "total_loss": loss, "aux_loss": aux["aux_loss"], "lr": lr,
             "grad_norm": optax.tree.norm(grads), "sequence_aux_loss": aux["sequence_aux_loss"],
@@ -119,8 +123,10 @@ def make_train_step(graphdefs: TrainState, shardings: TrainState, config: Config
             **update_router_biases(model, aux["expert_load_NxE"], bias_rate),
             **({"mtp_loss": aux["mtp_loss"]} if "mtp_loss" in aux else {}),
         }
-        # Return the state of everything mutated: model AND optimizer.
-        return TrainState(nnx.state(model), nnx.state(optimizer)), metrics
+        # The model's state after the step (its balancing biases moved) with the update.
+        model_state = with_part(packing.pack(nnx.as_pure(nnx.state(model))),
+                                optax.apply_updates(params, updates))
+        return StepState(model_state, opt_state, state.step + 1), metrics
 
     return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=0)
@@ -158,13 +164,13 @@ def update_router_biases(model, load_NxE: jax.Array, rate: float) -> dict[str, j
     return {"router_bias_min": jnp.min(values), "router_bias_max": jnp.max(values)}
 
 
-def make_eval_step(graphdefs: TrainState, shardings: TrainState, batch_sharding, axis_rules,
-                   loss_chunk: int):
+def make_eval_step(graphdefs: TrainState, packing: Packing, shardings: StepState,
+                   batch_sharding, axis_rules, loss_chunk: int):
     """(summed cross-entropy, scored tokens) of a batch: batches with fewer scored tokens (a
     short answer, a padded row) then weigh less in the mean over batches."""
     @sharding.under_mesh(batch_sharding.mesh, axis_rules)
     def eval_step(model_state, batch):
-        model = nnx.merge(graphdefs.model, model_state)
+        model = nnx.merge(graphdefs.model, packing.unpack(model_state))
         summed = loss_lib.model_loss(model, batch, loss_chunk, with_mtp=False,
                                      denominators_K=jnp.ones(1))[0]
         return summed, jnp.sum(loss_lib.ahead_weights(batch, 0))

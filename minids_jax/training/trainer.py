@@ -29,6 +29,7 @@ from minids_jax.model import MiniDeepSeek, count_params
 from minids_jax.training import flops, memory, reporting, steps
 from minids_jax.training.checkpointer import Checkpointer
 from minids_jax.training.loss import loss_chunk
+from minids_jax.training.packing import Packing
 from minids_jax.training.preemption import StopGuard
 from minids_jax.workdir import WorkdirLock
 
@@ -113,18 +114,20 @@ class Trainer:
                 config, self.source, lambda line: jax.process_index() or print(line, flush=True))
         config = self.config = memory.settle(
             config, self.mesh, lambda line: jax.process_index() or print(line, flush=True))
-        self.graphdefs, self.state, self.shardings = steps.create_train_state(
-            config, self.mesh)
-        shardings = self.shardings
+        self.graphdefs, state, self.shardings = steps.create_train_state(config, self.mesh)
+        self.packing = Packing.of(self.graphdefs, state, config.optim.name)
+        shardings = self.step_shardings = self.packing.step_shardings(self.shardings)
+        self.state = state
         batch_ways = sharding.ways(self.mesh, sharding.mesh_axes_of(config.mesh.axis_rules,
                                                                     "batch"))
         device_rows = config.train.batch_size // (batch_ways * config.train.grad_accum_steps)
         chunk = loss_chunk(device_rows, config.model.max_seq_len,
                            config.model.vocab_size, self.platform)
-        self.train_step = steps.make_train_step(self.graphdefs, shardings, config,
-                                                self.batch_sharding, chunk)
-        self.eval_step = steps.make_eval_step(self.graphdefs, shardings, self.batch_sharding,
-                                              config.mesh.axis_rules, chunk)
+        self.train_step = steps.make_train_step(self.graphdefs, self.packing, shardings,
+                                                config, self.batch_sharding, chunk)
+        self.eval_step = steps.make_eval_step(self.graphdefs, self.packing, shardings,
+                                              self.batch_sharding, config.mesh.axis_rules,
+                                              chunk)
         self.is_main = jax.process_index() == 0
         self.reporter: reporting.Reporter | None = None  # made by train()
         self.checkpointer = Checkpointer(config, workdir, log=self.log)
@@ -146,6 +149,24 @@ class Trainer:
         elif self.is_main:
             print(message, flush=True)
 
+    @property
+    def state(self) -> steps.TrainState:
+        """The model's and optimizer's states, one array per layer, as checkpoints hold them
+        (the step keeps scanned layers stacked: `step_state`, training/packing.py)."""
+        return steps.TrainState(*self.packing.train_state(self.step_state))
+
+    @state.setter
+    def state(self, state: steps.TrainState) -> None:
+        self.step_state = jax.device_put(self.packing.step_state(state), self.step_shardings)
+
+    def restore_or_initialize(self) -> int:
+        """Restores the workdir's latest checkpoint, or checkpoint.init_from's parameters,
+        if any (Checkpointer.restore_or_initialize); returns the step to continue from."""
+        state = self.state
+        step = self.checkpointer.restore_or_initialize(state)  # in place
+        self.state = state
+        return step
+
     def model(self) -> MiniDeepSeek:
         """The model with the current parameters (sharded as in training)."""
         return nnx.merge(self.graphdefs.model, self.state.model)
@@ -157,7 +178,7 @@ class Trainer:
     def evaluate(self) -> float:
         """The held-out cross-entropy per scored token over train.eval_batches batches."""
         sums, tokens = np.sum(jax.device_get(
-            [self.eval_step(self.state.model, self.batch(i, "val"))
+            [self.eval_step(self.step_state.model, self.batch(i, "val"))
              for i in range(self.config.train.eval_batches)]), axis=0)
         return float(sums / max(tokens, 1.0))
 
@@ -167,12 +188,12 @@ class Trainer:
         logged metrics. On SIGTERM/SIGINT it saves and returns early (`self.stopped_by`); a
         second SIGINT calls `on_second_interrupt` if given (preemption.StopGuard)."""
         with StopGuard(on_second_interrupt) as guard, self.checkpointer:  # pending saves finish on any way out
-            step = self.checkpointer.restore_or_initialize(self.state)
+            step = self.restore_or_initialize()
             if step and step == self.config.optim.total_steps:
                 self.log(f"the run in {self.workdir} is complete (step {step} = "
                          f"optim.total_steps); raise --config.optim.total_steps to train further.")
                 return []
-            self.reporter = make_reporter(self.config, self.workdir, self.mesh, self.state.step)
+            self.reporter = make_reporter(self.config, self.workdir, self.mesh, step)
             try:
                 return self._loop(guard)
             finally:
@@ -188,8 +209,8 @@ class Trainer:
         timer = reporting.StepTimer(cfg.train.batch_size * cfg.model.max_seq_len,
                                     self.mesh.devices.size)
         unchecked = None  # (step, metrics) whose loss is not checked yet
-        for step in range(self.state.step, total):
-            self.state, metrics = self.train_step(self.state, self.batch(step))
+        for step in range(int(self.step_state.step), total):
+            self.step_state, metrics = self.train_step(self.step_state, self.batch(step))
             done = step + 1
             timer.tick(metrics)
             if done % log_every == 0 or done == total:
