@@ -130,7 +130,8 @@ def under_mesh(mesh: jax.sharding.Mesh, rules):
 
 
 def create_sharded(init_fn: Callable[[], tuple[nnx.Module, ...]], mesh, rules,
-                   restored: Callable[[int, str], bool] | None = None):
+                   restored: Callable[[int, str], bool] | None = None,
+                   size_bytes: float | None = None):
     """Builds the modules `init_fn()` returns directly in their sharded layout (never whole on
     one device). Returns (graphdefs, states, shardings), one tuple entry per module.
 
@@ -138,7 +139,11 @@ def create_sharded(init_fn: Callable[[], tuple[nnx.Module, ...]], mesh, rules,
     "['blocks'][0]['attn']['q']['kernel']") that a restore will overwrite: they start as
     zeros, and no random numbers are drawn for them. Initializing all of a model's arrays in
     one program holds their random bits at once (measured on a CPU: 1.5 times the arrays' own
-    size besides them), which a fine-tune from a checkpoint has no use for."""
+    size besides them), which a fine-tune from a checkpoint has no use for.
+
+    `size_bytes`, the arrays' bytes if known beforehand (an estimate: footprint.py's), lets a
+    model small enough to be made on the host skip tracing its construction for the shapes
+    (1.8 s at 61 layers of configs/v3_tiny.py)."""
     def split_each(modules):
         return tuple(zip(*(nnx.split(module) for module in modules)))
 
@@ -150,22 +155,37 @@ def create_sharded(init_fn: Callable[[], tuple[nnx.Module, ...]], mesh, rules,
             lambda path, x, i=i: jnp.zeros_like(x) if restored(i, jax.tree_util.keystr(path))
             else x, state) for i, state in enumerate(states))
 
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), nnx.use_eager_sharding(False):
-        graphdefs, abstract_states = split_each(nnx.eval_shape(init_fn))
-        shardings = tuple(nnx.get_named_sharding(state, mesh) for state in abstract_states)
-        for state, state_shardings in zip(abstract_states, shardings):
+    def shardings_of(states):
+        shardings = tuple(nnx.get_named_sharding(state, mesh) for state in states)
+        for state, state_shardings in zip(states, shardings):
             check_divisible(state, state_shardings)
-        if restored is None and _made_on_the_host(abstract_states, mesh_platform(mesh)):
-            # Op by op on the host, each array then placed: every initializer's program is
-            # compiled once per shape and dtype and reused by each layer that has it, where one
-            # program drawing every array compiles longer the more arrays it draws (16 layers
-            # of configs/tiny.py: 15.7 s against 2.1 s for 2 layers; docs/scale.md).
-            with jax.default_device(jax.local_devices(backend="cpu")[0]):
-                host_states = jax.device_get(split_each(init_fn())[1])
-            states = jax.tree.map(
-                lambda value, where: jax.make_array_from_callback(
-                    value.shape, where, lambda index, value=value: value[index]),
-                host_states, shardings)
+        return shardings
+
+    def on_the_host():
+        # Op by op on the host, each array then placed: every initializer's program is
+        # compiled once per shape and dtype and reused by each layer that has it, where one
+        # program drawing every array compiles longer the more arrays it draws (16 layers
+        # of configs/tiny.py: 15.7 s against 2.1 s for 2 layers; docs/scale.md).
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            graphdefs, states = split_each(init_fn())
+        return graphdefs, jax.device_get(states)
+
+    def placed(host_states, shardings):
+        return jax.tree.map(lambda value, where: jax.make_array_from_callback(
+            value.shape, where, lambda index, value=value: value[index]), host_states, shardings)
+
+    platform = mesh_platform(mesh)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), nnx.use_eager_sharding(False):
+        if restored is None and size_bytes is not None and _made_on_the_host(size_bytes,
+                                                                               platform):
+            graphdefs, host_states = on_the_host()
+            shardings = shardings_of(host_states)
+            return graphdefs, placed(host_states, shardings), shardings
+        graphdefs, abstract_states = split_each(nnx.eval_shape(init_fn))
+        shardings = shardings_of(abstract_states)
+        size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_states))
+        if restored is None and _made_on_the_host(size, platform):
+            states = placed(on_the_host()[1], shardings)
         else:
             states = jax.jit(init, out_shardings=shardings)()
     return graphdefs, states, shardings
@@ -175,11 +195,10 @@ HOST_SHARE = 0.25  # of this machine's RAM, at most, for a model made on the hos
 ACCELERATOR_HOST_BYTES = 2e9  # above, drawing on the host would take longer than compiling
 
 
-def _made_on_the_host(abstract_states, platform: str) -> bool:
-    """Whether to make a fresh model's arrays on the host: at most HOST_SHARE of this
-    machine's memory, and for GPUs and TPUs (which draw random numbers far faster than the
-    host) at most ACCELERATOR_HOST_BYTES."""
-    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_states))
+def _made_on_the_host(size: float, platform: str) -> bool:
+    """Whether to make a fresh model's arrays (`size` bytes) on the host: at most HOST_SHARE
+    of this machine's memory, and for GPUs and TPUs (which draw random numbers far faster
+    than the host) at most ACCELERATOR_HOST_BYTES."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return size <= HOST_SHARE * ram and (platform == "cpu" or size <= ACCELERATOR_HOST_BYTES)
 

@@ -97,6 +97,10 @@ class Checkpointer:
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
+    def resumes(self) -> bool:
+        """Whether the workdir holds a checkpoint of this run to continue from."""
+        return bool(self.manager is not None and self.manager.all_steps())
+
     def restore_or_initialize(self, state: TrainState) -> int:
         """Continues from the workdir's latest checkpoint if there is one, else starts from
         `checkpoint.init_from`'s parameters if set, else keeps the fresh state.
@@ -105,7 +109,7 @@ class Checkpointer:
         run's config to `<workdir>/config.json` (only once the config fits the checkpoint).
         """
         step = 0
-        if self.manager is not None and self.manager.all_steps():
+        if self.resumes():
             step = self._resume(state)
             if self.cfg.init_from:
                 self.log(f"checkpoint.init_from={self.cfg.init_from} ignored: resuming this "

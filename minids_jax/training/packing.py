@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -45,6 +46,27 @@ def _is_state(x) -> bool:
 def _split(stacked: jax.Array, parts: int) -> list[jax.Array]:
     # split and reshape, not indexing: the scan's stacking of the parts then folds away.
     return [part.reshape(stacked.shape[1:]) for part in jnp.split(stacked, parts)]
+
+
+def _stack(layers: list[jax.Array]) -> jax.Array:
+    # Outside a jit, on a CPU, the host's own copy: jnp.stack compiles a program for each
+    # group's shapes (a second at 61 layers).
+    if not any(isinstance(x, jax.core.Tracer) for x in layers) and all(
+            getattr(x, "is_fully_addressable", False)
+            and all(device.platform == "cpu" for device in x.devices()) for x in layers):
+        return np.stack([np.asarray(x) for x in layers])
+    return jnp.stack(layers)
+
+
+@jax.jit
+def _layer(stacked: jax.Array, r: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(stacked, r, keepdims=False)
+
+
+def _split_eagerly(stacked: jax.Array, parts: int) -> list[jax.Array]:
+    # Outside a jit, op by op: one program per shape, whichever layer it takes (jnp.split
+    # would compile one per shape, each with an output per layer: seconds at 61 layers).
+    return [_layer(stacked, np.int32(r)) for r in range(parts)]
 
 
 def _stacked_sharding(shardings: list[NamedSharding]) -> NamedSharding:
@@ -86,7 +108,7 @@ class Packing:
                 return path[:k + 1] + (first,) + path[k + 2:], r
         return None
 
-    def pack(self, state, stack: Callable = jnp.stack):
+    def pack(self, state, stack: Callable = _stack):
         """`state` (an nnx.State, or a tree holding some: optax's) with each group's layers
         stacked by `stack(list of leaves)`."""
         if not isinstance(state, nnx.State):
@@ -124,7 +146,7 @@ class Packing:
                      for layer, part in zip(layers, split(leaf, len(layers)))]
         return nnx.from_flat_state(flat)
 
-    def step_state(self, state, stack: Callable = jnp.stack) -> StepState:
+    def step_state(self, state, stack: Callable = _stack) -> StepState:
         """The step's state of a TrainState (or of its shardings, with `stack` theirs)."""
         optimizer = nnx.merge(self.graphdefs.optimizer, state.optimizer)
         return StepState(self.pack(nnx.as_pure(state.model), stack),
@@ -137,9 +159,10 @@ class Packing:
     def train_state(self, step_state: StepState) -> tuple:
         """(model, optimizer): a steps.TrainState's nnx.States, one array per layer as
         checkpoints hold them, of the step's state."""
-        model = nnx.merge(self.graphdefs.model, self.unpack(step_state.model))
+        model = nnx.merge(self.graphdefs.model, self.unpack(step_state.model, _split_eagerly))
         optimizer = nnx.merge(self.graphdefs.optimizer, self.abstract_optimizer)
-        nnx.update(optimizer.opt_state, nnx.state(self.unpack(step_state.opt_state)))
+        nnx.update(optimizer.opt_state,
+                   nnx.state(self.unpack(step_state.opt_state, _split_eagerly)))
         optimizer.step.set_value(step_state.step)
         return nnx.state(model), nnx.state(optimizer)
 

@@ -17,7 +17,7 @@ from minids_jax.config import Config
 from minids_jax.model import build, lora
 from minids_jax.model.layers import adapter_dropout
 from minids_jax.training import loss as loss_lib
-from minids_jax.training import optim
+from minids_jax.training import footprint, optim
 from minids_jax.training.packing import Packing, StepState, part_like, with_part
 
 
@@ -49,9 +49,13 @@ def create_train_state(config: Config, mesh):
     def from_base(module: int, name: str) -> bool:
         return module == 0 and not lora.is_adapter(name.split("'")[-2])
 
+    platform = sharding.mesh_platform(mesh)
+    # Whole-model bytes, overestimated (replicated arrays counted on every device).
+    per_device = footprint.state_bytes(config, mesh.devices.size, platform)
+    size = (sum(per_device["by_dtype"].values()) + per_device["optimizer"]) * mesh.devices.size
     graphdefs, states, shardings = sharding.create_sharded(
-        lambda: build_model_and_optimizer(config, sharding.mesh_platform(mesh)), mesh,
-        config.mesh.axis_rules, restored=from_base if config.checkpoint.init_from else None)
+        lambda: build_model_and_optimizer(config, platform), mesh, config.mesh.axis_rules,
+        restored=from_base if config.checkpoint.init_from else None, size_bytes=size)
     return TrainState(*graphdefs), TrainState(*states), TrainState(*shardings)
 
 

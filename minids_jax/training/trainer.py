@@ -115,6 +115,7 @@ class Trainer:
         config = self.config = memory.settle(
             config, self.mesh, lambda line: jax.process_index() or print(line, flush=True))
         self.graphdefs, state, self.shardings = steps.create_train_state(config, self.mesh)
+        self.parameters = count_params(nnx.merge(self.graphdefs.model, state.model))
         self.packing = Packing.of(self.graphdefs, state, config.optim.name)
         shardings = self.step_shardings = self.packing.step_shardings(self.shardings)
         self.state = state
@@ -162,6 +163,8 @@ class Trainer:
     def restore_or_initialize(self) -> int:
         """Restores the workdir's latest checkpoint, or checkpoint.init_from's parameters,
         if any (Checkpointer.restore_or_initialize); returns the step to continue from."""
+        if not (self.checkpointer.resumes() or self.config.checkpoint.init_from):
+            return self.checkpointer.restore_or_initialize(None)  # nothing to read
         state = self.state
         step = self.checkpointer.restore_or_initialize(state)  # in place
         self.state = state
@@ -202,7 +205,7 @@ class Trainer:
     def _loop(self, guard: StopGuard) -> list[dict[str, Any]]:
         cfg, checkpointer = self.config, self.checkpointer
         total, log_every = cfg.optim.total_steps, cfg.train.log_every
-        self.log(f"model: {count_params(self.model()):,} parameters | devices: "
+        self.log(f"model: {self.parameters:,} parameters | devices: "
                  f"{self.mesh.devices.size} in {jax.process_count()} process(es) | mesh: "
                  f"{dict(self.mesh.shape)}")
         history: list[dict[str, Any]] = []
@@ -226,7 +229,8 @@ class Trainer:
             if stop or done == total or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                 loss = check_finite(*unchecked, checkpointer.latest_description())
                 unchecked = None
-                checkpointer.save(done, self.state, loss)
+                if checkpointer.manager is not None:  # (the state per layer costs a copy)
+                    checkpointer.save(done, self.state, loss)
             if stop:
                 self.stopped_by = guard.signal
                 self._report_stop(guard.name, done)
