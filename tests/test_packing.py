@@ -36,14 +36,17 @@ def test_the_steps_arrays_do_not_grow_with_a_scanned_runs_depth():
         assert len(jax.tree.leaves(run.step_state)) == per_layer
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "adafactor"])
 def test_stacked_steps_train_as_one_array_per_layer(optimizer):
-    """Three steps with the run stacked give the parameters, moments, balancing biases and
-    loss of three steps without a scan; the state read back per layer (as checkpoints hold
-    it) and written again is the same state."""
+    """Three steps with the run stacked give the parameters, optimizer state, balancing biases
+    and loss of three steps without a scan; the state read back per layer (as checkpoints
+    hold it) and written again is the same state. Adafactor, which factors a whole array,
+    keeps every layer its own (and its factored moments, unlike their parameters, whole)."""
     results = []
     for compute in (dict(scan_layers=False), {}):
         with trainer.Trainer(config(4, optimizer, **compute)) as run:
+            stacks = compute == {} and optimizer != "adafactor"
+            assert run.packing.groups == ({1: [1, 2, 3]} if stacks else {})
             for step in range(3):
                 run.step_state, metrics = run.train_step(run.step_state, run.batch(step))
             state = jax.device_get(run.state)

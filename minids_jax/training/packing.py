@@ -9,7 +9,8 @@ scan stacks again (XLA folds the pair away), and updates each stacked weight onc
 the depth. Checkpoints, `Trainer.state` and everything outside the step see one array per
 layer (`Packing.train_state`).
 
-Stacking changes nothing for an optimizer that treats each number on its own or each matrix
+An array-less placeholder (optax.masked's, in Muon's state) is the same for every layer: kept
+once. Stacking changes nothing for an optimizer that treats each number on its own or each matrix
 on its own (AdamW, Lion, Muon: its matrices are the last two axes), so they keep runs stacked;
 Adafactor factors and clips a whole array at a time, so with it every layer stays its own.
 """
@@ -21,6 +22,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -123,7 +125,8 @@ class Packing:
                 kept.append((path, leaf))
             else:
                 groups.setdefault(found[0], {})[found[1]] = leaf
-        stacked = [(path, stack([members[r] for r in range(len(members))]))
+        stacked = [(path, members[0] if isinstance(members[0], optax.MaskedNode)
+                     else stack([members[r] for r in range(len(members))]))
                    for path, members in groups.items()]
         return nnx.from_flat_state(kept + stacked)
 
@@ -142,8 +145,10 @@ class Packing:
                 flat.append((path, leaf))
                 continue
             layers = self.groups[path[k + 1]]
+            parts = ([leaf] * len(layers) if isinstance(leaf, optax.MaskedNode)
+                     else split(leaf, len(layers)))
             flat += [(path[:k + 1] + (layer,) + path[k + 2:], part)
-                     for layer, part in zip(layers, split(leaf, len(layers)))]
+                     for layer, part in zip(layers, parts)]
         return nnx.from_flat_state(flat)
 
     def step_state(self, state, stack: Callable = _stack) -> StepState:

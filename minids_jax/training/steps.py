@@ -38,8 +38,28 @@ def build_model_and_optimizer(config: Config, platform: str):
     """The model (with adapters if lora.rank) and an optimizer of what trains: every
     parameter, or with adapters only them (lora.trainable)."""
     model = build(config, platform, nnx.Rngs(config.train.seed))
-    return model, nnx.Optimizer(model, optim.optimizer(config.optim),
-                                wrt=lora.trainable(config.lora))
+    optimizer = nnx.Optimizer(model, optim.optimizer(config.optim),
+                              wrt=lora.trainable(config.lora))
+    optimizer.opt_state = nnx.data(jax.tree.map(
+        _unlike_its_parameter, optimizer.opt_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return model, optimizer
+
+
+def _unlike_its_parameter(x):
+    """An optimizer state's variable as it can be sharded: flax gives each the sharding of its
+    parameter, which a state of another shape (Adafactor's factored moments) cannot take, so
+    those stay whole; optax.masked's placeholders (Muon's, for what AdamW updates) hold no
+    array, and are left bare."""
+    if not isinstance(x, nnx.Variable):
+        return x
+    value = x.get_value()
+    if isinstance(value, optax.MaskedNode):
+        return value
+    axes = x.get_metadata().get("out_sharding")
+    if axes and len(axes) != value.ndim:
+        x.set_metadata("out_sharding", None)
+    return x
 
 
 def create_train_state(config: Config, mesh):
