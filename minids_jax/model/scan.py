@@ -5,9 +5,12 @@ the stack repeats a unit of P blocks. `compute.scan_layers` runs each run of at 
 `compute.scan_min_repeats` identical units as one `lax.scan` over their weights, stacked as
 the scan reads them: XLA compiles the unit once, whatever the depth. The parameters stay one
 module per layer, so checkpoints, LoRA targets and the Hugging Face names do not depend on
-the choice; the price is a stacked copy of the scanned layers' weights (and of their
-gradients) while the step runs, and on a CPU a slower step (docs/scale.md measures both). `compute.remat` recomputes each block's activations in the
-backward pass instead of keeping them (jax.checkpoint with the chosen policy).
+the choice. The trainer keeps a scanned run's arrays stacked between steps
+(training/packing.py), so XLA folds the stacking here into its split there; the scan's own
+buffers (the stacked gradients, the activations it keeps) cost memory while the step runs, and
+on a CPU a slower step (docs/scale.md measures both). `compute.remat` recomputes each block's
+activations in the backward pass instead of keeping them (jax.checkpoint with the chosen
+policy).
 
 Shapes: B batch, L length, D model width.
 """
