@@ -1,4 +1,4 @@
-"""The train state as the step keeps it: each scanned run's layers stacked, one array a weight.
+"""The train state as the step keeps it: each scanned run's layers stacked, one array per weight.
 
 A scanned run (model/scan.py) reads its layers' weights stacked on a leading axis. Kept one
 array per layer between steps, the step would take the gradient of each layer's weights
@@ -7,12 +7,13 @@ that once per layer and weight (at 61 layers of configs/v3_tiny.py, ~55 of the 7
 took to compile; docs/scale.md). Kept stacked, the step splits them for the model, which the
 scan stacks again (XLA folds the pair away), and updates each stacked weight once, whatever
 the depth. Checkpoints, `Trainer.state` and everything outside the step see one array per
-layer (`Packing.train_state`).
+layer (`Packing.train_state`, a copy: a save holds one of what it saves until orbax has it).
 
-An array-less placeholder (optax.masked's, in Muon's state) is the same for every layer: kept
-once. Stacking changes nothing for an optimizer that treats each number on its own or each matrix
+Stacking changes nothing for an optimizer that treats each number on its own or each matrix
 on its own (AdamW, Lion, Muon: its matrices are the last two axes), so they keep runs stacked;
 Adafactor factors and clips a whole array at a time, so with it every layer stays its own.
+An array-less placeholder (optax.masked's, in Muon's state) is the same for every layer: kept
+once.
 """
 
 from __future__ import annotations
@@ -104,11 +105,11 @@ class Packing:
 
     def _group_of(self, path: tuple) -> tuple[tuple, int] | None:
         """(the stacked path, this layer's place in it) of a path under a stacked layer."""
-        for k in range(len(path) - 1):
-            if path[k] == "blocks" and path[k + 1] in self.place:
-                first, r = self.place[path[k + 1]]
-                return path[:k + 1] + (first,) + path[k + 2:], r
-        return None
+        k = _layer_key(path, self.place)
+        if k is None:
+            return None
+        first, r = self.place[path[k]]
+        return path[:k] + (first,) + path[k + 1:], r
 
     def pack(self, state, stack: Callable = _stack):
         """`state` (an nnx.State, or a tree holding some: optax's) with each group's layers
@@ -139,15 +140,14 @@ class Packing:
             return state
         flat = []
         for path, leaf in nnx.to_flat_state(state):
-            k = next((k for k in range(len(path) - 1)
-                      if path[k] == "blocks" and path[k + 1] in self.groups), None)
+            k = _layer_key(path, self.groups)
             if k is None:
                 flat.append((path, leaf))
                 continue
-            layers = self.groups[path[k + 1]]
+            layers = self.groups[path[k]]
             parts = ([leaf] * len(layers) if isinstance(leaf, optax.MaskedNode)
                      else split(leaf, len(layers)))
-            flat += [(path[:k + 1] + (layer,) + path[k + 2:], part)
+            flat += [(path[:k] + (layer,) + path[k + 1:], part)
                      for layer, part in zip(layers, parts)]
         return nnx.from_flat_state(flat)
 
@@ -171,6 +171,12 @@ class Packing:
         optimizer.step.set_value(step_state.step)
         return nnx.state(model), nnx.state(optimizer)
 
+
+def _layer_key(path: tuple, layers) -> int | None:
+    """Where in `path` (a key path of the model's, or of optax's trees of its parameters) a
+    layer number of `layers` is: the key after "blocks"."""
+    return next((k + 1 for k in range(len(path) - 1)
+                 if path[k] == "blocks" and path[k + 1] in layers), None)
 
 
 def part_like(state, like):
