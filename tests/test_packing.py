@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from minids_jax import checkpoint
 from minids_jax.training import trainer
 from tests.factories import tiny_config
 
@@ -14,11 +15,11 @@ V3_LIKE = dict(attn_pattern=("mla",), router_scoring="sigmoid", n_experts=4, top
                n_shared_experts=1, first_k_dense=1, mtp_depth=1)
 
 
-def config(n_layers, optimizer="adamw", **compute):
+def config(n_layers, optimizer="adamw", optim=None, checkpoint=None, **compute):
     return tiny_config(model=dict(V3_LIKE, n_layers=n_layers),
                        compute=compute or dict(scan_layers=True, scan_min_repeats=2),
-                       optim=dict(name=optimizer), train=dict(router_bias_rate=1e-2),
-                       data=dict(source="random"))
+                       optim=optim or dict(name=optimizer), checkpoint=checkpoint or {},
+                       train=dict(router_bias_rate=1e-2), data=dict(source="random"))
 
 
 def test_the_steps_arrays_do_not_grow_with_a_scanned_runs_depth():
@@ -65,3 +66,26 @@ def test_stacked_steps_train_as_one_array_per_layer(optimizer):
                                    err_msg=jax.tree_util.keystr(path))
     biases = loop.model["blocks"][2]["moe"]["bias"][...]
     assert np.abs(biases).max() > 0  # the biases moved, and equally in both
+
+
+def test_a_stacked_run_resumes_from_a_checkpoint_as_if_uninterrupted(tmp_path):
+    """Checkpoints hold one array per layer; a stacked run resumed from its step-2 checkpoint
+    ends where the uninterrupted run did, bit for bit."""
+    import shutil
+
+    resumable = config(4, optim=dict(name="adamw", total_steps=4), checkpoint=dict(every=2))
+    with trainer.Trainer(resumable, str(tmp_path / "straight")) as straight:
+        straight.train()
+        ended = jax.device_get(straight.state)
+    saved = checkpoint.load_params(tmp_path / "straight")
+    assert saved["blocks"]["3"]["attn"]["kv_down"]["kernel"].shape == \
+        ended.model["blocks"][3]["attn"]["kv_down"]["kernel"][...].shape  # per layer
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+    with trainer.Trainer(resumable, str(tmp_path / "resumed")) as resumed:
+        assert resumed.packing.groups
+        assert resumed.restore_or_initialize() == 2
+        resumed.train()
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ended),
+                                jax.tree.leaves(jax.device_get(resumed.state))):
+            np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
