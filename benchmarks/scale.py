@@ -3,18 +3,25 @@
     python benchmarks/scale.py --what depth --config configs/tiny.py --depths 2,8,32
     python benchmarks/scale.py --what remat --config configs/mini.py --steps 2
     python benchmarks/scale.py --what accum --config configs/v3_tiny.py --accum 1,2,4
+    python benchmarks/scale.py --what startup --config configs/v3_tiny.py --depths 4,61
 
 depth: the train step's compile time (tracing, lowering and XLA) at each depth, with
 compute.scan_layers on and off. remat: for each compute.remat policy, XLA's memory analysis of
 the compiled step (temporaries: the activations kept for the backward pass, and the stacked
 weights of scanned layers) and the step time. accum: the same global batch in 1, 2, 4
 microbatches: temporaries and step time. Every figure comes from one process, side by side.
+startup: whole-process start of `train.py` (one step) to its first step's log line, and to the
+process's end, at each depth, in `--repeats` rounds that alternate the depths; the last line
+is the deepest against the shallowest, the median of the rounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from absl import app, flags
@@ -24,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import CompiledStepTimer, describe  # noqa: E402  (benchmarks/timing.py)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
-_WHAT = flags.DEFINE_enum("what", "depth", ["depth", "remat", "accum"], "What to measure.")
+_WHAT = flags.DEFINE_enum("what", "depth", ["depth", "remat", "accum", "startup"],
+                          "What to measure.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "startup: rounds, each running every depth.")
 _DEPTHS = flags.DEFINE_list("depths", ["2", "8", "32"], "depth: layer counts.")
 _ACCUM = flags.DEFINE_list("accum", ["1", "2", "4"], "accum: microbatches per step.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after two warm-up steps); 0: compile "
@@ -43,6 +52,33 @@ def _measure(config, steps: int) -> dict:
             "args_mb": memory.argument_size_in_bytes / 2**20 if memory else float("nan")}
 
 
+def _startup(depths: list[int], repeats: int) -> None:
+    root = Path(__file__).resolve().parents[1]
+    overrides = [arg for arg in sys.argv[1:] if arg.startswith("--config.")]
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(f"{'layers':>6} {'first step s':>13} {'end s':>7}")
+    firsts: dict[int, list[float]] = {depth: [] for depth in depths}
+    for _ in range(repeats):
+        for depth in depths:
+            command = [sys.executable, "train.py", "--config", config_file, *overrides,
+                       "--config.optim.total_steps=1", f"--config.model.n_layers={depth}"]
+            start, first, lines = time.perf_counter(), None, []
+            with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) as process:
+                for line in process.stdout:
+                    lines.append(line)
+                    if first is None and line.startswith("step 1/1"):
+                        first = time.perf_counter() - start
+            if process.returncode or first is None:
+                raise SystemExit(f"{' '.join(command)} failed:\n{''.join(lines[-20:])}")
+            firsts[depth].append(first)
+            print(f"{depth:>6} {first:>13.1f} {time.perf_counter() - start:>7.1f}", flush=True)
+    shallow, deep = depths[0], depths[-1]
+    ratios = [d / s for s, d in zip(firsts[shallow], firsts[deep])]
+    print(f"start-up to the first step, {deep} against {shallow} layers: "
+          f"{statistics.median(ratios):.2f}x (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def _with(config, group: str, **fields):
     return dataclasses.replace(config, **{group: dataclasses.replace(getattr(config, group),
                                                                       **fields)})
@@ -52,6 +88,8 @@ def main(argv):
     del argv
     from minids_jax import config as config_lib
 
+    if _WHAT.value == "startup":
+        return _startup([int(depth) for depth in _DEPTHS.value], _REPEATS.value)
     base = config_lib.from_config_dict(_CONFIG.value)
     base = _with(base, "data", source="random", path="")
     print(describe(base))
