@@ -37,6 +37,7 @@ def test_the_steps_arrays_do_not_grow_with_a_scanned_runs_depth():
         assert len(jax.tree.leaves(run.step_state)) == per_layer
 
 
+@pytest.mark.slow  # trains end to end
 @pytest.mark.parametrize("optimizer", ["adamw", "muon", "adafactor"])
 def test_stacked_steps_train_as_one_array_per_layer(optimizer):
     """Three steps with the run stacked give the parameters, optimizer state, balancing biases
@@ -68,6 +69,7 @@ def test_stacked_steps_train_as_one_array_per_layer(optimizer):
     assert np.abs(biases).max() > 0  # the biases moved, and equally in both
 
 
+@pytest.mark.slow  # trains end to end
 def test_a_stacked_run_resumes_from_a_checkpoint_as_if_uninterrupted(tmp_path):
     """Checkpoints hold one array per layer; a stacked run resumed from its step-2 checkpoint
     ends where the uninterrupted run did, bit for bit."""
