@@ -167,6 +167,8 @@ class Trainer:
             return self.checkpointer.restore_or_initialize(None)  # nothing to read
         state = self.state
         step = self.checkpointer.restore_or_initialize(state)  # in place
+        # The state from before goes before the restored one is stacked: two copies at most.
+        self.step_state = None
         self.state = state
         return step
 
