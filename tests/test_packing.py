@@ -15,10 +15,10 @@ V3_LIKE = dict(attn_pattern=("mla",), router_scoring="sigmoid", n_experts=4, top
                n_shared_experts=1, first_k_dense=1, mtp_depth=1)
 
 
-def config(n_layers, optimizer="adamw", optim=None, checkpoint=None, **compute):
+def config(n_layers, optimizer="adamw", optim=None, saves=None, **compute):
     return tiny_config(model=dict(V3_LIKE, n_layers=n_layers),
                        compute=compute or dict(scan_layers=True, scan_min_repeats=2),
-                       optim=optim or dict(name=optimizer), checkpoint=checkpoint or {},
+                       optim=optim or dict(name=optimizer), checkpoint=saves or {},
                        train=dict(router_bias_rate=1e-2), data=dict(source="random"))
 
 
@@ -75,7 +75,7 @@ def test_a_stacked_run_resumes_from_a_checkpoint_as_if_uninterrupted(tmp_path):
     ends where the uninterrupted run did, bit for bit."""
     import shutil
 
-    resumable = config(4, optim=dict(name="adamw", total_steps=4), checkpoint=dict(every=2))
+    resumable = config(4, optim=dict(name="adamw", total_steps=4), saves=dict(every=2))
     with trainer.Trainer(resumable, str(tmp_path / "straight")) as straight:
         straight.train()
         ended = jax.device_get(straight.state)
