@@ -89,6 +89,10 @@ def main(argv):
     from minids_jax import config as config_lib
 
     if _WHAT.value == "startup":
+        if not all(depth.isdigit() and int(depth) > 0 for depth in _DEPTHS.value) \
+                or _REPEATS.value < 1:
+            raise SystemExit(f"error: --depths takes layer counts (e.g. --depths 4,61), got "
+                             f"{','.join(_DEPTHS.value)}; --repeats at least 1")
         return _startup([int(depth) for depth in _DEPTHS.value], _REPEATS.value)
     base = config_lib.from_config_dict(_CONFIG.value)
     base = _with(base, "data", source="random", path="")

@@ -101,6 +101,15 @@ class Checkpointer:
         """Whether the workdir holds a checkpoint of this run to continue from."""
         return bool(self.manager is not None and self.manager.all_steps())
 
+    def restores(self) -> bool:
+        """Whether restore_or_initialize reads anything: this run's checkpoint, or
+        checkpoint.init_from's parameters."""
+        return self.resumes() or bool(self.cfg.init_from)
+
+    def saves(self, step: int) -> bool:
+        """Whether save(step, ...) writes anything: with a workdir, once per step."""
+        return self.manager is not None and step != self.last_saved_step
+
     def restore_or_initialize(self, state: TrainState) -> int:
         """Continues from the workdir's latest checkpoint if there is one, else starts from
         `checkpoint.init_from`'s parameters if set, else keeps the fresh state.
@@ -248,7 +257,7 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, loss: float | None = None) -> None:
         """Starts an asynchronous save of `state` as `step` (once per step). Raises
         SaveFailedError if this save, or the previous one, could not be written."""
-        if self.manager is None or step == self.last_saved_step:
+        if not self.saves(step):
             return
         self.wait()  # orbax's save would wait for the previous one too; this names its step
         trees = self._saved(state, self.base)

@@ -163,8 +163,8 @@ class Trainer:
     def restore_or_initialize(self) -> int:
         """Restores the workdir's latest checkpoint, or checkpoint.init_from's parameters,
         if any (Checkpointer.restore_or_initialize); returns the step to continue from."""
-        if not (self.checkpointer.resumes() or self.config.checkpoint.init_from):
-            return self.checkpointer.restore_or_initialize(None)  # nothing to read
+        if not self.checkpointer.restores():  # no state to read into
+            return self.checkpointer.restore_or_initialize(None)
         state = self.state
         step = self.checkpointer.restore_or_initialize(state)  # in place
         # The state from before goes before the restored one is stacked: two copies at most.
@@ -231,7 +231,7 @@ class Trainer:
             if stop or done == total or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                 loss = check_finite(*unchecked, checkpointer.latest_description())
                 unchecked = None
-                if checkpointer.manager is not None:  # (the state per layer costs a copy)
+                if checkpointer.saves(done):  # (the state per layer is a copy)
                     checkpointer.save(done, self.state, loss)
             if stop:
                 self.stopped_by = guard.signal
