@@ -16,9 +16,14 @@ of steps after two warm-ups, in `--repeats` rounds that alternate with minids_ja
 DeepseekV3ForCausalLM (benchmarks/hf_peer.py, run by `--hf_python`, a Python with torch and
 transformers; OMP_WAIT_POLICY=PASSIVE keeps torch from spinning on a shared machine).
 transformers' forward has no MTP module, so with model.mtp_depth > 0 minids_jax is also
-timed at mtp_depth=0, and both are compared.
+timed at mtp_depth=0, and both are compared. Each `--xla_options` (a JSON object of XLA
+compiler options; '{}' the defaults) is one more variant of every step above, compiled with
+them and timed in the same alternating rounds: in one process, options are compared far
+more steadily than across runs (docs/performance.md).
 
     python benchmarks/throughput.py --config configs/v3_tiny.py --vs_hf --hf_python PYTHON
+    python benchmarks/throughput.py --config configs/v3_tiny.py --xla_options '{}' \
+        --xla_options '{"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}'
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # benchmarks/timing.py, beside this file
-from timing import CompiledStepTimer, describe, hf_config_file, original_environment  # noqa: E402
+from timing import (  # noqa: E402
+    CompiledStepTimer, compiler_options, describe, hf_config_file, original_environment)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after two warm-up steps).")
@@ -53,6 +59,21 @@ _PEAK_SIZE = flags.DEFINE_integer("peak_matmul_size", 2048, "Square matmul size 
 _DISPATCHES = flags.DEFINE_list("dispatches", None,
                                 "MoE dispatches to compare, e.g. dropless,capacity,dense "
                                 "(default: the config's).")
+_XLA_OPTIONS = flags.DEFINE_multi_string(
+    "xla_options", [], "XLA compiler options of one more variant, as a JSON object ('{}': "
+    "the defaults); repeat the flag to compare several in the same rounds.")
+
+
+def _valid_options(texts: list[str]) -> bool:
+    for text in texts:
+        try:
+            compiler_options(text)
+        except ValueError as error:
+            raise flags.ValidationError(str(error)) from None
+    return True
+
+
+flags.register_validator("xla_options", _valid_options)
 
 
 def peer_tokens_per_s(name: str, argv: list[str], env: dict) -> float | None:
@@ -133,16 +154,23 @@ def main(argv):
     timers, labels = {}, {}
     for dispatch in _DISPATCHES.value or [compute.moe_dispatch]:
         for mtp_depth in mtp_depths:
-            variant = dataclasses.replace(
-                config, compute=dataclasses.replace(compute, moe_dispatch=dispatch),
-                model=dataclasses.replace(m, mtp_depth=mtp_depth))
-            timer = CompiledStepTimer(trainer.Trainer(variant))
-            # The dispatch each name runs on this platform (`dropless`: its exact one).
-            built = kernels.resolve(variant.compute, timer.run.platform).moe_dispatch
-            label = dispatch if built == dispatch else f"{dispatch}: {built}"
-            if mtp_depth != m.mtp_depth:
-                label += f", mtp_depth={mtp_depth}"
-            timers[label], labels[label] = timer, label
+            for options in _XLA_OPTIONS.value or [None]:
+                variant = dataclasses.replace(
+                    config, compute=dataclasses.replace(compute, moe_dispatch=dispatch),
+                    model=dataclasses.replace(m, mtp_depth=mtp_depth))
+                try:
+                    timer = CompiledStepTimer(trainer.Trainer(variant), compiler_options=(
+                        compiler_options(options) if options else None))
+                except ValueError as error:  # XLA refused the options
+                    sys.exit(f"--xla_options: {error}")
+                # The dispatch each name runs on this platform (`dropless`: its exact one).
+                built = kernels.resolve(variant.compute, timer.run.platform).moe_dispatch
+                label = dispatch if built == dispatch else f"{dispatch}: {built}"
+                if mtp_depth != m.mtp_depth:
+                    label += f", mtp_depth={mtp_depth}"
+                if options:
+                    label += f", xla {options}"
+                timers[label], labels[label] = timer, label
     peak = flops.measure_matmul_flops(compute.dtype, _PEAK_SIZE.value) * jax.device_count()
     peers = {}
     if _VS_ORIGINAL.value:

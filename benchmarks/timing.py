@@ -22,16 +22,41 @@ class StepTiming:
     metrics: dict  # of the last step
 
 
-class CompiledStepTimer:
-    """Compiles the train step of `run` (a `trainer.Trainer`) ahead of time and warms it up with
-    `warmup` steps; `time(steps)` then times that many more, each call continuing from the last.
-    (`reporting.StepTimer` is the trainer's: tokens/s over the steps between log lines.)"""
+def compiler_options(text: str) -> dict[str, Any]:
+    """XLA compiler options from a JSON object, e.g. '{"xla_cpu_scheduler_type":
+    "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}' ('{}': the defaults); ValueError if it is not one."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{text!r} is not JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{text!r} is not a JSON object of option names and values")
+    return options
 
-    def __init__(self, run, warmup: int = 2):
+
+def compile_with(lowered, options: dict[str, Any] | None = None):
+    """`lowered.compile()` with XLA compiler `options`; ValueError (one line) if XLA refuses
+    them, e.g. an option this jaxlib does not have."""
+    if not options:
+        return lowered.compile()
+    try:
+        return lowered.compile(options)
+    except jax.errors.JaxRuntimeError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"XLA refused the options {json.dumps(options)}: {reason}") from None
+
+
+class CompiledStepTimer:
+    """Compiles the train step of `run` (a `trainer.Trainer`) ahead of time, with XLA
+    `compiler_options` if given, and warms it up with `warmup` steps; `time(steps)` then times
+    that many more, each call continuing from the last. (`reporting.StepTimer` is the
+    trainer's: tokens/s over the steps between log lines.)"""
+
+    def __init__(self, run, warmup: int = 2, compiler_options: dict[str, Any] | None = None):
         self.run = run
         start = time.perf_counter()
         self.lowered = run.train_step.lower(run.step_state, run.batch(0))  # for its HLO text
-        self.compiled = self.lowered.compile()
+        self.compiled = compile_with(self.lowered, compiler_options)
         self.compile_s = time.perf_counter() - start  # tracing and lowering included
         self.next_step = 0
         self.metrics = self._advance(warmup) if warmup else {}
