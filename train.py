@@ -7,7 +7,8 @@
 
 JAX is imported only after the flags are parsed, malloc is set to keep freed host memory,
 the GPUs are chosen (CUDA_VISIBLE_DEVICES) and, for a multi-host job, jax.distributed is
-started: all must precede any backend.
+started: all must precede any backend. Then compiled programs are kept on disk for later runs
+(devices.compile_cache), before anything compiles.
 """
 
 import socket
@@ -34,6 +35,7 @@ def main(argv):
     job = startup.initialize_distributed(config.devices, gpus)
     if job:
         logging.info("%s jax.distributed: %s", socket.gethostname(), job)
+    startup.keep_compiled_programs(config.devices)  # imports jax: after the GPUs are chosen
 
     import jax
 

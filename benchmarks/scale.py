@@ -4,6 +4,7 @@
     python benchmarks/scale.py --what remat --config configs/mini.py --steps 2
     python benchmarks/scale.py --what accum --config configs/v3_tiny.py --accum 1,2,4
     python benchmarks/scale.py --what startup --config configs/v3_tiny.py --depths 4,61
+    python benchmarks/scale.py --what startup --config configs/v3_tiny.py --compile_cache warm
 
 depth: the train step's compile time (tracing, lowering and XLA) at each depth, with
 compute.scan_layers on and off. remat: for each compute.remat policy, XLA's memory analysis of
@@ -12,7 +13,10 @@ weights of scanned layers) and the step time. accum: the same global batch in 1,
 microbatches: temporaries and step time. Every figure comes from one process, side by side.
 startup: whole-process start of `train.py` (one step) to its first step's log line, and to the
 process's end, at each depth, in `--repeats` rounds that alternate the depths; the last line
-is the deepest against the shallowest, the median of the rounds.
+is the deepest against the shallowest, the median of the rounds. `--compile_cache cold` (the
+default) compiles everything, as a first run does; `warm` keeps compiled programs in a
+temporary devices.compile_cache that one unmeasured run of each depth fills first, as a rerun
+or a resumed run finds it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +41,9 @@ _WHAT = flags.DEFINE_enum("what", "depth", ["depth", "remat", "accum", "startup"
 _REPEATS = flags.DEFINE_integer("repeats", 3, "startup: rounds, each running every depth.")
 _DEPTHS = flags.DEFINE_list("depths", ["2", "8", "32"], "depth: layer counts.")
 _ACCUM = flags.DEFINE_list("accum", ["1", "2", "4"], "accum: microbatches per step.")
+_COMPILE_CACHE = flags.DEFINE_enum("compile_cache", "cold", ["cold", "warm"],
+                                   "startup: compile everything (cold), or load what an earlier "
+                                   "run of the same depth compiled (warm).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after two warm-up steps); 0: compile "
                               "and memory analysis only.")
 
@@ -52,16 +60,15 @@ def _measure(config, steps: int) -> dict:
             "args_mb": memory.argument_size_in_bytes / 2**20 if memory else float("nan")}
 
 
-def _startup(depths: list[int], repeats: int) -> None:
+def _startup(depths: list[int], repeats: int, warm: bool) -> None:
     root = Path(__file__).resolve().parents[1]
     overrides = [arg for arg in sys.argv[1:] if arg.startswith("--config.")]
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-    print(f"{'layers':>6} {'first step s':>13} {'end s':>7}")
-    firsts: dict[int, list[float]] = {depth: [] for depth in depths}
-    for _ in range(repeats):
-        for depth in depths:
+    with tempfile.TemporaryDirectory() as cache:
+        def first_step(depth: int) -> tuple[float, float]:
             command = [sys.executable, "train.py", "--config", config_file, *overrides,
-                       "--config.optim.total_steps=1", f"--config.model.n_layers={depth}"]
+                       "--config.optim.total_steps=1", f"--config.model.n_layers={depth}",
+                       f"--config.devices.compile_cache={cache if warm else 'off'}"]
             start, first, lines = time.perf_counter(), None, []
             with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) as process:
@@ -71,8 +78,18 @@ def _startup(depths: list[int], repeats: int) -> None:
                         first = time.perf_counter() - start
             if process.returncode or first is None:
                 raise SystemExit(f"{' '.join(command)} failed:\n{''.join(lines[-20:])}")
-            firsts[depth].append(first)
-            print(f"{depth:>6} {first:>13.1f} {time.perf_counter() - start:>7.1f}", flush=True)
+            return first, time.perf_counter() - start
+
+        if warm:
+            for depth in depths:  # fills the cache
+                first_step(depth)
+        print(f"{'layers':>6} {'first step s':>13} {'end s':>7}  ({'warm' if warm else 'cold'})")
+        firsts: dict[int, list[float]] = {depth: [] for depth in depths}
+        for _ in range(repeats):
+            for depth in depths:
+                first, end = first_step(depth)
+                firsts[depth].append(first)
+                print(f"{depth:>6} {first:>13.1f} {end:>7.1f}", flush=True)
     shallow, deep = depths[0], depths[-1]
     ratios = [d / s for s, d in zip(firsts[shallow], firsts[deep])]
     print(f"start-up to the first step, {deep} against {shallow} layers: "
@@ -93,7 +110,8 @@ def main(argv):
                 or _REPEATS.value < 1:
             raise SystemExit(f"error: --depths takes layer counts (e.g. --depths 4,61), got "
                              f"{','.join(_DEPTHS.value)}; --repeats at least 1")
-        return _startup([int(depth) for depth in _DEPTHS.value], _REPEATS.value)
+        return _startup([int(depth) for depth in _DEPTHS.value], _REPEATS.value,
+                        warm=_COMPILE_CACHE.value == "warm")
     base = config_lib.from_config_dict(_CONFIG.value)
     base = _with(base, "data", source="random", path="")
     print(describe(base))

@@ -5,7 +5,8 @@ One JAX process drives every GPU of its host. `select_gpus` picks which ones (th
 most free memory, via NVML) by setting CUDA_VISIBLE_DEVICES; `initialize_distributed` joins
 the hosts of a SLURM, Open MPI or Kubernetes job (or an explicit coordinator) into one JAX job;
 `reuse_host_memory` keeps freed host memory mapped so that each CPU step does not page-fault
-its working memory in again. None imports jax at module level: train.py calls them before
+its working memory in again; `keep_compiled_programs` gives JAX a directory where compiled
+programs outlive the process. None imports jax at module level: train.py calls them before
 anything touches a backend.
 """
 
@@ -134,6 +135,52 @@ def reuse_host_memory(cfg: DevicesConfig | None = None) -> bool:
     # M_TRIM_THRESHOLD takes a size_t: -1 is "never give the heap's top back".
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def compile_cache_dir(cfg: DevicesConfig, environ: MutableMapping[str, str] = os.environ
+                      ) -> str | None:
+    """The directory `cfg.compile_cache` names (None: off)."""
+    setting = cfg.compile_cache.strip()
+    if setting in ("", "off"):
+        return None
+    if setting != "auto":
+        return os.path.abspath(os.path.expanduser(setting))
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "minids_jax", "xla")
+
+
+def keep_compiled_programs(cfg: DevicesConfig, environ: MutableMapping[str, str] = os.environ
+                           ) -> str | None:
+    """Points JAX's persistent compilation cache at `cfg.compile_cache`, so that a later run
+    of the same programs (a resumed run, the same config again) loads them instead of
+    compiling: the directory, or None if off or not writable (then a warning; the run
+    compiles as usual). Every program is kept, however quick to compile: the many small
+    ones of a start-up add up (docs/scale.md). Call before anything compiles."""
+    directory = compile_cache_dir(cfg, environ)
+    if directory is None:
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as error:
+        print(f"warning: devices.compile_cache: cannot use {directory} ({error}); compiling "
+              f"as usual. Set devices.compile_cache to a writable directory, or off.",
+              file=sys.stderr)
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Least recently used programs go first past this size (entries are ~10 KB to ~10 MB).
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    return directory
+
+
+COMPILE_CACHE_MAX_BYTES = 2 * GiB
 
 
 def _int(environ, name: str, default: int = 0) -> int:

@@ -246,3 +246,60 @@ def test_reuse_host_memory_stops_each_step_faulting_its_memory_in_again():
     # the heap still grows once, when a small block took part of the free space, so the
     # median call after ten is the one to judge.
     assert _median(reused["faults"]) < pages / 20, (reused, default)
+
+
+def test_the_compile_cache_directory():
+    home = os.path.expanduser("~")
+    resolve = lambda setting, **environ: startup.compile_cache_dir(  # noqa: E731
+        DevicesConfig(compile_cache=setting), environ)
+    assert resolve("auto") == os.path.join(home, ".cache", "minids_jax", "xla")
+    assert resolve("auto", XDG_CACHE_HOME="/x") == "/x/minids_jax/xla"
+    # JAX's own setting, where the user made one, wins over the default.
+    assert resolve("auto", XDG_CACHE_HOME="/x", JAX_COMPILATION_CACHE_DIR="/j") == "/j"
+    assert resolve("~/c", JAX_COMPILATION_CACHE_DIR="/j") == os.path.join(home, "c")
+    assert resolve("off") is None and resolve("") is None
+
+
+def test_an_unusable_compile_cache_warns_and_the_run_compiles_as_usual(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    cfg = DevicesConfig(compile_cache=str(tmp_path / "a_file" / "cache"))
+    assert startup.keep_compiled_programs(cfg) is None
+    warning = capsys.readouterr().err
+    assert "devices.compile_cache: cannot use" in warning and "\n" == warning[-1]
+    assert warning.count("\n") == 1
+
+
+# Compiles one function in a fresh process with the compile cache in argv[1], and prints how
+# many programs came from the cache and how many were compiled, and the result.
+_CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from minids_jax import startup
+    from minids_jax.config import DevicesConfig
+    kept = startup.keep_compiled_programs(DevicesConfig(compile_cache=sys.argv[1]))
+    import jax, jax.numpy as jnp
+    from jax import monitoring
+    counts = {"hits": 0, "misses": 0}
+    def count(event, **kwargs):
+        for name in counts:
+            counts[name] += event == f"/jax/compilation_cache/cache_{name}"
+    monitoring.register_event_listener(count)
+    x = jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.arange(12.0).reshape(3, 4))
+    print(json.dumps({"kept": kept, **counts, "sum": float(x.sum())}))
+""")
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+    def run() -> dict:
+        result = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(tmp_path / "xla")],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["kept"] == str(tmp_path / "xla")
+    assert first["misses"] >= 1 and first["hits"] == 0, first
+    assert any((tmp_path / "xla").iterdir())
+    assert second["hits"] >= 1 and second["misses"] == 0, second
+    assert second["sum"] == first["sum"]

@@ -239,6 +239,10 @@ class DevicesConfig(Group):
                                  QUIET, low=1)
     reuse_host_memory: bool = option(True, "keep freed host memory mapped, so CPU steps do "
                                      "not page-fault their memory in again", QUIET)
+    compile_cache: str = option(AUTO, "directory that keeps XLA's compiled programs for later "
+                                "runs of the same ones (a resumed run, a rerun): auto "
+                                "(JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME or "
+                                "~/.cache, then minids_jax/xla), off, or a path", QUIET)
     memory: str = option(AUTO, "each device's memory, which a run's memory plan must fit "
                          "before it compiles (training/memory.py): a size (24GB, 80GiB), auto "
                          "(a GPU's own; on a CPU this machine's RAM, and only for compute.remat"
