@@ -137,6 +137,9 @@ def reuse_host_memory(cfg: DevicesConfig | None = None) -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
+COMPILE_CACHE_MAX_BYTES = 2 * GiB
+
+
 def compile_cache_dir(cfg: DevicesConfig, environ: MutableMapping[str, str] = os.environ
                       ) -> str | None:
     """The directory `cfg.compile_cache` names (None: off)."""
@@ -175,12 +178,9 @@ def keep_compiled_programs(cfg: DevicesConfig, environ: MutableMapping[str, str]
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    # Least recently used programs go first past this size (entries are ~10 KB to ~10 MB).
+    # Past this size the least recently used programs go first.
     jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return directory
-
-
-COMPILE_CACHE_MAX_BYTES = 2 * GiB
 
 
 def _int(environ, name: str, default: int = 0) -> int:
