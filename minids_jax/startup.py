@@ -137,9 +137,6 @@ def reuse_host_memory(cfg: DevicesConfig | None = None) -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-COMPILE_CACHE_MAX_BYTES = 2 * GiB
-
-
 def compile_cache_dir(cfg: DevicesConfig, environ: MutableMapping[str, str] = os.environ
                       ) -> str | None:
     """The directory `cfg.compile_cache` names (None: off)."""
@@ -160,10 +157,18 @@ def keep_compiled_programs(cfg: DevicesConfig, environ: MutableMapping[str, str]
     of the same programs (a resumed run, the same config again) loads them instead of
     compiling: the directory, or None if off or not writable (then a warning; the run
     compiles as usual). Every program is kept, however quick to compile: the many small
-    ones of a start-up add up (docs/scale.md). Call before anything compiles."""
+    ones of a start-up add up (docs/scale.md). With `auto` and JAX_COMPILATION_CACHE_DIR set,
+    JAX's cache stays as its JAX_* variables made it. Call before anything compiles."""
     directory = compile_cache_dir(cfg, environ)
+    own_jax_cache = bool(environ.get("JAX_COMPILATION_CACHE_DIR"))
     if directory is None:
+        if own_jax_cache:  # off means off, whatever JAX's variables say
+            import jax
+
+            jax.config.update("jax_enable_compilation_cache", False)
         return None
+    if own_jax_cache and cfg.compile_cache.strip() == "auto":
+        return directory
     try:
         os.makedirs(directory, exist_ok=True)
         if not os.access(directory, os.W_OK):
@@ -178,8 +183,6 @@ def keep_compiled_programs(cfg: DevicesConfig, environ: MutableMapping[str, str]
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    # Past this size the least recently used programs go first.
-    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return directory
 
 

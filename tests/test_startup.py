@@ -260,6 +260,17 @@ def test_the_compile_cache_directory():
     assert resolve("off") is None and resolve("") is None
 
 
+def test_a_jax_cache_of_the_users_own_is_left_as_they_set_it(tmp_path):
+    import jax
+
+    before = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+    environ = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path)}
+    assert startup.keep_compiled_programs(DevicesConfig(), environ) == str(tmp_path)
+    assert (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs) == before
+
+
 def test_an_unusable_compile_cache_warns_and_the_run_compiles_as_usual(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     cfg = DevicesConfig(compile_cache=str(tmp_path / "a_file" / "cache"))
@@ -290,16 +301,21 @@ _CACHE_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_a_second_process_loads_what_the_first_compiled(tmp_path):
-    def run() -> dict:
-        result = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(tmp_path / "xla")],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120,
-                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    cache = str(tmp_path / "xla")
+
+    def run(setting: str, **environ) -> dict:
+        result = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, setting], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu", **environ})
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 
-    first, second = run(), run()
-    assert first["kept"] == str(tmp_path / "xla")
+    first, second = run(cache), run(cache)
+    assert first["kept"] == cache
     assert first["misses"] >= 1 and first["hits"] == 0, first
     assert any((tmp_path / "xla").iterdir())
     assert second["hits"] >= 1 and second["misses"] == 0, second
     assert second["sum"] == first["sum"]
+    # off is off, even where JAX's own variable names a cache that holds the program.
+    off = run("off", JAX_COMPILATION_CACHE_DIR=cache)
+    assert off["kept"] is None and off["hits"] == 0, off
