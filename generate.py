@@ -10,7 +10,8 @@ prompt. --temperature 0 decodes greedily.
     python generate.py --workdir runs/chat --chat [--system "Be brief."] < turns.txt
 
 --chat holds a conversation: each line of stdin is a user turn; each answer streams to stdout
-(then a newline), the prompt laid out by the chat template the run trained with.
+(then a newline), the prompt laid out by the chat template the run trained with. Compiled
+programs are kept where the run's devices.compile_cache says, so a second call starts sooner.
 """
 
 import itertools
@@ -21,7 +22,7 @@ from absl import flags
 
 from minids_jax import cli
 from minids_jax.errors import UserError
-from minids_jax.workdir import read_records
+from minids_jax.workdir import read_records, saved_compile_cache
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, config.json).",
                                required=True)
@@ -141,13 +142,16 @@ def main(argv):
     del argv
     _check_chat_flags()
     import minids_jax
-    from minids_jax import generation
+    from minids_jax import generation, startup
+    from minids_jax.config import DevicesConfig
     from minids_jax.data import pipeline as data
 
     try:
         sampling = generation.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     except ValueError as error:
         raise UserError(f"--{error}") from error
+    startup.keep_compiled_programs(DevicesConfig(
+        compile_cache=saved_compile_cache(_WORKDIR.value)))
     model, config = minids_jax.load(_WORKDIR.value, step=_STEP.value)
     tokenizer = data.load_tokenizer(config, _WORKDIR.value)
     generator = generation.Generator(model)

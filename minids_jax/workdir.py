@@ -61,6 +61,16 @@ def read_records(workdir: str | os.PathLike) -> dict[str, int]:
         return {}
 
 
+def saved_compile_cache(workdir: str | os.PathLike) -> str:
+    """The run's devices.compile_cache, from its config.json: where programs compiled for it
+    are kept ('auto' when the run has none)."""
+    try:
+        saved = json.loads((pathlib.Path(workdir) / "config.json").read_text())
+        return str(saved["devices"]["compile_cache"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "auto"
+
+
 def complete_steps(directory: str | os.PathLike) -> list[int]:
     """The steps with a finished checkpoint in a local checkpoints directory, ascending (orbax
     names a save's directory by its step only once it is complete); [] if there is none.

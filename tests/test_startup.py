@@ -319,3 +319,13 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     # off is off, even where JAX's own variable names a cache that holds the program.
     off = run("off", JAX_COMPILATION_CACHE_DIR=cache)
     assert off["kept"] is None and off["hits"] == 0, off
+
+
+def test_the_compile_cache_a_run_saved_is_read_back_or_auto(tmp_path):
+    from minids_jax.workdir import saved_compile_cache
+
+    assert saved_compile_cache(tmp_path) == "auto"  # no config.json: an imported run
+    (tmp_path / "config.json").write_text(json.dumps({"devices": {"compile_cache": "off"}}))
+    assert saved_compile_cache(tmp_path) == "off"
+    (tmp_path / "config.json").write_text("{not json")
+    assert saved_compile_cache(tmp_path) == "auto"
