@@ -41,9 +41,9 @@ _WHAT = flags.DEFINE_enum("what", "depth", ["depth", "remat", "accum", "startup"
 _REPEATS = flags.DEFINE_integer("repeats", 3, "startup: rounds, each running every depth.")
 _DEPTHS = flags.DEFINE_list("depths", ["2", "8", "32"], "depth: layer counts.")
 _ACCUM = flags.DEFINE_list("accum", ["1", "2", "4"], "accum: microbatches per step.")
-_COMPILE_CACHE = flags.DEFINE_enum("compile_cache", "cold", ["cold", "warm"],
-                                   "startup: compile everything (cold), or load what an earlier "
-                                   "run of the same depth compiled (warm).")
+_COMPILE_CACHE = flags.DEFINE_string("compile_cache", "cold",
+                                     "startup: compile everything (cold), or load what an "
+                                     "earlier run of the same depth compiled (warm).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after two warm-up steps); 0: compile "
                               "and memory analysis only.")
 
@@ -110,6 +110,9 @@ def main(argv):
                 or _REPEATS.value < 1:
             raise SystemExit(f"error: --depths takes layer counts (e.g. --depths 4,61), got "
                              f"{','.join(_DEPTHS.value)}; --repeats at least 1")
+        if _COMPILE_CACHE.value not in ("cold", "warm"):
+            raise SystemExit(f"error: --compile_cache takes cold or warm, got "
+                             f"{_COMPILE_CACHE.value!r}")
         return _startup([int(depth) for depth in _DEPTHS.value], _REPEATS.value,
                         warm=_COMPILE_CACHE.value == "warm")
     base = config_lib.from_config_dict(_CONFIG.value)

@@ -64,18 +64,6 @@ _XLA_OPTIONS = flags.DEFINE_multi_string(
     "the defaults); repeat the flag to compare several in the same rounds.")
 
 
-def _valid_options(texts: list[str]) -> bool:
-    for text in texts:
-        try:
-            compiler_options(text)
-        except ValueError as error:
-            raise flags.ValidationError(str(error)) from None
-    return True
-
-
-flags.register_validator("xla_options", _valid_options)
-
-
 def peer_tokens_per_s(name: str, argv: list[str], env: dict) -> float | None:
     """The `tokens_per_sec X` a peer's run prints (None, with its error, if it fails); its
     other lines that start with `hf ` are passed on once."""
@@ -148,6 +136,10 @@ def main(argv):
     from minids_jax.training import flops, trainer
 
     m, compute = config.model, config.compute
+    try:  # each variant's options, parsed before anything is built
+        option_sets = {text: compiler_options(text) for text in _XLA_OPTIONS.value}
+    except ValueError as error:
+        raise SystemExit(f"error: --xla_options {error}") from None
     print(describe(config))
     # Against transformers, which trains no MTP module, also time the run without one.
     mtp_depths = [m.mtp_depth] + ([0] if _VS_HF.value and m.mtp_depth else [])
@@ -159,10 +151,10 @@ def main(argv):
                     config, compute=dataclasses.replace(compute, moe_dispatch=dispatch),
                     model=dataclasses.replace(m, mtp_depth=mtp_depth))
                 try:
-                    timer = CompiledStepTimer(trainer.Trainer(variant), compiler_options=(
-                        compiler_options(options) if options else None))
+                    timer = CompiledStepTimer(trainer.Trainer(variant),
+                                              compiler_options=option_sets.get(options))
                 except ValueError as error:  # XLA refused the options
-                    sys.exit(f"--xla_options: {error}")
+                    raise SystemExit(f"error: --xla_options: {error}") from None
                 # The dispatch each name runs on this platform (`dropless`: its exact one).
                 built = kernels.resolve(variant.compute, timer.run.platform).moe_dispatch
                 label = dispatch if built == dispatch else f"{dispatch}: {built}"

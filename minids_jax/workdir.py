@@ -37,6 +37,7 @@ SAVED_ITEM = "metadata"  # the file of an orbax JSON item: <step>/config/metadat
 # What kinds of instruction records a run trained on ({"alpaca": n, "chat": m}): generate.py
 # --chat warns when a model never saw chat turns.
 RECORDS_FILE = "records.json"
+CONFIG_FILE = "config.json"  # the run's config as it last ran (training and generate.py read it)
 
 
 class WorkdirError(UserError):
@@ -62,10 +63,10 @@ def read_records(workdir: str | os.PathLike) -> dict[str, int]:
 
 
 def saved_compile_cache(workdir: str | os.PathLike) -> str:
-    """The run's devices.compile_cache, from its config.json: where programs compiled for it
+    """The run's devices.compile_cache, from its CONFIG_FILE: where programs compiled for it
     are kept ('auto' when the run has none)."""
     try:
-        saved = json.loads((pathlib.Path(workdir) / "config.json").read_text())
+        saved = json.loads((pathlib.Path(workdir) / CONFIG_FILE).read_text())
         return str(saved["devices"]["compile_cache"])
     except (OSError, ValueError, KeyError, TypeError):
         return "auto"

@@ -36,7 +36,7 @@ from minids_jax import config as config_lib
 from minids_jax.checkpoint import integrity
 from minids_jax.config import ARCHITECTURE, Config, compat
 from minids_jax.errors import UserError
-from minids_jax.workdir import CHECKPOINTS, write_atomic
+from minids_jax.workdir import CHECKPOINTS, CONFIG_FILE, write_atomic
 
 CORRUPT = "corrupt_checkpoints"  # unreadable checkpoints are moved here (with fallback=True)
 ITEMS = ("model", "optimizer", "config", "meta")
@@ -248,4 +248,4 @@ def save_model(workdir, config: Config, model: dict, **meta) -> None:
             config=ocp.args.JsonSave(json.loads(config.to_json())), meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
     if jax.process_index() == 0:
-        write_atomic(absolute_path(workdir) / "config.json", config.to_json())
+        write_atomic(absolute_path(workdir) / CONFIG_FILE, config.to_json())

@@ -31,7 +31,7 @@ from minids_jax.config import NOTED, Config, ConfigError, compat
 from minids_jax.errors import UserError
 from minids_jax.model import lora
 from minids_jax.training.steps import TrainState
-from minids_jax.workdir import complete_steps, write_atomic
+from minids_jax.workdir import CONFIG_FILE, complete_steps, write_atomic
 
 
 def _sync(name: str) -> None:
@@ -126,7 +126,7 @@ class Checkpointer:
         elif self.cfg.init_from:
             self._init_from(state)
         if self.workdir is not None and jax.process_index() == 0:
-            write_atomic(self.workdir / "config.json", self.config.to_json())
+            write_atomic(self.workdir / CONFIG_FILE, self.config.to_json())
         return step
 
     def _saved(self, state: TrainState, base: dict | None, step: int | None = None) -> dict:
@@ -193,7 +193,7 @@ class Checkpointer:
         saved = ckpt.read_config(self.directory, step)
         ckpt.require_same_architecture(
             saved, self.config, f"the checkpoint {self.step_dir(step)}",
-            f"Run with the checkpoint's values (see {self.workdir / 'config.json'}), or use a "
+            f"Run with the checkpoint's values (see {self.workdir / CONFIG_FILE}), or use a "
             f"new --workdir for a new model.")
         if saved.optim.name != self.config.optim.name:  # its state is another optimizer's
             raise CheckpointError(
