@@ -4,7 +4,8 @@ with `--vs_hf`, greedy decoding of one model here and in transformers, side by s
     python benchmarks/decode.py --config configs/tiny.py --tokens 96 --batch 1
 
 One model per kind (every layer of that kind, the config's sizes otherwise), greedy decoding
-from a 16-token prompt through `generation.Generator`, as generate.py does. Tokens/s count the
+(or `--sampling T/top_k/top_p`) from a 16-token prompt through `generation.Generator`, as
+generate.py does. Tokens/s count the
 one-token steps after the first two (which compile); cache bytes are those of one sequence's
 cache at the compute dtype, per token of context and per layer. MHA keeps 2 x d_model numbers a
 token; MHLA keeps MHA's plus K latents' keys and values; MLA keeps kv_lora_rank +
@@ -55,6 +56,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config fil
 _TOKENS = flags.DEFINE_integer("tokens", 96, "Tokens to decode per kind.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
 _KINDS = flags.DEFINE_list("kinds", ["mha", "mhla", "mla"], "Attention kinds to compare.")
+_SAMPLING = flags.DEFINE_string("sampling", "0/0/1", "temperature/top_k/top_p of the kinds' "
+                                "decoding (0/0/1: greedy; generate.py's default: 0.8/50/0.95).")
 _VS_HF = flags.DEFINE_bool("vs_hf", False, "Decode the config's model here and in "
                            "transformers instead (benchmarks/hf_decode_peer.py).")
 _HF_PYTHON = flags.DEFINE_string("hf_python", sys.executable,
@@ -66,7 +69,20 @@ _NEW_TOKENS = flags.DEFINE_list("new_tokens", ["32"], "--vs_hf: tokens to decode
                                 "one count, or one per context.")
 
 
-def compare_kinds(config):
+def parse_sampling(text: str):
+    """generation.Sampling of --sampling's temperature/top_k/top_p."""
+    from minids_jax import generation
+    from minids_jax.config import ConfigError
+
+    try:
+        temperature, top_k, top_p = text.split("/")
+        return generation.Sampling(float(temperature), int(top_k), float(top_p))
+    except ValueError as error:
+        raise ConfigError(f"--sampling={text}: {str(error).rstrip('.')}. Give "
+                          f"temperature/top_k/top_p, such as 0.8/50/0.95.") from None
+
+
+def compare_kinds(config, sampling):
     """Each attention kind's cache bytes per token and layer, and its decode tokens/s."""
     import jax
     from flax import nnx
@@ -74,9 +90,10 @@ def compare_kinds(config):
     from minids_jax import generation, kernels, sharding
     from minids_jax.model import MiniDeepSeek, count_params
 
-    print(f"greedy decoding of {_TOKENS.value} tokens x batch {_BATCH.value}, d_model "
-          f"{config.model.d_model}, {config.model.n_layers} layers, context "
-          f"{config.model.max_seq_len}, {jax.devices()[0].platform}")
+    print(f"decoding {_TOKENS.value} tokens x batch {_BATCH.value} ({sampling}), d_model "
+          f"{config.model.d_model}, {config.model.n_layers} layers, vocab "
+          f"{config.model.vocab_size}, context {config.model.max_seq_len}, "
+          f"{jax.devices()[0].platform}")
     print(f"{'kind':6s} {'parameters':>12s} {'cache B/token/layer':>20s} {'tokens/s':>10s}")
     prompt = np.arange(16 * _BATCH.value).reshape(_BATCH.value, 16) % config.model.vocab_size
     for kind in _KINDS.value:
@@ -85,8 +102,7 @@ def compare_kinds(config):
                              rngs=nnx.Rngs(0))
         per_token = cache_bytes(model, 1) / cfg.max_seq_len / cfg.n_layers
         times = []
-        for _ in generation.Generator(model).stream(prompt, _TOKENS.value,
-                                                    generation.Sampling(temperature=0.0)):
+        for _ in generation.Generator(model).stream(prompt, _TOKENS.value, sampling):
             times.append(time.perf_counter())
         rate = (len(times) - 2) * _BATCH.value / (times[-1] - times[1])
         print(f"{kind:6s} {count_params(model):12,d} {per_token:20,.0f} {rate:10,.1f}",
@@ -239,7 +255,7 @@ def main(argv):
     if _VS_HF.value:
         compare_with_hf(config)
     else:
-        compare_kinds(config)
+        compare_kinds(config, parse_sampling(_SAMPLING.value))
 
 
 if __name__ == "__main__":

@@ -32,28 +32,83 @@ class PromptTooLongError(ValueError):
     """The prompt does not fit in the model's context."""
 
 
-def sample_logits(logits_BxV, key, temperature, top_k, top_p) -> jax.Array:
+# Sampling looks at the CANDIDATES most likely tokens (jax.lax.top_k) instead of sorting the
+# whole vocabulary, whenever the tokens it may draw are sure to be among them: top_k at most
+# CANDIDATES, or a nucleus (top_p) that their probability already covers. At a published
+# vocabulary the sort was most of a decode step (docs/generation.md#sampling).
+CANDIDATES = 1024
+
+
+def sample_logits(logits_BxV, key, temperature, top_k, top_p,
+                  candidates: int = CANDIDATES) -> jax.Array:
     """One token per row: greedy when temperature == 0, else from softmax(logits / temperature)
     restricted to the top_k most likely tokens (0: no limit) and, among those, the smallest
-    set whose probability reaches top_p (nucleus sampling; 1.0: no limit). All arguments may be
-    traced, so changing them does not recompile; greedy decoding skips the sort over the
-    vocabulary that sampling needs (on a CPU, half of a small model's step at batch 8)."""
+    set whose probability reaches top_p (nucleus sampling; 1.0: no limit). All arguments but
+    `candidates` may be traced, so changing them does not recompile. Only a nucleus that the
+    `candidates` most likely tokens do not cover, or top_k above `candidates`, sorts the
+    vocabulary."""
     vocab = logits_BxV.shape[-1]
+    n_candidates = min(candidates, vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
 
-    def sampled():
-        scaled_BxV = logits_BxV / jnp.maximum(temperature, 1e-6)
-        sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)  # most likely first
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        in_top_k_V = jnp.arange(vocab) < k
-        probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
-        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        n_keep_Bx1 = jnp.minimum(jnp.sum(mass_before_BxV < top_p, axis=-1, keepdims=True), k)
-        threshold_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_Bx1 - 1, axis=-1)
-        kept_BxV = jnp.where(scaled_BxV >= threshold_Bx1, scaled_BxV, -jnp.inf)
-        return jax.random.categorical(key, kept_BxV, axis=-1).astype(jnp.int32)
+    def greedy():
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
-    return jax.lax.cond(temperature > 0, sampled,
-                        lambda: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32))
+    def scaled():
+        return logits_BxV / jnp.maximum(temperature, 1e-6)
+
+    def unrestricted():
+        return jax.random.categorical(key, scaled(), axis=-1).astype(jnp.int32)
+
+    def restricted():
+        scaled_BxV = scaled()
+        top_BxC, token_BxC = jax.lax.top_k(scaled_BxV, n_candidates)  # most likely first
+        in_top_k_C = jnp.arange(n_candidates) < k
+        # Their probabilities among the top k: over the candidates when k <= C, over all V
+        # when k == V (C < k < V: not covered, sorted below).
+        log_total_Bx1 = jnp.where(
+            k <= n_candidates,
+            jax.nn.logsumexp(jnp.where(in_top_k_C, top_BxC, -jnp.inf), axis=-1, keepdims=True),
+            jax.nn.logsumexp(scaled_BxV, axis=-1, keepdims=True))
+        probs_BxC = jnp.where(in_top_k_C, jnp.exp(top_BxC - log_total_Bx1), 0.0)
+        n_keep_Bx1 = _nucleus_size(probs_BxC, k, top_p)
+
+        def among_candidates():
+            kept_BxC = jnp.where(jnp.arange(n_candidates) < n_keep_Bx1, top_BxC, -jnp.inf)
+            choice_Bx1 = jax.random.categorical(key, kept_BxC, axis=-1)[:, None]
+            return jnp.take_along_axis(token_BxC, choice_Bx1, axis=-1)[:, 0].astype(jnp.int32)
+
+        def by_sorting():
+            sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
+            probs_BxV = jax.nn.softmax(
+                jnp.where(jnp.arange(vocab) < k, sorted_BxV, -jnp.inf), axis=-1)
+            threshold_Bx1 = jnp.take_along_axis(
+                sorted_BxV, _nucleus_size(probs_BxV, k, top_p) - 1, axis=-1)
+            kept_BxV = jnp.where(scaled_BxV >= threshold_Bx1, scaled_BxV, -jnp.inf)
+            return jax.random.categorical(key, kept_BxV, axis=-1).astype(jnp.int32)
+
+        return jax.lax.cond(candidates_cover(probs_BxC, k, vocab, top_p), among_candidates,
+                            by_sorting)
+
+    return jax.lax.cond(
+        temperature > 0,
+        lambda: jax.lax.cond((k == vocab) & (top_p >= 1), unrestricted, restricted), greedy)
+
+
+def _nucleus_size(probs_BxN, k, top_p) -> jax.Array:
+    """[B, 1]: how many of the most likely tokens (probabilities in descending order) the
+    nucleus keeps: up to the first whose preceding mass reaches top_p, at most k (all k at
+    top_p 1, which the rounded sum of k probabilities may already reach)."""
+    mass_before_BxN = jnp.cumsum(probs_BxN, axis=-1) - probs_BxN
+    nucleus_Bx1 = jnp.sum(mass_before_BxN < top_p, axis=-1, keepdims=True)
+    return jnp.where(top_p >= 1, k, jnp.minimum(nucleus_Bx1, k))
+
+
+def candidates_cover(probs_BxC, k, vocab: int, top_p) -> jax.Array:
+    """Whether the candidates hold every token sampling may draw, in every row: the top k
+    (k <= C), or a nucleus over the whole vocabulary (k == V) that their probability reaches."""
+    n_candidates = probs_BxC.shape[-1]
+    return (k <= n_candidates) | ((k == vocab) & jnp.all(jnp.sum(probs_BxC, axis=-1) >= top_p))
 
 
 @dataclasses.dataclass(frozen=True)

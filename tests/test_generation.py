@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import subprocess
 import sys
@@ -121,6 +122,49 @@ def test_top_k_and_top_p_restrict_the_support():
     # Unrestricted sampling follows the probabilities.
     freq = np.bincount(draws(temperature=1.0, top_k=0, top_p=1.0), minlength=4) / 4000
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def reference_support(logits_V, temperature, top_k, top_p):
+    """The tokens sampling may draw and their probabilities, by sorting the whole vocabulary."""
+    scaled_V = np.asarray(logits_V, np.float64) / temperature
+    order_V = np.argsort(-scaled_V, kind="stable")
+    k = len(order_V) if top_k == 0 else min(top_k, len(order_V))
+    probs_K = np.exp(scaled_V[order_V[:k]] - scaled_V[order_V[0]])
+    probs_K /= probs_K.sum()
+    keep = k if top_p >= 1 else int(np.sum(np.cumsum(probs_K) - probs_K < top_p))
+    kept_V = np.zeros(len(order_V))
+    kept_V[order_V[:keep]] = probs_K[:keep] / probs_K[:keep].sum()
+    return kept_V
+
+
+# (temperature, top_k, top_p) over 64 tokens with probabilities 0.2 * 0.8^rank, of which
+# sample_logits looks at 8 candidates (mass 0.83): the top k within them, a nucleus they
+# cover, one they do not (sorted), a top k past them (sorted), no limit, and a temperature.
+SAMPLING_CASES = [(1.0, 5, 1.0), (1.0, 0, 0.5), (1.0, 0, 0.97), (1.0, 20, 0.9),
+                  (1.0, 0, 1.0), (0.5, 0, 0.9)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING_CASES)
+def test_sampling_draws_the_top_k_and_nucleus_with_their_probabilities(temperature, top_k,
+                                                                       top_p):
+    rank_V = np.random.default_rng(0).permutation(64)
+    logits_V = np.log(0.2) + rank_V * np.log(0.8)
+    draws = np.asarray(jax.jit(functools.partial(generation.sample_logits, candidates=8))(
+        jnp.asarray(np.tile(logits_V, (6000, 1)), jnp.float32), jax.random.key(1),
+        np.float32(temperature), np.int32(top_k), np.float32(top_p)))
+    expected_V = reference_support(logits_V, temperature, top_k, top_p)
+    assert set(draws) <= set(np.flatnonzero(expected_V))  # nothing outside the support
+    assert set(draws) >= set(np.flatnonzero(expected_V > 0.002))  # ~12+ draws each
+    np.testing.assert_allclose(np.bincount(draws, minlength=64) / len(draws), expected_V,
+                               atol=0.02)
+
+
+def test_sampling_sorts_only_what_its_candidates_cannot_hold():
+    probs_BxC = jnp.array([[0.5, 0.2, 0.1], [0.4, 0.3, 0.2]])  # masses 0.8 and 0.9
+    cover = functools.partial(generation.candidates_cover, probs_BxC, vocab=100)
+    assert cover(k=3, top_p=1.0) and cover(k=2, top_p=0.99)  # the top k: always
+    assert cover(k=100, top_p=0.8) and not cover(k=100, top_p=0.85)  # every row's nucleus
+    assert not cover(k=4, top_p=0.5)  # a top k past the candidates
 
 
 def test_stop_token_ends_generation(model, full_forward):
