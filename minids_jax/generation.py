@@ -129,9 +129,9 @@ class Sampling:
         return (np.float32(self.temperature), np.int32(self.top_k), np.float32(self.top_p))
 
 
-def _prefill(graphdef, moe_dispatch, state, tokens_BxL, length, key, n, sampling):
+def _prefill(graphdef, treedef, moe_dispatch, leaves, tokens_BxL, length, key, n, sampling):
     """Samples token n after tokens[:length]; returns it, its logits and the caches."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     hidden_BxLxD, _, cache = model.hidden(tokens_BxL, cache=model.init_cache(tokens_BxL.shape[0]),
                                           moe_dispatch=moe_dispatch)
     last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxLxD, length - 1, axis=1, keepdims=False)
@@ -141,25 +141,31 @@ def _prefill(graphdef, moe_dispatch, state, tokens_BxL, length, key, n, sampling
     return sample_logits(logits_BxV, jax.random.fold_in(key, n), *sampling), logits_BxV, cache
 
 
-def _step(graphdef, moe_dispatch, state, cache, token_B, key, n, sampling):
+def _step(graphdef, treedef, moe_dispatch, leaves, cache, token_B, key, n, sampling):
     """Puts the token at the cache's next slot and samples token n after it."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     logits_Bx1xV, _, cache = model(token_B[:, None], cache=cache, moe_dispatch=moe_dispatch)
     logits_BxV = logits_Bx1xV[:, 0]
     return sample_logits(logits_BxV, jax.random.fold_in(key, n), *sampling), logits_BxV, cache
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef, moe_dispatch: str):
+def _compiled(graphdef, treedef, moe_dispatch: str):
     """One pair of jitted functions per model structure, shared by its Generators (the
     structure is hashed once here rather than on every token)."""
-    return (jax.jit(functools.partial(_prefill, graphdef, moe_dispatch)),
-            jax.jit(functools.partial(_step, graphdef, moe_dispatch), donate_argnums=1))
+    return (jax.jit(functools.partial(_prefill, graphdef, treedef, moe_dispatch)),
+            jax.jit(functools.partial(_step, graphdef, treedef, moe_dispatch),
+                    donate_argnums=1))
 
 
 class Generator:
     """Streams tokens from one model. Prompt length, position and sampling settings never
-    cause a recompile; models of the same structure share the compiled functions."""
+    cause a recompile; models of the same structure share the compiled functions.
+
+    Each token is one call of a jitted step. Its arguments are the model's arrays as a flat
+    list (an nnx.State is flattened in Python on every call: at 61 layers that took longer than
+    the step itself), and the next step is dispatched before this one's token is read back,
+    so that the host's work on a call overlaps the device's on the one before."""
 
     def __init__(self, model: MiniDeepSeek, moe_dispatch: str | None = None):
         """`moe_dispatch`: the MoE's dispatch while decoding; by default the model's own if it
@@ -169,8 +175,9 @@ class Generator:
             own = model.compute.moe_dispatch
             moe_dispatch = own if own != "capacity" else kernels.exact_dispatch(
                 sharding.mesh_platform())
-        self.graphdef, self.state = nnx.split(model)
-        self.prefill_fn, self.step_fn = _compiled(self.graphdef, moe_dispatch)
+        graphdef, state = nnx.split(model)
+        self.leaves, treedef = jax.tree.flatten(state)
+        self.prefill_fn, self.step_fn = _compiled(graphdef, treedef, moe_dispatch)
 
     def check_prompt(self, prompt_BxP: np.ndarray) -> np.ndarray:
         prompt_BxP = np.asarray(prompt_BxP, dtype=np.int32)
@@ -194,8 +201,8 @@ class Generator:
     def _prefill_window(self, window_BxT: np.ndarray, key, n: int, sampling):
         padded_BxL = np.zeros((window_BxT.shape[0], self.cfg.max_seq_len), np.int32)
         padded_BxL[:, :window_BxT.shape[1]] = window_BxT
-        return self.prefill_fn(self.state, padded_BxL, np.int32(window_BxT.shape[1]), key,
-                             np.int32(n), sampling)
+        return self.prefill_fn(self.leaves, padded_BxL, np.int32(window_BxT.shape[1]), key,
+                               np.int32(n), sampling)
 
     def stream(self, prompt_BxP, max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0, stop_token: int | None = None,
@@ -211,15 +218,16 @@ class Generator:
         prompt_BxP = self.check_prompt(prompt_BxP)
         context, keep = self.cfg.max_seq_len, self.cfg.max_seq_len // 2
         key, params = jax.random.key(seed), sampling.arrays()
-        window_BxT = prompt_BxP
+        window_BxT = prompt_BxP  # the text so far, on the host (the cache: all but the newest)
         stopped_B = np.zeros(prompt_BxP.shape[0], bool)
+        made = self._prefill_window(window_BxT, key, 0, params) if max_new_tokens else None
         for n in range(max_new_tokens):
-            if n == 0 or window_BxT.shape[1] > context:
-                window_BxT = window_BxT[:, -keep:] if n else window_BxT
-                token_B, logits_BxV, cache = self._prefill_window(window_BxT, key, n, params)
-            else:  # the newest token goes to slot T - 1 of the window
-                token_B, logits_BxV, cache = self.step_fn(self.state, cache, window_BxT[:, -1],
-                                                        key, np.int32(n), params)
+            token_B, logits_BxV, cache = made
+            # Token n goes to the cache's next slot, unless the window then outgrows the
+            # context: that prefill needs the window on the host.
+            steps_on = n + 1 < max_new_tokens and window_BxT.shape[1] + 1 <= context
+            if steps_on:  # before token n is read back; a row that stopped decodes on unseen
+                made = self.step_fn(self.leaves, cache, token_B, key, np.int32(n + 1), params)
             token_B = np.asarray(token_B)
             if stop_token is not None:  # what a row draws after its stop is not its text
                 token_B = np.where(stopped_B, pad_token, token_B).astype(np.int32)
@@ -229,6 +237,9 @@ class Generator:
                 stopped_B |= token_B == stop_token
                 if stopped_B.all():
                     return
+            if not steps_on and n + 1 < max_new_tokens:
+                window_BxT = window_BxT[:, -keep:]
+                made = self._prefill_window(window_BxT, key, n + 1, params)
 
 
 def prompt_tokens(tokenizer, text: str = "", instruction: str | None = None,

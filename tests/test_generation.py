@@ -96,6 +96,26 @@ def test_decode_step_does_not_recompile_across_positions(generator):
     assert (generator.step_fn._cache_size(), generator.prefill_fn._cache_size()) == compiled == (1, 1)
 
 
+def test_next_step_is_dispatched_before_a_token_is_read_back(model):
+    """When token n reaches the caller, token n + 1's step is already under way (the host's
+    work on a call overlaps the device's), taking the model's arrays as a flat list; a window
+    that outgrows the context prefills instead, after token n is read."""
+    generator, calls = generation.Generator(model), []
+    step_fn = generator.step_fn
+
+    def counted(leaves, *args):
+        assert isinstance(leaves, list) and all(isinstance(x, jax.Array) for x in leaves)
+        calls.append(len(leaves))
+        return step_fn(leaves, *args)
+
+    generator.step_fn = counted
+    prompt, n = np.array([[1, 2, 3]]), CONTEXT + 2  # rolls over once, at token 13
+    steps_before = [len(calls) for _ in generator.stream(prompt, n, GREEDY)]
+    rolled_over = CONTEXT - prompt.shape[1]  # the window then holds CONTEXT + 1 tokens
+    expected = [i + 1 if i < rolled_over else i for i in range(n - 1)] + [n - 2]
+    assert steps_before == expected
+
+
 def test_sampling_is_reproducible_with_a_seed(generator):
     prompt = np.array([[1, 2, 3], [4, 5, 6]])
     sampling = generation.Sampling(temperature=1.0, top_k=0, top_p=1.0)
