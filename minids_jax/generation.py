@@ -221,13 +221,17 @@ class Generator:
         window_BxT = prompt_BxP  # the text so far, on the host (the cache: all but the newest)
         stopped_B = np.zeros(prompt_BxP.shape[0], bool)
         made = self._prefill_window(window_BxT, key, 0, params) if max_new_tokens else None
+        prefilled = True
         for n in range(max_new_tokens):
             token_B, logits_BxV, cache = made
             # Token n goes to the cache's next slot, unless the window then outgrows the
             # context: that prefill needs the window on the host.
             steps_on = n + 1 < max_new_tokens and window_BxT.shape[1] + 1 <= context
             if steps_on:  # before token n is read back; a row that stopped decodes on unseen
+                if prefilled:  # a step queued behind a prefill slows it (docs/generation.md)
+                    token_B.block_until_ready()
                 made = self.step_fn(self.leaves, cache, token_B, key, np.int32(n + 1), params)
+            prefilled = not steps_on
             token_B = np.asarray(token_B)
             if stop_token is not None:  # what a row draws after its stop is not its text
                 token_B = np.where(stopped_B, pad_token, token_B).astype(np.int32)
