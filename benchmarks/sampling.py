@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minids_jax import cli  # (imports no jax)
 
 _VOCAB = flags.DEFINE_integer("vocab", 129280, "Vocabulary size (DeepSeek-V3's by default).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Rows sampled together.")
@@ -44,8 +45,34 @@ def best_ms(fn, *args) -> float:
     return min(times) * 1e3
 
 
+def parsed_flags() -> tuple[list[int], list[tuple[str, tuple]]]:
+    """(batch sizes, [(setting, generation.Sampling(...).arrays())]); a malformed flag is a
+    ConfigError (one error line)."""
+    from minids_jax import generation
+    from minids_jax.config import ConfigError
+
+    try:
+        batches = [int(batch) for batch in _BATCHES.value]
+        if min(batches) < 1 or _VOCAB.value < 1:
+            raise ValueError("batches and --vocab must be positive")
+    except ValueError as error:
+        raise ConfigError(f"--batches={','.join(_BATCHES.value)} --vocab={_VOCAB.value}: "
+                          f"{error}.") from None
+    settings = []
+    for setting in _SETTINGS.value:
+        try:
+            temperature, top_k, top_p = setting.split("/")
+            sampling = generation.Sampling(float(temperature), int(top_k), float(top_p))
+        except ValueError as error:
+            raise ConfigError(f"--settings: {setting}: {str(error).rstrip('.')}. Give "
+                              f"temperature/top_k/top_p triples, such as 0.8/50/0.95.") from None
+        settings.append((setting, sampling.arrays()))
+    return batches, settings
+
+
 def main(argv):
     del argv
+    batches, settings = parsed_flags()
     import jax
     import numpy as np
 
@@ -57,13 +84,11 @@ def main(argv):
           f"{jax.devices()[0].platform}; candidates {generation.CANDIDATES} against sorting")
     print(f"{'batch':>5s} {'T/top_k/top_p':>14s} {'candidates ms':>14s} {'sorting ms':>11s} "
           f"{'speedup (rounds)':>20s}")
-    for batch in map(int, _BATCHES.value):
+    for batch in batches:
         logits_BxV = jax.numpy.asarray(np.random.default_rng(0).normal(
             0, _SPREAD.value, (batch, _VOCAB.value)).astype(np.float32))
-        for setting in _SETTINGS.value:
-            temperature, top_k, top_p = setting.split("/")
-            args = (logits_BxV, jax.random.key(0), np.float32(temperature), np.int32(top_k),
-                    np.float32(top_p))
+        for setting, sampling in settings:
+            args = (logits_BxV, jax.random.key(0), *sampling)
             ours, theirs = [], []
             for _ in range(_ROUNDS.value):
                 ours.append(best_ms(shipped, *args))
@@ -75,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
