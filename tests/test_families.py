@@ -53,8 +53,28 @@ def test_grouped_query_attention_is_attention_with_each_kv_head_repeated_for_its
     attend = nnx.jit(lambda layer, x, positions: layer(x, positions)[0])
     np.testing.assert_allclose(attend(grouped, x, positions), attend(full, x, positions),
                                rtol=1e-5, atol=1e-6)
-    # Its cache holds the key-value heads only.
-    assert grouped.init_cache(2, 16, jnp.float32).keys_values.k_BxSxHxDh.shape == (2, 16, 2, 12)
+    # Its cache holds the key-value heads only (heads-first for the fused kernels).
+    assert grouped.init_cache(2, 16, jnp.float32).keys_values.k_BxHxSxDh.shape == (2, 2, 16, 12)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "dot_product_attention"])
+def test_grouped_query_attention_decodes_as_the_uncached_forward(kernel):
+    """A 6-token prefill, then 4 tokens one at a time, through the cache of a grouped layer
+    (heads-first for the fused kernels, as projected for XLA's) give the outputs of the
+    uncached forward over all 10 tokens."""
+    cfg = small_model_config(**GQA, qkv_bias=True)
+    layer = randomized(MHA(cfg, compute_config(attention_kernel=kernel), rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(2), (2, 10, cfg.d_model))
+    positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    expected = nnx.jit(lambda layer, x, positions: layer(x, positions)[0])(layer, x, positions)
+    cached = nnx.jit(lambda layer, x, positions, cache: layer(x, positions, cache))
+    got, cache = cached(layer, x[:, :6], positions[:, :6], layer.init_cache(2, 16, jnp.float32))
+    outputs = [got]
+    for t in range(6, 10):
+        got, cache = cached(layer, x[:, t:t + 1], positions[:, t:t + 1], cache)
+        outputs.append(got)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), expected, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_biases_are_added_where_the_config_asks():

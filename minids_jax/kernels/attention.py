@@ -67,6 +67,23 @@ def softmax_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
                                                                v_BxSxHxDh)), mask_BxQxS))
 
 
+def grouped_attention(q_BxQxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxQxS):
+    """`softmax_attention` of H query heads over keys and values kept heads-first (a decode
+    cache), K key-value heads each shared by G = H / K query heads (grouped-query attention):
+    each key-value head's G query heads become G x Q rows of queries, so neither the cache
+    nor any of its heads is copied (repeating the heads, or swapping a [B, S, K, Dh] cache
+    heads-first, copies all of it at every decode step: docs/performance.md)."""
+    batch, queries, heads, head_dim = q_BxQxHxDh.shape
+    kv_heads = k_BxKxSxDh.shape[1]
+    group = heads // kv_heads
+    q_BxKxGQxDh = q_BxQxHxDh.reshape(batch, queries, kv_heads, group, head_dim).transpose(
+        0, 2, 3, 1, 4).reshape(batch, kv_heads, group * queries, head_dim)
+    out_BxKxGQxDh = _softmax_attention(q_BxKxGQxDh, k_BxKxSxDh, v_BxKxSxDh,
+                                       jnp.tile(mask_BxQxS, (1, group, 1)))
+    return out_BxKxGQxDh.reshape(batch, kv_heads, group, queries, -1).transpose(
+        0, 3, 1, 2, 4).reshape(batch, queries, heads, -1)
+
+
 @jax.custom_vjp
 def _softmax_attention(q_BxHxQxDh, k_BxHxSxDh, v_BxHxSxDh, mask_BxQxS):
     return _attention_forward(q_BxHxQxDh, k_BxHxSxDh, v_BxHxSxDh, mask_BxQxS)[0]

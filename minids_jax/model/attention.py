@@ -92,6 +92,33 @@ class KeysValues(NamedTuple):
                                                                slot, axis=1)
                             for old, fresh in zip(self, new)))
 
+    @property
+    def slots(self) -> int:
+        return self.k_BxSxHxDh.shape[1]
+
+
+class HeadsFirstKeysValues(NamedTuple):
+    """A decode cache's keys and values as the fused kernels read them, [B, KV, S, Dh]: a
+    step's products then take the cache as it is, where [B, S, KV, Dh] would be copied
+    heads-first at every step (kernels/attention.py's grouped_attention)."""
+    k_BxHxSxDh: jax.Array
+    v_BxHxSxDh: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, slots: int, cfg: ModelConfig, dtype) -> HeadsFirstKeysValues:
+        zeros = jnp.zeros((batch, cfg.n_kv_heads, slots, cfg.head_dim), dtype)
+        return cls(zeros, zeros)
+
+    def put(self, new: KeysValues, slot) -> HeadsFirstKeysValues:
+        """The cache with `new`'s sources ([B, T, KV, Dh]) written from `slot` on."""
+        return HeadsFirstKeysValues(*(jax.lax.dynamic_update_slice_in_dim(
+            old, jnp.swapaxes(fresh, 1, 2).astype(old.dtype), slot, axis=2)
+            for old, fresh in zip(self, new)))
+
+    @property
+    def slots(self) -> int:
+        return self.k_BxHxSxDh.shape[2]
+
 
 def up_to(last_slot, slots: int, batch: int, queries: int = 1) -> jax.Array:
     """Mask [B, Q, slots]: query q may see slots 0..last_slot + q."""
@@ -126,12 +153,18 @@ class AttentionProjections(nnx.Module):
         k_BxSxHxDh = self.rope(self.heads(self.k(sources_BxSxD)), source_pos_BxS)
         return KeysValues(k_BxSxHxDh, self.heads(self.v(sources_BxSxD)))
 
-    def attend(self, queries_BxQxD, query_pos_BxQ, keys_values: KeysValues, *,
+    def attend(self, queries_BxQxD, query_pos_BxQ,
+               keys_values: KeysValues | HeadsFirstKeysValues, *,
                mask_BxQxS: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
-        """RoPE'd multi-head attention of the queries over projected keys and values."""
+        """RoPE'd multi-head attention of the queries over projected keys and values (a cache
+        kept heads-first takes a mask, not is_causal)."""
         q_BxQxHxDh = self.rope(self.heads(self.q(queries_BxQxD)), query_pos_BxQ)
         if self.query_scale != 1.0:  # YaRN's softmax correction
             q_BxQxHxDh = q_BxQxHxDh * self.query_scale
+        if isinstance(keys_values, HeadsFirstKeysValues):
+            attended_BxQxHxDh = attention_kernels.grouped_attention(q_BxQxHxDh, *keys_values,
+                                                                    mask_BxQxS)
+            return self.out(attended_BxQxHxDh.reshape(*queries_BxQxD.shape[:2], -1))
         group = self.cfg.n_heads // self.cfg.n_kv_heads
         k_BxSxHxDh, v_BxSxHxDh = (jnp.repeat(a, group, axis=2) if group > 1 else a
                                   for a in keys_values)
@@ -142,7 +175,7 @@ class AttentionProjections(nnx.Module):
 
 
 class MHACache(NamedTuple):
-    keys_values: KeysValues  # every slot so far
+    keys_values: KeysValues | HeadsFirstKeysValues  # every slot so far (heads-first: fused)
     index: jax.Array  # int32: slots filled
 
 
@@ -153,7 +186,9 @@ class MHA(nnx.Module):
         self.attention = AttentionProjections(cfg, compute, rngs=rngs)
 
     def init_cache(self, batch: int, max_len: int, dtype) -> MHACache:
-        return MHACache(KeysValues.empty(batch, max_len, self.attention.cfg, dtype),
+        # Heads-first for the fused kernels, which read it so; XLA's and cuDNN's take it as is.
+        layout = HeadsFirstKeysValues if self.attention.kernel == "fused" else KeysValues
+        return MHACache(layout.empty(batch, max_len, self.attention.cfg, dtype),
                         jnp.zeros((), jnp.int32))
 
     def __call__(self, x_BxTxD, positions_BxT, cache: MHACache | None = None,
@@ -165,7 +200,7 @@ class MHA(nnx.Module):
                                          mask_BxQxS=within_documents(segments_BxT)), None
         keys_values = cache.keys_values.put(fresh, cache.index)
         batch, tokens = x_BxTxD.shape[:2]
-        mask_BxTxS = up_to(cache.index, keys_values.k_BxSxHxDh.shape[1], batch, tokens)
+        mask_BxTxS = up_to(cache.index, keys_values.slots, batch, tokens)
         out_BxTxD = self.attention.attend(x_BxTxD, positions_BxT, keys_values,
                                           mask_BxQxS=mask_BxTxS)
         return out_BxTxD, MHACache(keys_values, cache.index + tokens)
