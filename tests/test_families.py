@@ -12,7 +12,7 @@ from flax import nnx
 
 from minids_jax import generation
 from minids_jax.model import MiniDeepSeek, routing
-from minids_jax.model.attention import MHA
+from minids_jax.model.attention import HeadsFirstKeysValues, MHA
 from minids_jax.model.rotary import Rope
 from minids_jax.training import loss as loss_lib
 from tests.factories import compute_config, small_model_config
@@ -57,18 +57,22 @@ def test_grouped_query_attention_is_attention_with_each_kv_head_repeated_for_its
     assert grouped.init_cache(2, 16, jnp.float32).keys_values.k_BxHxSxDh.shape == (2, 2, 16, 12)
 
 
-@pytest.mark.parametrize("kernel", ["fused", "dot_product_attention"])
-def test_grouped_query_attention_decodes_as_the_uncached_forward(kernel):
+@pytest.mark.parametrize("kernel,batch", [("fused", 2), ("fused", 1),
+                                          ("dot_product_attention", 2)])
+def test_grouped_query_attention_decodes_as_the_uncached_forward(kernel, batch):
     """A 6-token prefill, then 4 tokens one at a time, through the cache of a grouped layer
-    (heads-first for the fused kernels, as projected for XLA's) give the outputs of the
-    uncached forward over all 10 tokens."""
+    (heads-first for the fused kernels from batch 2, as projected otherwise) give the outputs
+    of the uncached forward over all 10 tokens."""
     cfg = small_model_config(**GQA, qkv_bias=True)
     layer = randomized(MHA(cfg, compute_config(attention_kernel=kernel), rngs=nnx.Rngs(0)))
-    x = jax.random.normal(jax.random.key(2), (2, 10, cfg.d_model))
-    positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    x = jax.random.normal(jax.random.key(2), (batch, 10, cfg.d_model))
+    positions = jnp.broadcast_to(jnp.arange(10), (batch, 10))
     expected = nnx.jit(lambda layer, x, positions: layer(x, positions)[0])(layer, x, positions)
     cached = nnx.jit(lambda layer, x, positions, cache: layer(x, positions, cache))
-    got, cache = cached(layer, x[:, :6], positions[:, :6], layer.init_cache(2, 16, jnp.float32))
+    cache = layer.init_cache(batch, 16, jnp.float32)
+    heads_first = kernel == "fused" and batch > 1
+    assert isinstance(cache.keys_values, HeadsFirstKeysValues) == heads_first
+    got, cache = cached(layer, x[:, :6], positions[:, :6], cache)
     outputs = [got]
     for t in range(6, 10):
         got, cache = cached(layer, x[:, t:t + 1], positions[:, t:t + 1], cache)

@@ -187,7 +187,11 @@ class MHA(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype) -> MHACache:
         # Heads-first for the fused kernels, which read it so; XLA's and cuDNN's take it as is.
-        layout = HeadsFirstKeysValues if self.attention.kernel == "fused" else KeysValues
+        # At batch 1 XLA's CPU backend would write each step into a copy of a heads-first cache
+        # for the products (they drop the batch axis), which costs more than the heads-first
+        # copy of the other layout (docs/performance.md).
+        heads_first = self.attention.kernel == "fused" and batch > 1
+        layout = HeadsFirstKeysValues if heads_first else KeysValues
         return MHACache(layout.empty(batch, max_len, self.attention.cfg, dtype),
                         jnp.zeros((), jnp.int32))
 
