@@ -5,11 +5,11 @@ with `--vs_hf`, greedy decoding of one model here and in transformers, side by s
 
 One model per kind (every layer of that kind, the config's sizes otherwise), greedy decoding
 (or `--sampling T/top_k/top_p`) from a 16-token prompt through `generation.Generator`, as
-generate.py does. Tokens/s count the
-one-token steps after the first two (which compile); cache bytes are those of one sequence's
-cache at the compute dtype, per token of context and per layer. MHA keeps 2 x d_model numbers a
-token; MHLA keeps MHA's plus K latents' keys and values; MLA keeps kv_lora_rank +
-qk_rope_head_dim (its compressed latent and its shared RoPE key).
+generate.py does. Tokens/s count the one-token steps after the first two (which compile);
+cache bytes are those of one sequence's cache at the compute dtype, per token of context and
+per layer. MHA keeps 2 x d_model numbers a token; MHLA keeps MHA's plus K latents' keys and
+values; MLA keeps kv_lora_rank + qk_rope_head_dim (its compressed latent and its shared RoPE
+key).
 
     python benchmarks/decode.py --vs_hf --hf_python PYTHON_WITH_TORCH \
         [--config configs/v3_tiny.py] [--contexts 128,1024,4096] [--batches 1,8] \

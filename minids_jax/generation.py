@@ -163,9 +163,10 @@ class Generator:
     cause a recompile; models of the same structure share the compiled functions.
 
     Each token is one call of a jitted step. Its arguments are the model's arrays as a flat
-    list (an nnx.State is flattened in Python on every call: at 61 layers that took longer than
-    the step itself), and the next step is dispatched before this one's token is read back,
-    so that the host's work on a call overlaps the device's on the one before."""
+    list (an nnx.State would be flattened in Python on every call, which with many layers
+    costs as much as the step: docs/generation.md), and the next step is dispatched before
+    this one's token is read back, so that the host's work on a call overlaps the device's on
+    the one before."""
 
     def __init__(self, model: MiniDeepSeek, moe_dispatch: str | None = None):
         """`moe_dispatch`: the MoE's dispatch while decoding; by default the model's own if it
