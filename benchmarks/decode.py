@@ -69,19 +69,6 @@ _NEW_TOKENS = flags.DEFINE_list("new_tokens", ["32"], "--vs_hf: tokens to decode
                                 "one count, or one per context.")
 
 
-def parse_sampling(text: str):
-    """generation.Sampling of --sampling's temperature/top_k/top_p."""
-    from minids_jax import generation
-    from minids_jax.config import ConfigError
-
-    try:
-        temperature, top_k, top_p = text.split("/")
-        return generation.Sampling(float(temperature), int(top_k), float(top_p))
-    except ValueError as error:
-        raise ConfigError(f"--sampling={text}: {str(error).rstrip('.')}. Give "
-                          f"temperature/top_k/top_p, such as 0.8/50/0.95.") from None
-
-
 def compare_kinds(config, sampling):
     """Each attention kind's cache bytes per token and layer, and its decode tokens/s."""
     import jax
@@ -255,7 +242,9 @@ def main(argv):
     if _VS_HF.value:
         compare_with_hf(config)
     else:
-        compare_kinds(config, parse_sampling(_SAMPLING.value))
+        from minids_jax import generation
+
+        compare_kinds(config, generation.Sampling.parse(_SAMPLING.value, "--sampling"))
 
 
 if __name__ == "__main__":

@@ -58,16 +58,8 @@ def parsed_flags() -> tuple[list[int], list[tuple[str, tuple]]]:
     except ValueError as error:
         raise ConfigError(f"--batches={','.join(_BATCHES.value)} --vocab={_VOCAB.value}: "
                           f"{error}.") from None
-    settings = []
-    for setting in _SETTINGS.value:
-        try:
-            temperature, top_k, top_p = setting.split("/")
-            sampling = generation.Sampling(float(temperature), int(top_k), float(top_p))
-        except ValueError as error:
-            raise ConfigError(f"--settings: {setting}: {str(error).rstrip('.')}. Give "
-                              f"temperature/top_k/top_p triples, such as 0.8/50/0.95.") from None
-        settings.append((setting, sampling.arrays()))
-    return batches, settings
+    return batches, [(setting, generation.Sampling.parse(setting, "--settings").arrays())
+                     for setting in _SETTINGS.value]
 
 
 def main(argv):

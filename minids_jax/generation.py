@@ -66,10 +66,11 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p,
         in_top_k_C = jnp.arange(n_candidates) < k
         # Their probabilities among the top k: over the candidates when k <= C, over all V
         # when k == V (C < k < V: not covered, sorted below).
-        log_total_Bx1 = jnp.where(
+        log_total_Bx1 = jax.lax.cond(
             k <= n_candidates,
-            jax.nn.logsumexp(jnp.where(in_top_k_C, top_BxC, -jnp.inf), axis=-1, keepdims=True),
-            jax.nn.logsumexp(scaled_BxV, axis=-1, keepdims=True))
+            lambda: jax.nn.logsumexp(jnp.where(in_top_k_C, top_BxC, -jnp.inf), axis=-1,
+                                     keepdims=True),
+            lambda: jax.nn.logsumexp(scaled_BxV, axis=-1, keepdims=True))
         probs_BxC = jnp.where(in_top_k_C, jnp.exp(top_BxC - log_total_Bx1), 0.0)
         n_keep_Bx1 = _nucleus_size(probs_BxC, k, top_p)
 
@@ -127,6 +128,19 @@ class Sampling:
 
     def arrays(self):
         return (np.float32(self.temperature), np.int32(self.top_k), np.float32(self.top_p))
+
+    @classmethod
+    def parse(cls, text: str, flag: str) -> Sampling:
+        """The settings written temperature/top_k/top_p (0.8/50/0.95), as `flag` gives them;
+        a malformed text is a ConfigError that says so."""
+        from minids_jax.config import ConfigError
+
+        try:
+            temperature, top_k, top_p = text.split("/")
+            return cls(float(temperature), int(top_k), float(top_p))
+        except ValueError as error:
+            raise ConfigError(f"{flag}={text}: {str(error).rstrip('.')}. Give "
+                              f"temperature/top_k/top_p, such as 0.8/50/0.95.") from None
 
 
 def _prefill(graphdef, treedef, moe_dispatch, leaves, tokens_BxL, length, key, n, sampling):
@@ -200,10 +214,12 @@ class Generator:
         return prompt_BxP
 
     def _prefill_window(self, window_BxT: np.ndarray, key, n: int, sampling):
+        """The prefill's (token, logits, caches), once computed: a step queued behind a
+        prefill slows it (docs/generation.md)."""
         padded_BxL = np.zeros((window_BxT.shape[0], self.cfg.max_seq_len), np.int32)
         padded_BxL[:, :window_BxT.shape[1]] = window_BxT
-        return self.prefill_fn(self.leaves, padded_BxL, np.int32(window_BxT.shape[1]), key,
-                               np.int32(n), sampling)
+        return jax.block_until_ready(self.prefill_fn(
+            self.leaves, padded_BxL, np.int32(window_BxT.shape[1]), key, np.int32(n), sampling))
 
     def stream(self, prompt_BxP, max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0, stop_token: int | None = None,
@@ -222,17 +238,13 @@ class Generator:
         window_BxT = prompt_BxP  # the text so far, on the host (the cache: all but the newest)
         stopped_B = np.zeros(prompt_BxP.shape[0], bool)
         made = self._prefill_window(window_BxT, key, 0, params) if max_new_tokens else None
-        prefilled = True
         for n in range(max_new_tokens):
             token_B, logits_BxV, cache = made
             # Token n goes to the cache's next slot, unless the window then outgrows the
             # context: that prefill needs the window on the host.
             steps_on = n + 1 < max_new_tokens and window_BxT.shape[1] + 1 <= context
             if steps_on:  # before token n is read back; a row that stopped decodes on unseen
-                if prefilled:  # a step queued behind a prefill slows it (docs/generation.md)
-                    token_B.block_until_ready()
                 made = self.step_fn(self.leaves, cache, token_B, key, np.int32(n + 1), params)
-            prefilled = not steps_on
             token_B = np.asarray(token_B)
             if stop_token is not None:  # what a row draws after its stop is not its text
                 token_B = np.where(stopped_B, pad_token, token_B).astype(np.int32)
