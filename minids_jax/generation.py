@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from minids_jax import kernels, sharding
+from minids_jax.config import ConfigError
 from minids_jax.data import chat
 from minids_jax.data.instructions import format_prompt
 from minids_jax.model import MiniDeepSeek
@@ -133,8 +134,6 @@ class Sampling:
     def parse(cls, text: str, flag: str) -> Sampling:
         """The settings written temperature/top_k/top_p (0.8/50/0.95), as `flag` gives them;
         a malformed text is a ConfigError that says so."""
-        from minids_jax.config import ConfigError
-
         try:
             temperature, top_k, top_p = text.split("/")
             return cls(float(temperature), int(top_k), float(top_p))
