@@ -5,7 +5,8 @@ with `--vs_hf`, greedy decoding of one model here and in transformers, side by s
 
 One model per kind (every layer of that kind, the config's sizes otherwise), greedy decoding
 (or `--sampling T/top_k/top_p`) from a 16-token prompt through `generation.Generator`, as
-generate.py does. Tokens/s count the one-token steps after the first two (which compile);
+generate.py does. Tokens/s count the one-token steps after the first two (which compile), the
+median of `--streams` decodes of the prompt (this machine's noise is mostly between them);
 cache bytes are those of one sequence's cache at the compute dtype, per token of context and
 per layer. MHA keeps 2 x d_model numbers a token; MHLA keeps MHA's plus K latents' keys and
 values; MLA keeps kv_lora_rank + qk_rope_head_dim (its compressed latent and its shared RoPE
@@ -55,6 +56,8 @@ _DEFAULT_CONFIG = ("configs/v3_tiny.py" if any(arg in ("--vs_hf", "--vs_hf=true"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.")
 _TOKENS = flags.DEFINE_integer("tokens", 96, "Tokens to decode per kind.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
+_STREAMS = flags.DEFINE_integer("streams", 1, "Decodes of the prompt per kind; tokens/s is "
+                                "their median.", lower_bound=1)
 _KINDS = flags.DEFINE_list("kinds", ["mha", "mhla", "mla"], "Attention kinds to compare.")
 _SAMPLING = flags.DEFINE_string("sampling", "0/0/1", "temperature/top_k/top_p of the kinds' "
                                 "decoding (0/0/1: greedy; generate.py's default: 0.8/50/0.95).")
@@ -88,10 +91,12 @@ def compare_kinds(config, sampling):
         model = MiniDeepSeek(cfg, kernels.resolve(config.compute, sharding.mesh_platform()),
                              rngs=nnx.Rngs(0))
         per_token = cache_bytes(model, 1) / cfg.max_seq_len / cfg.n_layers
-        times = []
-        for _ in generation.Generator(model).stream(prompt, _TOKENS.value, sampling):
-            times.append(time.perf_counter())
-        rate = (len(times) - 2) * _BATCH.value / (times[-1] - times[1])
+        generator, rates = generation.Generator(model), []
+        for _ in range(_STREAMS.value):
+            times = [time.perf_counter()
+                     for _ in generator.stream(prompt, _TOKENS.value, sampling)]
+            rates.append((len(times) - 2) * _BATCH.value / (times[-1] - times[1]))
+        rate = float(np.median(rates))
         print(f"{kind:6s} {count_params(model):12,d} {per_token:20,.0f} {rate:10,.1f}",
               flush=True)
 

@@ -54,15 +54,15 @@ def test_grouped_query_attention_is_attention_with_each_kv_head_repeated_for_its
     np.testing.assert_allclose(attend(grouped, x, positions), attend(full, x, positions),
                                rtol=1e-5, atol=1e-6)
     # Its cache holds the key-value heads only (heads-first for the fused kernels).
-    assert grouped.init_cache(2, 16, jnp.float32).keys_values.k_BxHxSxDh.shape == (2, 2, 16, 12)
+    assert grouped.init_cache(2, 16, jnp.float32).keys_values.k_BHxSxDh.shape == (4, 16, 12)
 
 
 @pytest.mark.parametrize("kernel,batch", [("fused", 2), ("fused", 1),
                                           ("dot_product_attention", 2)])
 def test_grouped_query_attention_decodes_as_the_uncached_forward(kernel, batch):
     """A 6-token prefill, then 4 tokens one at a time, through the cache of a grouped layer
-    (heads-first for the fused kernels from batch 2, as projected otherwise) give the outputs
-    of the uncached forward over all 10 tokens."""
+    (heads-first for the fused kernels, as projected otherwise) give the outputs of the
+    uncached forward over all 10 tokens."""
     cfg = small_model_config(**GQA, qkv_bias=True)
     layer = randomized(MHA(cfg, compute_config(attention_kernel=kernel), rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(2), (batch, 10, cfg.d_model))
@@ -70,8 +70,7 @@ def test_grouped_query_attention_decodes_as_the_uncached_forward(kernel, batch):
     expected = nnx.jit(lambda layer, x, positions: layer(x, positions)[0])(layer, x, positions)
     cached = nnx.jit(lambda layer, x, positions, cache: layer(x, positions, cache))
     cache = layer.init_cache(batch, 16, jnp.float32)
-    heads_first = kernel == "fused" and batch > 1
-    assert isinstance(cache.keys_values, HeadsFirstKeysValues) == heads_first
+    assert isinstance(cache.keys_values, HeadsFirstKeysValues) == (kernel == "fused")
     got, cache = cached(layer, x[:, :6], positions[:, :6], cache)
     outputs = [got]
     for t in range(6, 10):

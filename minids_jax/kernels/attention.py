@@ -6,7 +6,9 @@ elementwise pass. `causal_attention` splits the queries into blocks, so keys abo
 diagonal are never scored. Both work heads-first ([B, H, L, Dh]), so no einsum needs a
 transposed copy. Query rows that may attend to nothing get exactly zero.
 
-Shapes: B batch, Q queries, S sources (keys), H heads, Dh head width, L length.
+Shapes: B batch, Q queries, S sources (keys), H heads, Dh head width, L length; in
+`grouped_attention`, K key-value heads, G query heads per key-value head, BK batch and
+key-value heads flattened.
 """
 
 from __future__ import annotations
@@ -67,21 +69,23 @@ def softmax_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, mask_BxQxS):
                                                                v_BxSxHxDh)), mask_BxQxS))
 
 
-def grouped_attention(q_BxQxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask_BxQxS):
+def grouped_attention(q_BxQxHxDh, k_BKxSxDh, v_BKxSxDh, mask_BxQxS):
     """`softmax_attention` of H query heads over keys and values kept heads-first (a decode
-    cache), K key-value heads each shared by G = H / K query heads (grouped-query attention):
-    each key-value head's G query heads become G x Q rows of queries, so neither the cache
-    nor any of its heads is copied (repeating the heads, or swapping a [B, S, K, Dh] cache
-    heads-first, copies all of it at every decode step: docs/performance.md)."""
+    cache: [B x K, S, Dh], each sequence's K key-value heads flattened), each key-value head
+    shared by G = H / K query heads (grouped-query attention): its G query heads become G x Q
+    rows of queries, so neither the cache nor any of its heads is copied (repeating the heads,
+    or swapping a [B, S, K, Dh] cache heads-first, copies all of it at every decode step:
+    docs/performance.md)."""
     batch, queries, heads, head_dim = q_BxQxHxDh.shape
-    kv_heads = k_BxKxSxDh.shape[1]
+    kv_heads = k_BKxSxDh.shape[0] // batch
     group = heads // kv_heads
-    q_BxKxGQxDh = q_BxQxHxDh.reshape(batch, queries, kv_heads, group, head_dim).transpose(
-        0, 2, 3, 1, 4).reshape(batch, kv_heads, group * queries, head_dim)
-    out_BxKxGQxDh = _softmax_attention(q_BxKxGQxDh, k_BxKxSxDh, v_BxKxSxDh,
-                                       jnp.tile(mask_BxQxS, (1, group, 1)))
-    return out_BxKxGQxDh.reshape(batch, kv_heads, group, queries, -1).transpose(
-        0, 3, 1, 2, 4).reshape(batch, queries, heads, -1)
+    q_BKx1xGQxDh = q_BxQxHxDh.reshape(batch, queries, kv_heads, group, head_dim).transpose(
+        0, 2, 3, 1, 4).reshape(batch * kv_heads, 1, group * queries, head_dim)
+    mask_BKxGQxS = jnp.repeat(jnp.tile(mask_BxQxS, (1, group, 1)), kv_heads, axis=0)
+    out_BKx1xGQxDh = _softmax_attention(q_BKx1xGQxDh, k_BKxSxDh[:, None], v_BKxSxDh[:, None],
+                                        mask_BKxGQxS)
+    return out_BKx1xGQxDh.reshape(batch, kv_heads, group, queries, head_dim).transpose(
+        0, 3, 1, 2, 4).reshape(batch, queries, heads, head_dim)
 
 
 @jax.custom_vjp

@@ -7,8 +7,9 @@ slots `cache.index ..` of a sequence being decoded, and the updated cache comes 
 call over a prompt from slot 0 (prefill), then one token at a time, gives the outputs of the
 uncached forward (tests/test_generation.py).
 
-Shapes: B batch, L length, T tokens of this call, S cache slots, D model width, H heads,
-Dh head width, K latents.
+Shapes: B batch, L length, T tokens of this call, S cache slots, D model width, H heads
+(key-value heads in a cache), BH a cache's batch and heads flattened, Dh head width,
+K latents.
 """
 
 from __future__ import annotations
@@ -98,26 +99,31 @@ class KeysValues(NamedTuple):
 
 
 class HeadsFirstKeysValues(NamedTuple):
-    """A decode cache's keys and values as the fused kernels read them, [B, KV, S, Dh]: a
-    step's products then take the cache as it is, where [B, S, KV, Dh] would be copied
-    heads-first at every step (kernels/attention.py's grouped_attention)."""
-    k_BxHxSxDh: jax.Array
-    v_BxHxSxDh: jax.Array
+    """A decode cache's keys and values as the fused kernels read them, [B x KV, S, Dh] (BH:
+    each sequence's key-value heads, flattened): a step's products take the cache as it is.
+    Kept [B, S, KV, Dh], it would be copied heads-first at every step; kept [B, KV, S, Dh],
+    XLA's CPU backend copied it at batch 1, whose axis its dots drop (docs/performance.md)."""
+    k_BHxSxDh: jax.Array
+    v_BHxSxDh: jax.Array
 
     @classmethod
     def empty(cls, batch: int, slots: int, cfg: ModelConfig, dtype) -> HeadsFirstKeysValues:
-        zeros = jnp.zeros((batch, cfg.n_kv_heads, slots, cfg.head_dim), dtype)
+        zeros = jnp.zeros((batch * cfg.n_kv_heads, slots, cfg.head_dim), dtype)
         return cls(zeros, zeros)
 
     def put(self, new: KeysValues, slot) -> HeadsFirstKeysValues:
         """The cache with `new`'s sources ([B, T, KV, Dh]) written from `slot` on."""
+        def heads_first(a_BxTxHxDh):
+            return jnp.swapaxes(a_BxTxHxDh, 1, 2).reshape(-1, *a_BxTxHxDh.shape[1:2],
+                                                          a_BxTxHxDh.shape[3])
+
         return HeadsFirstKeysValues(*(jax.lax.dynamic_update_slice_in_dim(
-            old, jnp.swapaxes(fresh, 1, 2).astype(old.dtype), slot, axis=2)
+            old, heads_first(fresh).astype(old.dtype), slot, axis=1)
             for old, fresh in zip(self, new)))
 
     @property
     def slots(self) -> int:
-        return self.k_BxHxSxDh.shape[2]
+        return self.k_BHxSxDh.shape[1]
 
 
 def up_to(last_slot, slots: int, batch: int, queries: int = 1) -> jax.Array:
@@ -187,10 +193,7 @@ class MHA(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype) -> MHACache:
         # Heads-first for the fused kernels, which read it so; XLA's and cuDNN's take it as is.
-        # At batch 1 XLA's CPU backend would write each step into a copy of a heads-first cache
-        # for the products (they drop the batch axis), which costs more than the heads-first
-        # copy of the other layout (docs/performance.md).
-        heads_first = self.attention.kernel == "fused" and batch > 1
+        heads_first = self.attention.kernel == "fused"
         layout = HeadsFirstKeysValues if heads_first else KeysValues
         return MHACache(layout.empty(batch, max_len, self.attention.cfg, dtype),
                         jnp.zeros((), jnp.int32))
