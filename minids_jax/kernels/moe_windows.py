@@ -90,6 +90,49 @@ def window_layout(expert_A: jax.Array, n_experts: int, sizes: tuple[int, ...]) -
                         tuple(windows_used))
 
 
+# Moving rows between tokens and windows: each way is a gather, and so is its transpose. Every
+# assignment has one row and every row at most one assignment, so autodiff's scatter-adds
+# (slow on XLA's CPU backend) are gathers through the other index map.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def rows_of_tokens(x_TxD, assignment_R, row_A, top_k: int):
+    """[R, D]: each row's token (assignment // top_k); zeros in padding rows (assignment A)."""
+    return x_TxD.at[assignment_R // top_k].get(mode="fill", fill_value=0)
+
+
+def _rows_of_tokens_fwd(x_TxD, assignment_R, row_A, top_k):
+    return rows_of_tokens(x_TxD, assignment_R, row_A, top_k), (assignment_R, row_A)
+
+
+def _rows_of_tokens_bwd(top_k, residuals, dx_RxD):
+    assignment_R, row_A = residuals
+    # A token's gradient: the sum over its top_k assignments' rows, in assignment order.
+    dx_TxKxD = dx_RxD[row_A].reshape(-1, top_k, dx_RxD.shape[-1])
+    return jnp.sum(dx_TxKxD, axis=1), None, None
+
+
+rows_of_tokens.defvjp(_rows_of_tokens_fwd, _rows_of_tokens_bwd)
+
+
+@jax.custom_vjp
+def assignments_of_rows(y_RxD, assignment_R, row_A):
+    """[A, D]: each assignment's row."""
+    return y_RxD[row_A]
+
+
+def _assignments_of_rows_fwd(y_RxD, assignment_R, row_A):
+    return y_RxD[row_A], (assignment_R, row_A)
+
+
+def _assignments_of_rows_bwd(residuals, dy_AxD):
+    assignment_R, _ = residuals
+    return dy_AxD.at[assignment_R].get(mode="fill", fill_value=0), None, None
+
+
+assignments_of_rows.defvjp(_assignments_of_rows_fwd, _assignments_of_rows_bwd)
+
+
 def _swiglu_act(h1, h2):
     return jax.nn.silu(h1) * h2
 

@@ -27,7 +27,13 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from minids_jax.kernels.moe_windows import window_layout, window_rows, windowed_swiglu
+from minids_jax.kernels.moe_windows import (
+    assignments_of_rows,
+    rows_of_tokens,
+    window_layout,
+    window_rows,
+    windowed_swiglu,
+)
 
 
 class Experts(NamedTuple):
@@ -71,12 +77,12 @@ def blocked(x_BxLxD, expert_BxLxK, experts: Experts, capacity_factor: float = 0.
     expert_A = expert_TxK.reshape(-1)
     sizes = window_sizes or window_rows(expert_A.shape[0], experts.count)
     layout = window_layout(expert_A, experts.count, sizes)
-    # Padding rows name assignment A, i.e. token T: out of range, read as zeros.
-    x_RxD = x_TxD.astype(experts.w1_ExDxF.dtype).at[layout.assignment_R // k].get(
-        mode="fill", fill_value=0)
+    x_RxD = rows_of_tokens(x_TxD.astype(experts.w1_ExDxF.dtype), layout.assignment_R,
+                           layout.row_A, k)
     y_RxD = windowed_swiglu(x_RxD, *experts, (layout.first_rows, layout.experts,
                                               layout.windows_used), sizes)
-    return y_RxD[layout.row_A].reshape(*expert_BxLxK.shape, -1), _nothing_dropped()
+    y_AxD = assignments_of_rows(y_RxD, layout.assignment_R, layout.row_A)
+    return y_AxD.reshape(*expert_BxLxK.shape, -1), _nothing_dropped()
 
 
 def capacity_per_sequence(length: int, top_k: int, n_experts: int, capacity_factor: float):
