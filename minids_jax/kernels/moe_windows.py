@@ -102,11 +102,10 @@ def rows_of_tokens(x_TxD, assignment_R, row_A, top_k: int):
 
 
 def _rows_of_tokens_fwd(x_TxD, assignment_R, row_A, top_k):
-    return rows_of_tokens(x_TxD, assignment_R, row_A, top_k), (assignment_R, row_A)
+    return rows_of_tokens(x_TxD, assignment_R, row_A, top_k), row_A
 
 
-def _rows_of_tokens_bwd(top_k, residuals, dx_RxD):
-    assignment_R, row_A = residuals
+def _rows_of_tokens_bwd(top_k, row_A, dx_RxD):
     # A token's gradient: the sum over its top_k assignments' rows, in assignment order.
     dx_TxKxD = dx_RxD[row_A].reshape(-1, top_k, dx_RxD.shape[-1])
     return jnp.sum(dx_TxKxD, axis=1), None, None
@@ -122,11 +121,11 @@ def assignments_of_rows(y_RxD, assignment_R, row_A):
 
 
 def _assignments_of_rows_fwd(y_RxD, assignment_R, row_A):
-    return y_RxD[row_A], (assignment_R, row_A)
+    return y_RxD[row_A], assignment_R
 
 
-def _assignments_of_rows_bwd(residuals, dy_AxD):
-    assignment_R, _ = residuals
+def _assignments_of_rows_bwd(assignment_R, dy_AxD):
+    # Padding rows (assignment A, out of range) get zeros.
     return dy_AxD.at[assignment_R].get(mode="fill", fill_value=0), None, None
 
 

@@ -114,8 +114,8 @@ class HeadsFirstKeysValues(NamedTuple):
     def put(self, new: KeysValues, slot) -> HeadsFirstKeysValues:
         """The cache with `new`'s sources ([B, T, KV, Dh]) written from `slot` on."""
         def heads_first(a_BxTxHxDh):
-            return jnp.swapaxes(a_BxTxHxDh, 1, 2).reshape(-1, *a_BxTxHxDh.shape[1:2],
-                                                          a_BxTxHxDh.shape[3])
+            batch, tokens, heads, head_dim = a_BxTxHxDh.shape
+            return jnp.swapaxes(a_BxTxHxDh, 1, 2).reshape(batch * heads, tokens, head_dim)
 
         return HeadsFirstKeysValues(*(jax.lax.dynamic_update_slice_in_dim(
             old, heads_first(fresh).astype(old.dtype), slot, axis=1)
