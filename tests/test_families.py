@@ -30,9 +30,13 @@ def randomized(module: nnx.Module, seed: int = 0) -> nnx.Module:
     return module
 
 
-def test_grouped_query_attention_is_attention_with_each_kv_head_repeated_for_its_group():
+@pytest.mark.parametrize("attention_kernel", ["fused", "dot_product_attention"])
+def test_grouped_query_attention_is_attention_with_each_kv_head_repeated_for_its_group(
+        attention_kernel):
+    """(XLA's kernel takes the key-value heads unrepeated, the fused one repeated.)"""
     cfg = small_model_config(**GQA, qkv_bias=True, out_bias=True)
-    grouped = randomized(MHA(cfg, compute_config(), rngs=nnx.Rngs(0)))
+    grouped = randomized(MHA(cfg, compute_config(attention_kernel=attention_kernel),
+                             rngs=nnx.Rngs(0)))
     proj = grouped.attention
     assert proj.q.kernel.shape == (cfg.d_model, 4 * 12)
     assert proj.k.kernel.shape == proj.v.kernel.shape == (cfg.d_model, 2 * 12)
@@ -54,7 +58,8 @@ def test_grouped_query_attention_is_attention_with_each_kv_head_repeated_for_its
     np.testing.assert_allclose(attend(grouped, x, positions), attend(full, x, positions),
                                rtol=1e-5, atol=1e-6)
     # Its cache holds the key-value heads only (heads-first for the fused kernels).
-    assert grouped.init_cache(2, 16, jnp.float32).keys_values.k_BHxSxDh.shape == (4, 16, 12)
+    cached_keys = grouped.init_cache(2, 16, jnp.float32).keys_values[0]
+    assert cached_keys.shape == ((4, 16, 12) if attention_kernel == "fused" else (2, 16, 2, 12))
 
 
 @pytest.mark.parametrize("kernel,batch", [("fused", 2), ("fused", 1),

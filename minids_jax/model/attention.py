@@ -35,7 +35,8 @@ def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *, kernel: str,
     """softmax(q k^T / sqrt(Dh)) v per head, where mask (True: may attend) and, if is_causal,
     key <= query allow. Query rows that may attend to nothing get exactly zero, not the
     uniform average a fully masked softmax would give (that would leak what they must not see).
-    `kernel`: 'fused' (kernels/attention.py), 'dot_product_attention' (XLA's) or 'cudnn'."""
+    `kernel`: 'fused' (kernels/attention.py), 'dot_product_attention' (XLA's) or 'cudnn'; the
+    last two also take fewer key-value heads than query heads (grouped-query attention)."""
     if kernel == "fused":
         if mask_BxQxS is None and is_causal:
             return attention_kernels.causal_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh)
@@ -171,8 +172,11 @@ class AttentionProjections(nnx.Module):
             attended_BxQxHxDh = attention_kernels.grouped_attention(q_BxQxHxDh, *keys_values,
                                                                     mask_BxQxS)
             return self.out(attended_BxQxHxDh.reshape(*queries_BxQxD.shape[:2], -1))
+        # XLA's and cuDNN's kernels take fewer key-value heads as they are (query head h
+        # reads key-value head h // group); the fused training kernel takes them repeated.
         group = self.cfg.n_heads // self.cfg.n_kv_heads
-        k_BxSxHxDh, v_BxSxHxDh = (jnp.repeat(a, group, axis=2) if group > 1 else a
+        repeat = group > 1 and self.kernel == "fused"
+        k_BxSxHxDh, v_BxSxHxDh = (jnp.repeat(a, group, axis=2) if repeat else a
                                   for a in keys_values)
         attended_BxQxHxDh = multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh,
                                                  kernel=self.kernel, mask_BxQxS=mask_BxQxS,
