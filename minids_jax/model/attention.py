@@ -35,9 +35,15 @@ def multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh, *, kernel: str,
     """softmax(q k^T / sqrt(Dh)) v per head, where mask (True: may attend) and, if is_causal,
     key <= query allow. Query rows that may attend to nothing get exactly zero, not the
     uniform average a fully masked softmax would give (that would leak what they must not see).
-    `kernel`: 'fused' (kernels/attention.py), 'dot_product_attention' (XLA's) or 'cudnn'; the
-    last two also take fewer key-value heads than query heads (grouped-query attention)."""
+    `kernel`: 'fused' (kernels/attention.py), 'dot_product_attention' (XLA's) or 'cudnn'.
+    Keys and values may have fewer heads than the queries (grouped-query attention: query head
+    h reads key-value head h // group, as transformers' repeat_kv does); XLA's and cuDNN's
+    kernels take them so, the fused ones repeated."""
     if kernel == "fused":
+        group = q_BxQxHxDh.shape[2] // k_BxSxHxDh.shape[2]
+        if group > 1:
+            k_BxSxHxDh, v_BxSxHxDh = (jnp.repeat(a, group, axis=2)
+                                      for a in (k_BxSxHxDh, v_BxSxHxDh))
         if mask_BxQxS is None and is_causal:
             return attention_kernels.causal_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh)
         batch, queries, sources = q_BxQxHxDh.shape[0], q_BxQxHxDh.shape[1], k_BxSxHxDh.shape[1]
@@ -172,13 +178,7 @@ class AttentionProjections(nnx.Module):
             attended_BxQxHxDh = attention_kernels.grouped_attention(q_BxQxHxDh, *keys_values,
                                                                     mask_BxQxS)
             return self.out(attended_BxQxHxDh.reshape(*queries_BxQxD.shape[:2], -1))
-        # XLA's and cuDNN's kernels take fewer key-value heads as they are (query head h
-        # reads key-value head h // group); the fused training kernel takes them repeated.
-        group = self.cfg.n_heads // self.cfg.n_kv_heads
-        repeat = group > 1 and self.kernel == "fused"
-        k_BxSxHxDh, v_BxSxHxDh = (jnp.repeat(a, group, axis=2) if repeat else a
-                                  for a in keys_values)
-        attended_BxQxHxDh = multi_head_attention(q_BxQxHxDh, k_BxSxHxDh, v_BxSxHxDh,
+        attended_BxQxHxDh = multi_head_attention(q_BxQxHxDh, *keys_values,
                                                  kernel=self.kernel, mask_BxQxS=mask_BxQxS,
                                                  is_causal=is_causal)
         return self.out(attended_BxQxHxDh.reshape(*queries_BxQxD.shape[:2], -1))
