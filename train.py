@@ -26,7 +26,7 @@ def main(argv):
     from minids_jax import startup
 
     config = cli.config_from_flag(_CONFIG, _WORKDIR.value)
-    startup.reuse_host_memory(config.devices)
+    startup.use_huge_pages(config.devices)
     gpus = startup.select_gpus(config.devices)
     visible = f"CUDA_VISIBLE_DEVICES={gpus.visible}: " if gpus.visible else ""
     # On a machine without NVIDIA's library the line says nothing: shown with --verbosity=1.

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -141,8 +140,10 @@ def decode_theirs(hf_dir: Path, prompts_path: Path, case: str) -> tuple[dict, De
     """benchmarks/hf_decode_peer.py's run of one case `BxP:N`: (its JSON, its figures)."""
     argv = [_HF_PYTHON.value, str(Path(__file__).with_name("hf_decode_peer.py")), str(hf_dir),
             str(prompts_path), "--cases", case]
+    from timing import peer_environment  # (benchmarks/timing.py imports jax)
+
     # Idle OpenMP threads sleep instead of spinning, which on a shared machine steals cores.
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    env = peer_environment(OMP_WAIT_POLICY="PASSIVE")  # as transformers' users run it
     try:
         result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     except OSError as error:
@@ -243,7 +244,7 @@ def main(argv):
     from minids_jax import startup
 
     config = config_lib.from_config_dict(_CONFIG.value)
-    startup.reuse_host_memory(config.devices)
+    startup.use_huge_pages(config.devices)
     if _VS_HF.value:
         compare_with_hf(config)
     else:

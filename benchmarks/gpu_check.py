@@ -318,7 +318,7 @@ def main(argv):
     row = dict(config=name)
     try:
         config = config_lib.from_config_dict(flags.config)
-        startup.reuse_host_memory(config.devices)
+        startup.use_huge_pages(config.devices)
         gpus = startup.select_gpus(config.devices)  # before JAX starts a backend, as train.py
         from timing import describe
 

@@ -16,7 +16,6 @@ DeepseekV3ForCausalLM for a DeepSeek-V3-format config (benchmarks/hf_peer.py --l
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # benchmarks/timing.py, beside this file
-from timing import hf_config_file, original_environment  # noqa: E402
+from timing import hf_config_file, original_environment, peer_environment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _ITERS = flags.DEFINE_integer("iters", 7, "Timed calls per layer (the best is reported).")
@@ -68,7 +67,7 @@ def main(argv):
     from minids_jax import startup
 
     config = config_lib.from_config_dict(_CONFIG.value)
-    startup.reuse_host_memory(config.devices)  # as train.py does, before the backend starts
+    startup.use_huge_pages(config.devices)  # as train.py does, before the backend starts
     import jax
     import jax.numpy as jnp
     import optax
@@ -161,7 +160,7 @@ def main(argv):
         argv = [_HF_PYTHON.value, str(Path(__file__).with_name("hf_peer.py")), config_json,
                 "--batch", str(batch), "--layers", str(_ITERS.value)]
         try:
-            result = subprocess.run(argv, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
+            result = subprocess.run(argv, env=peer_environment(OMP_WAIT_POLICY="PASSIVE"),
                                     capture_output=True, text=True)
         except OSError as error:
             print(f"transformers run failed: cannot run {argv[0]} ({error})")

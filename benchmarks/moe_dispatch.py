@@ -45,7 +45,7 @@ def main(argv):
     del argv
     from minids_jax import startup
 
-    startup.reuse_host_memory()  # as train.py does, before the backend starts
+    startup.use_huge_pages()  # as train.py does, before the backend starts
     import jax
     import jax.numpy as jnp
     from flax import nnx

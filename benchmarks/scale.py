@@ -11,9 +11,13 @@ compute.scan_layers on and off. remat: for each compute.remat policy, XLA's memo
 the compiled step (temporaries: the activations kept for the backward pass, and the stacked
 weights of scanned layers) and the step time. accum: the same global batch in 1, 2, 4
 microbatches: temporaries and step time. Every figure comes from one process, side by side.
-startup: whole-process start of `train.py` (one step) to its first step's log line, and to the
-process's end, at each depth, in `--repeats` rounds that alternate the depths; the last line
-is the deepest against the shallowest, the median of the rounds. `--compile_cache cold` (the
+startup: whole-process start of `train.py` (three steps, each logged) to the start of its
+first step, at each depth, in `--repeats` rounds that alternate the depths; the last line is
+the deepest against the shallowest, the median of the rounds. The first step's start is its
+log line less its own work, taken as the third step's time (the interval of the last two
+lines; a second step, the first to reuse freed buffers, runs slower): what a deeper model's
+step computes is training, not start-up. The first step's line and the process's end are
+printed beside it. `--compile_cache cold` (the
 default) compiles everything, as a first run does; `warm` keeps compiled programs in a
 temporary devices.compile_cache that one unmeasured run of each depth fills first, as a rerun
 or a resumed run finds it.
@@ -65,33 +69,36 @@ def _startup(depths: list[int], repeats: int, warm: bool) -> None:
     overrides = [arg for arg in sys.argv[1:] if arg.startswith("--config.")]
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     with tempfile.TemporaryDirectory() as cache:
-        def first_step(depth: int) -> tuple[float, float]:
+        def first_step(depth: int) -> tuple[float, float, float]:
             command = [sys.executable, "train.py", "--config", config_file, *overrides,
-                       "--config.optim.total_steps=1", f"--config.model.n_layers={depth}",
+                       "--config.optim.total_steps=3", "--config.train.log_every=1",
+                       f"--config.model.n_layers={depth}",
                        f"--config.devices.compile_cache={cache if warm else 'off'}"]
-            start, first, lines = time.perf_counter(), None, []
+            start, logged, lines = time.perf_counter(), {}, []
             with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) as process:
                 for line in process.stdout:
                     lines.append(line)
-                    if first is None and line.startswith("step 1/1"):
-                        first = time.perf_counter() - start
-            if process.returncode or first is None:
+                    for step in (1, 2, 3):
+                        if step not in logged and line.startswith(f"step {step}/3"):
+                            logged[step] = time.perf_counter() - start
+            if process.returncode or len(logged) < 3:
                 raise SystemExit(f"{' '.join(command)} failed:\n{''.join(lines[-20:])}")
-            return first, time.perf_counter() - start
+            return logged[1] - (logged[3] - logged[2]), logged[1], time.perf_counter() - start
 
         if warm:
             for depth in depths:  # fills the cache
                 first_step(depth)
-        print(f"{'layers':>6} {'first step s':>13} {'end s':>7}  ({'warm' if warm else 'cold'})")
-        firsts: dict[int, list[float]] = {depth: [] for depth in depths}
+        print(f"{'layers':>6} {'start s':>8} {'first step s':>13} {'end s':>7}  "
+              f"({'warm' if warm else 'cold'})")
+        starts: dict[int, list[float]] = {depth: [] for depth in depths}
         for _ in range(repeats):
             for depth in depths:
-                first, end = first_step(depth)
-                firsts[depth].append(first)
-                print(f"{depth:>6} {first:>13.1f} {end:>7.1f}", flush=True)
+                begun, first, end = first_step(depth)
+                starts[depth].append(begun)
+                print(f"{depth:>6} {begun:>8.1f} {first:>13.1f} {end:>7.1f}", flush=True)
     shallow, deep = depths[0], depths[-1]
-    ratios = [d / s for s, d in zip(firsts[shallow], firsts[deep])]
+    ratios = [d / s for s, d in zip(starts[shallow], starts[deep])]
     print(f"start-up to the first step, {deep} against {shallow} layers: "
           f"{statistics.median(ratios):.2f}x (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
 

@@ -71,7 +71,7 @@ def main(argv):
     from minids_jax import startup
 
     config = config_lib.from_config_dict(flags.FLAGS.config)
-    startup.reuse_host_memory(config.devices)
+    startup.use_huge_pages(config.devices)
     import jax
 
     from minids_jax.training import trainer

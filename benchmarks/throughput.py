@@ -29,7 +29,6 @@ more steadily than across runs (docs/performance.md).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import sys
@@ -42,7 +41,8 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # benchmarks/timing.py, beside this file
 from timing import (  # noqa: E402
-    CompiledStepTimer, compiler_options, describe, hf_config_file, original_environment)
+    CompiledStepTimer, compiler_options, describe, hf_config_file, original_environment,
+    peer_environment)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after two warm-up steps).")
@@ -59,6 +59,10 @@ _PEAK_SIZE = flags.DEFINE_integer("peak_matmul_size", 2048, "Square matmul size 
 _DISPATCHES = flags.DEFINE_list("dispatches", None,
                                 "MoE dispatches to compare, e.g. dropless,capacity,dense "
                                 "(default: the config's).")
+_PEER_HUGE_PAGES = flags.DEFINE_bool(
+    "peer_huge_pages", False, "Run the peers (transformers, the original) with the huge-page "
+    "malloc tunable that train.py sets for itself (devices.host_huge_pages), not as their "
+    "users run them.")
 _XLA_OPTIONS = flags.DEFINE_multi_string(
     "xla_options", [], "XLA compiler options of one more variant, as a JSON object ('{}': "
     "the defaults); repeat the flag to compare several in the same rounds.")
@@ -93,7 +97,8 @@ _REPORTED: set[str] = set()
 def original_argv(config, steps: int):
     """The original's command and environment at the config's sizes: `steps` timed steps
     after two warm-ups."""
-    env = original_environment(config, MINIDS_TOTAL_STEP=str(steps + 2), MINIDS_WARMUP="1")
+    env = original_environment(config, _PEER_HUGE_PAGES.value, MINIDS_TOTAL_STEP=str(steps + 2),
+                               MINIDS_WARMUP="1")
     return [_ORIGINAL_PYTHON.value, _VS_ORIGINAL.value], env
 
 
@@ -105,7 +110,7 @@ def hf_argv(config, steps: int, config_json: str):
             "--weight_decay", str(o.weight_decay), "--betas", str(o.b1), str(o.b2),
             "--eps", str(o.eps), "--clip_norm", str(o.clip_norm)]
     # Idle OpenMP threads sleep instead of spinning, which on a shared machine steals cores.
-    return argv, dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    return argv, peer_environment(_PEER_HUGE_PAGES.value, OMP_WAIT_POLICY="PASSIVE")
 
 
 def hf_peer(config, steps: int):
@@ -129,7 +134,7 @@ def main(argv):
     from minids_jax import startup
 
     config = config_lib.from_config_dict(_CONFIG.value)
-    startup.reuse_host_memory(config.devices)  # as train.py does, before the backend starts
+    startup.use_huge_pages(config.devices)  # as train.py does, before the backend starts
     import jax
 
     from minids_jax import kernels

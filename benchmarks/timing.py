@@ -97,11 +97,25 @@ def time_train_step(run, steps: int) -> StepTiming:
                       timer.metrics)
 
 
-def original_environment(config, **extra: str) -> dict[str, str]:
+def peer_environment(huge_pages: bool = False, **extra: str) -> dict[str, str]:
+    """This process's environment, with `extra`, for a peer's (transformers', the original's):
+    without the malloc tunable that startup.use_huge_pages gave this process (the peer as its
+    users run it) unless `huge_pages`."""
+    from minids_jax.startup import HUGE_PAGES_TUNABLE
+
+    env = dict(os.environ, **extra)
+    if not huge_pages and "GLIBC_TUNABLES" in env:
+        kept = [entry for entry in env.pop("GLIBC_TUNABLES").split(":")
+                if entry and entry != HUGE_PAGES_TUNABLE]
+        env.update({"GLIBC_TUNABLES": ":".join(kept)} if kept else {})
+    return env
+
+
+def original_environment(config, huge_pages: bool = False, **extra: str) -> dict[str, str]:
     """Environment that runs the PyTorch original on the CPU at the config's sizes (its batch is
     per process; it runs as one process, so that is the same global batch)."""
     m = config.model
-    return dict(os.environ, MINIDS_DEVICE="cpu", MINIDS_VOCAB=str(m.vocab_size),
+    return peer_environment(huge_pages, MINIDS_DEVICE="cpu", MINIDS_VOCAB=str(m.vocab_size),
                 MINIDS_MAX_SEQ=str(m.max_seq_len), MINIDS_D_MODEL=str(m.d_model),
                 MINIDS_N_LAYER=str(m.n_layers), MINIDS_N_HEAD=str(m.n_heads),
                 MINIDS_LATENT_K=str(m.latent_k), MINIDS_MLP_MULT=str(m.mlp_mult),

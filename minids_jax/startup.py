@@ -4,15 +4,14 @@ start-up, and how the C library hands out host memory.
 One JAX process drives every GPU of its host. `select_gpus` picks which ones (the N with the
 most free memory, via NVML) by setting CUDA_VISIBLE_DEVICES; `initialize_distributed` joins
 the hosts of a SLURM, Open MPI or Kubernetes job (or an explicit coordinator) into one JAX job;
-`reuse_host_memory` keeps freed host memory mapped so that each CPU step does not page-fault
-its working memory in again; `keep_compiled_programs` gives JAX a directory where compiled
-programs outlive the process. None imports jax at module level: train.py calls them before
+`use_huge_pages` has the C library back large host allocations with transparent huge pages,
+so that each CPU step faults its working memory in 512 times fewer pages;
+`keep_compiled_programs` gives JAX a directory where compiled programs outlive the process. None imports jax at module level: train.py calls them before
 anything touches a backend.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import platform
@@ -109,32 +108,65 @@ def check_local_devices(cfg: DevicesConfig, local_devices: list) -> None:
             f"check the CUDA installation.")
 
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE)
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def reuse_host_memory(cfg: DevicesConfig | None = None) -> bool:
-    """Makes glibc's malloc keep freed memory for reuse; True if it took effect.
+def huge_pages_environment(environ: MutableMapping[str, str], libc: tuple[str, str],
+                           thp_setting: str) -> dict[str, str] | None:
+    """The environment to run again with, glibc's malloc advising transparent huge pages for
+    what it maps; None where that is in effect already, chosen otherwise by the user (any
+    glibc.malloc.hugetlb in GLIBC_TUNABLES), or unavailable: another C library, glibc before
+    2.35 (no such tunable), or the kernel's huge pages off (`thp_setting`, the contents of
+    /sys/kernel/mm/transparent_hugepage/enabled: '[never]' selected, or '' unreadable)."""
+    name, version = libc
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if name != "glibc" or "[never]" in thp_setting or "[" not in thp_setting:
+        return None
+    try:
+        if tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
+            return None
+    except ValueError:
+        return None
+    if any(entry.startswith("glibc.malloc.hugetlb=") for entry in tunables.split(":")):
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables,
+                                                                 HUGE_PAGES_TUNABLE]))}
 
-    With `cfg`, only if `cfg.reuse_host_memory` asks for it (train.py, the benchmarks).
+
+def use_huge_pages(cfg: DevicesConfig | None = None) -> bool:
+    """Has glibc's malloc back the blocks it maps with transparent huge pages, re-executing
+    this process (same interpreter, same arguments) with GLIBC_TUNABLES set if it is not yet;
+    True if they are in effect. With `cfg`, only if `cfg.host_huge_pages` asks for it.
 
     XLA's CPU runtime allocates each step's temporaries as one block and frees it when the
     step ends; glibc serves blocks that large with a fresh mmap and unmaps them on free, so
-    every step would page-fault all of its working memory in again (docs/performance.md has
-    the cost). One arena (XLA's worker threads would otherwise get arenas that must mmap large
-    blocks), no mmap and no trimming keep the memory of the first step for every later one;
-    the process's resident memory then stays at its peak. Only threads that have not yet
-    allocated join the one arena: call before importing jax. Does nothing (False) off Linux
-    or on another C library (musl, macOS).
+    every step faults all of its working memory in again, a 4 KiB page at a time (at 61
+    layers of configs/v3_tiny.py 2.4 GB, 622,000 faults a step). Advised huge pages make that
+    512 times fewer faults, without holding freed memory or serializing the threads' mallocs
+    (docs/performance.md measures the alternatives). Glibc reads its tunables only when a
+    process starts, hence the re-execution: call it first thing in a script's main, before
+    JAX is imported and before anything that should not run twice. Where the kernel's huge
+    pages are off, or the C library is not glibc 2.35 or later, it does nothing (False).
     """
-    if cfg is not None and not cfg.reuse_host_memory:
+    if cfg is not None and not cfg.host_huge_pages:
         return False
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if sys.platform != "linux":
         return False
-    mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    # M_TRIM_THRESHOLD takes a size_t: -1 is "never give the heap's top back".
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    try:
+        with open(_THP_SETTING) as setting:
+            thp_setting = setting.read()
+    except OSError:
+        thp_setting = ""
+    environ = huge_pages_environment(os.environ, platform.libc_ver(), thp_setting)
+    if environ is None:
+        return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+    except OSError:  # (an interpreter that cannot be run again: go on without)
+        return False
 
 
 def compile_cache_dir(cfg: DevicesConfig, environ: MutableMapping[str, str] = os.environ

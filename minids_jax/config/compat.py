@@ -15,7 +15,8 @@ from minids_jax.config.fields import ConfigError
 MOVED = {"model.dtype": "compute.dtype", "model.attention_kernel": "compute.attention_kernel",
          "model.moe_dispatch": "compute.moe_dispatch",
          "model.capacity_factor": "compute.capacity_factor",
-         "model.aux_loss_coef": "train.aux_loss_coef"}
+         "model.aux_loss_coef": "train.aux_loss_coef",
+         "devices.reuse_host_memory": "devices.host_huge_pages"}
 
 
 def upgraded_groups(saved: Mapping[str, Any], groups: Mapping[str, type]) -> dict[str, dict]:

@@ -237,8 +237,10 @@ class DevicesConfig(Group):
     process_id: int = option(-1, "-1: from the environment", QUIET, low=-1)
     init_timeout_s: int = option(300, "seconds the processes wait for each other at start-up",
                                  QUIET, low=1)
-    reuse_host_memory: bool = option(True, "keep freed host memory mapped, so CPU steps do "
-                                     "not page-fault their memory in again", QUIET)
+    host_huge_pages: bool = option(True, "back large host allocations with transparent huge "
+                                   "pages (glibc's malloc tunable, train.py re-executing itself "
+                                   "once to set it), so CPU steps fault their memory in 512 "
+                                   "times fewer pages", QUIET)
     compile_cache: str = option(AUTO, "directory that keeps XLA's compiled programs for later "
                                 "runs of the same ones (a resumed run, a rerun): auto "
                                 "(JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME or "

@@ -92,10 +92,11 @@ class Packing:
                       for r, layer in enumerate(layers)}
 
     @classmethod
-    def of(cls, graphdefs, state, optimizer_name: str) -> Packing:
+    def of(cls, graphdefs, state, optimizer_name: str, model=None) -> Packing:
         """The packing of a trainer's TrainState: its model's scanned runs (as the forward
-        scans them), none with an optimizer that stacking would change."""
-        model = nnx.merge(graphdefs.model, state.model)
+        scans them), none with an optimizer that stacking would change. `model`: the state's
+        model if already merged (a merge walks every layer)."""
+        model = nnx.merge(graphdefs.model, state.model) if model is None else model
         min_repeats = model.compute.scan_min_repeats if model.compute.scan_layers else None
         runs = ([] if optimizer_name not in STACKED_OPTIMIZERS else
                 layer_scan.runs(model.blocks, len(model.cfg.attn_pattern), min_repeats))

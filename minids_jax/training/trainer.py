@@ -115,8 +115,10 @@ class Trainer:
         config = self.config = memory.settle(
             config, self.mesh, lambda line: jax.process_index() or print(line, flush=True))
         self.graphdefs, state, self.shardings = steps.create_train_state(config, self.mesh)
-        self.parameters = count_params(nnx.merge(self.graphdefs.model, state.model))
-        self.packing = Packing.of(self.graphdefs, state, config.optim.name)
+        model = nnx.merge(self.graphdefs.model, state.model)
+        self.parameters = count_params(model)
+        self.packing = Packing.of(self.graphdefs, state, config.optim.name, model)
+        del model
         shardings = self.step_shardings = self.packing.step_shardings(self.shardings)
         self.state = state
         batch_ways = sharding.ways(self.mesh, sharding.mesh_axes_of(config.mesh.axis_rules,
