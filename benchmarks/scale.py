@@ -15,12 +15,11 @@ startup: whole-process start of `train.py` (three steps, each logged) to the sta
 first step, at each depth, in `--repeats` rounds that alternate the depths; the last line is
 the deepest against the shallowest, the median of the rounds. The first step's start is its
 log line less its own work, taken as the third step's time (the interval of the last two
-lines; a second step, the first to reuse freed buffers, runs slower): what a deeper model's
-step computes is training, not start-up. The first step's line and the process's end are
-printed beside it. `--compile_cache cold` (the
-default) compiles everything, as a first run does; `warm` keeps compiled programs in a
-temporary devices.compile_cache that one unmeasured run of each depth fills first, as a rerun
-or a resumed run finds it.
+lines; the second can still be slower than later ones): what a deeper model's step computes
+is training, not start-up. The first step's line and the process's end are printed beside
+it. `--compile_cache cold` (the default) compiles everything, as a first run does; `warm`
+keeps compiled programs in a temporary devices.compile_cache that one unmeasured run of each
+depth fills first, as a rerun or a resumed run finds it.
 """
 
 from __future__ import annotations

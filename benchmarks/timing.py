@@ -115,12 +115,12 @@ def original_environment(config, huge_pages: bool = False, **extra: str) -> dict
     """Environment that runs the PyTorch original on the CPU at the config's sizes (its batch is
     per process; it runs as one process, so that is the same global batch)."""
     m = config.model
-    return peer_environment(huge_pages, MINIDS_DEVICE="cpu", MINIDS_VOCAB=str(m.vocab_size),
-                MINIDS_MAX_SEQ=str(m.max_seq_len), MINIDS_D_MODEL=str(m.d_model),
-                MINIDS_N_LAYER=str(m.n_layers), MINIDS_N_HEAD=str(m.n_heads),
-                MINIDS_LATENT_K=str(m.latent_k), MINIDS_MLP_MULT=str(m.mlp_mult),
-                MINIDS_MOE_EXPERT=str(m.n_experts), MINIDS_BATCH=str(config.train.batch_size),
-                **extra)
+    return peer_environment(
+        huge_pages, MINIDS_DEVICE="cpu", MINIDS_VOCAB=str(m.vocab_size),
+        MINIDS_MAX_SEQ=str(m.max_seq_len), MINIDS_D_MODEL=str(m.d_model),
+        MINIDS_N_LAYER=str(m.n_layers), MINIDS_N_HEAD=str(m.n_heads),
+        MINIDS_LATENT_K=str(m.latent_k), MINIDS_MLP_MULT=str(m.mlp_mult),
+        MINIDS_MOE_EXPERT=str(m.n_experts), MINIDS_BATCH=str(config.train.batch_size), **extra)
 
 
 def hf_config_file(config) -> str | None:

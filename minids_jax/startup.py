@@ -6,8 +6,8 @@ most free memory, via NVML) by setting CUDA_VISIBLE_DEVICES; `initialize_distrib
 the hosts of a SLURM, Open MPI or Kubernetes job (or an explicit coordinator) into one JAX job;
 `use_huge_pages` has the C library back large host allocations with transparent huge pages,
 so that each CPU step faults its working memory in 512 times fewer pages;
-`keep_compiled_programs` gives JAX a directory where compiled programs outlive the process. None imports jax at module level: train.py calls them before
-anything touches a backend.
+`keep_compiled_programs` gives JAX a directory where compiled programs outlive the process.
+None imports jax at module level: train.py calls them before anything touches a backend.
 """
 
 from __future__ import annotations
@@ -141,17 +141,16 @@ def use_huge_pages(cfg: DevicesConfig | None = None) -> bool:
 
     XLA's CPU runtime allocates each step's temporaries as one block and frees it when the
     step ends; glibc serves blocks that large with a fresh mmap and unmaps them on free, so
-    every step faults all of its working memory in again, a 4 KiB page at a time (at 61
-    layers of configs/v3_tiny.py 2.4 GB, 622,000 faults a step). Advised huge pages make that
-    512 times fewer faults, without holding freed memory or serializing the threads' mallocs
-    (docs/performance.md measures the alternatives). Glibc reads its tunables only when a
-    process starts, hence the re-execution: call it first thing in a script's main, before
-    JAX is imported and before anything that should not run twice. Where the kernel's huge
-    pages are off, or the C library is not glibc 2.35 or later, it does nothing (False).
-    """
+    every step faults all of its working memory in again, a 4 KiB page at a time. Advised
+    huge pages make that 512 times fewer faults, without holding freed memory or serializing
+    the threads' mallocs, as one malloc arena did (docs/performance.md measures both).
+    Glibc reads its tunables only when a process starts, hence the re-execution: call it
+    first thing in a script's main, before JAX is imported and before anything that should
+    not run twice. Where the kernel's huge pages are off, or the C library is not glibc 2.35
+    or later, it does nothing (False)."""
     if cfg is not None and not cfg.host_huge_pages:
         return False
-    if sys.platform != "linux":
+    if sys.platform != "linux" or not sys.executable:
         return False
     try:
         with open(_THP_SETTING) as setting:
