@@ -25,8 +25,8 @@ def main(argv):
     del argv
     from minids_jax import startup
 
+    startup.use_huge_pages(cli.wants_huge_pages(_CONFIG))  # first: it may run train.py again
     config = cli.config_from_flag(_CONFIG, _WORKDIR.value)
-    startup.use_huge_pages(config.devices)
     gpus = startup.select_gpus(config.devices)
     visible = f"CUDA_VISIBLE_DEVICES={gpus.visible}: " if gpus.visible else ""
     # On a machine without NVIDIA's library the line says nothing: shown with --verbosity=1.

@@ -243,8 +243,8 @@ def main(argv):
     from minids_jax import config as config_lib
     from minids_jax import startup
 
+    startup.use_huge_pages(cli.wants_huge_pages(_CONFIG))  # first: it may run this again
     config = config_lib.from_config_dict(_CONFIG.value)
-    startup.use_huge_pages(config.devices)
     if _VS_HF.value:
         compare_with_hf(config)
     else:

@@ -317,8 +317,10 @@ def main(argv):
     name = Path(flags["config"].config_filename.split(":")[0]).stem
     row = dict(config=name)
     try:
+        from minids_jax import cli
+
+        startup.use_huge_pages(cli.wants_huge_pages(flags["config"]))  # may run this again
         config = config_lib.from_config_dict(flags.config)
-        startup.use_huge_pages(config.devices)
         gpus = startup.select_gpus(config.devices)  # before JAX starts a backend, as train.py
         from timing import describe
 

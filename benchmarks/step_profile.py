@@ -70,8 +70,10 @@ def main(argv):
     from minids_jax import config as config_lib
     from minids_jax import startup
 
+    from minids_jax import cli
+
+    startup.use_huge_pages(cli.wants_huge_pages(flags.FLAGS["config"]))  # as train.py does
     config = config_lib.from_config_dict(flags.FLAGS.config)
-    startup.use_huge_pages(config.devices)
     import jax
 
     from minids_jax.training import trainer

@@ -133,8 +133,10 @@ def main(argv):
     from minids_jax import config as config_lib
     from minids_jax import startup
 
+    from minids_jax import cli
+
+    startup.use_huge_pages(cli.wants_huge_pages(_CONFIG))  # as train.py does, before all else
     config = config_lib.from_config_dict(_CONFIG.value)
-    startup.use_huge_pages(config.devices)  # as train.py does, before the backend starts
     import jax
 
     from minids_jax import kernels

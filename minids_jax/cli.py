@@ -57,6 +57,17 @@ def define_config_flag(name: str = "config", default: str | None = DEFAULT_CONFI
                                            "defining get_config()).")
 
 
+def wants_huge_pages(flag) -> bool:
+    """devices.host_huge_pages as the config of a flag made by `define_config_flag` sets it,
+    read before the config is checked: startup.use_huge_pages may run the process again, and
+    nothing the check says should be said twice. A config that cannot be read says yes (its
+    error comes from `config_from_flag`, once)."""
+    try:
+        return bool(flag.value.devices.host_huge_pages)
+    except (OSError, AttributeError, KeyError, TypeError, ValueError):
+        return True
+
+
 def config_from_flag(flag, workdir: str | None = None,
                      log: Callable[[str], None] = print) -> config_lib.Config:
     """The validated Config of a flag made by `define_config_flag`; with checkpoint.init_from,

@@ -134,10 +134,12 @@ def huge_pages_environment(environ: MutableMapping[str, str], libc: tuple[str, s
                                                                  HUGE_PAGES_TUNABLE]))}
 
 
-def use_huge_pages(cfg: DevicesConfig | None = None) -> bool:
+def use_huge_pages(enabled: bool = True) -> bool:
     """Has glibc's malloc back the blocks it maps with transparent huge pages, re-executing
     this process (same interpreter, same arguments) with GLIBC_TUNABLES set if it is not yet;
-    True if they are in effect. With `cfg`, only if `cfg.host_huge_pages` asks for it.
+    True if they are in effect. Nothing if not `enabled` (devices.host_huge_pages: read it
+    with cli.wants_huge_pages, before the config is checked, whose warnings would otherwise
+    be printed twice).
 
     XLA's CPU runtime allocates each step's temporaries as one block and frees it when the
     step ends; glibc serves blocks that large with a fresh mmap and unmaps them on free, so
@@ -148,7 +150,7 @@ def use_huge_pages(cfg: DevicesConfig | None = None) -> bool:
     first thing in a script's main, before JAX is imported and before anything that should
     not run twice. Where the kernel's huge pages are off, or the C library is not glibc 2.35
     or later, it does nothing (False)."""
-    if cfg is not None and not cfg.host_huge_pages:
+    if not enabled:
         return False
     if sys.platform != "linux" or not sys.executable:
         return False
