@@ -62,10 +62,11 @@ def _unlike_its_parameter(x):
     return x
 
 
-def create_train_state(config: Config, mesh):
-    """(graphdefs, state, shardings), each a TrainState; the arrays created sharded. With
-    checkpoint.init_from, the model's arrays but the adapters start as zeros: the base's are
-    restored over them (training/checkpointer.py)."""
+def create_train_state(config: Config, mesh, place: bool = True):
+    """(graphdefs, state, shardings), each a TrainState; the arrays created sharded (with
+    `place=False`, a model made on the host may come back as host arrays, placed by the
+    caller: sharding.create_sharded). With checkpoint.init_from, the model's arrays but the
+    adapters start as zeros: the base's are restored over them (training/checkpointer.py)."""
     def from_base(module: int, name: str) -> bool:
         return module == 0 and not lora.is_adapter(name.split("'")[-2])
 
@@ -75,7 +76,8 @@ def create_train_state(config: Config, mesh):
     size = (sum(per_device["by_dtype"].values()) + per_device["optimizer"]) * mesh.devices.size
     graphdefs, states, shardings = sharding.create_sharded(
         lambda: build_model_and_optimizer(config, platform), mesh, config.mesh.axis_rules,
-        restored=from_base if config.checkpoint.init_from else None, size_bytes=size)
+        restored=from_base if config.checkpoint.init_from else None, size_bytes=size,
+        place=place)
     return TrainState(*graphdefs), TrainState(*states), TrainState(*shardings)
 
 

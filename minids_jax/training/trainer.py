@@ -114,7 +114,9 @@ class Trainer:
                 config, self.source, lambda line: jax.process_index() or print(line, flush=True))
         config = self.config = memory.settle(
             config, self.mesh, lambda line: jax.process_index() or print(line, flush=True))
-        self.graphdefs, state, self.shardings = steps.create_train_state(config, self.mesh)
+        # (host arrays where made on the host: placed once, stacked for the step, below)
+        self.graphdefs, state, self.shardings = steps.create_train_state(config, self.mesh,
+                                                                         place=False)
         model = nnx.merge(self.graphdefs.model, state.model)
         self.parameters = count_params(model)
         self.packing = Packing.of(self.graphdefs, state, config.optim.name, model)
