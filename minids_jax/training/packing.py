@@ -54,10 +54,11 @@ def _split(stacked: jax.Array, parts: int) -> list[jax.Array]:
 def _stack(layers: list[jax.Array]) -> jax.Array:
     # Host arrays, or outside a jit on a CPU, the host's own copy: jnp.stack compiles a
     # program for each group's shapes (a second at 61 layers).
-    if all(isinstance(x, np.ndarray) for x in layers) or not any(
-            isinstance(x, jax.core.Tracer) for x in layers) and all(
-            getattr(x, "is_fully_addressable", False)
-            and all(device.platform == "cpu" for device in x.devices()) for x in layers):
+    on_the_host = all(isinstance(x, np.ndarray) for x in layers) or (
+        not any(isinstance(x, jax.core.Tracer) for x in layers)
+        and all(getattr(x, "is_fully_addressable", False)
+                and all(device.platform == "cpu" for device in x.devices()) for x in layers))
+    if on_the_host:
         return np.stack([np.asarray(x) for x in layers])
     return jnp.stack(layers)
 
