@@ -112,6 +112,16 @@ HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUG
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def kernel_huge_pages() -> str:
+    """The kernel's transparent-huge-page setting ('always [madvise] never': the bracketed
+    one is in force), '' where there is none to read."""
+    try:
+        with open(_THP_SETTING) as setting:
+            return setting.read()
+    except OSError:
+        return ""
+
+
 def huge_pages_environment(environ: MutableMapping[str, str], libc: tuple[str, str],
                            thp_setting: str) -> dict[str, str] | None:
     """The environment to run again with, glibc's malloc advising transparent huge pages for
@@ -150,16 +160,9 @@ def use_huge_pages(enabled: bool = True) -> bool:
     first thing in a script's main, before JAX is imported and before anything that should
     not run twice. Where the kernel's huge pages are off, or the C library is not glibc 2.35
     or later, it does nothing (False)."""
-    if not enabled:
+    if not enabled or sys.platform != "linux" or not sys.executable:
         return False
-    if sys.platform != "linux" or not sys.executable:
-        return False
-    try:
-        with open(_THP_SETTING) as setting:
-            thp_setting = setting.read()
-    except OSError:
-        thp_setting = ""
-    environ = huge_pages_environment(os.environ, platform.libc_ver(), thp_setting)
+    environ = huge_pages_environment(os.environ, platform.libc_ver(), kernel_huge_pages())
     if environ is None:
         return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
     sys.stdout.flush()

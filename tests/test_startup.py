@@ -211,17 +211,10 @@ def test_huge_pages_environment_adds_the_tunable_only_where_it_can_work():
         assert startup.huge_pages_environment(environ, libc, thp) is None, (environ, libc, thp)
 
 
-_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
 def _huge_pages_available() -> bool:
-    try:
-        with open(_THP_SETTING) as setting:
-            thp = setting.read()
-    except OSError:
-        return False
     import platform
-    return startup.huge_pages_environment({}, platform.libc_ver(), thp) is not None
+    return startup.huge_pages_environment({}, platform.libc_ver(),
+                                          startup.kernel_huge_pages()) is not None
 
 
 _RUN_AGAIN_SCRIPT = textwrap.dedent("""
