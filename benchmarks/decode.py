@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minids_jax import cli  # (imports no jax)
@@ -52,7 +51,7 @@ from minids_jax import cli  # (imports no jax)
 # so the mode's default is picked from the command line itself.
 _DEFAULT_CONFIG = ("configs/v3_tiny.py" if any(arg in ("--vs_hf", "--vs_hf=true", "--vs_hf=True")
                                               for arg in sys.argv) else "configs/tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.")
+_CONFIG = cli.define_config_flag("config", _DEFAULT_CONFIG)
 _TOKENS = flags.DEFINE_integer("tokens", 96, "Tokens to decode per kind.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
 _STREAMS = flags.DEFINE_integer("streams", 1, "Decodes of the prompt per kind; tokens/s is "

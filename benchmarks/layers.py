@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minids_jax import cli  # noqa: E402  (imports no jax)
 # benchmarks/timing.py, beside this file
 from timing import hf_config_file, original_environment, peer_environment  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+_CONFIG = cli.define_config_flag("config", "configs/tiny.py")
 _ITERS = flags.DEFINE_integer("iters", 7, "Timed calls per layer (the best is reported).")
 _KERNELS = flags.DEFINE_list("kernels", None,
                              "Attention kernels, e.g. fused,dot_product_attention (default: the "
@@ -65,8 +65,6 @@ def main(argv):
     del argv
     from minids_jax import config as config_lib
     from minids_jax import startup
-
-    from minids_jax import cli
 
     startup.use_huge_pages(cli.wants_huge_pages(_CONFIG))  # as train.py does, before all else
     config = config_lib.from_config_dict(_CONFIG.value)
@@ -177,4 +175,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # a user error ends in one line

@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minids_jax import cli  # noqa: E402  (imports no jax)
 
 _TOKENS = flags.DEFINE_integer("tokens", 2048, "Tokens per layer call (batch x length).")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width.")
@@ -136,4 +137,4 @@ def with_windows(layer, x_BxLxD, sizes: tuple[int, ...]):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # a user error ends in one line

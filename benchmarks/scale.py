@@ -32,13 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minids_jax import cli  # noqa: E402  (imports no jax)
 from timing import CompiledStepTimer, describe  # noqa: E402  (benchmarks/timing.py)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+_CONFIG = cli.define_config_flag("config", "configs/tiny.py")
 _WHAT = flags.DEFINE_enum("what", "depth", ["depth", "remat", "accum", "startup"],
                           "What to measure.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "startup: rounds, each running every depth.")
@@ -147,4 +148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # a user error ends in one line

@@ -22,16 +22,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minids_jax import cli  # noqa: E402  (imports no jax)
 from timing import CompiledStepTimer, describe  # noqa: E402  (benchmarks/timing.py)
 
 
 def define_flags() -> None:
     """Defined when run, not when imported (tests import `source_lines`)."""
-    config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+    cli.define_config_flag("config", "configs/tiny.py")
     flags.DEFINE_integer("steps", 5, "Traced steps (after two warm-up steps).")
     flags.DEFINE_integer("top", 25, "Rows of each table.")
 
@@ -69,8 +69,6 @@ def main(argv):
     del argv
     from minids_jax import config as config_lib
     from minids_jax import startup
-
-    from minids_jax import cli
 
     startup.use_huge_pages(cli.wants_huge_pages(flags.FLAGS["config"]))  # as train.py does
     config = config_lib.from_config_dict(flags.FLAGS.config)
@@ -115,4 +113,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)  # a user error ends in one line

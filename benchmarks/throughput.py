@@ -35,18 +35,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minids_jax import cli  # noqa: E402  (imports no jax)
 # benchmarks/timing.py, beside this file
 from timing import (  # noqa: E402
     CompiledStepTimer, compiler_options, describe, hf_config_file, original_environment,
     peer_environment)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after two warm-up steps).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Rounds of timing, alternating with the original.")
+_CONFIG = cli.define_config_flag("config", "configs/tiny.py")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after two warm-up steps).",
+                              lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Rounds of timing, alternating with the original.",
+                                lower_bound=1)
 _VS_ORIGINAL = flags.DEFINE_string("vs_original", None,
                                    "Path to the PyTorch original's script, to compare.")
 _ORIGINAL_PYTHON = flags.DEFINE_string("original_python", sys.executable,
@@ -133,8 +135,6 @@ def main(argv):
     from minids_jax import config as config_lib
     from minids_jax import startup
 
-    from minids_jax import cli
-
     startup.use_huge_pages(cli.wants_huge_pages(_CONFIG))  # as train.py does, before all else
     config = config_lib.from_config_dict(_CONFIG.value)
     import jax
@@ -214,4 +214,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # a user error ends in one line
